@@ -1,0 +1,170 @@
+"""The paper's models (LeNet-300-100, LeNet-12, Conv-2/4/6), real or quaternion, by name.
+
+Quaternion models follow the paper (paper.md §1): the same number of *real* neurons in every
+layer, every hidden layer quaternion, and a real output layer (10 classes are not divisible by
+4). All hidden widths below are real widths; the quaternion versions therefore have about a
+quarter of the weights. The output layer is always the module named ``output``.
+
+Initialisation follows the paper's code: PyTorch's default for real layers (including the
+quaternion models' real output layer) and hTorch's polar init with zero biases for quaternion
+layers. Both are configurable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qsparse import initializers, quaternion
+from qsparse.layers import QConv, QDense
+
+ALGEBRAS = ("real", "quat")
+
+
+def _real_dense(features: int, fan_in: int, name: str | None = None) -> nn.Dense:
+    return nn.Dense(features, kernel_init=initializers.torch_kernel, bias_init=initializers.torch_bias(fan_in), name=name)
+
+
+class _Body(nn.Module):
+    """Shared pieces: the layer for the algebra, the input encoding and the flatten."""
+
+    algebra: str = "real"
+    quat_init: str = "htorch"
+    encoding: str = "auto"
+
+    def dense(self, x: jax.Array, features: int) -> jax.Array:
+        if self.algebra == "quat":
+            return QDense(features, kernel_init=initializers.get(self.quat_init))(x)
+        return _real_dense(features, x.shape[-1])(x)
+
+    def conv(self, x: jax.Array, features: int) -> jax.Array:
+        if self.algebra == "quat":
+            return QConv(features, (3, 3), kernel_init=initializers.get(self.quat_init))(x)
+        fan_in = 9 * x.shape[-1]
+        return nn.Conv(features, (3, 3), kernel_init=initializers.torch_kernel,
+                       bias_init=initializers.torch_bias(fan_in))(x)
+
+    def encode_image(self, x: jax.Array) -> jax.Array:
+        """Real models see the image; quaternion conv models see component-blocked channels."""
+        if self.algebra == "real":
+            return x
+        name = quaternion.default_encoding(x.shape[-1]) if self.encoding == "auto" else self.encoding
+        return quaternion.get_encoding(name)(x)
+
+    def flatten(self, x: jax.Array) -> jax.Array:
+        if self.algebra == "quat":
+            return quaternion.blocked_flatten(x)
+        return x.reshape(x.shape[0], -1)
+
+    def output(self, x: jax.Array, num_classes: int) -> jax.Array:
+        return _real_dense(num_classes, x.shape[-1], name="output")(x)
+
+
+class LeNet(_Body):
+    """Fully connected LeNet: flatten, hidden ReLU layers of the given real widths, output."""
+
+    features: Sequence[int] = (300, 100)
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.algebra == "quat" and self.encoding in ("auto", "flat"):
+            # The paper feeds the flattened image as block-layout features: quaternion n is
+            # made of pixels (n, n + P/4, n + P/2, n + 3P/4) for P pixels (paper.md §1.2).
+            x = x.reshape(x.shape[0], -1)
+            if x.shape[-1] % 4:
+                raise ValueError(
+                    f"quaternion LeNet with encoding 'flat' needs an input size divisible by 4, got "
+                    f"{x.shape[-1]}; choose an encoding from {sorted(quaternion.ENCODINGS)}"
+                )
+        else:
+            x = self.flatten(self.encode_image(x))
+        for width in self.features:
+            x = nn.relu(self.dense(x, width))
+        return self.output(x, self.num_classes)
+
+
+class ConvNet(_Body):
+    """Conv-2/4/6 of the lottery-ticket paper: 3×3 conv stages, each followed by 2×2 max-pool."""
+
+    stages: Sequence[Sequence[int]] = ((64, 64),)
+    dense_features: Sequence[int] = (256, 256)
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        smallest = 2 ** len(self.stages)
+        if x.ndim != 4 or min(x.shape[1:3]) < smallest:
+            raise ValueError(
+                f"a ConvNet with {len(self.stages)} pooling stages needs (batch, H, W, C) images with "
+                f"H, W >= {smallest}; got shape {x.shape}"
+            )
+        x = self.encode_image(x)
+        for stage in self.stages:
+            for width in stage:
+                x = nn.relu(self.conv(x, width))
+            x = nn.max_pool(x, (2, 2), (2, 2))
+        x = self.flatten(x)
+        for width in self.dense_features:
+            x = nn.relu(self.dense(x, width))
+        return self.output(x, self.num_classes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A named architecture, the dataset the paper trains it on, and its Table 1 hyper-parameters."""
+
+    module: type
+    kwargs: dict
+    dataset: str
+    epochs: int
+    batch_size: int
+    lr: float
+
+
+REGISTRY: dict[str, Spec] = {
+    "lenet300_100": Spec(LeNet, {"features": (300, 100)}, "mnist", 40, 60, 1.2e-3),
+    "lenet12": Spec(LeNet, {"features": (12,)}, "mnist", 20, 60, 1.2e-3),
+    "conv2": Spec(ConvNet, {"stages": ((64, 64),)}, "cifar10", 40, 60, 2e-4),
+    "conv4": Spec(ConvNet, {"stages": ((64, 64), (128, 128))}, "cifar10", 40, 60, 3e-4),
+    "conv6": Spec(ConvNet, {"stages": ((64, 64), (128, 128), (256, 256))}, "cifar10", 60, 60, 3e-4),
+}
+
+
+def spec(name: str) -> Spec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; valid: {sorted(REGISTRY)}") from None
+
+
+def create(name: str, algebra: str = "real", num_classes: int = 10, **overrides) -> nn.Module:
+    """Build model ``name`` for ``algebra``; ``overrides`` replace architecture fields (widths, init)."""
+    s = spec(name)
+    if algebra not in ALGEBRAS:
+        raise ValueError(f"unknown algebra {algebra!r}; valid: {list(ALGEBRAS)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    if algebra == "quat" and "quat_init" in overrides:
+        initializers.get(overrides["quat_init"])
+    kwargs = {**s.kwargs, **overrides}
+    widths = list(kwargs.get("features", ())) + [w for st in kwargs.get("stages", ()) for w in st]
+    widths += list(kwargs.get("dense_features", ()))
+    bad = [w for w in widths if w % 4] if algebra == "quat" else []
+    if bad:
+        raise ValueError(f"quaternion {name}: real widths must be multiples of 4, got {bad} in {widths}")
+    return s.module(algebra=algebra, num_classes=num_classes, **kwargs)
+
+
+def init_params(model: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> dict:
+    """Parameters for one example of ``input_shape`` (H, W, C); batch size does not matter."""
+    return model.init(key, jnp.zeros((1, *input_shape), jnp.float32))["params"]
+
+
+def count_params(params) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

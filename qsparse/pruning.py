@@ -1,0 +1,160 @@
+"""One pruning step: scores -> how many survive where -> a new mask.
+
+The three choices are independent (jaxpruner's decomposition, lottery-ticket semantics):
+
+* **score**: ``magnitude`` (|w|; for a quaternion group the RMS of its four components, i.e.
+  |q|/2, so a quaternion group and a real weight of the same per-component scale compare
+  fairly in one global pool) or ``random`` (a control).
+* **method**: ``global`` (one threshold over every prunable leaf, no per-layer normalisation,
+  as the paper and open_lth) or ``layerwise`` (a fraction per leaf, overridable per path).
+* **grouping**: ``element`` (every real component on its own, as the paper's code) or
+  ``quaternion`` (the four components of a quaternion weight share one mask bit).
+
+The unit that is counted is the group: a real weight, or under ``quaternion`` grouping one
+quaternion of a ``qkernel``. Each step removes ``round(fraction * alive units)`` units from the
+pool exactly; ties are broken by position (leaf order, then flat index), so the result is
+deterministic. Pruned units score ``-inf`` and are never revived. The step runs on the host
+with NumPy: it happens once per round, and exact, stable top-k is simplest there.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qsparse.masks import Masks, Params, PruneRule, is_quaternion, path_str
+
+METHODS = ("global", "layerwise")
+GROUPINGS = ("element", "quaternion")
+SCORES = ("magnitude", "random")
+
+
+class LayerCollapseError(ValueError):
+    """A pruning step would remove every remaining weight of a layer."""
+
+
+def _check(name: str, value: str, valid: tuple) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {list(valid)}")
+
+
+def _units(path, param: np.ndarray, mask: np.ndarray, grouping: str):
+    """(values, alive) per scoring unit, flattened. Quaternion groups reduce axis 0."""
+    if grouping == "quaternion" and is_quaternion(path):
+        values = np.sqrt(np.mean(np.square(np.where(mask, param, 0.0)), axis=0))
+        return values.ravel(), mask.any(axis=0).ravel()
+    return np.abs(param).ravel(), mask.ravel()
+
+
+def _expand(keep_units: np.ndarray, path, mask: np.ndarray, grouping: str) -> np.ndarray:
+    """Unit keep-flags back to a mask of the leaf's shape; pruned entries stay pruned."""
+    if grouping == "quaternion" and is_quaternion(path):
+        return mask & keep_units.reshape(mask.shape[1:])[None]
+    return mask & keep_units.reshape(mask.shape)
+
+
+def _select(scores: np.ndarray, alive: np.ndarray, n_remove: int) -> np.ndarray:
+    """Keep-flags after removing the ``n_remove`` lowest-scoring alive units (stable ties)."""
+    scores = np.where(alive, scores.astype(np.float64), -np.inf)
+    order = np.argsort(scores, kind="stable")
+    n_dead = int((~alive).sum())
+    keep = np.ones(scores.shape, bool)
+    keep[order[: n_dead + n_remove]] = False
+    return keep
+
+
+def prune(
+    params: Params,
+    masks: Masks,
+    fraction: float,
+    *,
+    method: str = "global",
+    grouping: str = "element",
+    score: str = "magnitude",
+    rule: PruneRule = PruneRule(),
+    layer_fractions: Mapping[str, float] | None = None,
+    key: jax.Array | None = None,
+    allow_empty: bool = False,
+) -> Masks:
+    """Remove ``fraction`` of the *remaining* prunable units; returns the new masks.
+
+    ``layer_fractions`` (layerwise only) maps glob patterns on the leaf path, e.g.
+    ``{"output/*": 0.1}``, to the fraction for matching leaves; the first match wins.
+    """
+    _check("pruning method", method, METHODS)
+    _check("grouping", grouping, GROUPINGS)
+    _check("score", score, SCORES)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"prune fraction must be in [0, 1), got {fraction}")
+    if layer_fractions and method != "layerwise":
+        raise ValueError("layer_fractions only apply to method='layerwise'")
+    if score == "random" and key is None:
+        raise ValueError("score='random' needs a PRNG key")
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    mask_leaves = [np.asarray(m, bool) for m in jax.tree.leaves(masks)]
+    if len(mask_leaves) != len(flat):
+        raise ValueError("masks and params have different tree structures")
+    entries = []  # (index, path, values, alive) for the prunable leaves
+    for i, ((path, p), m) in enumerate(zip(flat, mask_leaves)):
+        if p.shape != m.shape:
+            raise ValueError(f"mask for {path_str(path)} has shape {m.shape}, param {p.shape}")
+        if rule(path):
+            values, alive = _units(path, np.asarray(p, np.float32), m, grouping)
+            if score == "random":
+                values = np.asarray(jax.random.uniform(jax.random.fold_in(key, i), values.shape))
+            entries.append((i, path, values, alive))
+    if not entries:
+        raise ValueError("no prunable parameters under this rule")
+
+    new = list(mask_leaves)
+    if method == "global":
+        scores = np.concatenate([e[2] for e in entries])
+        alive = np.concatenate([e[3] for e in entries])
+        keep = _select(scores, alive, int(round(fraction * alive.sum())))
+        offsets = np.cumsum([0] + [e[2].size for e in entries])
+        keeps = [keep[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    else:
+        keeps = []
+        for _, path, values, alive in entries:
+            f = _layer_fraction(path_str(path), fraction, layer_fractions or {})
+            keeps.append(_select(values, alive, int(round(f * alive.sum()))))
+
+    for (i, path, _, alive), keep in zip(entries, keeps):
+        if alive.any() and not (keep & alive).any() and not allow_empty:
+            raise LayerCollapseError(
+                f"pruning would remove every remaining weight of {path_str(path)} "
+                f"({int(alive.sum())} alive); stop pruning here or pass allow_empty=True"
+            )
+        new[i] = _expand(keep, path, mask_leaves[i], grouping)
+    return jax.tree.unflatten(treedef, [jnp.asarray(m) for m in new])
+
+
+def _layer_fraction(path: str, default: float, overrides: Mapping[str, float]) -> float:
+    for pattern, f in overrides.items():
+        if fnmatch.fnmatch(path, pattern):
+            if not 0.0 <= f < 1.0:
+                raise ValueError(f"layer fraction for {pattern!r} must be in [0, 1), got {f}")
+            return f
+    return default
+
+
+def shuffle(key: jax.Array, masks: Masks, *, grouping: str = "element", rule: PruneRule = PruneRule()) -> Masks:
+    """A random mask with the same number of alive units in every prunable leaf (a control)."""
+    _check("grouping", grouping, GROUPINGS)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(masks)
+    out = []
+    for i, (path, m) in enumerate(flat):
+        m = np.asarray(m, bool)
+        if rule(path):
+            quat = grouping == "quaternion" and is_quaternion(path)
+            units = m.all(axis=0).ravel() if quat else m.ravel()
+            perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, i), units.size))
+            units = units[perm]
+            m = np.broadcast_to(units.reshape(m.shape[1:]), m.shape) if quat else units.reshape(m.shape)
+        out.append(jnp.asarray(m))
+    return jax.tree.unflatten(treedef, out)

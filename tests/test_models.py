@@ -1,0 +1,80 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qsparse import models
+
+# paper.md §1.4: exact parameter counts (weights + biases), which reproduce the paper's Table 1.
+PAPER_COUNTS = {
+    ("lenet300_100", 10): (266_610, 67_710),
+    ("lenet12", 10): (9_550, 2_494),
+    ("conv2", 10): (4_301_642, 1_077_962),
+    ("conv4", 10): (2_425_930, 609_226),
+    ("conv6", 10): (2_262_602, 568_778),
+    ("conv4", 100): (2_449_060, 632_356),
+    ("conv6", 100): (2_285_732, 591_908),
+}
+
+
+def shapes(name, algebra, num_classes=10, input_shape=None):
+    model = models.create(name, algebra, num_classes)
+    if input_shape is None:
+        input_shape = (28, 28, 1) if models.spec(name).dataset == "mnist" else (32, 32, 3)
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)["params"]
+
+
+@pytest.mark.parametrize("name,classes", sorted(PAPER_COUNTS))
+def test_parameter_counts_match_paper(name, classes):
+    real, quat = PAPER_COUNTS[name, classes]
+    assert models.count_params(shapes(name, "real", classes)) == real
+    assert models.count_params(shapes(name, "quat", classes)) == quat
+
+
+@pytest.mark.parametrize("name", sorted(models.REGISTRY))
+def test_quaternion_hidden_layers_have_a_quarter_of_the_weights(name):
+    real = [x.size for p, x in jax.tree_util.tree_leaves_with_path(shapes(name, "real")) if "kernel" in str(p[-1])]
+    quat = [x.size for p, x in jax.tree_util.tree_leaves_with_path(shapes(name, "quat")) if "kernel" in str(p[-1])]
+    assert len(real) == len(quat)
+    # every layer but the first (the input encoding adds a channel) and the real output layer
+    for r, q in zip(real[1:-1], quat[1:-1]):
+        assert 4 * q == r
+    assert real[-1] == quat[-1]
+
+
+@pytest.mark.parametrize("name", sorted(models.REGISTRY))
+@pytest.mark.parametrize("algebra", models.ALGEBRAS)
+@pytest.mark.parametrize("input_shape", [(28, 28, 1), (32, 32, 3)])
+def test_any_input_shape_and_classes(name, algebra, input_shape):
+    model = models.create(name, algebra, num_classes=7)
+    x = jnp.ones((2, *input_shape))
+    out = jax.eval_shape(lambda x: model.apply(model.init(jax.random.key(0), x), x), x)
+    assert out.shape == (2, 7)
+
+
+def test_forward_pass_is_finite_and_depends_on_input():
+    model = models.create("conv2", "quat")
+    params = models.init_params(model, jax.random.key(0), (32, 32, 3))
+    x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    y = model.apply({"params": params}, x)
+    assert np.all(np.isfinite(y)) and not np.allclose(y[0], y[1])
+
+
+def test_output_layer_is_real_and_named_output():
+    params = shapes("conv4", "quat")
+    assert set(params["output"]) == {"kernel", "bias"}
+    assert params["output"]["kernel"].shape == (256, 10)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown model 'conv5'.*conv4"):
+        models.create("conv5")
+    with pytest.raises(ValueError, match="unknown algebra 'complex'.*'real', 'quat'"):
+        models.create("conv4", "complex")
+    with pytest.raises(ValueError, match=r"multiples of 4, got \[30\]"):
+        models.create("lenet300_100", "quat", features=(300, 30))
+    with pytest.raises(ValueError, match="H, W >= 8"):
+        shapes("conv6", "real", input_shape=(4, 4, 3))
+    with pytest.raises(ValueError, match="unknown quaternion init"):
+        models.create("conv2", "quat", quat_init="nope")
