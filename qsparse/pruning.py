@@ -143,18 +143,37 @@ def _layer_fraction(path: str, default: float, overrides: Mapping[str, float]) -
     return default
 
 
-def shuffle(key: jax.Array, masks: Masks, *, grouping: str = "element", rule: PruneRule = PruneRule()) -> Masks:
-    """A random mask with the same number of alive units in every prunable leaf (a control)."""
+def shuffle(
+    key: jax.Array,
+    masks: Masks,
+    *,
+    within: Masks | None = None,
+    grouping: str = "element",
+    rule: PruneRule = PruneRule(),
+) -> Masks:
+    """A random mask with as many alive units in every prunable leaf as ``masks`` (a control).
+
+    Survivors are drawn uniformly among the alive units of ``within`` (default: all units), so
+    random pruning along an IMP run keeps masks nested while matching the per-layer densities
+    that magnitude pruning chose.
+    """
     _check("grouping", grouping, GROUPINGS)
     flat, treedef = jax.tree_util.tree_flatten_with_path(masks)
+    within_leaves = jax.tree.leaves(within) if within is not None else [None] * len(flat)
     out = []
-    for i, (path, m) in enumerate(flat):
+    for i, ((path, m), w) in enumerate(zip(flat, within_leaves)):
         m = np.asarray(m, bool)
         if rule(path):
             quat = grouping == "quaternion" and is_quaternion(path)
-            units = m.all(axis=0).ravel() if quat else m.ravel()
-            perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, i), units.size))
-            units = units[perm]
-            m = np.broadcast_to(units.reshape(m.shape[1:]), m.shape) if quat else units.reshape(m.shape)
+            unit = (lambda a: a.any(axis=0).ravel()) if quat else (lambda a: a.ravel())
+            pool = unit(np.asarray(w, bool)) if w is not None else np.ones(unit(m).shape, bool)
+            candidates = np.flatnonzero(pool)
+            n_keep = int(unit(m).sum())
+            if n_keep > candidates.size:
+                raise ValueError(f"{path_str(path)}: {n_keep} survivors requested from {candidates.size} alive units")
+            perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, i), candidates.size))
+            keep = np.zeros(pool.shape, bool)
+            keep[candidates[perm[:n_keep]]] = True
+            m = np.broadcast_to(keep.reshape(m.shape[1:]), m.shape).copy() if quat else keep.reshape(m.shape)
         out.append(jnp.asarray(m))
     return jax.tree.unflatten(treedef, out)

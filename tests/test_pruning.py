@@ -142,6 +142,15 @@ def test_shuffle_keeps_per_layer_counts(quat_params, grouping):
             assert np.array_equal(s.any(axis=0), s.all(axis=0))
 
 
+def test_shuffle_within_keeps_masks_nested(quat_params):
+    old = pruning.prune(quat_params, M.ones(quat_params), 0.5)
+    new = pruning.prune(M.apply(quat_params, old), old, 0.5)
+    rand = pruning.shuffle(jax.random.key(1), new, within=old)
+    assert M.is_subset(rand, old)
+    for (name, n), r in zip(leaves(new).items(), leaves(rand).values()):
+        assert n.sum() == r.sum(), name
+
+
 def test_density_report_units(quat_params):
     masks = pruning.prune(quat_params, M.ones(quat_params), 0.5, grouping="quaternion")
     report = M.density_report(masks)

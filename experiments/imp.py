@@ -1,0 +1,114 @@
+r"""Lottery-ticket iterative magnitude pruning of a real or quaternion model.
+
+    python -m experiments.imp --model=lenet300_100 --algebra=quat --workdir=runs
+    python -m experiments.imp --model=conv4 --algebra=quat --dataset=cifar10 \
+        --manual_dir=/path/with/cifar-10-binary.tar.gz --workdir=runs
+
+Every field of qsparse.config.Config is a flag; unset training flags take the paper's values
+for the model. Rerunning the same command resumes: finished rounds are skipped and an
+interrupted round continues from its last checkpoint. Bad values exit with status 2 before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from absl import app, flags, logging
+
+from qsparse import lottery
+from qsparse.checkpoints import RunLockedError
+from qsparse.config import Config, ConfigError
+from qsparse.data import DatasetUnavailableError
+
+HELP = {
+    "model": "lenet300_100 | lenet12 | conv2 | conv4 | conv6",
+    "algebra": "real | quat (same real width; quat has ~1/4 of the weights and a real output layer)",
+    "dataset": "mnist | fashion_mnist | cifar10 | cifar100 (default: the paper's dataset for the model)",
+    "rounds": "pruning rounds after the dense round 0",
+    "prune_fraction": "fraction of the *remaining* prunable weights removed per round, in (0, 1)",
+    "pruning": "global (one threshold over all layers) | layerwise (the fraction per layer)",
+    "grouping": "element (each real component, as the paper) | quaternion (whole quaternions, by norm)",
+    "prune_output": "also prune the output layer's weights (the paper does)",
+    "layer_fractions": "layerwise overrides as glob=fraction, e.g. 'output/*=0.1'",
+    "rewind": "init | <N>it | <N>ep: where survivors are reset to (late resetting)",
+    "protocol": "lottery (prune, rewind, retrain) | paper (masks from prune-and-continue training)",
+    "optimizer_state": "fresh (new optimizer each round) | carry (keep the previous round's state)",
+    "control": "none | reinit (winning mask, new random weights) | shuffle (random mask, same layer densities)",
+    "stop_accuracy": "stop a replicate after two rounds below this test accuracy (paper: 0.3; 0 = never)",
+    "epochs": "epochs per round (default: paper, 40 or 60 or 20)",
+    "batch_size": "global batch size, split over local devices (default: 60)",
+    "lr": "learning rate (default: the paper's per-model Adam rate)",
+    "optimizer": "adam | sgd (momentum 0.9)",
+    "quat_init": "htorch (paper) | parcollet_he | parcollet_glorot | isotropic",
+    "encoding": "quaternion input encoding: auto | flat | rgb_gray | rgb_pure | gray_pure | none",
+    "seed": "root seed: init, data order and controls derive from it",
+    "replicates": "independent replicates (seeds derived from --seed)",
+    "validation_size": "examples held out from train as a validation split",
+    "train_subset": "use only this many training examples (for a small CPU run)",
+    "test_subset": "use only this many test examples",
+    "eval_every": "evaluate every N epochs (and always after the last)",
+    "data_dir": "tfds data directory (default $QSPARSE_DATA_DIR or ~/.cache/qsparse/tfds)",
+    "manual_dir": "folder with the original dataset archives (MNIST ships with qsparse)",
+    "checkpoint_every_secs": "checkpoint at most this often within a round (0: every epoch)",
+    "eval_batch": "evaluation batch size",
+    "log_every": "print a progress line every N epochs",
+}
+
+_DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool}
+
+
+def _flag_type(field: dataclasses.Field) -> type:
+    kind = str(field.type)
+    for name, t in (("bool", bool), ("int", int), ("float", float)):
+        if kind.startswith(name):
+            return t
+    return str
+
+
+for _field in dataclasses.fields(Config):
+    if _field.name == "layer_fractions":
+        flags.DEFINE_list("layer_fractions", [], HELP["layer_fractions"])
+    else:
+        _DEFINE[_flag_type(_field)](_field.name, _field.default, HELP[_field.name])
+flags.DEFINE_string("workdir", "runs", "where run directories are created (one per config)")
+flags.DEFINE_string("run_dir", None, "use exactly this run directory instead of one named after the config")
+FLAGS = flags.FLAGS
+
+
+def config_from_flags() -> Config:
+    values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(Config) if f.name != "layer_fractions"}
+    overrides = []
+    for item in FLAGS.layer_fractions:
+        pattern, _, fraction = item.rpartition("=")
+        try:
+            overrides.append((pattern, float(fraction)))
+        except ValueError:
+            raise ConfigError(f"layer_fractions entry {item!r} is not glob=fraction") from None
+        if not pattern:
+            raise ConfigError(f"layer_fractions entry {item!r} is not glob=fraction")
+    return Config(**values, layer_fractions=tuple(overrides))
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    try:
+        lottery.run(config_from_flags(), FLAGS.workdir, run_dir=FLAGS.run_dir)
+    except (ConfigError, DatasetUnavailableError, RunLockedError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+
+
+def _parse(argv: list[str]) -> list[str]:
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse)

@@ -1,0 +1,354 @@
+"""The prune-rewind driver: rounds, rewind point, run directory, resume.
+
+Protocols (paper.md §4, §8):
+
+* ``lottery`` (default, Frankle & Carbin / open_lth): round 0 trains the dense model from θ₀
+  and keeps the rewind point θ_k (k = 0 for ``rewind='init'``). Round L prunes the trained
+  weights of round L-1 (``prune_fraction`` of what remains), resets the survivors to θ_k and
+  retrains for the same duration. Optimizer state is fresh each round unless
+  ``optimizer_state='carry'``.
+* ``paper`` (what the paper's code did): masks come from a *search* trajectory that never
+  rewinds: prune, then keep training the same weights with one optimizer carried across
+  rounds. The reported accuracy of round L is a ticket trained from θ₀ with that mask. Unlike
+  the paper's code, the tickets get their own optimizer (``optimizer_state`` applies).
+
+Run directory (one per experiment; the name is readable plus a hash of the non-default config)::
+
+    <run>/config.json                 resolved config; a different config here is refused
+    <run>/runs.jsonl                  one line per invocation: versions, devices, git commit
+    <run>/summary.json, summary.csv   one row per (replicate, round)
+    <run>/replicate_<r>/init/         θ₀ (Orbax)          rewind/   θ_k when rewind != init
+    <run>/replicate_<r>/round_<L>/    masks.npz, sparsity.json, metrics.jsonl, ckpt/ (per-epoch
+                                      Orbax checkpoints), final/ (trained state), search/
+                                      (protocol 'paper'), done.json (written last)
+
+Every stage is skipped when its output exists, and an interrupted round continues from its
+latest checkpoint: epoch keys are ``fold_in(data_key, epoch)``, so a resumed run computes
+exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from qsparse import checkpoints as ckpt
+from qsparse import data as qdata
+from qsparse import masks as qmasks
+from qsparse import models, pruning, train
+from qsparse.config import Config, ConfigError, parse_rewind
+
+SUMMARY_FIELDS = (
+    "replicate", "round", "status", "density_prunable", "weights_remaining_pct",
+    "weights_remaining_pct_of_real", "test_acc", "val_acc", "train_acc", "train_loss", "epochs",
+)
+
+
+def run(config: Config, workdir: str | os.PathLike, *, run_dir: str | os.PathLike | None = None,
+        log: Callable[[str], None] = print) -> Path:
+    """Run (or resume) an IMP experiment; returns its run directory."""
+    config = config.resolve()
+    run_dir = Path(run_dir) if run_dir is not None else Path(workdir) / config.run_name()
+    check_run_dir(run_dir, config)
+    experiment = Experiment(config, run_dir, log)  # loads and validates everything; writes nothing
+    with ckpt.RunLock(run_dir):
+        check_run_dir(run_dir, config)  # again, now that no other process can write it
+        ckpt.write_json(run_dir / "config.json", config.to_json())
+        _record_invocation(run_dir)
+        for r in range(config.replicates):
+            experiment.replicate(r)
+        write_summary(run_dir)
+    log(f"done: {run_dir}")
+    return run_dir
+
+
+def check_run_dir(run_dir: Path, config: Config) -> None:
+    """Refuse a directory that holds another experiment, before anything is written."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        return
+    old = Config.from_json(ckpt.read_json(path))
+    if old.semantic() != config.semantic():
+        diff = {k: (v, config.semantic()[k]) for k, v in old.semantic().items() if v != config.semantic()[k]}
+        raise ConfigError(f"{run_dir} holds a run with a different config (stored vs requested: {diff}); "
+                          "use another --workdir or run directory")
+
+
+class Experiment:
+    """Everything shared by the replicates and rounds of one run: data, model, compiled steps."""
+
+    def __init__(self, config: Config, run_dir: Path, log: Callable[[str], None]):
+        self.config, self.run_dir, self.log = config, run_dir, log
+        self.dataset = qdata.load(
+            config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir,
+            validation_size=config.validation_size, seed=config.seed,
+            train_subset=config.train_subset, test_subset=config.test_subset,
+        )
+        self.model = models.create(config.model, config.algebra, self.dataset.num_classes, **config.model_overrides())
+        self.input_shape = self.dataset.train_images.shape[1:]
+        try:
+            self.spec = train.epoch_spec(self.dataset, config.batch_size)
+            self.trainer = train.Trainer(self.spec, eval_batch=config.eval_batch)
+            models.init_params(self.model, jax.random.key(0), self.input_shape)  # shape check
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.tx = train.make_optimizer(config.optimizer, config.lr)
+        d = self.dataset
+        self.train_data = self.trainer.put_data(d.train_images, d.train_labels)
+        self.val_data = (jnp.asarray(d.val_images), jnp.asarray(d.val_labels))
+        self.test_data = (jnp.asarray(d.test_images), jnp.asarray(d.test_labels))
+        self.rewind_step = self._rewind_step()
+        real = models.create(config.model, "real", d.num_classes)
+        shapes = jax.eval_shape(lambda: models.init_params(real, jax.random.key(0), self.input_shape))
+        self.real_total = models.count_params(shapes)
+        self.rule = qmasks.PruneRule(prune_output=config.prune_output)
+
+    def _rewind_step(self) -> int:
+        rewind = parse_rewind(self.config.rewind)
+        if rewind is None:
+            return 0
+        amount, unit = rewind
+        step = amount * self.spec.steps if unit == "ep" else amount
+        total = self.config.epochs * self.spec.steps
+        if step >= total:
+            raise ConfigError(f"rewind={self.config.rewind} is step {step}, not before the end of training ({total} steps)")
+        return step
+
+    # -- one replicate ------------------------------------------------------------------
+
+    def replicate(self, r: int) -> None:
+        cfg = self.config
+        rdir = self.run_dir / f"replicate_{r}"
+        init_key, data_key, control_key = replicate_keys(cfg.seed, r)
+        theta0 = models.init_params(self.model, init_key, self.input_shape)
+        if (rdir / "init").exists():
+            theta0 = ckpt.load_tree(rdir / "init", theta0)
+        else:
+            ckpt.save_tree(rdir / "init", theta0)
+        masks = qmasks.ones(theta0)
+        prev_state = prev_search = None
+        low_rounds = 0
+        for level in range(cfg.rounds + 1):
+            rd = rdir / f"round_{level:02d}"
+            if level > 0:
+                source = prev_search if cfg.protocol == "paper" else prev_state
+                try:
+                    masks = self._next_masks(rd, source.params, masks, jax.random.fold_in(control_key, level))
+                except pruning.LayerCollapseError as e:
+                    self.log(f"replicate {r}: stopping before round {level}: {e}")
+                    ckpt.write_json(rdir / "stopped.json", {"round": level, "reason": str(e)})
+                    return
+            elif not (rd / "masks.npz").exists():
+                ckpt.save_masks(_mkdir(rd) / "masks.npz", masks)
+            start = self._start_params(rdir, theta0, masks, init_key, level)
+            opt_state = prev_state.opt_state if (cfg.optimizer_state == "carry" and prev_state is not None) else None
+            state, done = self._round(rd, r, level, start, masks, data_key, opt_state, rdir)
+            if cfg.protocol == "paper":
+                prev_search = self._search(rd, r, level, state, prev_search, masks, data_key)
+            prev_state = state
+            if done["status"] != "ok":
+                self.log(f"replicate {r}: round {level} ended with status {done['status']}; no further rounds")
+                return
+            low_rounds = low_rounds + 1 if done["test_acc"] < cfg.stop_accuracy else 0
+            if low_rounds >= 2:
+                self.log(f"replicate {r}: test accuracy below {cfg.stop_accuracy} twice; stopping (as the paper)")
+                return
+
+    def _next_masks(self, rd: Path, params, masks, key):
+        if (rd / "masks.npz").exists():
+            return ckpt.load_masks(rd / "masks.npz", masks)
+        cfg = self.config
+        new = pruning.prune(
+            params, masks, cfg.prune_fraction, method=cfg.pruning, grouping=cfg.grouping, rule=self.rule,
+            layer_fractions=dict(cfg.layer_fractions) or None,
+        )
+        if cfg.control == "shuffle":
+            new = pruning.shuffle(key, new, within=masks, grouping=cfg.grouping, rule=self.rule)
+        ckpt.save_masks(_mkdir(rd) / "masks.npz", new)
+        return new
+
+    def _start_params(self, rdir: Path, theta0, masks, init_key, level: int):
+        if self.config.control == "reinit" and level > 0:
+            return models.init_params(self.model, jax.random.fold_in(init_key, level), self.input_shape)
+        if self.rewind_step and level > 0:
+            return ckpt.load_tree(rdir / "rewind", theta0)
+        return theta0
+
+    # -- one round -------------------------------------------------------------------
+
+    def _round(self, rd: Path, r: int, level: int, params, masks, data_key, opt_state, rdir: Path):
+        like = train.create_train_state(self.model, params, masks, self.tx)
+        if (rd / "done.json").exists():
+            return ckpt.load_tree(rd / "final", like), ckpt.read_json(rd / "done.json")
+        if opt_state is not None:
+            like = like.replace(opt_state=opt_state)
+        report = qmasks.density_report(masks, self.rule)
+        ckpt.write_json(rd / "sparsity.json", report)
+        capture = rdir / "rewind" if (level == 0 and self.rewind_step) else None
+        state, history = self._train(rd / "ckpt", rd / "metrics.jsonl", like, data_key, r, level, report, capture)
+        ckpt.save_tree(rd / "final", state)
+        done = self._done(history, report)
+        ckpt.write_json(rd / "done.json", done)
+        return state, done
+
+    def _search(self, rd: Path, r: int, level: int, ticket, prev_search, masks, data_key):
+        """Protocol 'paper': continue the never-rewound trajectory with its carried optimizer."""
+        if level == 0:
+            return ticket  # the dense run is both the first ticket and the search's start
+        out = rd / "search"
+        like = train.create_train_state(self.model, prev_search.params, masks, self.tx)
+        like = like.replace(opt_state=prev_search.opt_state)
+        if (out / "final").exists():
+            return ckpt.load_tree(out / "final", like)
+        report = qmasks.density_report(masks, self.rule)
+        state, _ = self._train(out / "ckpt", out / "metrics.jsonl", like, data_key, r, level, report, None, "search")
+        ckpt.save_tree(out / "final", state)
+        return state
+
+    def _train(self, ckpt_dir: Path, metrics_path: Path, state, data_key, r, level, report, capture, tag="round"):
+        cfg, spec, trainer = self.config, self.spec, self.trainer
+        manager = ckpt.EpochCheckpoints(ckpt_dir)
+        restored = manager.restore_latest(state)
+        first, history = 0, []
+        if restored is not None:
+            first, state, history = restored
+            self.log(f"replicate {r} {tag} {level}: resuming after epoch {first}")
+        density = report["total"]["density_prunable"]
+        rstate = trainer.replicate(state)
+        last_save = time.monotonic()
+        for epoch in range(first, cfg.epochs):
+            t0 = time.perf_counter()
+            key = jax.random.fold_in(data_key, epoch)
+            rstate, metrics = self._epoch(rstate, key, epoch, capture)
+            seconds = time.perf_counter() - t0
+            row = {"epoch": epoch + 1, **metrics, "seconds": seconds, "images_per_sec": spec.steps * spec.batch_size / seconds,
+                   "density_prunable": density}
+            finite = math.isfinite(metrics["train_loss"])
+            if finite and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                state = trainer.unreplicate(rstate)
+                row.update({f"test_{k}": v for k, v in trainer.evaluate(state, *self.test_data).items()})
+                if self.val_data[0].shape[0]:
+                    row.update({f"val_{k}": v for k, v in trainer.evaluate(state, *self.val_data).items()})
+            if not finite:
+                row["nonfinite"] = True
+            history.append(row)
+            ckpt.write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
+            if (epoch + 1) % cfg.log_every == 0 or not finite:
+                self.log(_progress(r, tag, level, cfg.epochs, row))
+            if not finite:
+                break
+            now = time.monotonic()
+            if now - last_save >= cfg.checkpoint_every_secs or epoch + 1 == cfg.epochs:
+                manager.save(epoch + 1, trainer.unreplicate(rstate), history)
+                last_save = now
+        manager.close()
+        return trainer.unreplicate(rstate), history
+
+    def _epoch(self, rstate, key, epoch: int, capture: Path | None):
+        """One epoch; in round 0 it also saves the rewind point when the epoch contains it."""
+        steps, k = self.spec.steps, self.rewind_step
+        if capture is None or not (epoch * steps <= k < (epoch + 1) * steps) or capture.exists():
+            return self.trainer.train_epoch(rstate, *self.train_data, key)
+        split = k - epoch * steps
+        rstate, m1 = self.trainer.train_epoch(rstate, *self.train_data, key, 0, split)
+        ckpt.save_tree(capture, self.trainer.unreplicate(rstate).params)
+        if split == 0:
+            return self.trainer.train_epoch(rstate, *self.train_data, key)
+        rstate, m2 = self.trainer.train_epoch(rstate, *self.train_data, key, split, steps)
+        w1, w2 = split / steps, 1 - split / steps
+        return rstate, {name: w1 * m1[name] + w2 * m2[name] for name in m1}
+
+    def _done(self, history: list[dict], report: dict) -> dict:
+        last = history[-1]
+        total = report["total"]
+        own = total["all_alive"] / total["all_total"]
+        return {
+            "status": "nonfinite" if last.get("nonfinite") else "ok",
+            "density_prunable": total["density_prunable"],
+            "weights_remaining_pct": 100 * own,
+            "weights_remaining_pct_of_real": 100 * total["all_alive"] / self.real_total,
+            "test_acc": last.get("test_acc", float("nan")),
+            "val_acc": last.get("val_acc", float("nan")),
+            "train_acc": last["train_acc"],
+            "train_loss": last["train_loss"],
+            "epochs": len(history),
+        }
+
+
+def replicate_keys(seed: int, replicate: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(init, data order, control) keys of a replicate: split once, so each stream is independent."""
+    return tuple(jax.random.split(jax.random.fold_in(jax.random.key(seed), replicate), 3))
+
+
+def _progress(r: int, tag: str, level: int, epochs: int, row: dict) -> str:
+    parts = [f"rep {r} {tag} {level:2d}", f"density {100 * row['density_prunable']:6.2f}%",
+             f"epoch {row['epoch']:3d}/{epochs}", f"loss {row['train_loss']:.4f}", f"train {100 * row['train_acc']:.2f}%"]
+    if "test_acc" in row:
+        parts.append(f"test {100 * row['test_acc']:.2f}%")
+    if "val_acc" in row:
+        parts.append(f"val {100 * row['val_acc']:.2f}%")
+    parts.append(f"{row['images_per_sec']:,.0f} img/s")
+    return " | ".join(parts)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def read_summary(run_dir: Path) -> list[dict]:
+    """One row per finished (replicate, round), from the rounds' done.json files."""
+    rows = []
+    for rdir in sorted(Path(run_dir).glob("replicate_*"), key=lambda p: int(p.name.split("_")[1])):
+        for rd in sorted(rdir.glob("round_*")):
+            if (rd / "done.json").exists():
+                done = ckpt.read_json(rd / "done.json")
+                rows.append({"replicate": int(rdir.name.split("_")[1]), "round": int(rd.name.split("_")[1]), **done})
+    return rows
+
+
+def write_summary(run_dir: Path) -> list[dict]:
+    rows = read_summary(run_dir)
+    ckpt.write_json(Path(run_dir) / "summary.json", rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    ckpt.write_text(Path(run_dir) / "summary.csv", buf.getvalue())
+    return rows
+
+
+def _record_invocation(run_dir: Path) -> None:
+    """Versions, devices and the qsparse commit of this invocation, appended to runs.jsonl."""
+    packages = {}
+    for name in ("qsparse", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "numpy"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    devices = jax.local_devices()
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "packages": packages, "git_commit": commit,
+        "python": platform.python_version(), "host": platform.node(),
+        "device_kind": devices[0].device_kind, "platform": devices[0].platform, "device_count": len(devices),
+    }
+    path = run_dir / "runs.jsonl"
+    previous = path.read_text() if path.exists() else ""
+    ckpt.write_text(path, previous + json.dumps(entry) + "\n")

@@ -1,0 +1,279 @@
+"""Tests for qsparse.data: shipped MNIST, offline tfds loading, splits, JAX preprocessing.
+
+One real MNIST build (module fixture) is shared by the loading tests; the network is blocked
+while it runs, so any attempt by tfds to go online fails the build instead of hanging.
+"""
+
+import collections
+import gzip
+import hashlib
+import shutil
+import socket
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from qsparse import data
+
+# Class counts of the real MNIST splits (LeCun et al.), e.g. 980 zeros in the test set.
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def read_idx(path):
+    """Independent reader for (gzipped) idx files: magic 0x0000080N, N big-endian dims, bytes."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    assert raw[:3] == b"\x00\x00\x08", path
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def examples(images, labels):
+    """Order-free view of a split: the sorted list of (label, pixels) byte strings."""
+    flat = np.concatenate([labels.astype(np.uint8)[:, None], images.reshape(len(images), -1)], axis=1)
+    return sorted(row.tobytes() for row in flat)
+
+
+def block_network(mp):
+    """Make any socket lookup or connection fail the test (BaseException: tfds cannot retry it)."""
+
+    def refuse(*args, **kwargs):
+        pytest.fail("network access attempted")
+
+    mp.setattr(socket, "getaddrinfo", refuse)
+    mp.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    block_network(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory):
+    """Build real MNIST once from the shipped archives into a fresh data_dir, offline."""
+    data_dir = tmp_path_factory.mktemp("tfds")
+    with pytest.MonkeyPatch.context() as mp:
+        block_network(mp)
+        start = time.perf_counter()
+        ds = data.load("mnist", data_dir=data_dir)
+        seconds = time.perf_counter() - start
+    return types.SimpleNamespace(data_dir=data_dir, ds=ds, seconds=seconds)
+
+
+# --- archives ---------------------------------------------------------------------------------
+
+
+def test_shipped_mnist_archives_are_the_originals():
+    for archive in data.DATASETS["mnist"].archives:
+        blob = (data.SHIPPED_MNIST_DIR / archive.filename).read_bytes()
+        assert len(blob) == archive.size
+        assert hashlib.sha256(blob).hexdigest() == archive.sha256
+
+
+@pytest.mark.parametrize("name", sorted(data.DATASETS))
+def test_archive_table_matches_tfds(name):
+    expected = {
+        (info.filename, int(info.size), info.checksum) for info in tfds.builder_cls(name).url_infos.values()
+    }
+    assert {(a.filename, a.size, a.sha256) for a in data.DATASETS[name].archives} == expected
+
+
+@pytest.mark.parametrize("name", sorted(data.DATASETS))
+def test_dataset_spec_consistent(name, tmp_path):
+    spec = data.DATASETS[name]
+    assert len(spec.mean) == len(spec.std) == spec.image_shape[-1]
+    assert spec.augment == name.startswith("cifar")
+    builder_features = tfds.builder(name, data_dir=tmp_path).info.features
+    assert tuple(builder_features["image"].shape) == spec.image_shape
+    assert builder_features["label"].num_classes == spec.num_classes
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def test_mnist_loads_real_data_offline_in_seconds(mnist):
+    ds = mnist.ds
+    assert mnist.seconds < 90, f"first MNIST build took {mnist.seconds:.1f} s"
+    assert (ds.name, ds.num_classes, ds.mean, ds.std, ds.augment) == ("mnist", 10, (0.1307,), (0.3081,), False)
+    assert ds.train_images.shape == (60000, 28, 28, 1) and ds.test_images.shape == (10000, 28, 28, 1)
+    assert ds.train_images.dtype == ds.test_images.dtype == np.uint8
+    assert ds.train_labels.dtype == ds.test_labels.dtype == np.int32
+    assert ds.val_images.shape == (0, 28, 28, 1) and ds.val_labels.shape == (0,)
+    assert np.bincount(ds.train_labels, minlength=10).tolist() == MNIST_TRAIN_COUNTS
+    assert np.bincount(ds.test_labels, minlength=10).tolist() == MNIST_TEST_COUNTS
+
+    folder = data.SHIPPED_MNIST_DIR
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
+        labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")
+        loaded = examples(getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels"))
+        assert loaded == examples(images, labels), split  # same examples; tfds reorders them
+
+
+def test_second_load_is_fast_and_identical(mnist):
+    start = time.perf_counter()
+    again = data.load("mnist", data_dir=mnist.data_dir)
+    seconds = time.perf_counter() - start
+    assert seconds < 3, f"cached MNIST load took {seconds:.2f} s"
+    for field in ("train_images", "train_labels", "test_images", "test_labels"):
+        np.testing.assert_array_equal(getattr(again, field), getattr(mnist.ds, field))
+
+
+def test_prepared_data_needs_no_archives(mnist, tmp_path, no_network):
+    """A data_dir holding tfds's prepared MNIST (but no .npz cache) loads without any archive."""
+    shutil.copytree(mnist.data_dir / "mnist" / "mnist", tmp_path / "mnist" / "mnist")
+    empty = tmp_path / "no-archives"
+    empty.mkdir()
+    ds = data.load("mnist", data_dir=tmp_path, manual_dir=empty)
+    np.testing.assert_array_equal(ds.test_images, mnist.ds.test_images)
+    np.testing.assert_array_equal(ds.train_labels, mnist.ds.train_labels)
+    assert list(tmp_path.glob("mnist/mnist-*.npz")), "the .npz cache was not written"
+
+
+def test_validation_and_subsets_are_seeded_and_disjoint(mnist):
+    load = lambda **kw: data.load("mnist", data_dir=mnist.data_dir, **kw)  # noqa: E731
+    held = load(validation_size=5000, seed=1)
+    assert held.val_images.shape == (5000, 28, 28, 1) and held.train_images.shape == (55000, 28, 28, 1)
+    # Validation + remaining train is exactly the original train split; test is untouched.
+    assert sorted(examples(held.val_images, held.val_labels) + examples(held.train_images, held.train_labels)) == (
+        examples(mnist.ds.train_images, mnist.ds.train_labels)
+    )
+    np.testing.assert_array_equal(held.test_images, mnist.ds.test_images)
+
+    small = load(validation_size=5000, seed=1, train_subset=1000, test_subset=500)
+    assert len(small.train_labels) == 1000 and len(small.test_labels) == 500
+    np.testing.assert_array_equal(small.val_images, held.val_images)  # subset does not move the hold-out
+    remaining = collections.Counter(examples(held.train_images, held.train_labels))
+    assert not collections.Counter(examples(small.train_images, small.train_labels)) - remaining
+    full_test = collections.Counter(examples(mnist.ds.test_images, mnist.ds.test_labels))
+    assert not collections.Counter(examples(small.test_images, small.test_labels)) - full_test
+    assert len(set(small.train_labels.tolist())) == 10  # a random draw, not the first 1000 of one class
+
+    same = load(validation_size=5000, seed=1, train_subset=1000, test_subset=500)
+    other = load(validation_size=5000, seed=2, train_subset=1000, test_subset=500)
+    for field in ("train_images", "val_images", "test_images"):
+        np.testing.assert_array_equal(getattr(same, field), getattr(small, field))
+        assert not np.array_equal(getattr(other, field), getattr(small, field)), field
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(validation_size=60000), dict(validation_size=-1), dict(train_subset=0),
+               dict(validation_size=10, train_subset=59991), dict(test_subset=10001)]
+)
+def test_bad_split_sizes_raise(mnist, kwargs):
+    with pytest.raises(ValueError):
+        data.load("mnist", data_dir=mnist.data_dir, **kwargs)
+
+
+def test_missing_dataset_fails_fast_with_instructions(tmp_path, no_network):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    start = time.perf_counter()
+    with pytest.raises(data.DatasetUnavailableError) as err:
+        data.load("cifar10", data_dir=tmp_path / "data", manual_dir=manual)
+    assert time.perf_counter() - start < 5
+    message = str(err.value)
+    for needle in ("cifar10", "cifar-10-binary.tar.gz", str(manual), "manual_dir"):
+        assert needle in message
+
+
+def test_default_manual_dir_and_wrong_size_archive(tmp_path, no_network):
+    manual = tmp_path / "cifar100" / "downloads" / "manual"  # the default for non-shipped data
+    manual.mkdir(parents=True)
+    (manual / "cifar-100-binary.tar.gz").write_bytes(b"\0" * 1000)
+    with pytest.raises(data.DatasetUnavailableError, match="168,513,733") as err:
+        data.load("cifar100", data_dir=tmp_path)
+    assert str(manual) in str(err.value)
+
+
+def test_mnist_without_shipped_archives_is_unavailable(tmp_path, no_network):
+    with pytest.raises(data.DatasetUnavailableError, match="train-images-idx3-ubyte.gz"):
+        data.load("mnist", data_dir=tmp_path / "data", manual_dir=tmp_path)
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError) as err:
+        data.load("svhn")
+    assert not isinstance(err.value, data.DatasetUnavailableError)
+    for name in data.DATASETS:
+        assert name in str(err.value)
+
+
+def test_default_data_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("QSPARSE_DATA_DIR", str(tmp_path))
+    assert data.default_data_dir() == tmp_path
+    monkeypatch.delenv("QSPARSE_DATA_DIR")
+    assert data.default_data_dir().parts[-3:] == (".cache", "qsparse", "tfds")
+
+
+# --- JAX preprocessing ------------------------------------------------------------------------
+
+
+def random_images(seed, shape=(8, 32, 32, 3)):
+    return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def numpy_crop_and_flip(images, offsets, flips, padding=4):
+    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    h, w = images.shape[1:3]
+    out = np.stack([p[dy:dy + h, dx:dx + w] for p, (dy, dx) in zip(padded, offsets)])
+    return np.where(np.asarray(flips)[:, None, None, None], out[:, :, ::-1], out)
+
+
+def test_normalize_matches_numpy():
+    images = random_images(0)
+    spec = data.DATASETS["cifar10"]
+    expected = (images.astype(np.float64) / 255 - np.array(spec.mean)) / np.array(spec.std)
+    for x in (images, images.astype(np.float32)):
+        out = jax.jit(data.normalize, static_argnums=(1, 2))(x, spec.mean, spec.std)
+        assert out.dtype == jnp.float32 and out.shape == images.shape
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_crop_and_flip_matches_numpy_for_given_offsets():
+    images = random_images(1)
+    offsets = np.array([[0, 0], [8, 8], [4, 4], [0, 8], [8, 0], [3, 5], [7, 1], [4, 4]], np.int32)
+    flips = np.array([False, True, False, True, False, True, False, True])
+    out = data.crop_and_flip(images, offsets, flips)
+    np.testing.assert_array_equal(out, numpy_crop_and_flip(images, offsets, flips))
+    np.testing.assert_array_equal(out[2], images[2])  # centre crop, no flip: identity
+    np.testing.assert_array_equal(out[0, :4], 0)  # top-left corner crop: 4 rows of zero padding
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_augment_matches_reference_and_is_deterministic(dtype):
+    images = random_images(2, (64, 28, 28, 1)).astype(dtype)
+    keys = jax.random.split(jax.random.key(0), 64)
+    out = jax.jit(data.augment)(keys, images)
+    assert out.shape == images.shape and out.dtype == dtype
+    np.testing.assert_array_equal(out, data.augment(keys, images))
+
+    offsets, flips = data.sample_augmentation(keys)
+    assert offsets.shape == (64, 2) and flips.shape == (64,)
+    assert 0 <= int(offsets.min()) and int(offsets.max()) <= 8
+    assert len(np.unique(np.asarray(offsets), axis=0)) > 10 and 0 < int(flips.sum()) < 64
+    np.testing.assert_array_equal(out, numpy_crop_and_flip(images, np.asarray(offsets), np.asarray(flips)))
+
+    other = data.augment(jax.random.split(jax.random.key(1), 64), images)
+    assert not np.array_equal(other, out)
+
+
+def test_augment_per_example_keys_split_across_batches():
+    images = random_images(3)
+    keys = jax.random.split(jax.random.key(42), 8)
+    whole = data.augment(keys, images)
+    halves = [data.augment(keys[i:i + 4], images[i:i + 4]) for i in (0, 4)]
+    np.testing.assert_array_equal(np.concatenate(halves), whole)
+
+
+def test_augment_rejects_raw_keys():
+    with pytest.raises(TypeError, match="typed PRNG keys"):
+        data.augment(jax.random.split(jax.random.PRNGKey(0), 8), random_images(4))
