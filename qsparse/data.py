@@ -36,6 +36,8 @@ import tensorflow_datasets as tfds
 
 __all__ = [
     "DATASETS",
+    "DATA_DIR_ENV",
+    "SHIPPED_MNIST_DIR",
     "Archive",
     "Dataset",
     "DatasetSpec",
@@ -282,7 +284,7 @@ def _load_splits(
         shutil.rmtree(root / "downloads" / "extracted", ignore_errors=True)
 
     splits = _read_split(builder, "train") + _read_split(builder, "test")
-    _save_atomically(cache, dict(zip(_SPLIT_KEYS, splits)))
+    _save_atomically(cache, dict(zip(_SPLIT_KEYS, splits, strict=True)))
     return splits
 
 
@@ -306,8 +308,8 @@ def _check_archives(name: str, manual: Path, root: Path) -> None:
         raise DatasetUnavailableError(
             f"Dataset {name!r} is not prepared in {root} and cannot be built offline: these original"
             f" archives are needed in {manual}:\n" + "\n".join(problems) + "\n"
-            f"Place them there, or put them in another folder and pass manual_dir=<folder> to"
-            f" qsparse.data.load (the --manual_dir flag of scripts that expose it)."
+            "Place them there, or point manual_dir=<folder> of qsparse.data.load (a script's"
+            " --manual_dir flag) at the folder that holds them."
         )
 
 
@@ -315,8 +317,12 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarr
     """Read one whole split with TensorFlow into (uint8 images, int32 labels)."""
     import tensorflow as tf  # Only needed on a cache miss; tfds reads its records with TF.
 
-    # Keep TF off any GPU so it does not reserve memory that JAX needs.
-    tf.config.set_visible_devices([], "GPU")
+    # Keep TF off any GPU so it does not reserve memory that JAX needs. If the caller has already
+    # initialised TF with other settings, TF refuses the change; leave the caller's choice alone.
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+        pass
     images, labels = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, as_supervised=True))
     return images.astype(np.uint8), labels.astype(np.int32)
 

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The paper's whole grid (paper.md §1-5) for a GPU machine: LeNet-300-100 and LeNet-12 on MNIST,
+# Conv-2/4/6 on CIFAR-10, Conv-4/6 on CIFAR-100; real and quaternion; 5 replicates; 20 rounds of
+# 20 % global pruning, rewind to init, the paper's epochs / batch 60 / Adam rates; stop after two
+# rounds below 30 %. Then the figures and the report. Rerunning resumes where it stopped.
+#
+#   CIFAR_DIR=/data/archives bash experiments/paper_grid.sh [WORKDIR]
+#
+# CIFAR_DIR must hold cifar-10-binary.tar.gz and cifar-100-binary.tar.gz (the *binary* versions;
+# see README "Data"). MNIST ships with qsparse.
+set -euo pipefail
+WORKDIR=${1:-runs/paper_grid}
+REPLICATES=${REPLICATES:-5}
+: "${CIFAR_DIR:?set CIFAR_DIR to the folder holding cifar-10-binary.tar.gz and cifar-100-binary.tar.gz}"
+imp() { python -m experiments.imp --replicates="$REPLICATES" --stop_accuracy=0.3 --workdir="$WORKDIR" "$@"; }
+for algebra in real quat; do
+  imp --model=lenet300_100 --algebra=$algebra
+  imp --model=lenet12 --algebra=$algebra
+  for model in conv2 conv4 conv6; do
+    imp --model=$model --algebra=$algebra --dataset=cifar10 --manual_dir="$CIFAR_DIR"
+  done
+  for model in conv4 conv6; do
+    imp --model=$model --algebra=$algebra --dataset=cifar100 --manual_dir="$CIFAR_DIR"
+  done
+done
+python -m experiments.plot --runs="$WORKDIR" --out="$WORKDIR/figures"
+python -m experiments.report --runs="$WORKDIR" --out="$WORKDIR/report.md"
