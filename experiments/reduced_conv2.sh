@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # A reduced Conv-2 run that fits this 2-core CPU (no CIFAR offline, ~2 h per dense CIFAR training
-# here): Conv-2 real and quaternion on a 6,000-image MNIST subset, 5 rounds of 4 epochs, 2 replicates.
-# It shows the convolutional pipeline end to end (quaternion input encoding, QConv, pruning, rewind);
-# its accuracies are not comparable to the paper's CIFAR-10 numbers.
+# here): Conv-2 real and quaternion on a 3,000-image MNIST subset, 4 rounds of 3 epochs. It shows
+# the convolutional pipeline end to end (quaternion input encoding, QConv, pruning, rewind); its
+# accuracies are not comparable to the paper's CIFAR-10 numbers.
 #   bash experiments/reduced_conv2.sh [WORKDIR]
 set -euo pipefail
 WORKDIR=${1:-runs/reduced_conv2}
 for algebra in real quat; do
-  python -m experiments.imp --model=conv2 --algebra=$algebra --dataset=mnist --train_subset=6000 \
-    --test_subset=2000 --rounds=5 --epochs=4 --replicates=2 --workdir="$WORKDIR"
+  python -m experiments.imp --model=conv2 --algebra=$algebra --dataset=mnist --train_subset=3000 \
+    --test_subset=1000 --rounds=4 --epochs=3 --workdir="$WORKDIR"
 done
