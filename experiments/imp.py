@@ -7,24 +7,27 @@ r"""Lottery-ticket iterative magnitude pruning of a real or quaternion model.
 Every field of qsparse.config.Config is a flag; unset training flags take the paper's values
 for the model. Rerunning the same command resumes: finished rounds are skipped and an
 interrupted round continues from its last checkpoint. Bad values exit with status 2 before
-anything is written.
+anything is written, with one line on stderr naming the value and the valid choices; a run
+directory in use by another process or a damaged file that cannot be recomputed exits with 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+from typing import NoReturn
 
 from absl import app, flags, logging
 
 from qsparse import lottery
-from qsparse.checkpoints import RunLockedError
+from qsparse.checkpoints import CorruptFileError, RunLockedError
 from qsparse.config import Config, ConfigError
 from qsparse.data import DatasetUnavailableError
 
 HELP = {
     "model": "lenet300_100 | lenet12 | conv2 | conv4 | conv6",
     "algebra": "real | quat (same real width; quat has ~1/4 of the weights and a real output layer)",
+    "hidden": "real widths of the hidden dense layers, e.g. '300,100' (quat: multiples of 4; default: the model's)",
     "dataset": "mnist | fashion_mnist | cifar10 | cifar100 (default: the paper's dataset for the model)",
     "rounds": "pruning rounds after the dense round 0",
     "prune_fraction": "fraction of the *remaining* prunable weights removed per round, in (0, 1)",
@@ -68,8 +71,8 @@ def _flag_type(field: dataclasses.Field) -> type:
 
 
 for _field in dataclasses.fields(Config):
-    if _field.name == "layer_fractions":
-        flags.DEFINE_list("layer_fractions", [], HELP["layer_fractions"])
+    if _field.name in ("layer_fractions", "hidden"):
+        flags.DEFINE_list(_field.name, [], HELP[_field.name])
     else:
         _DEFINE[_flag_type(_field)](_field.name, _field.default, HELP[_field.name])
 flags.DEFINE_string("workdir", "runs", "where run directories are created (one per config)")
@@ -78,7 +81,12 @@ FLAGS = flags.FLAGS
 
 
 def config_from_flags() -> Config:
-    values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(Config) if f.name != "layer_fractions"}
+    lists = ("layer_fractions", "hidden")
+    values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(Config) if f.name not in lists}
+    try:
+        hidden = tuple(int(width) for width in FLAGS.hidden)
+    except ValueError:
+        raise ConfigError(f"hidden={FLAGS.hidden} must be integer widths, e.g. --hidden=300,100") from None
     overrides = []
     for item in FLAGS.layer_fractions:
         pattern, _, fraction = item.rpartition("=")
@@ -88,26 +96,34 @@ def config_from_flags() -> Config:
             raise ConfigError(f"layer_fractions entry {item!r} is not glob=fraction") from None
         if not pattern:
             raise ConfigError(f"layer_fractions entry {item!r} is not glob=fraction")
-    return Config(**values, layer_fractions=tuple(overrides))
+    return Config(**values, layer_fractions=tuple(overrides), hidden=hidden)
+
+
+def fail(message: str, status: int = 2) -> NoReturn:
+    """Exit with ``error: <message>`` as exactly one line on stderr."""
+    sys.stderr.write(f"error: {' '.join(message.split())}\n")
+    sys.exit(status)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        fail(f"unexpected arguments {argv[1:]}; every setting is a --flag (see --help)")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     try:
         lottery.run(config_from_flags(), FLAGS.workdir, run_dir=FLAGS.run_dir)
-    except (ConfigError, DatasetUnavailableError, RunLockedError) as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+    except (ConfigError, DatasetUnavailableError) as e:
+        fail(str(e))
+    except (RunLockedError, CorruptFileError) as e:
+        fail(str(e), status=1)
 
 
 def _parse(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+        fail(str(e))
+    except SystemExit:  # absl's --help/--helpfull print the usage, then exit with 1
+        sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,23 @@
-"""Files of a run: Orbax checkpoints, atomic JSON/NPZ writes, and the run-directory lock.
+"""Files of a run: Orbax checkpoints with checksums, atomic JSON/NPZ writes, the run lock.
 
 Every write is atomic (a temporary file or folder, then a rename), so a process killed at any
-instant leaves either the old file or the new one, never half of one. Orbax already writes a
-checkpoint to a temporary folder and renames it when complete; a read that fails is reported
-with the file's name (:class:`CorruptFileError`) so the caller can fall back.
+instant leaves either the old file or the new one, never half of one. Orbax cannot tell a
+flipped byte in its array data from the real thing, so every checkpoint folder also holds the
+SHA-256 of its arrays (``qsparse.json``); a file that fails to read back raises
+:class:`CorruptFileError` naming it, so the caller can fall back to an earlier state.
+
+For tests, :func:`fault_point` lets the environment kill the process at named places.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,10 @@ from qsparse.masks import path_str
 
 log = logging.getLogger(__name__)
 
+FAULT_ENV = "QSPARSE_FAULT"
+META = "qsparse.json"  # beside Orbax's files in every checkpoint folder: checksum and extras
+_fault_counts: dict[str, int] = {}
+
 
 class CorruptFileError(RuntimeError):
     """A run file exists but cannot be read back; the message names it."""
@@ -32,6 +41,22 @@ class CorruptFileError(RuntimeError):
 
 class RunLockedError(RuntimeError):
     """Another live process holds the run directory."""
+
+
+def fault_point(name: str) -> None:
+    """Test hook: ``QSPARSE_FAULT=<name>:<n>[:STOP]`` kills (SIGKILL) or freezes (SIGSTOP) this
+    process the n-th time it passes point ``name``, so tests can interrupt a run exactly there.
+
+    Points: ``epoch_end`` (an epoch trained and in metrics.jsonl, its checkpoint not written),
+    ``checkpoint_write`` (a checkpoint complete in its temporary folder, not yet renamed into
+    place) and ``round_end`` (a round's done.json written).
+    """
+    spec = os.environ.get(FAULT_ENV, "").split(":")
+    if spec[0] != name:
+        return
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if _fault_counts[name] == int(spec[1]):
+        os.kill(os.getpid(), signal.SIGSTOP if spec[2:] == ["STOP"] else signal.SIGKILL)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -60,6 +85,20 @@ def read_json(path: Path) -> Any:
         raise CorruptFileError(f"cannot read {path}: {e}") from e
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    try:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    except (OSError, ValueError) as e:
+        raise CorruptFileError(f"cannot read {path}: {e}") from e
+    if not all(isinstance(row, dict) for row in rows):
+        raise CorruptFileError(f"cannot read {path}: a line is not a JSON object")
+    return rows
+
+
 def save_masks(path: Path, masks) -> None:
     """Masks as an .npz keyed by parameter path ('QDense_0/qkernel'): readable with numpy alone."""
     arrays = {path_str(p): np.asarray(m) for p, m in jax.tree_util.tree_leaves_with_path(masks)}
@@ -75,12 +114,12 @@ def save_masks(path: Path, masks) -> None:
 
 
 def load_masks(path: Path, like) -> Any:
-    """Masks shaped like the pytree ``like``; checks names, shapes and dtype."""
+    """Masks shaped like the pytree ``like``; checks names, shapes and dtype (the zip checks CRCs)."""
     try:
         with np.load(path) as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise CorruptFileError(f"cannot read masks {path}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a damaged zip raises many types
+        raise CorruptFileError(f"cannot read masks {path}: {type(e).__name__}: {e}") from e
     leaves = []
     for p, x in jax.tree_util.tree_leaves_with_path(like):
         a = arrays.get(path_str(p))
@@ -94,58 +133,102 @@ def abstract(tree) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def save_tree(path: Path, tree) -> None:
-    """A whole pytree as one Orbax checkpoint folder (replaced if it exists)."""
+def _digest(tree, extra: Any) -> str:
+    h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
+    for p, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        a = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(p)}:{a.dtype}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _remove(path: Path) -> None:
+    """Rename, then delete: a folder half deleted by a kill never keeps its valid-looking name."""
+    if path.exists():
+        doomed = path.with_name(f".{path.name}.deleting")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
+
+
+def save_tree(path: Path, tree, extra: Any = None) -> None:
+    """A pytree (plus JSON ``extra``) as one checkpoint folder, replacing ``path`` if it exists."""
     path = Path(path).absolute()
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp, tree)
         ckptr.wait_until_finished()
-    shutil.rmtree(path, ignore_errors=True)
+    write_json(tmp / META, {"sha256": _digest(tree, extra), "extra": extra})
+    fault_point("checkpoint_write")
+    _remove(path)
     os.replace(tmp, path)
 
 
-def load_tree(path: Path, like) -> Any:
+def load_tree_extra(path: Path, like) -> tuple[Any, Any]:
+    """The pytree shaped like ``like`` and the ``extra`` saved with it, both checksum-verified.
+
+    A folder without the checksum file (written before checksums existed) is read unverified,
+    with a warning.
+    """
     path = Path(path).absolute()
+    meta_path = path / META
+    meta = read_json(meta_path) if meta_path.exists() else None
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(path, abstract(like))
-    except Exception as e:  # orbax raises many types for a damaged folder
+            tree = ckptr.restore(path, abstract(like))
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged folder
         raise CorruptFileError(f"cannot restore checkpoint {path}: {type(e).__name__}: {e}") from e
+    if meta is None:
+        log.warning("checkpoint %s has no checksum (written by an older qsparse); read unverified", path)
+        return tree, None
+    if not isinstance(meta, dict) or meta.get("sha256") != _digest(tree, meta.get("extra")):
+        raise CorruptFileError(f"checkpoint {path} fails its checksum ({meta_path})")
+    return tree, meta["extra"]
+
+
+def load_tree(path: Path, like) -> Any:
+    return load_tree_extra(path, like)[0]
 
 
 class EpochCheckpoints:
-    """Per-epoch training checkpoints of one round: the train state plus the metrics so far.
-
-    The metrics live *inside* the checkpoint, so a restored state and its history always match;
-    ``metrics.jsonl`` beside it is only a readable copy.
+    """Per-epoch training checkpoints of one round, ``epoch_<n>/``: the train state plus the
+    metrics so far, under one checksum, so a restored state and its history always match;
+    ``metrics.jsonl`` beside them is only a readable copy.
     """
 
     def __init__(self, directory: Path, max_to_keep: int = 2):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self.max_to_keep = max_to_keep
+
+    def epochs(self) -> list[int]:
+        """Committed epochs, oldest first (temporary folders start with '.')."""
+        return sorted(int(p.name[6:]) for p in self.directory.glob("epoch_*") if p.name[6:].isdigit())
+
+    def _path(self, epoch: int) -> Path:
+        return self.directory / f"epoch_{epoch:04d}"
 
     def save(self, epoch: int, state, history: list[dict]) -> None:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history))
-        self._manager.save(epoch, args=args, force=True)
+        save_tree(self._path(epoch), state, {"history": history})
+        for old in self.epochs()[: -self.max_to_keep]:
+            _remove(self._path(old))
 
     def restore_latest(self, like) -> tuple[int, Any, list[dict]] | None:
         """The newest readable checkpoint; damaged ones are reported, deleted and skipped."""
-        for epoch in sorted(self._manager.all_steps(), reverse=True):
+        for epoch in reversed(self.epochs()):
             try:
-                args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract(like)), history=ocp.args.JsonRestore())
-                restored = self._manager.restore(epoch, args=args)
-                return epoch, restored["state"], list(restored["history"])
-            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                log.warning("checkpoint %s/%d is unreadable (%s: %s); falling back", self.directory, epoch,
-                            type(e).__name__, e)
-                self._manager.delete(epoch)
+                state, extra = load_tree_extra(self._path(epoch), like)
+                history = extra["history"]
+                if [row["epoch"] for row in history] != list(range(1, epoch + 1)):
+                    raise CorruptFileError(f"checkpoint {self._path(epoch)}: history does not match epoch {epoch}")
+                return epoch, state, history
+            except (CorruptFileError, TypeError, KeyError) as e:
+                log.warning("%s; falling back to an earlier checkpoint", e)
+                _remove(self._path(epoch))
         return None
 
     def close(self) -> None:
-        self._manager.close()
+        """Nothing to release (kept so callers can treat it like an Orbax manager)."""
 
 
 class RunLock:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 
 from qsparse import initializers, models, pruning, quaternion
@@ -17,6 +18,7 @@ PROTOCOLS = ("lottery", "paper")
 OPTIMIZER_STATES = ("fresh", "carry")
 CONTROLS = ("none", "reinit", "shuffle")
 DATASET_NAMES = ("mnist", "fashion_mnist", "cifar10", "cifar100")
+ENCODINGS = ("auto", "flat", *quaternion.ENCODINGS)
 
 # Fields that do not change results: excluded from the run name's hash and from the check that
 # a run directory holds the same experiment.
@@ -31,6 +33,7 @@ class ConfigError(ValueError):
 class Config:
     model: str = "lenet300_100"
     algebra: str = "real"
+    hidden: tuple[int, ...] = ()  # real widths of the hidden dense layers; () = the model's own
     dataset: str | None = None  # default: the paper's dataset for the model
     # pruning
     rounds: int = 20
@@ -77,6 +80,7 @@ class Config:
             batch_size=spec.batch_size if self.batch_size is None else self.batch_size,
             lr=spec.lr if self.lr is None else self.lr,
             layer_fractions=tuple((str(k), float(v)) for k, v in self.layer_fractions),
+            hidden=tuple(self.hidden),
         )
         resolved._validate()
         return resolved
@@ -90,7 +94,7 @@ class Config:
         _choice("control", self.control, CONTROLS)
         _choice("optimizer", self.optimizer, ("adam", "sgd"))
         _choice("quat_init", self.quat_init, tuple(initializers.QUATERNION_INITS))
-        _choice("encoding", self.encoding, ("auto", "flat", *quaternion.ENCODINGS))
+        _choice("encoding", self.encoding, ENCODINGS)
         if not 0.0 < self.prune_fraction < 1.0:
             raise ConfigError(f"prune_fraction={self.prune_fraction} must be in (0, 1)")
         for name in ("epochs", "batch_size", "replicates", "eval_every", "eval_batch", "log_every"):
@@ -102,13 +106,18 @@ class Config:
         for name in ("train_subset", "test_subset"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer (or unset)")
-        if not self.lr > 0:
-            raise ConfigError(f"lr={self.lr} must be positive")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr={self.lr} must be a positive number")
         if not 0.0 <= self.stop_accuracy < 1.0:
             raise ConfigError(f"stop_accuracy={self.stop_accuracy} must be in [0, 1)")
         for pattern, fraction in self.layer_fractions:
             if not 0.0 <= fraction < 1.0:
                 raise ConfigError(f"layer fraction {fraction} for {pattern!r} must be in [0, 1)")
+        if not all(isinstance(w, int) and w > 0 for w in self.hidden):
+            raise ConfigError(f"hidden={list(self.hidden)} must be positive integer widths")
+        if self.algebra == "quat" and any(w % 4 for w in self.hidden):
+            raise ConfigError(f"hidden={list(self.hidden)}: a quaternion model needs real widths that are "
+                              "multiples of 4 (4, 8, 12, ...)")
         if self.layer_fractions and self.pruning != "layerwise":
             raise ConfigError("layer_fractions need pruning='layerwise'")
         parse_rewind(self.rewind)
@@ -119,8 +128,16 @@ class Config:
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
+    def width_overrides(self) -> dict:
+        """``hidden`` as the model's own field: a LeNet's hidden layers, a conv net's dense layers."""
+        if not self.hidden:
+            return {}
+        return {"features" if "features" in models.spec(self.model).kwargs else "dense_features": self.hidden}
+
     def model_overrides(self) -> dict:
-        return {"quat_init": self.quat_init, "encoding": self.encoding} if self.algebra == "quat" else {}
+        """Keyword arguments of ``models.create`` for this config."""
+        quat = {"quat_init": self.quat_init, "encoding": self.encoding} if self.algebra == "quat" else {}
+        return {**self.width_overrides(), **quat}
 
     def semantic(self) -> dict:
         """The fields that define the experiment, as JSON-able values."""
@@ -128,6 +145,7 @@ class Config:
         for k in NON_SEMANTIC:
             d.pop(k)
         d["layer_fractions"] = [list(x) for x in d["layer_fractions"]]
+        d["hidden"] = list(d["hidden"])
         return d
 
     def run_name(self) -> str:
@@ -144,12 +162,14 @@ class Config:
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["layer_fractions"] = [list(x) for x in d["layer_fractions"]]
+        d["hidden"] = list(d["hidden"])
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "Config":
         d = dict(d)
         d["layer_fractions"] = tuple(tuple(x) for x in d.get("layer_fractions", ()))
+        d["hidden"] = tuple(d.get("hidden", ()))
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown config fields {sorted(unknown)}")

@@ -18,13 +18,18 @@ Run directory (one per experiment; the name is readable plus a hash of the non-d
     <run>/runs.jsonl                  one line per invocation: versions, devices, git commit
     <run>/summary.json, summary.csv   one row per (replicate, round)
     <run>/replicate_<r>/init/         θ₀ (Orbax)          rewind/   θ_k when rewind != init
-    <run>/replicate_<r>/round_<L>/    masks.npz, sparsity.json, metrics.jsonl, ckpt/ (per-epoch
-                                      Orbax checkpoints), final/ (trained state), search/
-                                      (protocol 'paper'), done.json (written last)
+    <run>/replicate_<r>/round_<L>/    masks.npz, sparsity.json, metrics.jsonl, ckpt/epoch_<n>/
+                                      (checkpoints with the metrics so far), final/ (trained
+                                      state), search/ (protocol 'paper'), done.json (written last)
 
 Every stage is skipped when its output exists, and an interrupted round continues from its
 latest checkpoint: epoch keys are ``fold_in(data_key, epoch)``, so a resumed run computes
-exactly what an uninterrupted one would.
+exactly what an uninterrupted one would. A damaged file is reported (a logging warning naming
+it) and recomputed from the last good state: θ₀ from the seed, masks from the previous round,
+a round's final/, done.json and metrics.jsonl from its epoch checkpoints, a damaged epoch
+checkpoint from the one before. Only a damaged ``rewind/`` or ``config.json`` stops the run.
+A round whose loss or weights become non-finite stops, with ``nonfinite: true`` in its metrics
+and status 'nonfinite' in done.json and the summary; its replicate has no further rounds.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import platform
@@ -43,17 +49,21 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qsparse import checkpoints as ckpt
 from qsparse import data as qdata
 from qsparse import masks as qmasks
 from qsparse import models, pruning, train
-from qsparse.config import Config, ConfigError, parse_rewind
+from qsparse.config import ENCODINGS, Config, ConfigError, parse_rewind
+
+logger = logging.getLogger(__name__)
 
 SUMMARY_FIELDS = (
     "replicate", "round", "status", "density_prunable", "weights_remaining_pct",
     "weights_remaining_pct_of_real", "test_acc", "val_acc", "train_acc", "train_loss", "epochs",
 )
+DONE_FIELDS = SUMMARY_FIELDS[2:]
 
 
 def run(config: Config, workdir: str | os.PathLike, *, run_dir: str | os.PathLike | None = None,
@@ -69,8 +79,9 @@ def run(config: Config, workdir: str | os.PathLike, *, run_dir: str | os.PathLik
         _record_invocation(run_dir)
         for r in range(config.replicates):
             experiment.replicate(r)
-        write_summary(run_dir)
-    log(f"done: {run_dir}")
+        rows = write_summary(run_dir)
+    diverged = [f"replicate {row['replicate']} round {row['round']}" for row in rows if row["status"] != "ok"]
+    log(f"done: {run_dir}" + (f" (non-finite loss in {', '.join(diverged)})" if diverged else ""))
     return run_dir
 
 
@@ -79,7 +90,10 @@ def check_run_dir(run_dir: Path, config: Config) -> None:
     path = Path(run_dir) / "config.json"
     if not path.exists():
         return
-    old = Config.from_json(ckpt.read_json(path))
+    try:
+        old = Config.from_json(ckpt.read_json(path))
+    except (TypeError, ValueError) as e:
+        raise ckpt.CorruptFileError(f"{path} does not hold a config: {e}") from None
     if old.semantic() != config.semantic():
         diff = {k: (v, config.semantic()[k]) for k, v in old.semantic().items() if v != config.semantic()[k]}
         raise ConfigError(f"{run_dir} holds a run with a different config (stored vs requested: {diff}); "
@@ -91,29 +105,50 @@ class Experiment:
 
     def __init__(self, config: Config, run_dir: Path, log: Callable[[str], None]):
         self.config, self.run_dir, self.log = config, run_dir, log
-        self.dataset = qdata.load(
-            config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir,
-            validation_size=config.validation_size, seed=config.seed,
-            train_subset=config.train_subset, test_subset=config.test_subset,
-        )
-        self.model = models.create(config.model, config.algebra, self.dataset.num_classes, **config.model_overrides())
-        self.input_shape = self.dataset.train_images.shape[1:]
         try:
+            self.dataset = qdata.load(
+                config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir,
+                validation_size=config.validation_size, seed=config.seed,
+                train_subset=config.train_subset, test_subset=config.test_subset,
+            )
             self.spec = train.epoch_spec(self.dataset, config.batch_size)
             self.trainer = train.Trainer(self.spec, eval_batch=config.eval_batch)
-            models.init_params(self.model, jax.random.key(0), self.input_shape)  # shape check
+        except qdata.DatasetUnavailableError:
+            raise
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        self.model = models.create(config.model, config.algebra, self.dataset.num_classes, **config.model_overrides())
+        self.input_shape = self.dataset.train_images.shape[1:]
+        self.param_shapes = self._param_shapes()
         self.tx = train.make_optimizer(config.optimizer, config.lr)
         d = self.dataset
         self.train_data = self.trainer.put_data(d.train_images, d.train_labels)
         self.val_data = (jnp.asarray(d.val_images), jnp.asarray(d.val_labels))
         self.test_data = (jnp.asarray(d.test_images), jnp.asarray(d.test_labels))
         self.rewind_step = self._rewind_step()
-        real = models.create(config.model, "real", d.num_classes)
-        shapes = jax.eval_shape(lambda: models.init_params(real, jax.random.key(0), self.input_shape))
-        self.real_total = models.count_params(shapes)
+        real = models.create(config.model, "real", d.num_classes, **config.width_overrides())
+        self.real_total = models.count_params(_shapes(real, self.input_shape))
         self.rule = qmasks.PruneRule(prune_output=config.prune_output)
+
+    def _param_shapes(self):
+        """The parameters' shapes; a ConfigError naming the fitting encodings if the input does not fit."""
+        cfg = self.config
+        try:
+            return _shapes(self.model, self.input_shape)
+        except (ValueError, TypeError) as e:
+            message = (f"model {cfg.model} ({cfg.algebra}) cannot take {cfg.dataset} images of shape "
+                       f"{self.input_shape}: {e}")
+        if cfg.algebra == "quat":
+            fitting = []
+            for encoding in ENCODINGS:
+                overrides = {**cfg.model_overrides(), "encoding": encoding}
+                try:
+                    _shapes(models.create(cfg.model, "quat", self.dataset.num_classes, **overrides), self.input_shape)
+                    fitting.append(encoding)
+                except (ValueError, TypeError):
+                    pass
+            message += f"; encodings that fit: {fitting}"
+        raise ConfigError(message)
 
     def _rewind_step(self) -> int:
         rewind = parse_rewind(self.config.rewind)
@@ -132,26 +167,19 @@ class Experiment:
         cfg = self.config
         rdir = self.run_dir / f"replicate_{r}"
         init_key, data_key, control_key = replicate_keys(cfg.seed, r)
-        theta0 = models.init_params(self.model, init_key, self.input_shape)
-        if (rdir / "init").exists():
-            theta0 = ckpt.load_tree(rdir / "init", theta0)
-        else:
-            ckpt.save_tree(rdir / "init", theta0)
+        theta0 = self._theta0(rdir / "init", init_key)
         masks = qmasks.ones(theta0)
         prev_state = prev_search = None
         low_rounds = 0
         for level in range(cfg.rounds + 1):
             rd = rdir / f"round_{level:02d}"
-            if level > 0:
-                source = prev_search if cfg.protocol == "paper" else prev_state
-                try:
-                    masks = self._next_masks(rd, source.params, masks, jax.random.fold_in(control_key, level))
-                except pruning.LayerCollapseError as e:
-                    self.log(f"replicate {r}: stopping before round {level}: {e}")
-                    ckpt.write_json(rdir / "stopped.json", {"round": level, "reason": str(e)})
-                    return
-            elif not (rd / "masks.npz").exists():
-                ckpt.save_masks(_mkdir(rd) / "masks.npz", masks)
+            source = prev_search if cfg.protocol == "paper" else prev_state
+            try:
+                masks = self._masks(rd, level, source, masks, jax.random.fold_in(control_key, level))
+            except pruning.LayerCollapseError as e:
+                self.log(f"replicate {r}: stopping before round {level}: {e}")
+                ckpt.write_json(rdir / "stopped.json", {"round": level, "reason": str(e)})
+                return
             start = self._start_params(rdir, theta0, masks, init_key, level)
             opt_state = prev_state.opt_state if (cfg.optimizer_state == "carry" and prev_state is not None) else None
             state, done = self._round(rd, r, level, start, masks, data_key, opt_state, rdir)
@@ -159,23 +187,42 @@ class Experiment:
                 prev_search = self._search(rd, r, level, state, prev_search, masks, data_key)
             prev_state = state
             if done["status"] != "ok":
-                self.log(f"replicate {r}: round {level} ended with status {done['status']}; no further rounds")
+                logger.warning("replicate %d: round %d ended with status %r (non-finite loss or weights); "
+                               "no further rounds", r, level, done["status"])
                 return
             low_rounds = low_rounds + 1 if done["test_acc"] < cfg.stop_accuracy else 0
             if low_rounds >= 2:
                 self.log(f"replicate {r}: test accuracy below {cfg.stop_accuracy} twice; stopping (as the paper)")
                 return
 
-    def _next_masks(self, rd: Path, params, masks, key):
-        if (rd / "masks.npz").exists():
-            return ckpt.load_masks(rd / "masks.npz", masks)
-        cfg = self.config
-        new = pruning.prune(
-            params, masks, cfg.prune_fraction, method=cfg.pruning, grouping=cfg.grouping, rule=self.rule,
-            layer_fractions=dict(cfg.layer_fractions) or None,
-        )
-        if cfg.control == "shuffle":
-            new = pruning.shuffle(key, new, within=masks, grouping=cfg.grouping, rule=self.rule)
+    def _theta0(self, path: Path, key):
+        """θ₀, read back or (again, if damaged) computed from the replicate's init key."""
+        if path.exists():
+            try:
+                return ckpt.load_tree(path, self.param_shapes)
+            except ckpt.CorruptFileError as e:
+                logger.warning("%s; computing it again from the seed", e)
+        theta0 = models.init_params(self.model, key, self.input_shape)
+        ckpt.save_tree(path, theta0)
+        return theta0
+
+    def _masks(self, rd: Path, level: int, source, masks, key):
+        """The round's masks, read back or (again, if damaged) pruned from the previous round."""
+        path = rd / "masks.npz"
+        if path.exists():
+            try:
+                return ckpt.load_masks(path, masks)
+            except ckpt.CorruptFileError as e:
+                logger.warning("%s; computing them again from the previous round", e)
+        new = masks
+        if level > 0:
+            cfg = self.config
+            new = pruning.prune(
+                source.params, masks, cfg.prune_fraction, method=cfg.pruning, grouping=cfg.grouping,
+                rule=self.rule, layer_fractions=dict(cfg.layer_fractions) or None,
+            )
+            if cfg.control == "shuffle":
+                new = pruning.shuffle(key, new, within=masks, grouping=cfg.grouping, rule=self.rule)
         ckpt.save_masks(_mkdir(rd) / "masks.npz", new)
         return new
 
@@ -190,8 +237,9 @@ class Experiment:
 
     def _round(self, rd: Path, r: int, level: int, params, masks, data_key, opt_state, rdir: Path):
         like = train.create_train_state(self.model, params, masks, self.tx)
-        if (rd / "done.json").exists():
-            return ckpt.load_tree(rd / "final", like), ckpt.read_json(rd / "done.json")
+        finished = self._finished(rd, like)
+        if finished is not None:
+            return finished
         if opt_state is not None:
             like = like.replace(opt_state=opt_state)
         report = qmasks.density_report(masks, self.rule)
@@ -201,7 +249,24 @@ class Experiment:
         ckpt.save_tree(rd / "final", state)
         done = self._done(history, report)
         ckpt.write_json(rd / "done.json", done)
+        ckpt.fault_point("round_end")
         return state, done
+
+    def _finished(self, rd: Path, like):
+        """(final state, done.json) of a finished round, or None: not finished, or damaged (then it
+        is finished again from its epoch checkpoints, which rewrites all three files)."""
+        if not (rd / "done.json").exists():
+            return None
+        try:
+            done = ckpt.read_json(rd / "done.json")
+            if not isinstance(done, dict) or not set(DONE_FIELDS) <= set(done):
+                raise ckpt.CorruptFileError(f"{rd / 'done.json'} lacks some of the fields {list(DONE_FIELDS)}")
+            if len(ckpt.read_jsonl(rd / "metrics.jsonl")) != done["epochs"]:
+                raise ckpt.CorruptFileError(f"{rd / 'metrics.jsonl'} does not hold the round's {done['epochs']} epochs")
+            return ckpt.load_tree(rd / "final", like), done
+        except ckpt.CorruptFileError as e:
+            logger.warning("%s; finishing the round again from its checkpoints", e)
+            return None
 
     def _search(self, rd: Path, r: int, level: int, ticket, prev_search, masks, data_key):
         """Protocol 'paper': continue the never-rewound trajectory with its carried optimizer."""
@@ -211,7 +276,10 @@ class Experiment:
         like = train.create_train_state(self.model, prev_search.params, masks, self.tx)
         like = like.replace(opt_state=prev_search.opt_state)
         if (out / "final").exists():
-            return ckpt.load_tree(out / "final", like)
+            try:
+                return ckpt.load_tree(out / "final", like)
+            except ckpt.CorruptFileError as e:
+                logger.warning("%s; finishing the search again from its checkpoints", e)
         report = qmasks.density_report(masks, self.rule)
         state, _ = self._train(out / "ckpt", out / "metrics.jsonl", like, data_key, r, level, report, None, "search")
         ckpt.save_tree(out / "final", state)
@@ -224,7 +292,10 @@ class Experiment:
         first, history = 0, []
         if restored is not None:
             first, state, history = restored
+            ckpt.write_jsonl(metrics_path, history)  # the copy may be an epoch ahead of the checkpoint
             self.log(f"replicate {r} {tag} {level}: resuming after epoch {first}")
+            if history[-1].get("nonfinite"):
+                return state, history  # the round diverged; its last checkpoint is its end
         density = report["total"]["density_prunable"]
         rstate = trainer.replicate(state)
         last_save = time.monotonic()
@@ -235,7 +306,7 @@ class Experiment:
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch + 1, **metrics, "seconds": seconds, "images_per_sec": spec.steps * spec.batch_size / seconds,
                    "density_prunable": density}
-            finite = math.isfinite(metrics["train_loss"])
+            finite = math.isfinite(metrics["train_loss"]) and _all_finite(rstate.params)
             if finite and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 state = trainer.unreplicate(rstate)
                 row.update({f"test_{k}": v for k, v in trainer.evaluate(state, *self.test_data).items()})
@@ -244,16 +315,18 @@ class Experiment:
             if not finite:
                 row["nonfinite"] = True
             history.append(row)
-            ckpt.write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
+            ckpt.write_jsonl(metrics_path, history)
             if (epoch + 1) % cfg.log_every == 0 or not finite:
                 self.log(_progress(r, tag, level, cfg.epochs, row))
-            if not finite:
-                break
+            ckpt.fault_point("epoch_end")
             now = time.monotonic()
-            if now - last_save >= cfg.checkpoint_every_secs or epoch + 1 == cfg.epochs:
+            if not finite or now - last_save >= cfg.checkpoint_every_secs or epoch + 1 == cfg.epochs:
                 manager.save(epoch + 1, trainer.unreplicate(rstate), history)
                 last_save = now
-        manager.close()
+            if not finite:
+                logger.warning("replicate %d %s %d: non-finite loss or weights in epoch %d; the round stops",
+                               r, tag, level, epoch + 1)
+                break
         return trainer.unreplicate(rstate), history
 
     def _epoch(self, rstate, key, epoch: int, capture: Path | None):
@@ -303,6 +376,14 @@ def _progress(r: int, tag: str, level: int, epochs: int, row: dict) -> str:
     return " | ".join(parts)
 
 
+def _shapes(model, input_shape):
+    return jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), input_shape))
+
+
+def _all_finite(tree) -> bool:
+    return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree))
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -331,24 +412,32 @@ def write_summary(run_dir: Path) -> list[dict]:
 
 
 def _record_invocation(run_dir: Path) -> None:
-    """Versions, devices and the qsparse commit of this invocation, appended to runs.jsonl."""
+    """Versions, devices and the qsparse commit (and whether its sources differ from it) of this
+    invocation, appended to runs.jsonl."""
     packages = {}
     for name in ("qsparse", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "numpy"):
         try:
             packages[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             packages[name] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    status = _git("status", "--porcelain", "--untracked-files=no", ".")
     devices = jax.local_devices()
     entry = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "packages": packages, "git_commit": commit,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "packages": packages, "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
         "python": platform.python_version(), "host": platform.node(),
         "device_kind": devices[0].device_kind, "platform": devices[0].platform, "device_count": len(devices),
     }
     path = run_dir / "runs.jsonl"
     previous = path.read_text() if path.exists() else ""
     ckpt.write_text(path, previous + json.dumps(entry) + "\n")
+
+
+def _git(*args: str) -> str | None:
+    """Output of a read-only git command in the qsparse source folder; None outside a checkout."""
+    try:
+        out = subprocess.run(["git", "--no-optional-locks", *args], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None

@@ -1,0 +1,102 @@
+"""experiments.imp refuses bad input with one line naming it, exit status 2, and no change on disk.
+
+Every case runs the real command as a subprocess, with a workdir that already holds a finished
+run; the cases run a few at a time because interpreter start-up (jax, tensorflow) dominates.
+"""
+
+import concurrent.futures
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qsparse.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["--model=lenet12", "--algebra=quat", "--train_subset=300", "--test_subset=100", "--batch_size=60"]
+
+# name: (extra flags, substrings the error line must contain: the bad value and the valid choices)
+CASES = {
+    "model": (["--model=lenet5"], ["model='lenet5'", "'lenet300_100', 'lenet12', 'conv2', 'conv4', 'conv6'"]),
+    "dataset": (["--dataset=svhn"], ["dataset='svhn'", "'mnist', 'fashion_mnist', 'cifar10', 'cifar100'"]),
+    "algebra": (["--algebra=octonion"], ["algebra='octonion'", "'real', 'quat'"]),
+    "pruning": (["--pruning=random"], ["pruning='random'", "'global', 'layerwise'"]),
+    "grouping": (["--grouping=channel"], ["grouping='channel'", "'element', 'quaternion'"]),
+    "prune_fraction_one": (["--prune_fraction=1"], ["prune_fraction=1.0", "(0, 1)"]),
+    "prune_fraction_zero": (["--prune_fraction=0"], ["prune_fraction=0.0", "(0, 1)"]),
+    "epochs_zero": (["--epochs=0"], ["epochs=0", "positive integer"]),
+    "epochs_negative": (["--epochs=-3"], ["epochs=-3", "positive integer"]),
+    "batch_larger_than_data": (["--batch_size=1000"], ["batch size 1000", "[1, 300]"]),
+    "input_shape": (["--encoding=rgb_gray"], ["encoding 'rgb_gray' needs 3 input channel", "(28, 28, 1)",
+                                              "encodings that fit: ['auto', 'flat', 'gray_pure']"]),
+    "quat_width": (["--hidden=6"], ["hidden=[6]", "multiples of 4"]),
+    "width_zero": (["--algebra=real", "--hidden=0"], ["hidden=[0]", "positive integer"]),
+    "different_config": (["--run_dir={run}", "--epochs=2"],
+                         ["holds a run with a different config", "'epochs': (1, 2)"]),
+    "flag_type": (["--epochs=abc"], ["--epochs=abc", "int"]),
+    "unknown_flag": (["--prune_fractoin=0.5"], ["prune_fractoin", "prune_fraction"]),
+    "positional_argument": (["mnist"], ["unexpected arguments ['mnist']", "--flag"]),
+}
+
+
+def cli_env(tmp_path_factory) -> dict:
+    """CPU, and one persistent compilation cache for the whole session's subprocesses."""
+    cache = tmp_path_factory.getbasetemp() / "jax_cache"
+    return {**{k: v for k, v in os.environ.items() if k != "QSPARSE_FAULT"}, "JAX_PLATFORMS": "cpu",
+            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def imp(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "experiments.imp", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def outcomes(mnist_dir, tmp_path_factory):
+    """Each case run in its own copy of a workdir holding a finished run: (result, before, after)."""
+    env = cli_env(tmp_path_factory)
+    base = [*BASE, f"--data_dir={mnist_dir}"]
+    workdir = tmp_path_factory.mktemp("existing")
+    done = imp([*base, "--rounds=0", "--epochs=1", f"--workdir={workdir}"], env)
+    assert done.returncode == 0, done.stderr
+    (run,) = workdir.iterdir()
+
+    def one(name):
+        copy = tmp_path_factory.mktemp(name) / "work"
+        shutil.copytree(workdir, copy)
+        before = snapshot(copy)
+        extra = [a.format(run=copy / run.name) for a in CASES[name][0]]
+        result = imp([*base, "--rounds=0", "--epochs=1", f"--workdir={copy}", *extra], env)
+        return result, before, snapshot(copy)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        return dict(zip(CASES, pool.map(one, CASES)))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_one_line_exit_2_nothing_changed(outcomes, name):
+    result, before, after = outcomes[name]
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for part in CASES[name][1]:
+        assert part in lines[0]
+    assert result.stdout == ""
+    assert after == before
+
+
+def test_help_lists_every_flag_and_exits_0(tmp_path_factory):
+    result = imp(["--help"], cli_env(tmp_path_factory))
+    assert result.returncode == 0, result.stderr
+    flags = [f"--[no]{f.name}" if f.type == "bool" else f"--{f.name}:" for f in dataclasses.fields(Config)]
+    for flag in flags + ["--workdir:", "--run_dir:"]:
+        assert flag in result.stdout, flag

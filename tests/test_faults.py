@@ -1,0 +1,282 @@
+"""Runs survive kills, a second process, damaged files and divergence, and are reproducible.
+
+Every run is the real command (``python -m experiments.imp``) in a subprocess, on a tiny
+quaternion LeNet-12; kills land at exact places through the ``QSPARSE_FAULT`` hook
+(:func:`qsparse.checkpoints.fault_point`) plus one at a random instant. All subprocesses share
+one persistent compilation cache, so only the first one compiles.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from qsparse import checkpoints as ckpt
+from qsparse.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ["--model=lenet12", "--algebra=quat", "--rounds=2", "--epochs=3", "--train_subset=300", "--test_subset=100",
+        "--batch_size=60", "--checkpoint_every_secs=0"]
+TIMING = {"seconds", "images_per_sec"}
+
+
+@pytest.fixture(scope="module")
+def imp(mnist_dir, tmp_path_factory):
+    """Start the experiment on a workdir: ``imp(workdir, *flags, fault=None, wait=True)``."""
+    cache = tmp_path_factory.getbasetemp() / "jax_cache"  # shared with test_cli.py
+    env = {**{k: v for k, v in os.environ.items() if k != ckpt.FAULT_ENV}, "JAX_PLATFORMS": "cpu",
+           "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+    def start(workdir: Path, *flags: str, fault: str | None = None, wait: bool = True):
+        cmd = [sys.executable, "-m", "experiments.imp", *ARGS, f"--data_dir={mnist_dir}", f"--workdir={workdir}",
+               *flags]
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**env, **({ckpt.FAULT_ENV: fault} if fault else {})},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if not wait:
+            return proc
+        out, err = proc.communicate(timeout=300)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    return start
+
+
+def run_dir(workdir: Path) -> Path:
+    (only,) = [p for p in workdir.iterdir() if p.is_dir()]
+    return only
+
+
+def rounds(workdir: Path) -> list[Path]:
+    return sorted((run_dir(workdir) / "replicate_0").glob("round_*"))
+
+
+def metrics(path: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in ckpt.read_jsonl(path)]
+
+
+def arrays(folder: Path) -> list[np.ndarray]:
+    """A checkpoint's arrays read with Orbax alone (no qsparse code on the reading side)."""
+    with ocp.StandardCheckpointer() as reader:
+        return [np.asarray(x) for x in jax.tree.leaves(reader.restore(folder.absolute()))]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bit-identical masks, final params and metrics (timings aside) in every round."""
+    ra, rb = rounds(a), rounds(b)
+    assert [r.name for r in ra] == [r.name for r in rb] == ["round_00", "round_01", "round_02"]
+    for x, y in zip(ra, rb):
+        with np.load(x / "masks.npz") as mx, np.load(y / "masks.npz") as my:
+            assert mx.files == my.files and all(np.array_equal(mx[k], my[k]) for k in mx.files), x.name
+        fx, fy = arrays(x / "final"), arrays(y / "final")
+        assert len(fx) == len(fy) == 18 and all(np.array_equal(p, q) for p, q in zip(fx, fy)), x.name
+        assert metrics(x / "metrics.jsonl") == metrics(y / "metrics.jsonl"), x.name
+        assert ckpt.read_json(x / "done.json") == ckpt.read_json(y / "done.json"), x.name
+    assert ckpt.read_json(run_dir(a) / "summary.json") == ckpt.read_json(run_dir(b) / "summary.json")
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def damage(path: Path, how: str) -> None:
+    """Flip a byte in the middle of ``path`` (the largest file of a folder), or cut it in half."""
+    if path.is_dir():
+        path = max((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def reference(imp, tmp_path_factory):
+    """The uninterrupted run every other run must equal, bit for bit."""
+    workdir = tmp_path_factory.mktemp("reference")
+    result = imp(workdir)
+    assert result.returncode == 0, result.stderr
+    return workdir
+
+
+def wait_until_stopped(proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run never reached its fault point"
+        time.sleep(0.05)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's loop after a failed read
+def test_no_damaged_checkpoint_or_masks_file_reads_back_as_valid(tmp_path, caplog):
+    """Flip a byte in, or cut, each file in turn: reading it raises CorruptFileError or returns the
+    original exactly (a file the reader does not use); never other data. Orbax alone fails this."""
+    tree = {"w": np.arange(3000, dtype=np.float32).reshape(30, 100), "b": np.ones(7, np.float32)}
+    good = tmp_path / "good"
+    ckpt.save_tree(good, tree, extra={"history": [{"epoch": 1}]})
+    caught = 0
+    for i, name in enumerate(sorted(str(p.relative_to(good)) for p in good.rglob("*") if p.is_file())):
+        for how in ("flip", "cut"):
+            bad = tmp_path / f"bad_{i}_{how}"
+            shutil.copytree(good, bad)
+            damage(bad / name, how)
+            try:
+                back, extra = ckpt.load_tree_extra(bad, tree)
+            except ckpt.CorruptFileError as e:
+                assert str(bad) in str(e)
+                caught += 1
+                continue
+            assert extra == {"history": [{"epoch": 1}]} and all(np.array_equal(back[k], tree[k]) for k in tree), name
+    assert caught >= 8
+    # a folder written before checksums existed is read, with a warning naming it
+    (good / ckpt.META).unlink()
+    assert np.array_equal(ckpt.load_tree(good, tree)["w"], tree["w"]) and str(good) in caplog.text
+
+    masks = {"a": np.arange(60).reshape(6, 10) % 3 == 0, "b": np.ones(5, bool)}
+    ckpt.save_masks(tmp_path / "masks.npz", masks)
+    raw = (tmp_path / "masks.npz").read_bytes()
+    variants = [raw[:n] for n in range(0, len(raw), 3)]
+    variants += [raw[:i] + bytes([raw[i] ^ 0xFF]) + raw[i + 1:] for i in range(len(raw))]
+    for data in variants:
+        (tmp_path / "bad.npz").write_bytes(data)
+        try:
+            back = ckpt.load_masks(tmp_path / "bad.npz", masks)
+        except ckpt.CorruptFileError:
+            continue
+        assert all(np.array_equal(back[k], masks[k]) for k in masks)
+
+
+def test_second_process_is_refused_then_killed_run_resumes(imp, reference, tmp_path):
+    # the first process freezes itself after epoch 2 of round 0, holding the run's lock
+    first = imp(tmp_path, fault="epoch_end:2:STOP", wait=False)
+    wait_until_stopped(first)
+    before = snapshot(tmp_path)
+    second = imp(tmp_path)
+    assert second.returncode == 1 and second.stdout == ""
+    lines = second.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: run directory") and "in use by another process" in lines[0]
+    assert f"pid {first.pid}" in lines[0]
+    assert snapshot(tmp_path) == before  # the refused process wrote nothing
+    # now kill the first mid-round: epoch 2 is in metrics.jsonl but only epoch 1 was checkpointed
+    os.kill(first.pid, signal.SIGKILL)
+    first.communicate()
+    assert first.returncode == -signal.SIGKILL
+    rd = rounds(tmp_path)[0]
+    assert len(ckpt.read_jsonl(rd / "metrics.jsonl")) == 2 and ckpt.EpochCheckpoints(rd / "ckpt").epochs() == [1]
+    resumed = imp(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "round 0: resuming after epoch 1" in resumed.stdout
+    assert_same_run(reference, tmp_path)
+
+
+def test_killed_at_each_point_and_restarted_equals_uninterrupted(imp, reference, tmp_path):
+    def killed(fault):
+        result = imp(tmp_path, fault=fault)
+        assert result.returncode == -signal.SIGKILL, (fault, result.stderr)
+        return rounds(tmp_path)
+
+    # inside the write of round 0's epoch-2 checkpoint (write 1 is θ₀): complete but not renamed
+    rd = killed("checkpoint_write:3")[0]
+    assert (rd / "ckpt" / ".epoch_0002.tmp").is_dir() and ckpt.EpochCheckpoints(rd / "ckpt").epochs() == [1]
+    # between rounds: round 0 done, round 1 not started
+    rds = killed("round_end:1")
+    assert [r.name for r in rds] == ["round_00"] and (rds[0] / "done.json").exists()
+    # inside the write of round 1's final state (after its 3 epoch checkpoints)
+    rd = killed("checkpoint_write:4")[1]
+    assert (rd / ".final.tmp").is_dir() and not (rd / "final").exists() and not (rd / "done.json").exists()
+    # at a random instant once round 2 has started (it may also finish first)
+    proc = imp(tmp_path, wait=False)
+    metrics_2 = run_dir(tmp_path) / "replicate_0" / "round_02" / "metrics.jsonl"
+    while not metrics_2.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 0.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode in (0, -signal.SIGKILL)
+    result = imp(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert_same_run(reference, tmp_path)
+
+
+def test_damaged_files_are_named_and_recomputed(imp, reference, tmp_path):
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    rep = run_dir(tmp_path) / "replicate_0"
+    r0, r1, r2 = rounds(tmp_path)
+    damaged = [rep / "init", r0 / "final", r1 / "masks.npz", r1 / "metrics.jsonl", r2 / "done.json",
+               r2 / "ckpt" / "epoch_0003"]
+    for path, how in zip(damaged, ["flip", "flip", "cut", "cut", "flip", "flip"]):
+        damage(path, how)
+    shutil.rmtree(r2 / "final")  # so round 2 must go back to its (damaged) latest epoch checkpoint
+    result = imp(tmp_path)
+    assert result.returncode == 0, result.stderr
+    for path in damaged:
+        assert str(path) in result.stderr, path
+    assert "round 2: resuming after epoch 2" in result.stdout
+    assert_same_run(reference, tmp_path)
+
+
+def test_damaged_config_stops_the_run_naming_it(imp, reference, tmp_path):
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    config = run_dir(tmp_path) / "config.json"
+    damage(config, "cut")
+    before = snapshot(tmp_path)
+    result = imp(tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [result.stderr.strip()] and str(config) in result.stderr
+    assert result.stderr.startswith("error: ")
+    assert snapshot(tmp_path) == before
+
+
+def test_nonfinite_loss_stops_the_round_and_is_reported(imp, tmp_path):
+    result = imp(tmp_path, "--lr=1e30")
+    assert result.returncode == 0, result.stderr
+    assert "non-finite loss in replicate 0 round 0" in result.stdout
+    assert "non-finite loss or weights in epoch 1" in result.stderr
+    (rd,) = rounds(tmp_path)  # no further rounds
+    rows = ckpt.read_jsonl(rd / "metrics.jsonl")
+    assert len(rows) == 1 and rows[0]["nonfinite"] is True and not np.isfinite(rows[0]["train_loss"])
+    assert ckpt.read_json(rd / "done.json")["status"] == "nonfinite"
+    assert [r["status"] for r in ckpt.read_json(run_dir(tmp_path) / "summary.json")] == ["nonfinite"]
+    # killed before the round's end: the resumed run does not train past the divergence
+    (rd / "done.json").unlink()
+    shutil.rmtree(rd / "final")
+    again = imp(tmp_path, "--lr=1e30")
+    assert again.returncode == 0 and "resuming after epoch 1" in again.stdout and "epoch   2/3" not in again.stdout
+    assert ckpt.read_json(rd / "done.json")["status"] == "nonfinite"
+
+
+def test_same_seed_identical_other_seed_different_and_provenance(imp, reference, mnist_dir, tmp_path):
+    same, other = imp(tmp_path / "same", wait=False), imp(tmp_path / "other", "--seed=1", wait=False)
+    for proc in (same, other):
+        assert proc.wait(timeout=300) == 0, proc.communicate()
+    assert_same_run(reference, tmp_path / "same")
+    ref, oth = rounds(reference), rounds(tmp_path / "other")
+    with np.load(ref[1] / "masks.npz") as a, np.load(oth[1] / "masks.npz") as b:
+        assert any(not np.array_equal(a[k], b[k]) for k in a.files)
+    assert metrics(ref[0] / "metrics.jsonl") != metrics(oth[0] / "metrics.jsonl")
+    # provenance: the full config, package versions, devices and the qsparse commit
+    stored = ckpt.read_json(run_dir(reference) / "config.json")
+    assert set(stored) == set(Config.__dataclass_fields__)
+    assert Config.from_json(stored) == Config(
+        model="lenet12", algebra="quat", rounds=2, epochs=3, train_subset=300, test_subset=100, batch_size=60,
+        checkpoint_every_secs=0, data_dir=str(mnist_dir)).resolve()
+    info = json.loads((run_dir(reference) / "runs.jsonl").read_text().splitlines()[0])
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
+        assert info["packages"][name] == metadata.version(name)
+    assert info["device_kind"] == jax.local_devices()[0].device_kind
+    assert info["device_count"] == jax.local_device_count()
+    assert re.fullmatch("[0-9a-f]{40}", info["git_commit"]) and isinstance(info["git_dirty"], bool)
+    kind = subprocess.run(["git", "cat-file", "-t", info["git_commit"]], cwd=REPO, capture_output=True, text=True)
+    assert kind.stdout.strip() == "commit"
