@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # A reduced Conv-2 run that fits this 2-core CPU (no CIFAR offline, ~2 h per dense CIFAR training
-# here): Conv-2 real and quaternion on a 3,000-image MNIST subset, 4 rounds of 3 epochs. It shows
+# here): Conv-2 real and quaternion on a 1,200-image MNIST subset, 3 rounds of 2 epochs. It shows
 # the convolutional pipeline end to end (quaternion input encoding, QConv, pruning, rewind); its
 # accuracies are not comparable to the paper's CIFAR-10 numbers.
 #   bash experiments/reduced_conv2.sh [WORKDIR]
 set -euo pipefail
 WORKDIR=${1:-runs/reduced_conv2}
 for algebra in real quat; do
-  python -m experiments.imp --model=conv2 --algebra=$algebra --dataset=mnist --train_subset=3000 \
-    --test_subset=1000 --rounds=4 --epochs=3 --workdir="$WORKDIR"
+  python -m experiments.imp --model=conv2 --algebra=$algebra --dataset=mnist --train_subset=1200 \
+    --test_subset=500 --rounds=3 --epochs=2 --workdir="$WORKDIR"
 done
