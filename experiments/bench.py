@@ -1,0 +1,362 @@
+r"""Training-throughput benchmark of qsparse's masked train step on this machine.
+
+    python -m experiments.bench                                   # everything (a few minutes on 2 cores)
+    python -m experiments.bench --models=lenet300_100,conv4 --json=results/bench_cpu.json --markdown=results/bench_cpu.md
+
+What it measures, all in one process:
+
+* ``peak``: a large float32 matmul under ``jit`` (median of repeated calls): the machine's own
+  matmul GFLOP/s, the yardstick for every model.
+* for each model x algebra: the full masked train step of :class:`qsparse.train.Trainer` (the
+  compiled epoch: batch gather, augmentation for CIFAR-shaped data, normalisation, forward,
+  backward, masking, Adam) on synthetic data of the model's dataset shape, batch 60. One timed
+  window is one compiled call of ``window_steps`` steps; the result is the median window after
+  one warm-up window. The real and quaternion windows of a model are interleaved, so their
+  ratio is measured under the same conditions. GFLOP/s use an analytic count: 3 x the forward
+  FLOPs of every dot and convolution in the model (forward, input gradient, weight gradient).
+* ``epochs``: whole LeNet-300-100 epochs on MNIST (60,000 training images) through the same
+  Trainer, data handling included, and the projected wall time of a 40-epoch round.
+* ``replicas``: R replicates trained at once (``Trainer(replicas=R)``) against one replicate,
+  in total images/s.
+
+Prints a table and writes JSON / markdown when asked. Timings from a busy machine are not
+comparable: the JSON records the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jex_core
+
+from qsparse import data as qdata
+from qsparse import masks as qmasks
+from qsparse import models, pruning, train
+
+MODELS = ("lenet300_100", "conv2", "conv4", "conv6")
+ALGEBRAS = ("real", "quat")
+# steps per timed window: about a second each on 2 cores
+WINDOW_STEPS = {"lenet300_100": 1000, "lenet12": 1000, "conv2": 8, "conv4": 5, "conv6": 4}
+DATA = {"mnist": ((28, 28, 1), (0.1307,), (0.3081,), False),
+        "cifar10": ((32, 32, 3), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), True)}
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def _eqn_flops(eqn) -> int:
+    name = eqn.primitive.name
+    if name == "dot_general":
+        (contract, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval.shape
+        return 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+    if name == "conv_general_dilated":
+        dn = eqn.params["dimension_numbers"]
+        rhs = eqn.invars[1].aval.shape
+        per_output = math.prod(rhs[d] for d in dn.rhs_spec[1:])  # input features (per group) x window
+        return 2 * math.prod(eqn.outvars[0].aval.shape) * per_output
+    return 0
+
+
+def _jaxpr_flops(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += _eqn_flops(eqn)
+        for sub in jex_core.jaxprs_in_params(eqn.params):  # nested jit, custom_jvp, ...
+            total += _jaxpr_flops(sub)
+    return total
+
+
+def forward_flops(model, params, input_shape) -> int:
+    """Multiply-adds x 2 of every dot and convolution in one example's forward pass."""
+    closed = jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))(params, jnp.zeros((1, *input_shape)))
+    return _jaxpr_flops(closed.jaxpr)
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+
+
+def _sync(tree):
+    jax.block_until_ready(tree)
+    return tree
+
+
+def matmul_peak(n: int, repeats: int) -> dict[str, Any]:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    _sync(f(a, b))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        _sync(f(a, b))
+        times.append(time.perf_counter() - t)
+    seconds = statistics.median(times)
+    return {"n": n, "seconds": seconds, "gflops": 2 * n**3 / seconds / 1e9, "times": times}
+
+
+class Setup:
+    """A Trainer, a replicated masked state and synthetic data for one model and algebra."""
+
+    def __init__(self, name: str, algebra: str, steps: int, replicas: int | None = None, seed: int = 0):
+        spec = models.spec(name)
+        shape, mean, std, augment = DATA[spec.dataset]
+        self.model = models.create(name, algebra)
+        params = models.init_params(self.model, jax.random.key(seed), shape)
+        self.fwd_flops = forward_flops(self.model, params, shape)
+        masks = pruning.prune(params, qmasks.ones(params), 0.2)  # a masked step, as in IMP round 1
+        tx = train.make_optimizer("adam", spec.lr)
+        state = train.create_train_state(self.model, params, masks, tx)
+        self.images_per_call = steps * spec.batch_size * (replicas or 1)
+        self.trainer = train.Trainer(train.EpochSpec(spec.batch_size, steps, mean, std, augment), replicas=replicas)
+        if replicas is not None:
+            state = train.stack_states([state] * replicas)
+        self.state = self.trainer.replicate(state)
+        rng = np.random.default_rng(seed)
+        n = steps * spec.batch_size
+        self.data = self.trainer.put_data(rng.integers(0, 256, (n, *shape), dtype=np.uint8),
+                                          rng.integers(0, 10, n).astype(np.int32))
+        self.replicas = replicas
+        self.calls = 0
+        self.windows: list[float] = []
+        self.cpu: list[float] = []
+
+    def key(self):
+        self.calls += 1
+        key = jax.random.key(self.calls)
+        return key if self.replicas is None else jax.random.split(key, self.replicas)
+
+    def first_call(self) -> float:
+        t = time.perf_counter()
+        self.state, _ = self.trainer.train_epoch(self.state, *self.data, self.key())
+        return time.perf_counter() - t
+
+    def window(self, record: bool = True) -> float:
+        c, t = time.process_time(), time.perf_counter()
+        self.state, _ = _sync(self.trainer.train_epoch(self.state, *self.data, self.key()))
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        if record:
+            self.windows.append(wall)
+            self.cpu.append(cpu)
+        return wall
+
+
+def bench_model(name: str, algebras, windows: int, steps: int, peak: float, log) -> dict[str, Any]:
+    setups, first = {}, {}
+    for algebra in algebras:
+        setups[algebra] = Setup(name, algebra, steps)
+        first[algebra] = setups[algebra].first_call()
+        setups[algebra].window(record=False)  # warm-up
+    for _ in range(windows):  # interleaved: the ratio is measured under the same conditions
+        for s in setups.values():
+            s.window()
+    out = {}
+    for algebra, s in setups.items():
+        median = statistics.median(s.windows)
+        img_s = s.images_per_call / median
+        train_flops = 3 * s.fwd_flops
+        out[algebra] = {
+            "first_call_s": first[algebra],
+            "compile_s": max(first[algebra] - median, 0.0),
+            "window_steps": steps,
+            "windows_s": s.windows,
+            "cpu_per_window_s": s.cpu,
+            "step_ms": 1e3 * median / steps,
+            "images_per_s": img_s,
+            "forward_gflop_per_image": s.fwd_flops / 1e9,
+            "train_gflop_per_image": train_flops / 1e9,
+            "gflops": img_s * train_flops / 1e9,
+            "peak_fraction": img_s * train_flops / 1e9 / peak,
+        }
+        log(f"  {name:13s} {algebra:4s} {out[algebra]['step_ms']:9.2f} ms/step {img_s:10.0f} img/s "
+            f"{out[algebra]['gflops']:7.1f} GFLOP/s ({100 * out[algebra]['peak_fraction']:4.1f}% of peak) "
+            f"compile {out[algebra]['compile_s']:5.1f} s")
+    if "real" in out and "quat" in out:
+        out["quat_real_time_ratio"] = out["quat"]["step_ms"] / out["real"]["step_ms"]
+    return out
+
+
+def _synthetic_mnist(n: int) -> qdata.Dataset:
+    rng = np.random.default_rng(0)
+    images = lambda k: rng.integers(0, 256, (k, 28, 28, 1), dtype=np.uint8)  # noqa: E731
+    labels = lambda k: rng.integers(0, 10, k).astype(np.int32)  # noqa: E731
+    return qdata.Dataset("synthetic_mnist", 10, (0.1307,), (0.3081,), False, images(n), labels(n),
+                         images(0), labels(0), images(1000), labels(1000))
+
+
+def bench_epochs(algebras, epochs: int, data_dir: str | None, train_subset: int | None, log,
+                 synthetic: bool = False) -> dict[str, Any]:
+    """Whole LeNet-300-100 epochs on MNIST, real and quaternion interleaved."""
+    if synthetic:  # same shapes and code path, no dataset needed (smoke tests)
+        dataset = _synthetic_mnist(train_subset or 60000)
+    else:
+        dataset = qdata.load("mnist", data_dir=data_dir, train_subset=train_subset)
+    spec = train.epoch_spec(dataset, 60)
+    trainer = train.Trainer(spec)
+    train_data = trainer.put_data(dataset.train_images, dataset.train_labels)
+    test = (jnp.asarray(dataset.test_images), jnp.asarray(dataset.test_labels))
+    runs = {}
+    for algebra in algebras:
+        model = models.create("lenet300_100", algebra)
+        params = models.init_params(model, jax.random.key(0), dataset.train_images.shape[1:])
+        state = trainer.replicate(train.create_train_state(model, params, qmasks.ones(params), train.make_optimizer("adam", 1.2e-3)))
+        t = time.perf_counter()
+        state, _ = trainer.train_epoch(state, *train_data, jax.random.key(0))
+        first = time.perf_counter() - t
+        trainer.evaluate(trainer.unreplicate(state), *test)  # compiles the evaluation
+        runs[algebra] = {"state": state, "first": first, "epochs": [], "eval": []}
+    for e in range(epochs):
+        for algebra, run in runs.items():
+            t = time.perf_counter()
+            run["state"], metrics = trainer.train_epoch(run["state"], *train_data, jax.random.key(e + 1))
+            run["epochs"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            trainer.evaluate(trainer.unreplicate(run["state"]), *test)
+            run["eval"].append(time.perf_counter() - t)
+            run["train_acc"] = metrics["train_acc"]
+    out = {"dataset": dataset.name, "train_images": int(spec.steps * spec.batch_size), "epochs_timed": epochs}
+    for algebra, run in runs.items():
+        epoch_s = statistics.median(run["epochs"])
+        eval_s = statistics.median(run["eval"])
+        out[algebra] = {
+            "first_epoch_s": run["first"], "epoch_s": epoch_s, "epochs_s": run["epochs"],
+            "images_per_s": out["train_images"] / epoch_s, "eval_test_s": eval_s,
+            "round_40_epochs_s": 40 * epoch_s, "round_40_epochs_with_eval_s": 40 * (epoch_s + eval_s),
+            "train_acc_last": run["train_acc"],
+        }
+        log(f"  lenet300_100 {algebra:4s} MNIST epoch {epoch_s:6.3f} s = {out[algebra]['images_per_s']:8.0f} img/s; "
+            f"40 epochs {40 * epoch_s:5.1f} s (+ test eval each epoch: {40 * (epoch_s + eval_s):5.1f} s)")
+    return out
+
+
+def bench_replicas(name: str, algebras, replicas: int, windows: int, steps: int, log) -> dict[str, Any]:
+    out = {"replicas": replicas}
+    for algebra in algebras:
+        single, many = Setup(name, algebra, steps), Setup(name, algebra, steps, replicas=replicas)
+        compile_single, compile_many = single.first_call(), many.first_call()
+        single.window(record=False)
+        many.window(record=False)
+        for _ in range(windows):
+            single.window()
+            many.window()
+        one = single.images_per_call / statistics.median(single.windows)
+        together = many.images_per_call / statistics.median(many.windows)
+        out[algebra] = {"single_images_per_s": one, "replicas_images_per_s": together, "factor": together / one,
+                        "first_call_single_s": compile_single, "first_call_replicas_s": compile_many}
+        log(f"  {name:13s} {algebra:4s} R={replicas}: {together:9.0f} img/s in total vs {one:9.0f} for one "
+            f"replicate at a time: x{together / one:.2f}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def markdown(result: dict[str, Any]) -> str:
+    peak = result["peak"]["gflops"]
+    lines = [
+        "| model | algebra | compile (s) | ms/step | images/s | GFLOP/image (train) | GFLOP/s | % of matmul peak | quat/real time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in result["models"].items():
+        for algebra in ALGEBRAS:
+            if algebra not in m:
+                continue
+            r = m[algebra]
+            ratio = f"{m['quat_real_time_ratio']:.3f}" if algebra == "quat" and "quat_real_time_ratio" in m else ""
+            lines.append(f"| {name} | {algebra} | {r['compile_s']:.1f} | {r['step_ms']:.2f} | {r['images_per_s']:,.0f} | "
+                         f"{r['train_gflop_per_image']:.4f} | {r['gflops']:.1f} | {100 * r['peak_fraction']:.1f} | {ratio} |")
+    lines.append(f"\nMatmul peak: {peak:.0f} GFLOP/s ({result['peak']['n']}² float32 under jit, median).")
+    if result.get("epochs"):
+        e = result["epochs"]
+        lines += ["", f"LeNet-300-100 on {e['dataset']}, whole epochs of {e['train_images']:,} images (median of {e['epochs_timed']}):", "",
+                  "| algebra | epoch (s) | images/s | 40 epochs (s) | 40 epochs + test eval each epoch (s) |", "|---|---|---|---|---|"]
+        for algebra in ALGEBRAS:
+            if algebra in e:
+                r = e[algebra]
+                lines.append(f"| {algebra} | {r['epoch_s']:.3f} | {r['images_per_s']:,.0f} | {r['round_40_epochs_s']:.1f} | "
+                             f"{r['round_40_epochs_with_eval_s']:.1f} |")
+    if result.get("replicas"):
+        rep = result["replicas"]
+        lines += ["", f"{rep['model']}: {rep['replicas']} replicates in one compiled epoch vs one at a time (total images/s):", "",
+                  "| algebra | one replicate | R at once | factor |", "|---|---|---|---|"]
+        for algebra in ALGEBRAS:
+            if algebra in rep:
+                r = rep[algebra]
+                lines.append(f"| {algebra} | {r['single_images_per_s']:,.0f} | {r['replicas_images_per_s']:,.0f} | {r['factor']:.2f} |")
+    env = result["environment"]
+    lines.append(f"\njax {env['jax']}, {env['cpu_count']} CPUs, devices {env['devices']}, XLA_FLAGS={env['xla_flags']!r}, "
+                 f"load average before/after {env['load_before']} / {env['load_after']}.")
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--algebras", default=",".join(ALGEBRAS))
+    p.add_argument("--windows", type=int, default=7, help="timed windows per model and algebra (median)")
+    p.add_argument("--window_steps", type=int, default=None, help="steps per window (default: per model, ~1 s)")
+    p.add_argument("--peak_size", type=int, default=2048)
+    p.add_argument("--epochs", type=int, default=3, help="timed whole MNIST epochs per algebra (0: skip)")
+    p.add_argument("--train_subset", type=int, default=None, help="MNIST training images (default: all 60,000)")
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--synthetic_epochs", action="store_true", help="random MNIST-shaped data instead of MNIST")
+    p.add_argument("--replicas", type=int, default=5, help="R for the replicate benchmark (0: skip)")
+    p.add_argument("--replica_model", default="lenet300_100")
+    p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    algebras = [a for a in args.algebras.split(",") if a]
+    result: dict[str, Any] = {"environment": {
+        "jax": jax.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+        "devices": [str(d) for d in jax.local_devices()], "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_before": [round(x, 2) for x in os.getloadavg()],
+    }}
+    log(f"matmul peak ({args.peak_size}² float32)")
+    result["peak"] = matmul_peak(args.peak_size, 7)
+    log(f"  {result['peak']['gflops']:.0f} GFLOP/s")
+    log("masked train step, batch 60 (median window)")
+    result["models"] = {}
+    for name in [m for m in args.models.split(",") if m]:
+        steps = args.window_steps or WINDOW_STEPS[name]
+        result["models"][name] = bench_model(name, algebras, args.windows, steps, result["peak"]["gflops"], log)
+    if args.epochs:
+        log("whole MNIST epochs")
+        result["epochs"] = bench_epochs(algebras, args.epochs, args.data_dir, args.train_subset, log, args.synthetic_epochs)
+    if args.replicas:
+        log("replicates")
+        steps = args.window_steps or WINDOW_STEPS[args.replica_model] // 2
+        result["replicas"] = {"model": args.replica_model,
+                              **bench_replicas(args.replica_model, algebras, args.replicas, args.windows, steps, log)}
+    result["environment"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    table = markdown(result)
+    print("\n" + table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
