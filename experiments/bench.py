@@ -261,6 +261,82 @@ def bench_replicas(name: str, algebras, replicas: int, windows: int, steps: int,
     return out
 
 
+def bench_references(windows: int, log) -> dict[str, Any]:
+    """Same-run yardsticks from the issue: a plain Flax Conv-4 train step (jit, no loop, no masks;
+    about 260 img/s when the issue was written) and a bare scanned epoch of a plain real MLP of
+    LeNet-300-100's shape on pre-normalised data (about 110,000 img/s then)."""
+    import flax.linen as nn
+    import optax
+
+    class Conv4(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for width in (64, 64, None, 128, 128, None):
+                x = nn.max_pool(x, (2, 2), (2, 2)) if width is None else nn.relu(nn.Conv(width, (3, 3))(x))
+            x = x.reshape((x.shape[0], -1))
+            x = nn.relu(nn.Dense(256)(x))
+            return nn.Dense(10)(nn.relu(nn.Dense(256)(x)))
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Dense(300)(x.reshape((x.shape[0], -1))))
+            return nn.Dense(10)(nn.relu(nn.Dense(100)(x)))
+
+    def make_step(model, tx):
+        def step(p, o, x, y):
+            loss, g = jax.value_and_grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+                model.apply({"params": p}, x), y).mean())(p)
+            u, o = tx.update(g, o, p)
+            return optax.apply_updates(p, u), o, loss
+        return step
+
+    out = {}
+    # plain Flax Conv-4, one jitted step per call (shared/env.md's benchmark)
+    model, tx = Conv4(), optax.adam(3e-4)
+    x = jax.random.normal(jax.random.key(0), (60, 32, 32, 3))
+    y = jnp.zeros((60,), jnp.int32)
+    p = model.init(jax.random.key(1), x)["params"]
+    o = tx.init(p)
+    step = jax.jit(make_step(model, tx), donate_argnums=(0, 1))
+    for _ in range(3):
+        p, o, loss = _sync(step(p, o, x, y))
+    times = []
+    for _ in range(windows):
+        t = time.perf_counter()
+        for _ in range(5):
+            p, o, loss = step(p, o, x, y)
+        _sync(loss)
+        times.append((time.perf_counter() - t) / 5)
+    out["plain_flax_conv4_step"] = {"step_ms": 1e3 * statistics.median(times), "images_per_s": 60 / statistics.median(times)}
+    # bare scanned epoch of a plain MLP: batches in order, data already normalised floats
+    model, tx = MLP(), optax.adam(1.2e-3)
+    rng = np.random.default_rng(0)
+    xs = jnp.asarray(rng.standard_normal((1000, 60, 784), np.float32))
+    ys = jnp.asarray(rng.integers(0, 10, (1000, 60)).astype(np.int32))
+    p = model.init(jax.random.key(1), xs[0])["params"]
+    o = tx.init(p)
+    mlp_step = make_step(model, tx)
+
+    @jax.jit
+    def epoch(p, o, xs, ys):
+        def body(c, b):
+            p, o, _ = mlp_step(*c, *b)
+            return (p, o), None
+        return jax.lax.scan(body, (p, o), (xs, ys))[0]
+
+    p, o = _sync(epoch(p, o, xs, ys))
+    times = []
+    for _ in range(max(3, windows // 2)):
+        t = time.perf_counter()
+        p, o = _sync(epoch(p, o, xs, ys))
+        times.append(time.perf_counter() - t)
+    out["bare_mlp_epoch"] = {"epoch_s": statistics.median(times), "images_per_s": 60000 / statistics.median(times)}
+    log(f"  plain Flax Conv-4 jit step: {out['plain_flax_conv4_step']['images_per_s']:.0f} img/s; "
+        f"bare scanned MLP epoch: {out['bare_mlp_epoch']['images_per_s']:,.0f} img/s")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # report
 
@@ -280,6 +356,11 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {name} | {algebra} | {r['compile_s']:.1f} | {r['step_ms']:.2f} | {r['images_per_s']:,.0f} | "
                          f"{r['train_gflop_per_image']:.4f} | {r['gflops']:.1f} | {100 * r['peak_fraction']:.1f} | {ratio} |")
     lines.append(f"\nMatmul peak: {peak:.0f} GFLOP/s ({result['peak']['n']}² float32 under jit, median).")
+    if result.get("references"):
+        ref = result["references"]
+        lines.append(f"Same-run references: plain Flax Conv-4 jit step (no loop, no masks) "
+                     f"{ref['plain_flax_conv4_step']['images_per_s']:.0f} img/s; bare scanned epoch of a plain real MLP "
+                     f"784-300-100-10 on pre-normalised data {ref['bare_mlp_epoch']['images_per_s']:,.0f} img/s.")
     if result.get("epochs"):
         e = result["epochs"]
         lines += ["", f"LeNet-300-100 on {e['dataset']}, whole epochs of {e['train_images']:,} images (median of {e['epochs_timed']}):", "",
@@ -316,6 +397,7 @@ def parse(argv):
     p.add_argument("--synthetic_epochs", action="store_true", help="random MNIST-shaped data instead of MNIST")
     p.add_argument("--replicas", type=int, default=5, help="R for the replicate benchmark (0: skip)")
     p.add_argument("--replica_model", default="lenet300_100")
+    p.add_argument("--no_references", action="store_true", help="skip the plain Flax Conv-4 / bare MLP yardsticks")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     return p.parse_args(argv)
@@ -333,6 +415,9 @@ def main(argv=None) -> dict[str, Any]:
     log(f"matmul peak ({args.peak_size}² float32)")
     result["peak"] = matmul_peak(args.peak_size, 7)
     log(f"  {result['peak']['gflops']:.0f} GFLOP/s")
+    if not args.no_references:
+        log("references")
+        result["references"] = bench_references(args.windows, log)
     log("masked train step, batch 60 (median window)")
     result["models"] = {}
     for name in [m for m in args.models.split(",") if m]:

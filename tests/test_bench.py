@@ -9,7 +9,7 @@ def test_bench_smoke(tmp_path):
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
     result = bench.main([
         "--models=lenet300_100", "--windows=2", "--window_steps=3", "--peak_size=128", "--epochs=1",
-        "--train_subset=600", "--synthetic_epochs", "--replicas=2",
+        "--train_subset=600", "--synthetic_epochs", "--replicas=2", "--no_references",
         f"--json={out_json}", f"--markdown={out_md}",
     ])
     assert json.loads(out_json.read_text())["models"]["lenet300_100"]["real"]["window_steps"] == 3
@@ -29,8 +29,9 @@ def test_bench_smoke(tmp_path):
 
 
 def test_conv_flop_count_matches_the_issue():
-    from qsparse import models
     import jax
+
+    from qsparse import models
 
     model = models.create("conv4", "real")
     params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), (32, 32, 3)))

@@ -149,3 +149,32 @@ def test_two_cpu_devices_equal_one_device():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", TWO_DEVICES], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_dense_models_get_cpu_compiler_options_with_the_same_training():
+    """The option only changes which kernels run; training stays the same up to float rounding."""
+    model = models.create("lenet300_100", "quat", num_classes=3, features=(32, 16))
+    params = models.init_params(model, jax.random.key(0), (8, 8, 1))
+    masks = pruning.prune(params, M.ones(params), 0.5)
+    images, labels = toy_data()
+    out = {}
+    for options in ("auto", None):
+        trainer = train.Trainer(SPEC, compiler_options=options)
+        data = trainer.put_data(images, labels)
+        rstate = trainer.replicate(train.create_train_state(model, params, masks, train.make_optimizer("adam", 1e-2)))
+        for e in range(3):
+            rstate, metrics = trainer.train_epoch(rstate, *data, jax.random.key(e), 0, 5 + e)
+        out[options] = (trainer.unreplicate(rstate).params, metrics)
+        assert trainer.trace_count == 1
+        assert trainer._options(rstate, data[0]) == (train.DENSE_CPU_COMPILER_OPTIONS if options else None)
+    for a, b in zip(jax.tree.leaves(out["auto"][0]), jax.tree.leaves(out[None][0])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out["auto"][1]["train_loss"], out[None][1]["train_loss"], rtol=1e-5)
+
+
+def test_models_with_convolutions_keep_xla_defaults():
+    model = models.create("conv2", "quat", num_classes=3, stages=((8,),), dense_features=(16,))
+    params = models.init_params(model, jax.random.key(0), (8, 8, 1))
+    trainer = train.Trainer(SPEC)
+    rstate = trainer.replicate(train.create_train_state(model, params, M.ones(params), train.make_optimizer("adam", 1e-2)))
+    assert trainer.compiler_options == "auto" and trainer._options(rstate, trainer.put_data(*toy_data())[0]) is None
