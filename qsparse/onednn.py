@@ -1,0 +1,106 @@
+"""oneDNN convolutions for XLA:CPU, through ``jax.ffi`` (optional).
+
+On the CPUs measured here oneDNN's kernels run the Conv-2/4/6 convolutions and both their
+gradients 2-2.5x faster than XLA:CPU's own (``experiments/bench.py --layers``). The extension
+``qsparse._onednn_conv`` is built from ``csrc/onednn_conv.cc`` when the package is installed on a
+machine with oneDNN's headers (Debian/Ubuntu: ``apt-get install libdnnl-dev``); without them the
+build skips it and everything runs on XLA's convolutions.
+
+:func:`qsparse.layers.conv2d` uses these kernels for float32 stride-1 NHWC convolutions when the
+program is lowered for the CPU; other backends keep XLA's convolution. The choice is made when a
+function is traced: ``QSPARSE_CPU_CONV=xla`` in the environment, or :func:`set_cpu_conv`, turns it
+off for functions traced afterwards.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CHOICES = ("auto", "onednn", "xla")
+_TARGETS = {"forward": "QsparseConvForward", "input_grad": "QsparseConvInputGrad", "kernel_grad": "QsparseConvKernelGrad"}
+_PREFIX = "qsparse_onednn_conv_"
+
+_state: dict = {"loaded": None, "error": None, "choice": None}
+
+
+def _load() -> bool:
+    if _state["loaded"] is None:
+        _state["loaded"] = False
+        spec = importlib.util.find_spec("qsparse._onednn_conv")
+        if spec is None or spec.origin is None:
+            _state["error"] = ("the extension qsparse._onednn_conv is not built (install oneDNN's headers, "
+                               "e.g. `apt-get install libdnnl-dev`, then reinstall qsparse)")
+            return False
+        try:
+            lib = ctypes.cdll.LoadLibrary(spec.origin)
+            for name, symbol in _TARGETS.items():
+                jax.ffi.register_ffi_target(_PREFIX + name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        except (OSError, AttributeError) as e:  # e.g. libdnnl.so removed after the build
+            _state["error"] = f"loading {spec.origin} failed: {e}"
+            return False
+        _state["loaded"] = True
+    return _state["loaded"]
+
+
+def available() -> bool:
+    """Whether the oneDNN extension is built and loads."""
+    return _load()
+
+
+def set_cpu_conv(choice: str) -> None:
+    """``"auto"`` (oneDNN when available), ``"onednn"`` (required) or ``"xla"``, for later traces."""
+    if choice not in CHOICES:
+        raise ValueError(f"cpu convolution {choice!r} is not one of {CHOICES}")
+    if choice == "onednn" and not available():
+        raise RuntimeError(f"oneDNN convolutions requested but unavailable: {_state['error']}")
+    _state["choice"] = choice
+
+
+def cpu_conv() -> str:
+    """The convolution that CPU lowerings of :func:`qsparse.layers.conv2d` use now: "onednn" or "xla"."""
+    if _state["choice"] is None:
+        set_cpu_conv(os.environ.get("QSPARSE_CPU_CONV", "auto"))
+    if _state["choice"] == "xla":
+        return "xla"
+    return "onednn" if available() else "xla"
+
+
+def applies(inputs: jax.Array, kernel: jax.Array, precision, preferred_element_type) -> bool:
+    """Whether a :func:`qsparse.layers.conv2d` call with these arguments runs on oneDNN on CPU."""
+    default_precision = precision is None or precision == jax.lax.Precision.DEFAULT or (
+        isinstance(precision, tuple) and all(p in (None, jax.lax.Precision.DEFAULT) for p in precision))
+    return (cpu_conv() == "onednn" and inputs.dtype == jnp.float32 and kernel.dtype == jnp.float32
+            and default_precision and preferred_element_type in (None, jnp.float32, np.float32))
+
+
+def _call(name: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array, padding) -> jax.Array:
+    (top, bottom), (left, right) = padding
+    call = jax.ffi.ffi_call(_PREFIX + name, jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32),
+                            vmap_method="sequential")
+    return call(a, b, pad_top=np.int64(top), pad_bottom=np.int64(bottom), pad_left=np.int64(left),
+                pad_right=np.int64(right))
+
+
+def forward(x: jax.Array, w: jax.Array, padding) -> jax.Array:
+    """``(N, H, W, C) x (KH, KW, C, O) -> (N, H', W', O)``, stride 1, explicit ``((lo, hi), (lo, hi))``."""
+    (top, bottom), (left, right) = padding
+    n, h, wd, _ = x.shape
+    kh, kw, _, o = w.shape
+    return _call("forward", (n, h + top + bottom - kh + 1, wd + left + right - kw + 1, o), x, w, padding)
+
+
+def input_grad(dy: jax.Array, w: jax.Array, padding, x_shape: Sequence[int]) -> jax.Array:
+    """Gradient of :func:`forward` with respect to ``x``."""
+    return _call("input_grad", x_shape, dy, w, padding)
+
+
+def kernel_grad(x: jax.Array, dy: jax.Array, padding, w_shape: Sequence[int]) -> jax.Array:
+    """Gradient of :func:`forward` with respect to ``w``."""
+    return _call("kernel_grad", w_shape, x, dy, padding)
