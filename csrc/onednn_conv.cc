@@ -81,8 +81,18 @@ memory KernelAs(const memory::desc& want, const memory::desc& user, float* data)
   return out;
 }
 
+// One oneDNN call at a time. XLA runs independent custom calls concurrently (the two gradients
+// of a layer; the devices of a pmap), but this oneDNN build shares one scratchpad between
+// primitives (DNNL_ENABLE_CONCURRENT_EXEC off: concurrent calls gave wrong results and hung a
+// 2-device all-reduce), and each call already uses every core through OpenMP.
+std::mutex& ExecutionMutex() {
+  static std::mutex mu;
+  return mu;
+}
+
 template <typename F>
 ffi::Error Guarded(F&& f) {
+  std::lock_guard<std::mutex> lock(ExecutionMutex());
   try {
     f();
     Stream().wait();

@@ -31,6 +31,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any
@@ -42,7 +43,7 @@ from jax.extend import core as jex_core
 
 from qsparse import data as qdata
 from qsparse import masks as qmasks
-from qsparse import models, pruning, train
+from qsparse import layers, models, onednn, pruning, train
 
 MODELS = ("lenet300_100", "conv2", "conv4", "conv6")
 ALGEBRAS = ("real", "quat")
@@ -154,23 +155,38 @@ class Setup:
         return wall
 
 
-def bench_model(name: str, algebras, windows: int, steps: int, peak: float, log) -> dict[str, Any]:
+def bench_model(name: str, algebras, windows: int, steps: int, peak: float, log,
+                compare_xla_conv: bool = False) -> dict[str, Any]:
+    """Per algebra; with ``compare_xla_conv`` the same steps with XLA's convolutions too, interleaved."""
+    has_conv = _has_conv(name)
+    backends = [onednn.cpu_conv() if has_conv else "none"]
+    if has_conv and compare_xla_conv and backends[0] != "xla":
+        backends.append("xla")
     setups, first = {}, {}
-    for algebra in algebras:
-        setups[algebra] = Setup(name, algebra, steps)
-        first[algebra] = setups[algebra].first_call()
-        setups[algebra].window(record=False)  # warm-up
-    for _ in range(windows):  # interleaved: the ratio is measured under the same conditions
+    for backend in backends:
+        for algebra in algebras:
+            with onednn.using("xla" if backend == "none" else backend):  # chosen when the epoch is traced
+                s = setups[algebra, backend] = Setup(name, algebra, steps)
+                first[algebra, backend] = s.first_call()
+            s.window(record=False)  # warm-up
+    for _ in range(windows):  # interleaved: ratios are measured under the same conditions
         for s in setups.values():
             s.window()
-    out = {}
-    for algebra, s in setups.items():
+    out: dict[str, Any] = {}
+    for (algebra, backend), s in setups.items():
         median = statistics.median(s.windows)
         img_s = s.images_per_call / median
+        if backend != backends[0]:
+            out[algebra][f"{backend}_conv_images_per_s"] = img_s
+            out[algebra][f"speedup_over_{backend}_conv"] = out[algebra]["images_per_s"] / img_s
+            log(f"  {name:13s} {algebra:4s} {1e3 * median / steps:9.2f} ms/step {img_s:10.0f} img/s with {backend} "
+                f"convolutions: x{out[algebra][f'speedup_over_{backend}_conv']:.2f} for {backends[0]}")
+            continue
         train_flops = 3 * s.fwd_flops
         out[algebra] = {
-            "first_call_s": first[algebra],
-            "compile_s": max(first[algebra] - median, 0.0),
+            "cpu_conv": backend,
+            "first_call_s": first[algebra, backend],
+            "compile_s": max(first[algebra, backend] - median, 0.0),
             "window_steps": steps,
             "windows_s": s.windows,
             "cpu_per_window_s": s.cpu,
@@ -186,6 +202,54 @@ def bench_model(name: str, algebras, windows: int, steps: int, peak: float, log)
             f"compile {out[algebra]['compile_s']:5.1f} s")
     if "real" in out and "quat" in out:
         out["quat_real_time_ratio"] = out["quat"]["step_ms"] / out["real"]["step_ms"]
+    return out
+
+
+def _has_conv(name: str) -> bool:
+    model = models.create(name)
+    shape = DATA[models.spec(name).dataset][0]
+    params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), shape))
+    return train.model_has_conv(model.apply, params, shape)
+
+
+# Conv-4's convolutions at batch 60: (spatial size, input channels, output channels)
+CONV4_LAYERS = ((32, 3, 64), (32, 64, 64), (16, 64, 128), (16, 128, 128))
+
+
+def bench_layers(windows: int, log) -> list[dict[str, Any]]:
+    """Each Conv-4 convolution and its two gradients, as the trainer computes them
+    (:func:`qsparse.layers.conv2d`), with oneDNN's and with XLA's kernels, interleaved."""
+    pad = ((1, 1), (1, 1))
+    backends = ["onednn", "xla"] if onednn.available() else ["xla"]
+    out = []
+    for size, c_in, c_out in CONV4_LAYERS:
+        x = jax.random.normal(jax.random.key(0), (60, size, size, c_in))
+        w = jax.random.normal(jax.random.key(1), (3, 3, c_in, c_out))
+        dy = jax.random.normal(jax.random.key(2), (60, size, size, c_out))
+        ops = {}
+        for backend in backends:
+            with onednn.using(backend):
+                fwd = jax.jit(lambda x, w: layers.conv2d(x, w, pad))
+                grad = jax.jit(lambda x, w, dy: jax.vjp(lambda x, w: layers.conv2d(x, w, pad), x, w)[1](dy))
+                dx = jax.jit(lambda x, w, dy: grad(x, w, dy)[0])
+                dw = jax.jit(lambda x, w, dy: grad(x, w, dy)[1])
+                for op, f, args in (("forward", fwd, (x, w)), ("input_grad", dx, (x, w, dy)), ("kernel_grad", dw, (x, w, dy))):
+                    _sync(f(*args))  # compile now, under this backend
+                    ops[backend, op] = (f, args, [])
+        for _ in range(max(windows, 5)):
+            for f, args, times in ops.values():
+                t = time.perf_counter()
+                _sync(f(*args))
+                times.append(time.perf_counter() - t)
+        flops = 2 * 60 * size * size * c_in * c_out * 9
+        row = {"layer": f"{size}x{size}x{c_in}->{c_out}", "gflop": flops / 1e9}
+        for (backend, op), (_, _, times) in ops.items():
+            row[f"{backend}_{op}_ms"] = 1e3 * statistics.median(times)
+            row[f"{backend}_{op}_gflops"] = flops / statistics.median(times) / 1e9
+        out.append(row)
+        log("  " + row["layer"] + ": " + "; ".join(
+            f"{op} " + " / ".join(f"{b} {row[f'{b}_{op}_gflops']:.0f}" for b in backends) + " GFLOP/s"
+            for op in ("forward", "input_grad", "kernel_grad")))
     return out
 
 
@@ -258,6 +322,18 @@ def bench_replicas(name: str, algebras, replicas: int, windows: int, steps: int,
                         "first_call_single_s": compile_single, "first_call_replicas_s": compile_many}
         log(f"  {name:13s} {algebra:4s} R={replicas}: {together:9.0f} img/s in total vs {one:9.0f} for one "
             f"replicate at a time: x{together / one:.2f}")
+    return out
+
+
+def torch_reference(python: str, windows: int, log) -> dict[str, Any]:
+    """PyTorch eager Conv-4 and LeNet-300-100 steps, by ``python`` (an interpreter with torch)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_reference.py")
+    done = subprocess.run([python, script, str(windows)], capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(f"error: --torch_python={python} failed: {done.stderr.strip()[-2000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    log(f"  PyTorch {out['torch']} eager ({out['threads']} threads): Conv-4 {out['conv4_eager_images_per_s']:.0f} img/s, "
+        f"LeNet-300-100 {out['lenet300_100_eager_images_per_s']:,.0f} img/s")
     return out
 
 
@@ -344,8 +420,8 @@ def bench_references(windows: int, log) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     peak = result["peak"]["gflops"]
     lines = [
-        "| model | algebra | compile (s) | ms/step | images/s | GFLOP/image (train) | GFLOP/s | % of matmul peak | quat/real time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | algebra | convolutions | compile (s) | ms/step | images/s | GFLOP/image (train) | GFLOP/s | % of matmul peak | quat/real time | images/s with XLA convolutions | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in result["models"].items():
         for algebra in ALGEBRAS:
@@ -353,14 +429,28 @@ def markdown(result: dict[str, Any]) -> str:
                 continue
             r = m[algebra]
             ratio = f"{m['quat_real_time_ratio']:.3f}" if algebra == "quat" and "quat_real_time_ratio" in m else ""
-            lines.append(f"| {name} | {algebra} | {r['compile_s']:.1f} | {r['step_ms']:.2f} | {r['images_per_s']:,.0f} | "
-                         f"{r['train_gflop_per_image']:.4f} | {r['gflops']:.1f} | {100 * r['peak_fraction']:.1f} | {ratio} |")
+            xla = (f"{r['xla_conv_images_per_s']:,.0f} | {r['speedup_over_xla_conv']:.2f}" if "xla_conv_images_per_s" in r
+                   else " | ")
+            lines.append(f"| {name} | {algebra} | {r['cpu_conv']} | {r['compile_s']:.1f} | {r['step_ms']:.2f} | {r['images_per_s']:,.0f} | "
+                         f"{r['train_gflop_per_image']:.4f} | {r['gflops']:.1f} | {100 * r['peak_fraction']:.1f} | {ratio} | {xla} |")
     lines.append(f"\nMatmul peak: {peak:.0f} GFLOP/s ({result['peak']['n']}² float32 under jit, median).")
     if result.get("references"):
         ref = result["references"]
         lines.append(f"Same-run references: plain Flax Conv-4 jit step (no loop, no masks) "
                      f"{ref['plain_flax_conv4_step']['images_per_s']:.0f} img/s; bare scanned epoch of a plain real MLP "
                      f"784-300-100-10 on pre-normalised data {ref['bare_mlp_epoch']['images_per_s']:,.0f} img/s.")
+    if result.get("torch"):
+        t = result["torch"]
+        lines.append(f"PyTorch {t['torch']} eager, same run, {t['threads']} threads (`experiments/torch_reference.py`): "
+                     f"Conv-4 {t['conv4_eager_images_per_s']:.0f} img/s, LeNet-300-100 {t['lenet300_100_eager_images_per_s']:,.0f} img/s "
+                     "(bare train steps, no data handling, no masks).")
+    if result.get("layers"):
+        backends = [b for b in ("onednn", "xla") if f"{b}_forward_gflops" in result["layers"][0]]
+        lines += ["", "Conv-4's convolutions, batch 60, GFLOP/s (median; " + " / ".join(backends) + "):", "",
+                  "| layer | GFLOP | forward | input gradient | kernel gradient |", "|---|---|---|---|---|"]
+        for row in result["layers"]:
+            cells = [" / ".join(f"{row[f'{b}_{op}_gflops']:.0f}" for b in backends) for op in ("forward", "input_grad", "kernel_grad")]
+            lines.append(f"| {row['layer']} | {row['gflop']:.2f} | " + " | ".join(cells) + " |")
     if result.get("epochs"):
         e = result["epochs"]
         lines += ["", f"LeNet-300-100 on {e['dataset']}, whole epochs of {e['train_images']:,} images (median of {e['epochs_timed']}):", "",
@@ -379,9 +469,18 @@ def markdown(result: dict[str, Any]) -> str:
                 r = rep[algebra]
                 lines.append(f"| {algebra} | {r['single_images_per_s']:,.0f} | {r['replicas_images_per_s']:,.0f} | {r['factor']:.2f} |")
     env = result["environment"]
-    lines.append(f"\njax {env['jax']}, {env['cpu_count']} CPUs, devices {env['devices']}, XLA_FLAGS={env['xla_flags']!r}, "
+    lines.append(f"\n{env.get('cpu', '?')}; CPU convolutions: {env.get('cpu_conv', 'xla')}. "
+                 f"jax {env['jax']}, {env['cpu_count']} CPUs, devices {env['devices']}, XLA_FLAGS={env['xla_flags']!r}, "
                  f"load average before/after {env['load_before']} / {env['load_after']}.")
     return "\n".join(lines) + "\n"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def parse(argv):
@@ -398,6 +497,10 @@ def parse(argv):
     p.add_argument("--replicas", type=int, default=5, help="R for the replicate benchmark (0: skip)")
     p.add_argument("--replica_model", default="lenet300_100")
     p.add_argument("--no_references", action="store_true", help="skip the plain Flax Conv-4 / bare MLP yardsticks")
+    p.add_argument("--torch_python", default=None,
+                   help="a Python interpreter with torch: also time PyTorch eager Conv-4 / LeNet-300-100 in this run")
+    p.add_argument("--layers", action="store_true", help="time each Conv-4 convolution, oneDNN vs XLA")
+    p.add_argument("--no_xla_conv", action="store_true", help="with oneDNN, skip timing the models with XLA's convolutions too")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     return p.parse_args(argv)
@@ -410,6 +513,7 @@ def main(argv=None) -> dict[str, Any]:
     result: dict[str, Any] = {"environment": {
         "jax": jax.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
         "devices": [str(d) for d in jax.local_devices()], "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu_conv": onednn.cpu_conv(), "cpu": _cpu_name(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_before": [round(x, 2) for x in os.getloadavg()],
     }}
     log(f"matmul peak ({args.peak_size}² float32)")
@@ -418,11 +522,17 @@ def main(argv=None) -> dict[str, Any]:
     if not args.no_references:
         log("references")
         result["references"] = bench_references(args.windows, log)
+    if args.torch_python:
+        result["torch"] = torch_reference(args.torch_python, args.windows, log)
+    if args.layers:
+        log("Conv-4 convolutions")
+        result["layers"] = bench_layers(args.windows, log)
     log("masked train step, batch 60 (median window)")
     result["models"] = {}
     for name in [m for m in args.models.split(",") if m]:
         steps = args.window_steps or WINDOW_STEPS[name]
-        result["models"][name] = bench_model(name, algebras, args.windows, steps, result["peak"]["gflops"], log)
+        result["models"][name] = bench_model(name, algebras, args.windows, steps, result["peak"]["gflops"], log,
+                                             not args.no_xla_conv)
     if args.epochs:
         log("whole MNIST epochs")
         result["epochs"] = bench_epochs(algebras, args.epochs, args.data_dir, args.train_subset, log, args.synthetic_epochs)

@@ -86,7 +86,7 @@ def conv2d(inputs, kernel, padding, precision=None, preferred_element_type=None)
         return jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_NHWC_HWIO,
                                             precision=precision, preferred_element_type=preferred_element_type)
 
-    if onednn.applies(inputs, kernel, precision, preferred_element_type):
+    if onednn.applies(inputs, kernel, preferred_element_type):
         return jax.lax.platform_dependent(inputs, kernel, cpu=lambda x, w: onednn.forward(x, w, padding), default=xla)
     return xla(inputs, kernel)
 
@@ -114,7 +114,7 @@ def _conv2d_bwd(padding, precision, preferred_element_type, residuals, dy):
     def cpu(x, w, dy):
         return onednn.input_grad(dy, w, padding, x.shape), onednn.kernel_grad(x, dy, padding, w.shape)
 
-    if dy.dtype == jnp.float32 and onednn.applies(x, w, precision, preferred_element_type):
+    if dy.dtype == jnp.float32 and onednn.applies(x, w, preferred_element_type):
         return jax.lax.platform_dependent(x, w, dy, cpu=cpu, default=xla)
     return xla(x, w, dy)
 

@@ -14,10 +14,11 @@ off for functions traced afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +64,17 @@ def set_cpu_conv(choice: str) -> None:
     _state["choice"] = choice
 
 
+@contextlib.contextmanager
+def using(choice: str) -> Iterator[None]:
+    """:func:`set_cpu_conv` for the functions traced inside the block, restored after it."""
+    saved = _state["choice"]
+    set_cpu_conv(choice)
+    try:
+        yield
+    finally:
+        _state["choice"] = saved
+
+
 def cpu_conv() -> str:
     """The convolution that CPU lowerings of :func:`qsparse.layers.conv2d` use now: "onednn" or "xla"."""
     if _state["choice"] is None:
@@ -72,12 +84,14 @@ def cpu_conv() -> str:
     return "onednn" if available() else "xla"
 
 
-def applies(inputs: jax.Array, kernel: jax.Array, precision, preferred_element_type) -> bool:
-    """Whether a :func:`qsparse.layers.conv2d` call with these arguments runs on oneDNN on CPU."""
-    default_precision = precision is None or precision == jax.lax.Precision.DEFAULT or (
-        isinstance(precision, tuple) and all(p in (None, jax.lax.Precision.DEFAULT) for p in precision))
+def applies(inputs: jax.Array, kernel: jax.Array, preferred_element_type=None) -> bool:
+    """Whether a :func:`qsparse.layers.conv2d` call with these arguments runs on oneDNN on CPU.
+
+    Float32 only. Any ``precision``: oneDNN's float32 convolution is exact float32 arithmetic,
+    which is what every precision setting means for float32 on CPU.
+    """
     return (cpu_conv() == "onednn" and inputs.dtype == jnp.float32 and kernel.dtype == jnp.float32
-            and default_precision and preferred_element_type in (None, jnp.float32, np.float32))
+            and preferred_element_type in (None, jnp.float32, np.float32))
 
 
 def _call(name: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array, padding) -> jax.Array:

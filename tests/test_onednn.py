@@ -92,12 +92,13 @@ def test_other_backends_keep_xla_convolutions():
 
 
 @needs_onednn
-def test_non_float32_and_high_precision_use_xla():
+def test_precision_settings_use_onednn_and_other_dtypes_use_xla():
     x, w, pad = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 8)), ((1, 1), (1, 1))
-    for args, kwargs in [((x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)), {}),
-                         ((x, w), {"precision": jax.lax.Precision.HIGHEST})]:
+    for args, kwargs, expect in [((x, w), {"precision": jax.lax.Precision.HIGHEST}, True),
+                                 ((x, w), {"precision": (jax.lax.Precision.DEFAULT,) * 2}, True),
+                                 ((x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)), {}, False)]:
         text = jax.jit(lambda x, w: layers.conv2d(x, w, pad, **kwargs)).lower(*args).as_text()
-        assert "qsparse_onednn" not in text and "convolution" in text
+        assert ("qsparse_onednn" in text) == expect and ("convolution" in text) != expect
 
 
 def test_switch_to_xla_and_bad_choice(choice):
@@ -135,7 +136,37 @@ def test_training_epoch_matches_xla_convolutions(choice):
         data = trainer.put_data(images, labels)
         for e in range(2):
             state, metrics = trainer.train_epoch(state, *data, jax.random.key(e))
-        out[backend] = trainer.unreplicate(state).params, metrics
+        lowered = jax.jit(lambda s, x, y: train._evaluate(spec.mean, spec.std, 10, s, x, y)).lower(
+            trainer.unreplicate(state), jnp.asarray(images[:30]), jnp.asarray(labels[:30])).as_text()
+        assert ("qsparse_onednn_conv_forward" in lowered) == (backend == "onednn")
+        ev = trainer.evaluate(trainer.unreplicate(state), jnp.asarray(images[:30]), jnp.asarray(labels[:30]))
+        out[backend] = trainer.unreplicate(state).params, {**metrics, **ev}
     for a, b in zip(jax.tree.leaves(out["onednn"][0]), jax.tree.leaves(out["xla"][0])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(out["onednn"][1]["train_loss"], out["xla"][1]["train_loss"], rtol=1e-5)
+    for k in ("train_loss", "loss", "acc"):
+        np.testing.assert_allclose(out["onednn"][1][k], out["xla"][1][k], rtol=1e-5)
+
+
+@needs_onednn
+def test_concurrent_calls_from_many_threads():
+    """XLA runs independent custom calls at the same time (pmap devices, both gradients of a layer);
+    the extension must give every caller its own correct result."""
+    import concurrent.futures
+
+    rng = np.random.default_rng(2)
+    pad = ((1, 1), (1, 1))
+    xs = [jnp.asarray(rng.standard_normal((8, 16, 16, 32)), jnp.float32) for _ in range(4)]
+    w = jnp.asarray(rng.standard_normal((3, 3, 32, 32)), jnp.float32)
+    grad = jax.jit(lambda x, w: jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, pad) ** 2), (0, 1))(x, w))
+    expected = [jax.grad(lambda x, w: jnp.sum(reference(x, w, pad) ** 2), (0, 1))(x, w) for x in xs]
+    jax.block_until_ready(grad(xs[0], w))
+
+    def work(i):
+        return [jax.block_until_ready(grad(xs[i % 4], w)) for _ in range(10)]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(work, range(8)))
+    for i, runs in enumerate(results):
+        for g in runs:
+            for a, b in zip(g, expected[i % 4]):
+                np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.max(jnp.abs(b))))
