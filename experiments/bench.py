@@ -328,9 +328,13 @@ def bench_replicas(name: str, algebras, replicas: int, windows: int, steps: int,
 def torch_reference(python: str, windows: int, log) -> dict[str, Any]:
     """PyTorch eager Conv-4 and LeNet-300-100 steps, by ``python`` (an interpreter with torch)."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_reference.py")
-    done = subprocess.run([python, script, str(windows)], capture_output=True, text=True, timeout=1800)
+    try:
+        done = subprocess.run([python, script, str(windows)], capture_output=True, text=True, timeout=1800)
+    except OSError as e:
+        raise SystemExit(f"error: --torch_python={python} cannot run: {e}") from None
     if done.returncode != 0:
-        raise SystemExit(f"error: --torch_python={python} failed: {done.stderr.strip()[-2000:]}")
+        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise SystemExit(f"error: --torch_python={python} failed: {last}")
     out = json.loads(done.stdout.strip().splitlines()[-1])
     log(f"  PyTorch {out['torch']} eager ({out['threads']} threads): Conv-4 {out['conv4_eager_images_per_s']:.0f} img/s, "
         f"LeNet-300-100 {out['lenet300_100_eager_images_per_s']:,.0f} img/s")

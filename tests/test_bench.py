@@ -1,8 +1,12 @@
 """A tiny smoke run of the benchmark (experiments.bench): every code path, tiny sizes."""
 
 import json
+import sys
+
+import pytest
 
 from experiments import bench
+from qsparse import onednn
 
 
 def test_bench_smoke(tmp_path):
@@ -25,7 +29,29 @@ def test_bench_smoke(tmp_path):
     assert lenet["quat_real_time_ratio"] > 0
     assert result["epochs"]["train_images"] == 600
     table = out_md.read_text()
-    assert "| lenet300_100 | quat |" in table and "GFLOP/s" in table
+    assert "| lenet300_100 | quat | none |" in table and "GFLOP/s" in table
+
+
+def test_bench_conv_model_both_convolutions_and_layers(tmp_path):
+    out_md = tmp_path / "bench.md"
+    result = bench.main(["--models=conv2", "--algebras=real", "--windows=1", "--window_steps=1", "--peak_size=128",
+                         "--epochs=0", "--replicas=0", "--no_references", "--layers", f"--markdown={out_md}"])
+    r = result["models"]["conv2"]["real"]
+    assert r["cpu_conv"] == onednn.cpu_conv()
+    assert ("speedup_over_xla_conv" in r) == onednn.available()
+    backends = ["onednn", "xla"] if onednn.available() else ["xla"]
+    assert [row["layer"] for row in result["layers"]] == [f"{s}x{s}x{i}->{o}" for s, i, o in bench.CONV4_LAYERS]
+    for row in result["layers"]:
+        assert all(row[f"{b}_{op}_gflops"] > 0 for b in backends for op in ("forward", "input_grad", "kernel_grad"))
+    assert f"| conv2 | real | {onednn.cpu_conv()} |" in out_md.read_text()
+
+
+def test_bench_torch_reference_failure_is_an_error(tmp_path):
+    # an interpreter without torch: one error naming the flag, no traceback
+    with pytest.raises(SystemExit, match=f"error: --torch_python={sys.executable} failed: .*torch"):
+        bench.torch_reference(sys.executable, 1, print)
+    with pytest.raises(SystemExit, match="error: --torch_python=/no/python cannot run: .*No such file"):
+        bench.torch_reference("/no/python", 1, print)
 
 
 def test_conv_flop_count_matches_the_issue():
