@@ -54,7 +54,7 @@ import numpy as np
 from qsparse import checkpoints as ckpt
 from qsparse import data as qdata
 from qsparse import masks as qmasks
-from qsparse import models, pruning, train
+from qsparse import models, onednn, pruning, train
 from qsparse.config import ENCODINGS, Config, ConfigError, parse_rewind
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,9 @@ def run(config: Config, workdir: str | os.PathLike, *, run_dir: str | os.PathLik
     with ckpt.RunLock(run_dir):
         check_run_dir(run_dir, config)  # again, now that no other process can write it
         ckpt.write_json(run_dir / "config.json", config.to_json())
-        _record_invocation(run_dir)
+        info = _record_invocation(run_dir)
+        log(f"run: {run_dir} on {info['device_count']} {info['platform']} device(s)"
+            + (f", {info['cpu_conv']} convolutions" if info["cpu_conv"] else ""))
         for r in range(config.replicates):
             experiment.replicate(r)
         rows = write_summary(run_dir)
@@ -411,8 +413,8 @@ def write_summary(run_dir: Path) -> list[dict]:
     return rows
 
 
-def _record_invocation(run_dir: Path) -> None:
-    """Versions, devices and the qsparse commit (and whether its sources differ from it) of this
+def _record_invocation(run_dir: Path) -> dict:
+    """Versions, devices, which CPU convolutions run (oneDNN or XLA), and the qsparse commit (and whether its sources differ from it) of this
     invocation, appended to runs.jsonl."""
     packages = {}
     for name in ("qsparse", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "numpy"):
@@ -427,10 +429,12 @@ def _record_invocation(run_dir: Path) -> None:
         "git_dirty": None if status is None else bool(status),
         "python": platform.python_version(), "host": platform.node(),
         "device_kind": devices[0].device_kind, "platform": devices[0].platform, "device_count": len(devices),
+        "cpu_conv": onednn.cpu_conv() if devices[0].platform == "cpu" else None,
     }
     path = run_dir / "runs.jsonl"
     previous = path.read_text() if path.exists() else ""
     ckpt.write_text(path, previous + json.dumps(entry) + "\n")
+    return entry
 
 
 def _git(*args: str) -> str | None:

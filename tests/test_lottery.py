@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from qsparse import checkpoints as ckpt
-from qsparse import lottery, models, train
+from qsparse import lottery, models, onednn, train
 from qsparse import masks as M
 from qsparse.config import Config, ConfigError
 
@@ -39,6 +39,7 @@ def test_run_writes_everything(quat_run):
     assert Config.from_json(json.loads((run_dir / "config.json").read_text())) == config
     info = json.loads((run_dir / "runs.jsonl").read_text().splitlines()[-1])
     assert info["packages"]["jax"] == jax.__version__ and info["device_count"] == jax.local_device_count()
+    assert info["cpu_conv"] == onednn.cpu_conv()
     rows = json.loads((run_dir / "summary.json").read_text())
     assert [(r["replicate"], r["round"], r["status"]) for r in rows] == [(0, 0, "ok"), (0, 1, "ok"), (0, 2, "ok")]
     csv_lines = (run_dir / "summary.csv").read_text().splitlines()
