@@ -7,9 +7,11 @@ machine with oneDNN's headers (Debian/Ubuntu: ``apt-get install libdnnl-dev``); 
 build skips it and everything runs on XLA's convolutions.
 
 :func:`qsparse.layers.conv2d` uses these kernels for float32 stride-1 NHWC convolutions when the
-program is lowered for the CPU; other backends keep XLA's convolution. The choice is made when a
-function is traced: ``QSPARSE_CPU_CONV=xla`` in the environment, or :func:`set_cpu_conv`, turns it
-off for functions traced afterwards.
+program is lowered for the CPU; other backends keep XLA's convolution. The Trainer's train and
+evaluation steps route every such convolution of a model through it (:func:`qsparse.train.fast_convs`
+does the same for any function). The choice is made when a function is traced:
+``QSPARSE_CPU_CONV=xla`` in the environment, :func:`set_cpu_conv` or :func:`using` turn it off
+for functions traced afterwards.
 """
 
 from __future__ import annotations
