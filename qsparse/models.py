@@ -89,6 +89,18 @@ class LeNet(_Body):
         return self.output(x, self.num_classes)
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pool with stride 2 (VALID, as ``nn.max_pool(x, (2, 2), (2, 2))``) as a reshape and a max.
+
+    Same values; the gradient is elementwise where ``nn.max_pool``'s is a select-and-scatter, which
+    XLA:CPU ran about 10x slower (60x32x32x64: 54 ms against 5 ms forward and backward), a third of a
+    Conv-4 step. Exact ties among a window's maxima share its gradient instead of the first taking it.
+    """
+    n, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class ConvNet(_Body):
     """Conv-2/4/6 of the lottery-ticket paper: 3×3 conv stages, each followed by 2×2 max-pool."""
 
@@ -108,7 +120,7 @@ class ConvNet(_Body):
         for stage in self.stages:
             for width in stage:
                 x = nn.relu(self.conv(x, width))
-            x = nn.max_pool(x, (2, 2), (2, 2))
+            x = max_pool_2x2(x)
         x = self.flatten(x)
         for width in self.dense_features:
             x = nn.relu(self.dense(x, width))

@@ -78,3 +78,16 @@ def test_bad_arguments():
         shapes("conv6", "real", input_shape=(4, 4, 3))
     with pytest.raises(ValueError, match="unknown quaternion init"):
         models.create("conv2", "quat", quat_init="nope")
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 5), (2, 7, 9, 4), (1, 2, 2, 1)])
+def test_max_pool_2x2_equals_flax_max_pool_values_and_gradients(shape):
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.key(sum(shape)), shape)  # continuous: no ties
+    np.testing.assert_array_equal(models.max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)))
+    ct = jax.random.normal(jax.random.key(1), models.max_pool_2x2(x).shape)
+    g = jax.vjp(models.max_pool_2x2, x)[1](ct)[0]
+    g_ref = jax.vjp(lambda x: nn.max_pool(x, (2, 2), (2, 2)), x)[1](ct)[0]
+    np.testing.assert_array_equal(g, g_ref)
+    assert np.count_nonzero(np.asarray(g)) == ct.size  # one maximum per window takes the gradient
