@@ -1,8 +1,8 @@
 // Stride-1 NHWC x HWIO 2-D convolution (forward, input gradient, kernel gradient) as XLA FFI
 // handlers backed by oneDNN, for XLA:CPU. Loaded by qsparse/onednn.py; optional at build time.
 //
-// Why: on the CPUs measured (results/bench_cpu.md) oneDNN's convolution kernels ran the Conv-4
-// layers 2-2.5x faster than XLA:CPU's. Activations stay in the caller's NHWC layout (oneDNN's
+// Why: on the CPU measured (results/bench_cpu.md) oneDNN's convolution kernels ran the Conv-4
+// layers 1.1-2.8x faster than XLA:CPU's. Activations stay in the caller's NHWC layout (oneDNN's
 // brgconv/jit kernels take it directly); kernels are reordered per call to oneDNN's blocked
 // layout, which is cheap next to the convolution itself.
 

@@ -1,7 +1,8 @@
 """oneDNN convolutions for XLA:CPU, through ``jax.ffi`` (optional).
 
-On the CPUs measured here oneDNN's kernels run the Conv-2/4/6 convolutions and both their
-gradients 2-2.5x faster than XLA:CPU's own (``experiments/bench.py --layers``). The extension
+On the CPU measured here (results/bench_cpu.md) oneDNN's kernels ran Conv-4's convolutions and
+both their gradients 1.1-2.8x faster than XLA:CPU's own (``experiments/bench.py --layers``), and
+whole Conv-2/4/6 training steps 1.4-1.8x faster. The extension
 ``qsparse._onednn_conv`` is built from ``csrc/onednn_conv.cc`` when the package is installed on a
 machine with oneDNN's headers (Debian/Ubuntu: ``apt-get install libdnnl-dev``); without them the
 build skips it and everything runs on XLA's convolutions.
