@@ -58,10 +58,9 @@ struct Conv {
   }
 };
 
+// Called only under ExecutionMutex (see Guarded), which also guards the cache.
 const Conv& Get(const Key& key) {
-  static std::mutex mu;
   static std::map<Key, std::unique_ptr<Conv>> cache;
-  std::lock_guard<std::mutex> lock(mu);
   auto& entry = cache[key];
   if (!entry) entry = std::make_unique<Conv>(key);
   return *entry;

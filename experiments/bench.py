@@ -44,6 +44,7 @@ from jax.extend import core as jex_core
 from qsparse import data as qdata
 from qsparse import masks as qmasks
 from qsparse import layers, models, onednn, pruning, train
+from qsparse.results import markdown_table
 
 MODELS = ("lenet300_100", "conv2", "conv4", "conv6")
 ALGEBRAS = ("real", "quat")
@@ -423,20 +424,17 @@ def bench_references(windows: int, log) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     peak = result["peak"]["gflops"]
-    lines = [
-        "| model | algebra | convolutions | compile (s) | ms/step | images/s | GFLOP/image (train) | GFLOP/s | % of matmul peak | quat/real time | images/s with XLA convolutions | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for name, m in result["models"].items():
-        for algebra in ALGEBRAS:
-            if algebra not in m:
-                continue
+        for algebra in (a for a in ALGEBRAS if a in m):
             r = m[algebra]
             ratio = f"{m['quat_real_time_ratio']:.3f}" if algebra == "quat" and "quat_real_time_ratio" in m else ""
-            xla = (f"{r['xla_conv_images_per_s']:,.0f} | {r['speedup_over_xla_conv']:.2f}" if "xla_conv_images_per_s" in r
-                   else " | ")
-            lines.append(f"| {name} | {algebra} | {r['cpu_conv']} | {r['compile_s']:.1f} | {r['step_ms']:.2f} | {r['images_per_s']:,.0f} | "
-                         f"{r['train_gflop_per_image']:.4f} | {r['gflops']:.1f} | {100 * r['peak_fraction']:.1f} | {ratio} | {xla} |")
+            xla = ((f"{r['xla_conv_images_per_s']:,.0f}", f"{r['speedup_over_xla_conv']:.2f}") if "xla_conv_images_per_s" in r
+                   else ("", ""))
+            rows.append((name, algebra, r["cpu_conv"], f"{r['compile_s']:.1f}", f"{r['step_ms']:.2f}", f"{r['images_per_s']:,.0f}",
+                         f"{r['train_gflop_per_image']:.4f}", f"{r['gflops']:.1f}", f"{100 * r['peak_fraction']:.1f}", ratio, *xla))
+    lines = [markdown_table(("model", "algebra", "convolutions", "compile (s)", "ms/step", "images/s", "GFLOP/image (train)",
+                             "GFLOP/s", "% of matmul peak", "quat/real time", "images/s with XLA convolutions", "speed-up"), rows)]
     lines.append(f"\nMatmul peak: {peak:.0f} GFLOP/s ({result['peak']['n']}² float32 under jit, median).")
     if result.get("references"):
         ref = result["references"]
@@ -450,28 +448,24 @@ def markdown(result: dict[str, Any]) -> str:
                      "(bare train steps, no data handling, no masks).")
     if result.get("layers"):
         backends = [b for b in ("onednn", "xla") if f"{b}_forward_gflops" in result["layers"][0]]
+        ops = ("forward", "input_grad", "kernel_grad")
         lines += ["", "Conv-4's convolutions, batch 60, GFLOP/s (median; " + " / ".join(backends) + "):", "",
-                  "| layer | GFLOP | forward | input gradient | kernel gradient |", "|---|---|---|---|---|"]
-        for row in result["layers"]:
-            cells = [" / ".join(f"{row[f'{b}_{op}_gflops']:.0f}" for b in backends) for op in ("forward", "input_grad", "kernel_grad")]
-            lines.append(f"| {row['layer']} | {row['gflop']:.2f} | " + " | ".join(cells) + " |")
+                  markdown_table(("layer", "GFLOP", "forward", "input gradient", "kernel gradient"),
+                                 [(row["layer"], f"{row['gflop']:.2f}",
+                                   *(" / ".join(f"{row[f'{b}_{op}_gflops']:.0f}" for b in backends) for op in ops))
+                                  for row in result["layers"]])]
     if result.get("epochs"):
         e = result["epochs"]
         lines += ["", f"LeNet-300-100 on {e['dataset']}, whole epochs of {e['train_images']:,} images (median of {e['epochs_timed']}):", "",
-                  "| algebra | epoch (s) | images/s | 40 epochs (s) | 40 epochs + test eval each epoch (s) |", "|---|---|---|---|---|"]
-        for algebra in ALGEBRAS:
-            if algebra in e:
-                r = e[algebra]
-                lines.append(f"| {algebra} | {r['epoch_s']:.3f} | {r['images_per_s']:,.0f} | {r['round_40_epochs_s']:.1f} | "
-                             f"{r['round_40_epochs_with_eval_s']:.1f} |")
+                  markdown_table(("algebra", "epoch (s)", "images/s", "40 epochs (s)", "40 epochs + test eval each epoch (s)"),
+                                 [(a, f"{e[a]['epoch_s']:.3f}", f"{e[a]['images_per_s']:,.0f}", f"{e[a]['round_40_epochs_s']:.1f}",
+                                   f"{e[a]['round_40_epochs_with_eval_s']:.1f}") for a in ALGEBRAS if a in e])]
     if result.get("replicas"):
         rep = result["replicas"]
         lines += ["", f"{rep['model']}: {rep['replicas']} replicates in one compiled epoch vs one at a time (total images/s):", "",
-                  "| algebra | one replicate | R at once | factor |", "|---|---|---|---|"]
-        for algebra in ALGEBRAS:
-            if algebra in rep:
-                r = rep[algebra]
-                lines.append(f"| {algebra} | {r['single_images_per_s']:,.0f} | {r['replicas_images_per_s']:,.0f} | {r['factor']:.2f} |")
+                  markdown_table(("algebra", "one replicate", "R at once", "factor"),
+                                 [(a, f"{rep[a]['single_images_per_s']:,.0f}", f"{rep[a]['replicas_images_per_s']:,.0f}",
+                                   f"{rep[a]['factor']:.2f}") for a in ALGEBRAS if a in rep])]
     env = result["environment"]
     lines.append(f"\n{env.get('cpu', '?')}; CPU convolutions: {env.get('cpu_conv', 'xla')}. "
                  f"jax {env['jax']}, {env['cpu_count']} CPUs, devices {env['devices']}, XLA_FLAGS={env['xla_flags']!r}, "
