@@ -43,7 +43,8 @@ from jax.extend import core as jex_core
 
 from qsparse import data as qdata
 from qsparse import masks as qmasks
-from qsparse import layers, models, onednn, pruning, train
+from qsparse import cpu, models, pruning, train
+from qsparse.cpu import onednn
 from qsparse.results import markdown_table
 
 MODELS = ("lenet300_100", "conv2", "conv4", "conv6")
@@ -126,7 +127,7 @@ class Setup:
         self.trainer = train.Trainer(train.EpochSpec(spec.batch_size, steps, mean, std, augment), replicas=replicas)
         if replicas is not None:
             state = train.stack_states([state] * replicas)
-        self.state = self.trainer.replicate(state)
+        self.state = state
         rng = np.random.default_rng(seed)
         n = steps * spec.batch_size
         self.data = self.trainer.put_data(rng.integers(0, 256, (n, *shape), dtype=np.uint8),
@@ -210,7 +211,7 @@ def _has_conv(name: str) -> bool:
     model = models.create(name)
     shape = DATA[models.spec(name).dataset][0]
     params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), shape))
-    return train.model_has_conv(model.apply, params, shape)
+    return cpu.has_conv(model.apply, params, shape)
 
 
 # Conv-4's convolutions at batch 60: (spatial size, input channels, output channels)
@@ -219,7 +220,7 @@ CONV4_LAYERS = ((32, 3, 64), (32, 64, 64), (16, 64, 128), (16, 128, 128))
 
 def bench_layers(windows: int, log) -> list[dict[str, Any]]:
     """Each Conv-4 convolution and its two gradients, as the trainer computes them
-    (:func:`qsparse.layers.conv2d`), with oneDNN's and with XLA's kernels, interleaved."""
+    (:func:`qsparse.cpu.conv2d`), with oneDNN's and with XLA's kernels, interleaved."""
     pad = ((1, 1), (1, 1))
     backends = ["onednn", "xla"] if onednn.available() else ["xla"]
     out = []
@@ -230,8 +231,8 @@ def bench_layers(windows: int, log) -> list[dict[str, Any]]:
         ops = {}
         for backend in backends:
             with onednn.using(backend):
-                fwd = jax.jit(lambda x, w: layers.conv2d(x, w, pad))
-                grad = jax.jit(lambda x, w, dy: jax.vjp(lambda x, w: layers.conv2d(x, w, pad), x, w)[1](dy))
+                fwd = jax.jit(lambda x, w: cpu.conv2d(x, w, pad))
+                grad = jax.jit(lambda x, w, dy: jax.vjp(lambda x, w: cpu.conv2d(x, w, pad), x, w)[1](dy))
                 dx = jax.jit(lambda x, w, dy: grad(x, w, dy)[0])
                 dw = jax.jit(lambda x, w, dy: grad(x, w, dy)[1])
                 for op, f, args in (("forward", fwd, (x, w)), ("input_grad", dx, (x, w, dy)), ("kernel_grad", dw, (x, w, dy))):
@@ -277,11 +278,11 @@ def bench_epochs(algebras, epochs: int, data_dir: str | None, train_subset: int 
     for algebra in algebras:
         model = models.create("lenet300_100", algebra)
         params = models.init_params(model, jax.random.key(0), dataset.train_images.shape[1:])
-        state = trainer.replicate(train.create_train_state(model, params, qmasks.ones(params), train.make_optimizer("adam", 1.2e-3)))
+        state = train.create_train_state(model, params, qmasks.ones(params), train.make_optimizer("adam", 1.2e-3))
         t = time.perf_counter()
         state, _ = trainer.train_epoch(state, *train_data, jax.random.key(0))
         first = time.perf_counter() - t
-        trainer.evaluate(trainer.unreplicate(state), *test)  # compiles the evaluation
+        trainer.evaluate(state, *test)  # compiles the evaluation
         runs[algebra] = {"state": state, "first": first, "epochs": [], "eval": []}
     for e in range(epochs):
         for algebra, run in runs.items():
@@ -289,7 +290,7 @@ def bench_epochs(algebras, epochs: int, data_dir: str | None, train_subset: int 
             run["state"], metrics = trainer.train_epoch(run["state"], *train_data, jax.random.key(e + 1))
             run["epochs"].append(time.perf_counter() - t)
             t = time.perf_counter()
-            trainer.evaluate(trainer.unreplicate(run["state"]), *test)
+            trainer.evaluate(run["state"], *test)
             run["eval"].append(time.perf_counter() - t)
             run["train_acc"] = metrics["train_acc"]
     out = {"dataset": dataset.name, "train_images": int(spec.steps * spec.batch_size), "epochs_timed": epochs}

@@ -6,6 +6,9 @@ flipped byte in its array data from the real thing, so every checkpoint folder a
 SHA-256 of its arrays (``qsparse.json``); a file that fails to read back raises
 :class:`CorruptFileError` naming it, so the caller can fall back to an earlier state.
 
+In a multi-process run only process 0 writes (:func:`is_writer`): every write below is skipped
+on the other processes, which compute the same values and read the same files.
+
 For tests, :func:`fault_point` lets the environment kill the process at named places.
 """
 
@@ -59,7 +62,21 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP if spec[2:] == ["STOP"] else signal.SIGKILL)
 
 
+def is_writer() -> bool:
+    """Whether this process writes the run directory: process 0 of a multi-process run."""
+    return jax.process_index() == 0
+
+
+def _checkpointer() -> ocp.StandardCheckpointer:
+    """Orbax on this process alone: the run's processes never wait on each other for files."""
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+
+
 def write_text(path: Path, text: str) -> None:
+    if not is_writer():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -101,8 +118,11 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def save_masks(path: Path, masks) -> None:
     """Masks as an .npz keyed by parameter path ('QDense_0/qkernel'): readable with numpy alone."""
+    if not is_writer():
+        return
     arrays = {path_str(p): np.asarray(m) for p, m in jax.tree_util.tree_leaves_with_path(masks)}
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
     os.close(fd)
     try:
@@ -129,8 +149,15 @@ def load_masks(path: Path, like) -> Any:
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
+def _host(tree) -> Any:
+    """Leaves as numpy arrays: Orbax takes these from any process, where a device array of a
+    multi-process run would have to be saved by all of them together."""
+    return jax.tree.map(np.asarray, tree)
+
+
 def abstract(tree) -> Any:
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    """Numpy stand-ins of ``tree``'s leaves: what a checkpoint is restored as."""
+    return jax.tree.map(lambda x: np.zeros(np.shape(x), x.dtype), tree)
 
 
 def _digest(tree, extra: Any) -> str:
@@ -144,7 +171,7 @@ def _digest(tree, extra: Any) -> str:
 
 def _remove(path: Path) -> None:
     """Rename, then delete: a folder half deleted by a kill never keeps its valid-looking name."""
-    if path.exists():
+    if is_writer() and path.exists():
         doomed = path.with_name(f".{path.name}.deleting")
         shutil.rmtree(doomed, ignore_errors=True)
         os.replace(path, doomed)
@@ -153,10 +180,13 @@ def _remove(path: Path) -> None:
 
 def save_tree(path: Path, tree, extra: Any = None) -> None:
     """A pytree (plus JSON ``extra``) as one checkpoint folder, replacing ``path`` if it exists."""
+    if not is_writer():
+        return
     path = Path(path).absolute()
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    with ocp.StandardCheckpointer() as ckptr:
+    tree = _host(tree)
+    with _checkpointer() as ckptr:
         ckptr.save(tmp, tree)
         ckptr.wait_until_finished()
     write_json(tmp / META, {"sha256": _digest(tree, extra), "extra": extra})
@@ -175,7 +205,7 @@ def load_tree_extra(path: Path, like) -> tuple[Any, Any]:
     meta_path = path / META
     meta = read_json(meta_path) if meta_path.exists() else None
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with _checkpointer() as ckptr:
             tree = ckptr.restore(path, abstract(like))
     except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged folder
         raise CorruptFileError(f"cannot restore checkpoint {path}: {type(e).__name__}: {e}") from e
@@ -233,13 +263,16 @@ class EpochCheckpoints:
 
 class RunLock:
     """An exclusive ``flock`` on ``<run_dir>/.lock``: the kernel drops it when the process dies,
-    so a killed run never leaves a stale lock, and a second live process is refused."""
+    so a killed run never leaves a stale lock, and a second live process is refused. Taken by
+    the writing process only (:func:`is_writer`)."""
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
         self._fd: int | None = None
 
     def __enter__(self) -> "RunLock":
+        if not is_writer():
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -14,15 +14,14 @@ quaternion kernels from real ones by path alone.
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from qsparse import initializers, onednn
+from qsparse import initializers
 from qsparse.quaternion import left_matrix
 
 PaddingLike = str | int | Sequence[int | tuple[int, int]]
@@ -62,66 +61,6 @@ class QDense(nn.Module):
         return y if bias is None else y + bias
 
 
-_NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv2d(inputs, kernel, padding, precision=None, preferred_element_type=None):
-    """Stride-1 2-D convolution, ``(N, H, W, C_in) x (kh, kw, C_in, C_out) -> (N, H', W', C_out)``,
-    with explicit ``padding`` ``((lo, hi), (lo, hi))`` (each ``0 <= pad < kernel size``).
-
-    It equals ``lax.conv_general_dilated`` with the same arguments; only how it and its gradients
-    are computed differs. Lowered for the CPU, float32 convolutions run on oneDNN's kernels when
-    the optional extension is built (:mod:`qsparse.onednn`). Otherwise both gradients are written
-    as forward convolutions in the canonical NHWC/HWIO layout (input gradient: the flipped,
-    transposed kernel; kernel gradient: input channels as the batch and examples as the features).
-    XLA:CPU lowers canonical convolutions to its fast Eigen kernel everywhere, whereas the
-    convolutions that autodiff produces are canonicalised only outside loops: inside a
-    ``scan``/``while`` they ran as naive loops, hundreds of times slower.
-    Reverse mode only (a ``custom_vjp``).
-    """
-    padding = tuple(map(tuple, padding))
-
-    def xla(x, w):
-        return jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_NHWC_HWIO,
-                                            precision=precision, preferred_element_type=preferred_element_type)
-
-    if onednn.applies(inputs, kernel, preferred_element_type):
-        return jax.lax.platform_dependent(inputs, kernel, cpu=lambda x, w: onednn.forward(x, w, padding), default=xla)
-    return xla(inputs, kernel)
-
-
-def _conv2d_fwd(inputs, kernel, padding, precision, preferred_element_type):
-    return conv2d(inputs, kernel, padding, precision, preferred_element_type), (inputs, kernel)
-
-
-def _conv2d_bwd(padding, precision, preferred_element_type, residuals, dy):
-    x, w = residuals
-    padding = tuple(map(tuple, padding))
-
-    def xla(x, w, dy):
-        kh, kw = w.shape[:2]
-        # dx[i] = sum_o dy[o] w[i - o + lo]: correlate dy with the flipped kernel, in/out swapped
-        w_t = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2)).astype(dy.dtype)
-        pads = [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), padding)]
-        dx = jax.lax.conv_general_dilated(dy, w_t, (1, 1), pads, dimension_numbers=_NHWC_HWIO, precision=precision)
-        # dw[k, c, f] = sum_{n, o} x_pad[n, o + k, c] dy[n, o, f]: batch <- c, features <- n
-        lhs = jnp.transpose(x, (3, 1, 2, 0)).astype(dy.dtype)
-        rhs = jnp.transpose(dy, (1, 2, 0, 3))
-        dw = jax.lax.conv_general_dilated(lhs, rhs, (1, 1), padding, dimension_numbers=_NHWC_HWIO, precision=precision)
-        return dx.astype(x.dtype), jnp.transpose(dw, (1, 2, 0, 3)).astype(w.dtype)
-
-    def cpu(x, w, dy):
-        return onednn.input_grad(dy, w, padding, x.shape), onednn.kernel_grad(x, dy, padding, w.shape)
-
-    if dy.dtype == jnp.float32 and onednn.applies(x, w, preferred_element_type):
-        return jax.lax.platform_dependent(x, w, dy, cpu=cpu, default=xla)
-    return xla(x, w, dy)
-
-
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
-
-
 def _canonical_padding(padding: PaddingLike, ndim: int):
     if isinstance(padding, str):
         if padding.upper() not in ("SAME", "VALID"):
@@ -149,6 +88,8 @@ class QConv(nn.Module):
       kernel_size: spatial window, e.g. ``(3, 3)``.
       feature_group_count: groups counted on quaternion channels; both quaternion channel
         counts must be divisible by it.
+      conv_general_dilated: the convolution, as ``nn.Conv``'s hook of the same name (default
+        ``lax.conv_general_dilated``; qsparse's models pass :func:`qsparse.cpu.conv_general_dilated`).
     """
 
     features: int
@@ -164,6 +105,7 @@ class QConv(nn.Module):
     precision: Any = None
     kernel_init: initializers.Initializer = initializers.htorch()
     bias_init: initializers.Initializer = nn.initializers.zeros
+    conv_general_dilated: Callable[..., jax.Array] | None = None
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -190,7 +132,8 @@ class QConv(nn.Module):
             lead = inputs.shape[:-1]
             inputs = inputs.reshape(*lead, 4, groups, q_in // groups)
             inputs = jnp.swapaxes(inputs, -3, -2).reshape(*lead, 4 * q_in)
-        y = jax.lax.conv_general_dilated(
+        conv = self.conv_general_dilated or jax.lax.conv_general_dilated
+        y = conv(
             inputs,
             left_matrix(qkernel, groups),
             window_strides=_tuple(self.strides, ndim),

@@ -35,6 +35,7 @@ and status 'nonfinite' in done.json and the summary; its replicate has no furthe
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -50,11 +51,13 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from qsparse import checkpoints as ckpt
 from qsparse import data as qdata
 from qsparse import masks as qmasks
-from qsparse import models, onednn, pruning, train
+from qsparse import models, pruning, train
+from qsparse.cpu import onednn
 from qsparse.config import ENCODINGS, Config, ConfigError, parse_rewind
 
 logger = logging.getLogger(__name__)
@@ -70,6 +73,8 @@ def run(config: Config, workdir: str | os.PathLike, *, run_dir: str | os.PathLik
         log: Callable[[str], None] = print) -> Path:
     """Run (or resume) an IMP experiment; returns its run directory."""
     config = config.resolve()
+    if not ckpt.is_writer():
+        log = _silent  # one voice per run: process 0's
     run_dir = Path(run_dir) if run_dir is not None else Path(workdir) / config.run_name()
     check_run_dir(run_dir, config)
     experiment = Experiment(config, run_dir, log)  # loads and validates everything; writes nothing
@@ -78,6 +83,7 @@ def run(config: Config, workdir: str | os.PathLike, *, run_dir: str | os.PathLik
         ckpt.write_json(run_dir / "config.json", config.to_json())
         info = _record_invocation(run_dir)
         log(f"run: {run_dir} on {info['device_count']} {info['platform']} device(s)"
+            + (f" in {info['process_count']} processes" if info["process_count"] > 1 else "")
             + (f", {info['cpu_conv']} convolutions" if info["cpu_conv"] else ""))
         for r in range(config.replicates):
             experiment.replicate(r)
@@ -108,11 +114,7 @@ class Experiment:
     def __init__(self, config: Config, run_dir: Path, log: Callable[[str], None]):
         self.config, self.run_dir, self.log = config, run_dir, log
         try:
-            self.dataset = qdata.load(
-                config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir,
-                validation_size=config.validation_size, seed=config.seed,
-                train_subset=config.train_subset, test_subset=config.test_subset,
-            )
+            self.dataset = _load_dataset(config)
             self.spec = train.epoch_spec(self.dataset, config.batch_size)
             self.trainer = train.Trainer(self.spec, eval_batch=config.eval_batch)
         except qdata.DatasetUnavailableError:
@@ -225,7 +227,7 @@ class Experiment:
             )
             if cfg.control == "shuffle":
                 new = pruning.shuffle(key, new, within=masks, grouping=cfg.grouping, rule=self.rule)
-        ckpt.save_masks(_mkdir(rd) / "masks.npz", new)
+        ckpt.save_masks(rd / "masks.npz", new)
         return new
 
     def _start_params(self, rdir: Path, theta0, masks, init_key, level: int):
@@ -299,18 +301,16 @@ class Experiment:
             if history[-1].get("nonfinite"):
                 return state, history  # the round diverged; its last checkpoint is its end
         density = report["total"]["density_prunable"]
-        rstate = trainer.replicate(state)
         last_save = time.monotonic()
         for epoch in range(first, cfg.epochs):
             t0 = time.perf_counter()
             key = jax.random.fold_in(data_key, epoch)
-            rstate, metrics = self._epoch(rstate, key, epoch, capture)
+            state, metrics = self._epoch(state, key, epoch, capture)
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch + 1, **metrics, "seconds": seconds, "images_per_sec": spec.steps * spec.batch_size / seconds,
                    "density_prunable": density}
-            finite = math.isfinite(metrics["train_loss"]) and _all_finite(rstate.params)
+            finite = math.isfinite(metrics["train_loss"]) and _all_finite(trainer.fetch(state.params))
             if finite and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-                state = trainer.unreplicate(rstate)
                 row.update({f"test_{k}": v for k, v in trainer.evaluate(state, *self.test_data).items()})
                 if self.val_data[0].shape[0]:
                     row.update({f"val_{k}": v for k, v in trainer.evaluate(state, *self.val_data).items()})
@@ -323,27 +323,27 @@ class Experiment:
             ckpt.fault_point("epoch_end")
             now = time.monotonic()
             if not finite or now - last_save >= cfg.checkpoint_every_secs or epoch + 1 == cfg.epochs:
-                manager.save(epoch + 1, trainer.unreplicate(rstate), history)
+                manager.save(epoch + 1, trainer.fetch(state), history)
                 last_save = now
             if not finite:
                 logger.warning("replicate %d %s %d: non-finite loss or weights in epoch %d; the round stops",
                                r, tag, level, epoch + 1)
                 break
-        return trainer.unreplicate(rstate), history
+        return trainer.fetch(state), history
 
-    def _epoch(self, rstate, key, epoch: int, capture: Path | None):
+    def _epoch(self, state, key, epoch: int, capture: Path | None):
         """One epoch; in round 0 it also saves the rewind point when the epoch contains it."""
         steps, k = self.spec.steps, self.rewind_step
         if capture is None or not (epoch * steps <= k < (epoch + 1) * steps) or capture.exists():
-            return self.trainer.train_epoch(rstate, *self.train_data, key)
+            return self.trainer.train_epoch(state, *self.train_data, key)
         split = k - epoch * steps
-        rstate, m1 = self.trainer.train_epoch(rstate, *self.train_data, key, 0, split)
-        ckpt.save_tree(capture, self.trainer.unreplicate(rstate).params)
+        state, m1 = self.trainer.train_epoch(state, *self.train_data, key, 0, split)
+        ckpt.save_tree(capture, self.trainer.fetch(state.params))
         if split == 0:
-            return self.trainer.train_epoch(rstate, *self.train_data, key)
-        rstate, m2 = self.trainer.train_epoch(rstate, *self.train_data, key, split, steps)
+            return self.trainer.train_epoch(state, *self.train_data, key)
+        state, m2 = self.trainer.train_epoch(state, *self.train_data, key, split, steps)
         w1, w2 = split / steps, 1 - split / steps
-        return rstate, {name: w1 * m1[name] + w2 * m2[name] for name in m1}
+        return state, {name: w1 * m1[name] + w2 * m2[name] for name in m1}
 
     def _done(self, history: list[dict], report: dict) -> dict:
         last = history[-1]
@@ -360,6 +360,23 @@ class Experiment:
             "train_loss": last["train_loss"],
             "epochs": len(history),
         }
+
+
+def _load_dataset(config: Config) -> qdata.Dataset:
+    """The dataset, built by process 0 first: the others then read its cache instead of
+    building the same files at the same time."""
+    load = functools.partial(
+        qdata.load, config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir,
+        validation_size=config.validation_size, seed=config.seed, train_subset=config.train_subset,
+        test_subset=config.test_subset)
+    dataset = load() if ckpt.is_writer() else None
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("qsparse: dataset ready")
+    return dataset if dataset is not None else load()
+
+
+def _silent(message: str) -> None:
+    del message
 
 
 def replicate_keys(seed: int, replicate: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -384,11 +401,6 @@ def _shapes(model, input_shape):
 
 def _all_finite(tree) -> bool:
     return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree))
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def read_summary(run_dir: Path) -> list[dict]:
@@ -423,12 +435,13 @@ def _record_invocation(run_dir: Path) -> dict:
         except metadata.PackageNotFoundError:
             packages[name] = None
     status = _git("status", "--porcelain", "--untracked-files=no", ".")
-    devices = jax.local_devices()
+    devices = jax.devices()
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "packages": packages, "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
         "python": platform.python_version(), "host": platform.node(),
         "device_kind": devices[0].device_kind, "platform": devices[0].platform, "device_count": len(devices),
+        "process_count": jax.process_count(),
         "cpu_conv": onednn.cpu_conv() if devices[0].platform == "cpu" else None,
     }
     path = run_dir / "runs.jsonl"

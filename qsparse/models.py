@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qsparse import initializers, quaternion
+from qsparse import cpu, initializers, quaternion
 from qsparse.layers import QConv, QDense
 
 ALGEBRAS = ("real", "quat")
@@ -31,11 +31,18 @@ def _real_dense(features: int, fan_in: int, name: str | None = None) -> nn.Dense
 
 
 class _Body(nn.Module):
-    """Shared pieces: the layer for the algebra, the input encoding and the flatten."""
+    """Shared pieces: the layer for the algebra, the input encoding and the flatten.
+
+    ``conv_op`` computes every convolution (``nn.Conv``'s ``conv_general_dilated`` hook, also used by
+    ``QConv``): by default :func:`qsparse.cpu.conv_general_dilated`, XLA's own convolution except
+    in programs lowered for the CPU; ``jax.lax.conv_general_dilated`` everywhere allows
+    forward-mode autodiff.
+    """
 
     algebra: str = "real"
     quat_init: str = "htorch"
     encoding: str = "auto"
+    conv_op: Callable[..., jax.Array] = cpu.conv_general_dilated
 
     def dense(self, x: jax.Array, features: int) -> jax.Array:
         if self.algebra == "quat":
@@ -44,10 +51,11 @@ class _Body(nn.Module):
 
     def conv(self, x: jax.Array, features: int) -> jax.Array:
         if self.algebra == "quat":
-            return QConv(features, (3, 3), kernel_init=initializers.get(self.quat_init))(x)
+            return QConv(features, (3, 3), kernel_init=initializers.get(self.quat_init),
+                         conv_general_dilated=self.conv_op)(x)
         fan_in = 9 * x.shape[-1]
         return nn.Conv(features, (3, 3), kernel_init=initializers.torch_kernel,
-                       bias_init=initializers.torch_bias(fan_in))(x)
+                       bias_init=initializers.torch_bias(fan_in), conv_general_dilated=self.conv_op)(x)
 
     def encode_image(self, x: jax.Array) -> jax.Array:
         """Real models see the image; quaternion conv models see component-blocked channels."""

@@ -12,34 +12,24 @@ recompiled per mask). They act three times:
    moments, carried optimizer state or weight decay would otherwise move them);
 3. projection: the new params are masked again, so every saved checkpoint is exactly sparse.
 
-An epoch is one ``lax.fori_loop`` over the batches ``start <= i < stop`` inside ``pmap`` over the
-local devices (data parallel: params replicated, each device takes its slice of every global
-batch, gradients averaged with ``pmean``). On this 2-core CPU, sharded ``jit`` deadlocked in 5 of
-14 runs in an all-reduce rendezvous while ``pmap`` never hung (shared/env.md §4), hence ``pmap``.
-With one device it is the same code on a device axis of size 1 (and no collectives).
-
-Speed notes (measured, see results/bench_cpu.md):
-
-* the loop runs exactly the steps of ``[start, stop)`` (a ``while`` loop with dynamic bounds)
-  instead of a ``scan`` over every step with a ``lax.cond`` per step;
-* XLA:CPU only lowers a convolution to its fast (Eigen) kernel when the convolution is in
-  canonical form, and it does not canonicalise the gradient convolutions inside a loop: there
-  they became naive loops, about 300x slower. The loss (and the evaluation) is therefore traced
-  once and every stride-1 NHWC convolution in it is replaced by :func:`qsparse.layers.conv2d`,
-  whose gradients are canonical forward convolutions (any model, including flax's ``nn.Conv``);
-  on CPU, where the optional extension is built, conv2d and its gradients run on oneDNN's
-  kernels (:mod:`qsparse.onednn`): Conv-4 steps about 1.5x faster;
-* models without convolutions are compiled without YNNPACK fusions
-  (:data:`DENSE_CPU_COMPILER_OPTIONS`): about 10 % faster for LeNet-300-100;
-* ``Trainer(..., replicas=R)`` trains R independent replicates (own params, optimizer state,
-  masks and data order) in one compiled epoch: R copies of the step in one loop body.
+An epoch is one ``lax.fori_loop`` over the batches ``start <= i < stop`` (a ``while`` loop with
+dynamic bounds, so a full epoch, a rewind point inside an epoch and a resume share one
+compilation), inside ``jax.jit(jax.shard_map(...))`` over a device mesh of shape
+``(replica, data)`` that spans every process. Replicates are independent trainings (own params,
+optimizer state, masks and data order): they are spread over the ``replica`` axis, and the
+replicates that share a device run in one loop body. Along the ``data`` axis each device takes
+its slice of every global batch and gradients are averaged with ``pmean`` (an all-reduce, the
+only collective used). Explicit per-device code rather than automatic sharding: on a 2-core CPU
+with two host devices, automatically sharded ``jit`` deadlocked in an all-reduce rendezvous
+while per-device code did not (tests/test_devices.py guards it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+import math
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -47,13 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
-from jax.extend import core as jex_core
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from qsparse import data as qdata
-from qsparse import layers as qlayers
+from qsparse import augment
+from qsparse import cpu
 from qsparse import masks as qmasks
 
-AXIS = "devices"
+REPLICA, DATA = "replica", "data"
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -112,105 +103,34 @@ class EpochSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# Convolutions whose gradients XLA:CPU runs fast inside loops
-# ---------------------------------------------------------------------------------------------
-
-_CONV_P = jex_core.primitives.conv_general_dilated_p
-_JIT_P = jex_core.primitives.jit_p
-_NHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
-
-
-def _is_plain_conv2d(params, lhs_shape, rhs_shape) -> bool:
-    """Stride 1, no dilation, no groups, NHWC x HWIO -> NHWC, padding that keeps gradients simple."""
-    if len(lhs_shape) != 4 or params["dimension_numbers"] != _NHWC:
-        return False
-    if params["window_strides"] != (1, 1) or params["lhs_dilation"] != (1, 1) or params["rhs_dilation"] != (1, 1):
-        return False
-    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
-        return False
-    return all(0 <= lo < k and 0 <= hi < k for (lo, hi), k in zip(params["padding"], rhs_shape[:2]))
-
-
-def _eval_with_fast_convs(jaxpr, consts, *args):
-    """Evaluate a jaxpr, replacing each plain 2-D convolution by :func:`qlayers.conv2d`."""
-    env = {}
-
-    def read(v):
-        return v.val if isinstance(v, jex_core.Literal) else env[v]
-
-    for v, x in zip(jaxpr.constvars, consts):
-        env[v] = x
-    for v, x in zip(jaxpr.invars, args):
-        env[v] = x
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
-        p = eqn.params
-        if eqn.primitive is _CONV_P and _is_plain_conv2d(p, invals[0].shape, invals[1].shape):
-            outvals = [qlayers.conv2d(*invals, p["padding"], p["precision"], p["preferred_element_type"])]
-        elif eqn.primitive is _JIT_P:  # inline nested jits so the convolutions inside are seen too
-            outvals = _eval_with_fast_convs(p["jaxpr"].jaxpr, p["jaxpr"].consts, *invals)
-        else:
-            bind_params = eqn.primitive.get_bind_params(p)
-            subfuns = ()
-            if isinstance(bind_params, tuple):  # older jax: (subfuns, params)
-                subfuns, bind_params = bind_params
-            with eqn.ctx.manager:
-                outvals = eqn.primitive.bind(*subfuns, *invals, **bind_params)
-            if not eqn.primitive.multiple_results:
-                outvals = [outvals]
-        for v, x in zip(eqn.outvars, outvals):
-            if not isinstance(v, jex_core.DropVar):
-                env[v] = x
-    return [read(v) for v in jaxpr.outvars]
-
-
-def fast_convs(fn):
-    """``fn`` with every stride-1 NHWC 2-D convolution computed by :func:`qsparse.layers.conv2d`.
-
-    Same values; the difference is only in which kernels compute them and their gradients (see
-    the module docstring). Other convolutions are left as they are.
-    """
-
-    def wrapped(*args):
-        flat, in_tree = jax.tree.flatten(args)
-        closed, out_shape = jax.make_jaxpr(lambda *f: fn(*jax.tree.unflatten(in_tree, f)), return_shape=True)(*flat)
-        if not any(e.primitive in (_CONV_P, _JIT_P) for e in closed.jaxpr.eqns):
-            return fn(*args)
-        out = _eval_with_fast_convs(closed.jaxpr, closed.consts, *flat)
-        return jax.tree.unflatten(jax.tree.structure(out_shape), out)
-
-    return wrapped
-
-
-# ---------------------------------------------------------------------------------------------
-# The compiled epoch
+# The compiled epoch (per-device code, run inside shard_map)
 # ---------------------------------------------------------------------------------------------
 
 
 def _loss(params, apply_fn, images, labels):
-    logits = fast_convs(lambda p, x: apply_fn({"params": p}, x))(params, images)
+    logits = apply_fn({"params": params}, images)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, jnp.sum(jnp.argmax(logits, -1) == labels)
 
 
-def _batch(spec: EpochSpec, n_dev: int, images, labels, order, aug_key, step):
+def _batch(spec: EpochSpec, n_data: int, images, labels, order, aug_key, step):
     """This device's slice of global batch ``step``: gathered, augmented, normalised."""
-    per_device = spec.batch_size // n_dev
+    per_device = spec.batch_size // n_data
     idx = order[step]
-    if n_dev > 1:
-        start = jax.lax.axis_index(AXIS) * per_device
+    if n_data > 1:
+        start = jax.lax.axis_index(DATA) * per_device
         idx = jax.lax.dynamic_slice_in_dim(idx, start, per_device)
     x, y = images[idx], labels[idx]
     if spec.augment:
         # one key per *global* example, so the device split does not change the transform
         keys = jax.random.split(jax.random.fold_in(aug_key, step), spec.batch_size)
-        if n_dev > 1:
+        if n_data > 1:
             keys = jax.lax.dynamic_slice_in_dim(keys, start, per_device)
-        x = qdata.augment(keys, x)
-    return qdata.normalize(x, spec.mean, spec.std), y
+        x = augment.augment(keys, x)
+    return augment.normalize(x, spec.mean, spec.std), y
 
 
-def _prepare(spec: EpochSpec, state: TrainState, n_images: int, key):
+def _prepare(spec: EpochSpec, n_images: int, state: TrainState, key):
     """The epoch's data order and augmentation key; params exactly zero where pruned from here on
     (so the loss sees the masked params)."""
     order_key, aug_key = jax.random.split(key)
@@ -219,55 +139,43 @@ def _prepare(spec: EpochSpec, state: TrainState, n_images: int, key):
     return state, order.reshape(spec.steps, spec.batch_size), aug_key
 
 
-def _step(spec: EpochSpec, n_dev: int, images, labels, state: TrainState, order, aug_key, i):
+def _step(spec: EpochSpec, n_data: int, images, labels, state: TrainState, order, aug_key, i):
     """One masked training step on global batch ``i``; returns the state, its loss and hits."""
-    x, y = _batch(spec, n_dev, images, labels, order, aug_key, i)
+    x, y = _batch(spec, n_data, images, labels, order, aug_key, i)
     (loss, hits), grads = jax.value_and_grad(_loss, has_aux=True)(state.params, state.apply_fn, x, y)
     grads = qmasks.apply(grads, state.masks)  # the gradient of where(mask, params, 0)
-    if n_dev > 1:
-        grads = jax.lax.pmean(grads, AXIS)
-        loss, hits = jax.lax.pmean(loss, AXIS), jax.lax.psum(hits, AXIS)
+    if n_data > 1:
+        grads = jax.lax.pmean(grads, DATA)
+        loss, hits = jax.lax.pmean(loss, DATA), jax.lax.psum(hits, DATA)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params, masks=state.masks)
     params = qmasks.apply(optax.apply_updates(state.params, updates), state.masks)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), loss, hits
 
 
-def _has_conv(jaxpr) -> bool:
-    return any(e.primitive is _CONV_P or any(_has_conv(j) for j in jex_core.jaxprs_in_params(e.params))
-               for e in jaxpr.eqns)
-
-
-def model_has_conv(apply_fn, params, image_shape) -> bool:
-    """Whether ``apply_fn`` (a flax ``apply``) runs a convolution on one image of ``image_shape``."""
-    x = jnp.zeros((1, *image_shape), jnp.float32)
-    return _has_conv(jax.make_jaxpr(lambda p, x: apply_fn({"params": p}, x))(params, x).jaxpr)
-
-
-def _train_epoch(spec: EpochSpec, n_dev: int, replicas: int | None, state: TrainState, images, labels, key,
-                 start, stop):
+def _train_epoch(spec: EpochSpec, n_data: int, local: int | None, mode: str, state: TrainState, images, labels,
+                 key, start, stop):
     """Steps ``start <= i < stop`` of the epoch whose data order and augmentation come from ``key``.
 
-    Dynamic loop bounds keep one compilation for full epochs, a rewind point in the middle of an
-    epoch, and a resume. With ``replicas``, every leaf of ``state`` and ``key`` has a leading
-    replica axis and each replicate runs the same steps on its own state and data order.
+    ``local`` is None for one state, or the number of replicates stacked on this device (leading
+    axis of every leaf of ``state`` and ``key``); ``mode`` says how they share the loop body:
+    ``"unroll"`` (R copies of the step) or ``"vmap"``.
     """
-    prepare = functools.partial(_prepare, spec)
-    step = functools.partial(_step, spec, n_dev, images, labels)
-    if replicas is None:
-        state, order, aug_key = prepare(state, images.shape[0], key)
-        zero = ()
+    prepare = functools.partial(_prepare, spec, images.shape[0])
+    step = functools.partial(_step, spec, n_data, images, labels)
+    zero = () if local is None else (local,)
+    if local is None:
+        state, order, aug_key = prepare(state, key)
+    elif mode == "vmap":
+        state, order, aug_key = jax.vmap(prepare)(state, key)
+        step = jax.vmap(step, in_axes=(0, 0, 0, None))
     else:
-        # R independent copies of the step in one loop body (not vmap: batched matmuls were
-        # slower on XLA:CPU, and vmapped convolutions become grouped convolutions, ~3x slower)
-        parts = [prepare(jax.tree.map(lambda x, r=r: x[r], state), images.shape[0], key[r]) for r in range(replicas)]
+        parts = [prepare(jax.tree.map(lambda x, r=r: x[r], state), key[r]) for r in range(local)]
         state, order, aug_key = (tuple(p[k] for p in parts) for k in range(3))
         single = step
 
         def step(states, orders, aug_keys, i):
             out = [single(s, o, a, i) for s, o, a in zip(states, orders, aug_keys)]
             return tuple(o[0] for o in out), jnp.stack([o[1] for o in out]), jnp.stack([o[2] for o in out])
-
-        zero = (replicas,)
 
     def body(i, carry):
         state, loss_sum, correct = carry
@@ -282,128 +190,213 @@ def _train_epoch(spec: EpochSpec, n_dev: int, replicas: int | None, state: Train
     return state, {"train_loss": loss_sum / n, "train_acc": correct / (n * spec.batch_size)}
 
 
-def _evaluate(mean, std, batch, state: TrainState, images, labels):
+def _evaluate(mean, std, batch: int, n_data: int, state: TrainState, images, labels):
+    """Loss and accuracy on a whole split; the chunks of ``batch`` examples are dealt round-robin
+    over the ``data`` axis and the sums all-reduced."""
     n = images.shape[0]
-    chunks = -(-n // batch)
-    pad = chunks * batch - n
+    rounds = -(-n // (batch * n_data))
+    pad = rounds * n_data * batch - n
     images = jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)])
     labels = jnp.concatenate([labels, jnp.zeros((pad,), labels.dtype)])
-    valid = jnp.arange(chunks * batch) < n
+    valid = jnp.arange(images.shape[0]) < n
     params = qmasks.apply(state.params, state.masks)
+    device = jax.lax.axis_index(DATA) if n_data > 1 else 0
 
     def chunk(carry, i):
-        sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * batch, batch)  # noqa: E731
-        logits = fast_convs(lambda p, x: state.apply_fn({"params": p}, x))(params, qdata.normalize(sl(images), mean, std))
+        sl = lambda a: jax.lax.dynamic_slice_in_dim(a, (i * n_data + device) * batch, batch)  # noqa: E731
+        logits = state.apply_fn({"params": params}, augment.normalize(sl(images), mean, std))
         y, w = sl(labels), sl(valid)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return (carry[0] + jnp.sum(jnp.where(w, loss, 0.0)), carry[1] + jnp.sum(w & (jnp.argmax(logits, -1) == y))), None
 
-    (loss, correct), _ = jax.lax.scan(chunk, (jnp.zeros(()), jnp.zeros((), jnp.int32)), jnp.arange(chunks))
+    (loss, correct), _ = jax.lax.scan(chunk, (jnp.zeros(()), jnp.zeros((), jnp.int32)), jnp.arange(rounds))
+    if n_data > 1:
+        loss, correct = jax.lax.psum(loss, DATA), jax.lax.psum(correct, DATA)
     return {"loss": loss / n, "acc": correct / n}
 
 
-# XLA options for the compiled epoch of a model without convolutions, on CPU: no YNNPACK
-# fusions. YNNPACK's kernel for the (60, 784) x (784, 300) forward matmul of LeNet-300-100 ran at
-# about half the speed of XLA's own dot for the same FLOPs; without it a whole step was ~10 %
-# faster (real and quaternion, interleaved A/B). Models with convolutions keep XLA's defaults
-# (YNNPACK runs their convolutions; turning it off made Conv-4 ~7 % slower).
-DENSE_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+def _per_replica(fn: Callable, local: int | None, mode: str, *stacked):
+    """``fn`` on each replicate of leading-axis-stacked arguments, results stacked again."""
+    if local is None:
+        return fn(*stacked)
+    if mode == "vmap":
+        return jax.vmap(fn)(*stacked)
+    outs = [fn(*jax.tree.map(lambda x, r=r: x[r], stacked)) for r in range(local)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer: shardings, compilation, host transfers
+# ---------------------------------------------------------------------------------------------
+
+REPLICA_MODES = ("auto", "unroll", "vmap")
+
+
+def replica_mesh(replicas: int, devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
+    """A ``(replica, data)`` mesh: ``gcd(R, n)`` groups of devices, each training ``R / groups``
+    replicates data-parallel over its ``n / groups`` devices (R = 1: pure data parallelism;
+    R a multiple of n: one device per group, no collectives)."""
+    groups = math.gcd(replicas, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    return jax.make_mesh((groups, len(devices) // groups), (REPLICA, DATA), axis_types=auto, devices=devices)
 
 
 class Trainer:
     """Compiled epoch and evaluation for one (model, data shapes, batch) combination.
 
-    Build it once per run and reuse it for every round and replicate: the compiled functions
-    take state (params, optimizer state, masks) and data as arguments. ``trace_count`` counts
-    how often the epoch was traced (tests assert it stays at one).
+    Build it once per run and reuse it for every round: the compiled functions take the state
+    (params, optimizer state, masks) and data as arguments, and ``trace_count`` counts how often
+    the epoch was traced (tests assert it stays at one). States go in and come out as ordinary
+    pytrees of the model's shapes; which device holds what is the trainer's business.
 
-    With ``replicas=R`` the trainer trains R independent replicates at once: states are stacked
-    with :func:`stack_states` (every leaf gets a leading replica axis, before :meth:`replicate`
-    adds the device axis), ``key`` is an ``(R,)`` array of keys (one data order per replicate),
-    and metrics come back as lists of R floats. Replicate r computes what a single-replicate
-    trainer computes for ``(state_r, key_r)``.
+    ``devices`` (default: every device of every process) form a :func:`replica_mesh`. With
+    ``replicas=R`` the trainer trains R independent replicates at once: states are stacked with
+    :func:`stack_states`, ``key`` is an ``(R,)`` array of keys (one data order per replicate), and
+    metrics come back as lists of R floats. Replicate r computes what a single-replicate trainer
+    computes for ``(state_r, key_r)``: bit for bit where it has a device group to itself of the
+    same size, to float rounding where it shares a loop body (``replica_mode``: ``"unroll"``, R
+    copies of the step, measured faster on CPU; ``"vmap"``, batched kernels; ``"auto"``, unroll on
+    CPU and vmap elsewhere).
 
-    ``compiler_options`` are XLA options for compiling the epoch: ``"auto"`` (default) uses
-    :data:`DENSE_CPU_COMPILER_OPTIONS` for models without convolutions on CPU and XLA's defaults
-    otherwise; ``None`` always uses the defaults; a dict is used as given.
+    ``compiler_options`` are XLA options for compiling the epoch: ``"auto"`` (default) asks
+    :func:`qsparse.cpu.compiler_options`; ``None`` uses XLA's defaults; a dict is used as given.
     """
 
-    def __init__(self, spec: EpochSpec, devices: list | None = None, eval_batch: int = 1000,
-                 replicas: int | None = None, compiler_options: dict | str | None = "auto"):
-        self.spec = spec
-        self.compiler_options = compiler_options
-        self._executables: dict = {}
-        self.devices = devices or jax.local_devices()
-        self.replicas = replicas
-        n = len(self.devices)
-        if spec.batch_size % n:
-            raise ValueError(f"batch size {spec.batch_size} is not divisible by the {n} local devices")
+    def __init__(self, spec: EpochSpec, devices: Sequence[jax.Device] | None = None, eval_batch: int = 1000,
+                 replicas: int | None = None, compiler_options: dict | str | None = "auto",
+                 replica_mode: str = "auto"):
         if replicas is not None and replicas < 1:
             raise ValueError(f"replicas must be a positive number, got {replicas}")
+        if replica_mode not in REPLICA_MODES:
+            raise ValueError(f"replica_mode {replica_mode!r} is not one of {REPLICA_MODES}")
+        self.spec, self.replicas, self.eval_batch = spec, replicas, eval_batch
+        self.compiler_options = compiler_options
+        self.devices = list(devices or jax.devices())
+        self.mesh = replica_mesh(replicas or 1, self.devices)
+        groups, n_data = self.mesh.devices.shape
+        if spec.batch_size % n_data:
+            raise ValueError(f"batch size {spec.batch_size} is not divisible by the {n_data} devices "
+                             f"that train each replicate ({len(self.devices)} devices, {groups} replicate groups)")
+        self.platform = self.devices[0].platform
+        self.replica_mode = ("unroll" if self.platform == "cpu" else "vmap") if replica_mode == "auto" else replica_mode
+        self.n_data = n_data
+        # one state: replicated everywhere; R states: the replica axis split over device groups
+        self._local = None if replicas is None or replicas == groups else replicas // groups
+        self._state_spec = P() if replicas is None else P(REPLICA)
+        self._replicated = NamedSharding(self.mesh, P())
+        self._state_sharding = NamedSharding(self.mesh, self._state_spec)
         self.trace_count = 0
+        self._epoch: Callable | None = None
+        self._eval: Callable | None = None
 
-        def epoch(state, images, labels, key, start, stop):
-            self.trace_count += 1
-            return _train_epoch(spec, n, replicas, state, images, labels, key, start, stop)
+    # -- placement -----------------------------------------------------------------------
 
-        self._epoch = jax.pmap(epoch, AXIS, in_axes=(0, None, None, None, None, None), devices=self.devices)
-        evaluate = functools.partial(_evaluate, spec.mean, spec.std, eval_batch)
-        if replicas is not None:
-            evaluate = jax.vmap(evaluate, in_axes=(0, None, None))
-        self._eval = jax.jit(evaluate)
-        # pmap outputs carry this sharding; inputs placed the same way hit the same compilation
-        mesh = jax.sharding.Mesh(np.array(self.devices), (AXIS,))
-        self._stacked = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-        self._copied = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    def _put(self, tree, sharding: NamedSharding):
+        """Global arrays from host values that every process holds in full (multi-process safe)."""
 
-    def replicate(self, state: TrainState) -> TrainState:
-        n = len(self.devices)
-        return jax.device_put(jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), state), self._stacked)
+        def put(x):
+            if (isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh
+                    and x.sharding.is_equivalent_to(sharding, x.ndim)):
+                return x  # already placed (an output of the previous call)
+            a = np.asarray(x)
+            return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+        return jax.tree.map(put, tree)
 
     def put_data(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
-        """Copy a split to every device once, instead of at every epoch call."""
-        return tuple(jax.device_put(a, self._copied) for a in arrays)
+        """A split on every device once, instead of at every call."""
+        return tuple(self._put(a, self._replicated) for a in arrays)
 
-    @staticmethod
-    def unreplicate(state: TrainState) -> TrainState:
-        return jax.tree.map(lambda x: x[0], state)
+    def fetch(self, tree):
+        """A pytree of host numpy arrays, complete on every process (all must call it together:
+        parts held by other processes come through one all-reduce)."""
+        leaves, treedef = jax.tree.flatten(tree)
+        if all(not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated for x in leaves):
+            return jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves])
+        return jax.tree.unflatten(treedef, [np.asarray(x) for x in self._all_gather(leaves)])
 
-    def train_epoch(self, state: TrainState, images, labels, key, start: int = 0, stop: int | None = None):
-        """Run steps [start, stop) of one epoch on a *replicated* state; metrics as floats
-        (lists of floats with ``replicas``)."""
-        stop = self.spec.steps if stop is None else stop
-        if self.replicas is not None and jnp.shape(key) != (self.replicas,):
-            raise ValueError(f"a trainer of {self.replicas} replicas needs {self.replicas} keys, got shape {jnp.shape(key)}")
-        args = (state, images, labels, key, start, stop)
-        state, metrics = self._executable(args)(*args)
-        return state, {k: _to_float(v[0]) for k, v in metrics.items()}
+    def _all_gather(self, leaves):
+        """Replica-sharded arrays made whole on every device with a psum (all-reduce only:
+        gloo's reduce-scatter and all-gather are not trusted across processes)."""
+        groups = self.mesh.devices.shape[0]
+
+        def gather(*blocks):
+            out = []
+            for b in blocks:
+                full = jnp.zeros((b.shape[0] * groups, *b.shape[1:]), b.dtype)
+                full = jax.lax.dynamic_update_slice_in_dim(full, b, jax.lax.axis_index(REPLICA) * b.shape[0], 0)
+                out.append(jax.lax.psum(full, REPLICA))
+            return out
+
+        specs = tuple(x.sharding.spec if isinstance(x, jax.Array) else P() for x in leaves)
+        f = jax.shard_map(gather, mesh=self.mesh, in_specs=specs, out_specs=P(), check_vma=False)
+        return jax.jit(f)(*leaves)
+
+    # -- compiled functions --------------------------------------------------------------
 
     def _options(self, state: TrainState, images) -> dict | None:
         if self.compiler_options != "auto":
             return self.compiler_options
-        if self.devices[0].platform != "cpu":
-            return None
-        params = jax.tree.map(lambda x: x[0] if self.replicas is None else x[0, 0], state.params)
-        return None if model_has_conv(state.apply_fn, params, images.shape[1:]) else DENSE_CPU_COMPILER_OPTIONS
+        params = state.params if self.replicas is None else jax.tree.map(lambda x: x[0], state.params)
+        return cpu.compiler_options(self.platform, state.apply_fn, params, images.shape[1:])
 
-    def _executable(self, args):
-        """The epoch compiled once per argument signature (pmap's own cache cannot take options)."""
-        if self.compiler_options is None:
-            return self._epoch
-        leaves, tree = jax.tree.flatten(args)
-        signature = (tree, tuple((jnp.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
-        if signature not in self._executables:
-            options = self._options(args[0], args[1])
-            self._executables[signature] = (
-                self._epoch.lower(*args).compile(compiler_options=options) if options else self._epoch)
-        return self._executables[signature]
+    def _keys(self, key) -> jax.Array:
+        if self.replicas is not None and jnp.shape(key) != (self.replicas,):
+            raise ValueError(f"a trainer of {self.replicas} replicas needs {self.replicas} keys, got shape {jnp.shape(key)}")
+        return self._put(jax.random.key_data(key), self._state_sharding)
+
+    def _build_epoch(self, state, images) -> Callable:
+        spec, n_data, local, mode = self.spec, self.n_data, self._local, self.replica_mode
+        squeeze = self.replicas is not None and local is None
+
+        def epoch(state, images, labels, key_data, start, stop):
+            self.trace_count += 1
+            keys = jax.random.wrap_key_data(key_data)
+            if squeeze:  # this device group holds one replicate: the lone-run program
+                state, keys = jax.tree.map(lambda x: x[0], (state, keys))
+            state, metrics = _train_epoch(spec, n_data, local, mode, state, images, labels, keys, start, stop)
+            if squeeze:
+                state, metrics = jax.tree.map(lambda x: x[None], (state, metrics))
+            return state, metrics
+
+        s = self._state_spec
+        body = jax.shard_map(epoch, mesh=self.mesh, in_specs=(s, P(), P(), s, P(), P()), out_specs=(s, s),
+                             check_vma=False)
+        return jax.jit(body, compiler_options=self._options(state, images))
+
+    def train_epoch(self, state: TrainState, images, labels, key, start: int = 0, stop: int | None = None):
+        """Run steps [start, stop) of one epoch; metrics as floats (lists of floats with ``replicas``)."""
+        stop = self.spec.steps if stop is None else stop
+        keys = self._keys(key)
+        state = self._put(state, self._state_sharding)
+        images, labels = self.put_data(images, labels)
+        if self._epoch is None:
+            self._epoch = self._build_epoch(state, images)
+        bounds = self._put((np.int32(start), np.int32(stop)), self._replicated)
+        state, metrics = self._epoch(state, images, labels, keys, *bounds)
+        return state, {k: _to_float(v) for k, v in self.fetch(metrics).items()}
 
     def evaluate(self, state: TrainState, images, labels) -> dict[str, float]:
-        """Loss and accuracy of an *unreplicated* state on a whole split (lists with ``replicas``)."""
+        """Loss and accuracy on a whole split (lists with ``replicas``)."""
         if images.shape[0] == 0:
             nan = float("nan") if self.replicas is None else [float("nan")] * self.replicas
             return {"loss": nan, "acc": nan}
-        return {k: _to_float(v) for k, v in self._eval(state, images, labels).items()}
+        if self._eval is None:
+            spec, n_data, local, mode = self.spec, self.n_data, self._local, self.replica_mode
+            squeeze = self.replicas is not None and local is None
+            one = functools.partial(_evaluate, spec.mean, spec.std, self.eval_batch, n_data)
+
+            def evaluate(state, images, labels):
+                if squeeze:
+                    return jax.tree.map(lambda x: x[None], one(jax.tree.map(lambda x: x[0], state), images, labels))
+                return _per_replica(lambda s: one(s, images, labels), local, mode, state)
+
+            s = self._state_spec
+            self._eval = jax.jit(jax.shard_map(evaluate, mesh=self.mesh, in_specs=(s, P(), P()), out_specs=s,
+                                               check_vma=False))
+        state = self._put(state, self._state_sharding)
+        images, labels = self.put_data(images, labels)
+        return {k: _to_float(v) for k, v in self.fetch(self._eval(state, images, labels)).items()}
 
 
 def _to_float(v):
@@ -411,7 +404,8 @@ def _to_float(v):
     return float(v) if v.ndim == 0 else [float(x) for x in v]
 
 
-def epoch_spec(dataset: "qdata.Dataset", batch_size: int) -> EpochSpec:
+def epoch_spec(dataset, batch_size: int) -> EpochSpec:
+    """The epoch of a :class:`qsparse.data.Dataset` (or anything with its fields) at ``batch_size``."""
     n = dataset.train_images.shape[0]
     if not 0 < batch_size <= n:
         raise ValueError(f"batch size {batch_size} must be in [1, {n}] (training examples)")

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from experiments import bench
-from qsparse import onednn
+from qsparse.cpu import onednn
 
 
 def test_bench_smoke(tmp_path):

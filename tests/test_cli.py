@@ -40,6 +40,12 @@ CASES = {
     "flag_type": (["--epochs=abc"], ["--epochs=abc", "int"]),
     "unknown_flag": (["--prune_fractoin=0.5"], ["prune_fractoin", "prune_fraction"]),
     "positional_argument": (["mnist"], ["unexpected arguments ['mnist']", "--flag"]),
+    "coordinator_alone": (["--coordinator_address=127.0.0.1:1234"], ["missing ['num_processes', 'process_id']"]),
+    "process_id_range": (["--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=2"],
+                         ["process_id=2", "[0, num_processes=2)"]),
+    "coordinator_not_host_port": (["--coordinator_address=localhost", "--num_processes=2", "--process_id=0"],
+                                  ["coordinator_address='localhost'", "host:port"]),
+    "distributed_with_settings": (["--distributed", "--process_id=0"], ["--distributed", "drop ['process_id']"]),
 }
 
 

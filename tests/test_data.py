@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from qsparse import data
+from qsparse import augment, data
 
 # Class counts of the real MNIST splits (LeCun et al.), e.g. 980 zeros in the test set.
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -237,7 +237,7 @@ def test_normalize_matches_numpy():
     spec = data.DATASETS["cifar10"]
     expected = (images.astype(np.float64) / 255 - np.array(spec.mean)) / np.array(spec.std)
     for x in (images, images.astype(np.float32)):
-        out = jax.jit(data.normalize, static_argnums=(1, 2))(x, spec.mean, spec.std)
+        out = jax.jit(augment.normalize, static_argnums=(1, 2))(x, spec.mean, spec.std)
         assert out.dtype == jnp.float32 and out.shape == images.shape
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
@@ -246,7 +246,7 @@ def test_crop_and_flip_matches_numpy_for_given_offsets():
     images = random_images(1)
     offsets = np.array([[0, 0], [8, 8], [4, 4], [0, 8], [8, 0], [3, 5], [7, 1], [4, 4]], np.int32)
     flips = np.array([False, True, False, True, False, True, False, True])
-    out = data.crop_and_flip(images, offsets, flips)
+    out = augment.crop_and_flip(images, offsets, flips)
     np.testing.assert_array_equal(out, numpy_crop_and_flip(images, offsets, flips))
     np.testing.assert_array_equal(out[2], images[2])  # centre crop, no flip: identity
     np.testing.assert_array_equal(out[0, :4], 0)  # top-left corner crop: 4 rows of zero padding
@@ -256,28 +256,28 @@ def test_crop_and_flip_matches_numpy_for_given_offsets():
 def test_augment_matches_reference_and_is_deterministic(dtype):
     images = random_images(2, (64, 28, 28, 1)).astype(dtype)
     keys = jax.random.split(jax.random.key(0), 64)
-    out = jax.jit(data.augment)(keys, images)
+    out = jax.jit(augment.augment)(keys, images)
     assert out.shape == images.shape and out.dtype == dtype
-    np.testing.assert_array_equal(out, data.augment(keys, images))
+    np.testing.assert_array_equal(out, augment.augment(keys, images))
 
-    offsets, flips = data.sample_augmentation(keys)
+    offsets, flips = augment.sample_augmentation(keys)
     assert offsets.shape == (64, 2) and flips.shape == (64,)
     assert 0 <= int(offsets.min()) and int(offsets.max()) <= 8
     assert len(np.unique(np.asarray(offsets), axis=0)) > 10 and 0 < int(flips.sum()) < 64
     np.testing.assert_array_equal(out, numpy_crop_and_flip(images, np.asarray(offsets), np.asarray(flips)))
 
-    other = data.augment(jax.random.split(jax.random.key(1), 64), images)
+    other = augment.augment(jax.random.split(jax.random.key(1), 64), images)
     assert not np.array_equal(other, out)
 
 
 def test_augment_per_example_keys_split_across_batches():
     images = random_images(3)
     keys = jax.random.split(jax.random.key(42), 8)
-    whole = data.augment(keys, images)
-    halves = [data.augment(keys[i:i + 4], images[i:i + 4]) for i in (0, 4)]
+    whole = augment.augment(keys, images)
+    halves = [augment.augment(keys[i:i + 4], images[i:i + 4]) for i in (0, 4)]
     np.testing.assert_array_equal(np.concatenate(halves), whole)
 
 
 def test_augment_rejects_raw_keys():
     with pytest.raises(TypeError, match="typed PRNG keys"):
-        data.augment(jax.random.split(jax.random.PRNGKey(0), 8), random_images(4))
+        augment.augment(jax.random.split(jax.random.PRNGKey(0), 8), random_images(4))

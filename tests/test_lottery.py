@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from qsparse import checkpoints as ckpt
-from qsparse import lottery, models, onednn, train
+from qsparse import lottery, models, train
+from qsparse.cpu import onednn
 from qsparse import masks as M
 from qsparse.config import Config, ConfigError
 
@@ -78,12 +79,12 @@ def test_round_starts_from_rewind_params_times_mask(quat_run, mnist_dir):
     theta0 = ckpt.load_tree(run_dir / "replicate_0" / "init", final.params)
     ds = data.load("mnist", data_dir=mnist_dir, validation_size=100, train_subset=600, test_subset=200, seed=0)
     trainer = train.Trainer(train.epoch_spec(ds, 60))
-    state = trainer.replicate(train.create_train_state(model, theta0, masks, train.make_optimizer("adam", config.lr)))
+    state = train.create_train_state(model, theta0, masks, train.make_optimizer("adam", config.lr))
     _, data_key, _ = lottery.replicate_keys(config.seed, 0)
     images, labels = trainer.put_data(ds.train_images, ds.train_labels)
     for epoch in range(config.epochs):
         state, _ = trainer.train_epoch(state, images, labels, jax.random.fold_in(data_key, epoch))
-    for a, b in zip(jax.tree.leaves(trainer.unreplicate(state).params), jax.tree.leaves(final.params)):
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(final.params)):
         np.testing.assert_array_equal(a, b)
 
 

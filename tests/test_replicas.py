@@ -37,21 +37,21 @@ def run_separately(spec, states, data, epochs, ranges=None):
     trainer = train.Trainer(spec)
     out = []
     for r, state in enumerate(states):
-        rstate = trainer.replicate(state)
+        rstate = state
         for e in range(epochs):
             for start, stop in ranges or [(0, spec.steps)]:
                 rstate, metrics = trainer.train_epoch(rstate, *data, epoch_keys(e)[r], start, stop)
-        out.append((trainer.unreplicate(rstate), metrics))
+        out.append((rstate, metrics))
     return out
 
 
 def run_together(spec, states, data, epochs, ranges=None):
     trainer = train.Trainer(spec, replicas=R)
-    rstate = trainer.replicate(train.stack_states(states))
+    rstate = train.stack_states(states)
     for e in range(epochs):
         for start, stop in ranges or [(0, spec.steps)]:
             rstate, metrics = trainer.train_epoch(rstate, *data, jnp.stack(epoch_keys(e)), start, stop)
-    return trainer, trainer.unreplicate(rstate), metrics
+    return trainer, rstate, metrics
 
 
 def assert_same(separate, together, metrics, rtol=1e-5, atol=1e-6):
@@ -102,7 +102,7 @@ def test_replicas_evaluate_and_key_check():
         alone = single.evaluate(state, images, labels)
         np.testing.assert_allclose(together["acc"][r], alone["acc"], rtol=1e-6)
         np.testing.assert_allclose(together["loss"][r], alone["loss"], rtol=1e-5)
-    rstate = trainer.replicate(train.stack_states(states))
+    rstate = train.stack_states(states)
     with pytest.raises(ValueError, match="needs 3 keys"):
         trainer.train_epoch(rstate, *trainer.put_data(*toy_data()), jax.random.key(0))
     with pytest.raises(ValueError, match="replicas must be a positive number"):

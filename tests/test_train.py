@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from qsparse import masks as M
-from qsparse import models, pruning, train
+from qsparse import cpu, models, pruning, train
 
 SPEC = train.EpochSpec(batch_size=20, steps=10, mean=(0.5,), std=(0.25,), augment=False)
 
@@ -38,10 +38,10 @@ def run_epochs(setup, tx, masks=None, epochs=2, opt_state=None):
     state = train.create_train_state(model, params, default_masks if masks is None else masks, tx)
     if opt_state is not None:
         state = state.replace(opt_state=opt_state)
-    rstate = trainer.replicate(state)
+    rstate = state
     for e in range(epochs):
         rstate, metrics = trainer.train_epoch(rstate, *data, jax.random.key(e))
-    return trainer.unreplicate(rstate), metrics
+    return rstate, metrics
 
 
 @pytest.mark.parametrize("tx", [train.make_optimizer("adam", 1e-2), train.make_optimizer("sgd", 1e-2),
@@ -72,10 +72,10 @@ def test_one_compilation_serves_every_mask(setup):
     tx = train.make_optimizer("adam", 1e-3)
     m = masks
     for level in range(3):
-        rstate = trainer.replicate(train.create_train_state(model, params, m, tx))
+        rstate = train.create_train_state(model, params, m, tx)
         for e in range(2):
             rstate, _ = trainer.train_epoch(rstate, *data, jax.random.key(e))
-        m = pruning.prune(trainer.unreplicate(rstate).params, m, 0.3)
+        m = pruning.prune(rstate.params, m, 0.3)
     rstate, _ = trainer.train_epoch(rstate, *data, jax.random.key(9), 3, 7)  # a partial epoch too
     assert trainer.trace_count == 1
 
@@ -83,7 +83,7 @@ def test_one_compilation_serves_every_mask(setup):
 def test_split_epoch_equals_whole_epoch_and_same_key_same_result(setup):
     model, params, masks, trainer, data = setup
     tx = train.make_optimizer("adam", 1e-2)
-    start = trainer.replicate(train.create_train_state(model, params, masks, tx))
+    start = train.create_train_state(model, params, masks, tx)
     whole, _ = trainer.train_epoch(start, *data, jax.random.key(5))
     again, _ = trainer.train_epoch(start, *data, jax.random.key(5))
     part, _ = trainer.train_epoch(start, *data, jax.random.key(5), 0, 4)
@@ -92,7 +92,7 @@ def test_split_epoch_equals_whole_epoch_and_same_key_same_result(setup):
     for a, b, c, d in zip(*(jax.tree.leaves(s.params) for s in (whole, again, part, other))):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
-    assert int(trainer.unreplicate(part).step) == 10
+    assert int(part.step) == 10
     assert not all(np.array_equal(a, d) for a, d in zip(jax.tree.leaves(whole.params), jax.tree.leaves(other.params)))
 
 
@@ -127,17 +127,17 @@ TWO_DEVICES = textwrap.dedent("""
     for n in (1, 2):
         spec = train.EpochSpec(20, 6, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True)
         trainer = train.Trainer(spec, devices=jax.local_devices()[:n])
-        state = trainer.replicate(train.create_train_state(model, params, masks, train.make_optimizer("adam", 1e-2)))
+        state = train.create_train_state(model, params, masks, train.make_optimizer("adam", 1e-2))
         data = trainer.put_data(images, labels)
         for e in range(2):
             state, m = trainer.train_epoch(state, *data, jax.random.key(e))
-        out[n] = (trainer.unreplicate(state).params, m)
+        out[n] = (state.params, m)
     assert jax.device_count() == 2
     try:
         train.Trainer(train.EpochSpec(7, 1, (0.0,), (1.0,), False))
         raise AssertionError("odd batch accepted on 2 devices")
     except ValueError as e:
-        assert "not divisible by the 2 local devices" in str(e)
+        assert "batch size 7 is not divisible by the 2 devices" in str(e)
     for a, b in zip(jax.tree.leaves(out[1][0]), jax.tree.leaves(out[2][0])):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(out[1][1]["train_loss"], out[2][1]["train_loss"], rtol=1e-4)
@@ -161,12 +161,12 @@ def test_dense_models_get_cpu_compiler_options_with_the_same_training():
     for options in ("auto", None):
         trainer = train.Trainer(SPEC, compiler_options=options)
         data = trainer.put_data(images, labels)
-        rstate = trainer.replicate(train.create_train_state(model, params, masks, train.make_optimizer("adam", 1e-2)))
+        rstate = train.create_train_state(model, params, masks, train.make_optimizer("adam", 1e-2))
         for e in range(3):
             rstate, metrics = trainer.train_epoch(rstate, *data, jax.random.key(e), 0, 5 + e)
-        out[options] = (trainer.unreplicate(rstate).params, metrics)
+        out[options] = (rstate.params, metrics)
         assert trainer.trace_count == 1
-        assert trainer._options(rstate, data[0]) == (train.DENSE_CPU_COMPILER_OPTIONS if options else None)
+        assert trainer._options(rstate, data[0]) == (cpu.DENSE_COMPILER_OPTIONS if options else None)
     for a, b in zip(jax.tree.leaves(out["auto"][0]), jax.tree.leaves(out[None][0])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(out["auto"][1]["train_loss"], out[None][1]["train_loss"], rtol=1e-5)
@@ -176,5 +176,5 @@ def test_models_with_convolutions_keep_xla_defaults():
     model = models.create("conv2", "quat", num_classes=3, stages=((8,),), dense_features=(16,))
     params = models.init_params(model, jax.random.key(0), (8, 8, 1))
     trainer = train.Trainer(SPEC)
-    rstate = trainer.replicate(train.create_train_state(model, params, M.ones(params), train.make_optimizer("adam", 1e-2)))
+    rstate = train.create_train_state(model, params, M.ones(params), train.make_optimizer("adam", 1e-2))
     assert trainer.compiler_options == "auto" and trainer._options(rstate, trainer.put_data(*toy_data())[0]) is None

@@ -1,18 +1,15 @@
 """oneDNN convolutions for XLA:CPU, through ``jax.ffi`` (optional).
 
-On the CPU measured here (results/bench_cpu.md) oneDNN's kernels ran Conv-4's convolutions and
-both their gradients 1.1-2.8x faster than XLA:CPU's own (``experiments/bench.py --layers``), and
-whole Conv-2/4/6 training steps 1.4-1.8x faster. The extension
+oneDNN's kernels run Conv-2/4/6's convolutions and both their gradients faster than XLA:CPU's own
+(``python -m experiments.bench --layers`` measures both). The extension
 ``qsparse._onednn_conv`` is built from ``csrc/onednn_conv.cc`` when the package is installed on a
 machine with oneDNN's headers (Debian/Ubuntu: ``apt-get install libdnnl-dev``); without them the
 build skips it and everything runs on XLA's convolutions.
 
-:func:`qsparse.layers.conv2d` uses these kernels for float32 stride-1 NHWC convolutions when the
-program is lowered for the CPU; other backends keep XLA's convolution. The Trainer's train and
-evaluation steps route every such convolution of a model through it (:func:`qsparse.train.fast_convs`
-does the same for any function). The choice is made when a function is traced:
-``QSPARSE_CPU_CONV=xla`` in the environment, :func:`set_cpu_conv` or :func:`using` turn it off
-for functions traced afterwards.
+:func:`qsparse.cpu.conv2d` uses these kernels for float32 convolutions; it runs only in programs
+lowered for the CPU (:func:`qsparse.cpu.conv_general_dilated`). The choice is made when a function
+is traced: ``QSPARSE_CPU_CONV=xla`` in the environment, :func:`set_cpu_conv` or :func:`using` turn
+it off for functions traced afterwards.
 """
 
 from __future__ import annotations
@@ -79,7 +76,7 @@ def using(choice: str) -> Iterator[None]:
 
 
 def cpu_conv() -> str:
-    """The convolution that CPU lowerings of :func:`qsparse.layers.conv2d` use now: "onednn" or "xla"."""
+    """The convolution that :func:`qsparse.cpu.conv2d` uses now: "onednn" or "xla"."""
     if _state["choice"] is None:
         set_cpu_conv(os.environ.get("QSPARSE_CPU_CONV", "auto"))
     if _state["choice"] == "xla":
@@ -88,7 +85,7 @@ def cpu_conv() -> str:
 
 
 def applies(inputs: jax.Array, kernel: jax.Array, preferred_element_type=None) -> bool:
-    """Whether a :func:`qsparse.layers.conv2d` call with these arguments runs on oneDNN on CPU.
+    """Whether a :func:`qsparse.cpu.conv2d` call with these arguments runs on oneDNN on CPU.
 
     Float32 only. Any ``precision``: oneDNN's float32 convolution is exact float32 arithmetic,
     which is what every precision setting means for float32 on CPU.

@@ -1,0 +1,37 @@
+"""XLA compiler options for the compiled epoch on CPU."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jex_core
+
+# No YNNPACK fusions for models without convolutions. YNNPACK's kernel for LeNet-300-100's
+# (60, 784) x (784, 300) forward matmul ran at about half the speed of XLA's own dot for the same
+# FLOPs; without it a whole step was ~10 % faster (real and quaternion, interleaved A/B,
+# results/bench_cpu.md). Models with convolutions keep XLA's defaults (YNNPACK runs their
+# convolutions; turning it off made Conv-4 ~7 % slower).
+DENSE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+_CONV_P = jex_core.primitives.conv_general_dilated_p
+
+
+def _has_conv(jaxpr) -> bool:
+    return any(e.primitive is _CONV_P or any(_has_conv(j) for j in jex_core.jaxprs_in_params(e.params))
+               for e in jaxpr.eqns)
+
+
+def has_conv(apply_fn: Callable, params, image_shape: Sequence[int]) -> bool:
+    """Whether ``apply_fn`` (a flax ``apply``) runs a convolution on one image of ``image_shape``."""
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    return _has_conv(jax.make_jaxpr(lambda p, x: apply_fn({"params": p}, x))(params, x).jaxpr)
+
+
+def compiler_options(platform: str, apply_fn: Callable, params, image_shape: Sequence[int]) -> dict | None:
+    """Options for compiling a model's epoch on ``platform``: :data:`DENSE_COMPILER_OPTIONS` for
+    a model without convolutions on CPU, XLA's defaults (None) otherwise."""
+    if platform != "cpu" or has_conv(apply_fn, params, image_shape):
+        return None
+    return DENSE_COMPILER_OPTIONS
