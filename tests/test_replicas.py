@@ -1,5 +1,9 @@
 """Trainer(replicas=R): R replicates in one compiled epoch equal R separate runs."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,3 +121,38 @@ def test_stack_and_unstack_are_inverse():
     for a, b in zip(states, back):
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             np.testing.assert_array_equal(x, y)
+
+
+TWO_DEVICES = """
+import jax, jax.numpy as jnp, numpy as np
+from qsparse import masks as M, models, pruning, train
+assert jax.device_count() == 2
+spec = train.EpochSpec(20, 10, (0.5,), (0.25,), False)
+model = models.create("lenet12", "quat", num_classes=3, features=(16,))
+rng = np.random.default_rng(0)
+images = rng.integers(0, 256, (200, 8, 8, 1), dtype=np.uint8)
+labels = rng.integers(0, 3, 200).astype(np.int32)
+tx = train.make_optimizer("adam", 1e-2)
+states = []
+for r, fraction in enumerate([0.2, 0.6]):
+    params = models.init_params(model, jax.random.key(10 + r), (8, 8, 1))
+    states.append(train.create_train_state(model, params, pruning.prune(params, M.ones(params), fraction), tx))
+keys = [jax.random.key(100 + r) for r in range(2)]
+lone = train.Trainer(spec, devices=jax.devices()[:1])
+alone = [lone.train_epoch(s, images, labels, k) for s, k in zip(states, keys)]
+both = train.Trainer(spec, replicas=2)  # one replicate per device: the lone program on each
+assert both.mesh.devices.shape == (2, 1)
+together, metrics = both.train_epoch(train.stack_states(states), images, labels, jnp.stack(keys))
+for r, (state, m) in enumerate(alone):
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(train.unstack_states(together)[r].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert metrics["train_loss"][r] == m["train_loss"]
+print("OK")
+"""
+
+
+def test_replicas_on_two_devices_are_bit_equal_to_lone_runs():
+    """R = 2 on two devices: each device group trains one replicate with the lone run's program."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", TWO_DEVICES], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
