@@ -112,7 +112,7 @@ def matmul_peak(n: int, repeats: int) -> dict[str, Any]:
 
 
 class Setup:
-    """A Trainer, a replicated masked state and synthetic data for one model and algebra."""
+    """A Trainer, a masked state and synthetic data for one model and algebra."""
 
     def __init__(self, name: str, algebra: str, steps: int, replicas: int | None = None, seed: int = 0):
         spec = models.spec(name)

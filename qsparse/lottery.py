@@ -301,6 +301,7 @@ class Experiment:
             if history[-1].get("nonfinite"):
                 return state, history  # the round diverged; its last checkpoint is its end
         density = report["total"]["density_prunable"]
+        saved = state  # the loop always ends with a save: the final epoch's or a non-finite one's
         last_save = time.monotonic()
         for epoch in range(first, cfg.epochs):
             t0 = time.perf_counter()
@@ -323,13 +324,14 @@ class Experiment:
             ckpt.fault_point("epoch_end")
             now = time.monotonic()
             if not finite or now - last_save >= cfg.checkpoint_every_secs or epoch + 1 == cfg.epochs:
-                manager.save(epoch + 1, trainer.fetch(state), history)
+                saved = trainer.fetch(state)
+                manager.save(epoch + 1, saved, history)
                 last_save = now
             if not finite:
                 logger.warning("replicate %d %s %d: non-finite loss or weights in epoch %d; the round stops",
                                r, tag, level, epoch + 1)
                 break
-        return trainer.fetch(state), history
+        return saved, history
 
     def _epoch(self, state, key, epoch: int, capture: Path | None):
         """One epoch; in round 0 it also saves the rewind point when the epoch contains it."""

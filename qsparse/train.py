@@ -215,6 +215,17 @@ def _evaluate(mean, std, batch: int, n_data: int, state: TrainState, images, lab
     return {"loss": loss / n, "acc": correct / n}
 
 
+def _squeezed(fn: Callable, stacked: tuple[int, ...]) -> Callable:
+    """``fn`` for a device group that holds one replicate: the replica axis (size 1) is dropped from
+    the ``stacked`` arguments and put back on every output, so the group runs the lone-run program."""
+
+    def wrapped(*args):
+        args = [jax.tree.map(lambda x: x[0], a) if i in stacked else a for i, a in enumerate(args)]
+        return jax.tree.map(lambda x: x[None], fn(*args))
+
+    return wrapped
+
+
 def _per_replica(fn: Callable, local: int | None, mode: str, *stacked):
     """``fn`` on each replicate of leading-axis-stacked arguments, results stacked again."""
     if local is None:
@@ -282,6 +293,7 @@ class Trainer:
         self.n_data = n_data
         # one state: replicated everywhere; R states: the replica axis split over device groups
         self._local = None if replicas is None or replicas == groups else replicas // groups
+        self._squeeze = replicas is not None and self._local is None  # one replicate per device group
         self._state_spec = P() if replicas is None else P(REPLICA)
         self._replicated = NamedSharding(self.mesh, P())
         self._state_sharding = NamedSharding(self.mesh, self._state_spec)
@@ -345,24 +357,27 @@ class Trainer:
             raise ValueError(f"a trainer of {self.replicas} replicas needs {self.replicas} keys, got shape {jnp.shape(key)}")
         return self._put(jax.random.key_data(key), self._state_sharding)
 
+    def _compile(self, fn: Callable, in_specs: tuple, options: dict | None = None) -> Callable:
+        """``fn`` (per-device code) as one compiled program over the mesh; state-shaped outputs."""
+        s = self._state_spec
+        return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=s, check_vma=False),
+                       compiler_options=options)
+
     def _build_epoch(self, state, images) -> Callable:
         spec, n_data, local, mode = self.spec, self.n_data, self._local, self.replica_mode
-        squeeze = self.replicas is not None and local is None
 
-        def epoch(state, images, labels, key_data, start, stop):
+        def epoch(state, images, labels, keys, start, stop):
             self.trace_count += 1
-            keys = jax.random.wrap_key_data(key_data)
-            if squeeze:  # this device group holds one replicate: the lone-run program
-                state, keys = jax.tree.map(lambda x: x[0], (state, keys))
-            state, metrics = _train_epoch(spec, n_data, local, mode, state, images, labels, keys, start, stop)
-            if squeeze:
-                state, metrics = jax.tree.map(lambda x: x[None], (state, metrics))
-            return state, metrics
+            return _train_epoch(spec, n_data, local, mode, state, images, labels, keys, start, stop)
+
+        if self._squeeze:
+            epoch = _squeezed(epoch, stacked=(0, 3))
+
+        def body(state, images, labels, key_data, start, stop):
+            return epoch(state, images, labels, jax.random.wrap_key_data(key_data), start, stop)
 
         s = self._state_spec
-        body = jax.shard_map(epoch, mesh=self.mesh, in_specs=(s, P(), P(), s, P(), P()), out_specs=(s, s),
-                             check_vma=False)
-        return jax.jit(body, compiler_options=self._options(state, images))
+        return self._compile(body, (s, P(), P(), s, P(), P()), self._options(state, images))
 
     def train_epoch(self, state: TrainState, images, labels, key, start: int = 0, stop: int | None = None):
         """Run steps [start, stop) of one epoch; metrics as floats (lists of floats with ``replicas``)."""
@@ -382,18 +397,16 @@ class Trainer:
             nan = float("nan") if self.replicas is None else [float("nan")] * self.replicas
             return {"loss": nan, "acc": nan}
         if self._eval is None:
-            spec, n_data, local, mode = self.spec, self.n_data, self._local, self.replica_mode
-            squeeze = self.replicas is not None and local is None
-            one = functools.partial(_evaluate, spec.mean, spec.std, self.eval_batch, n_data)
+            one = functools.partial(_evaluate, self.spec.mean, self.spec.std, self.eval_batch, self.n_data)
+            if self._squeeze:
+                evaluate = _squeezed(one, stacked=(0,))
+            else:
+                local, mode = self._local, self.replica_mode
 
-            def evaluate(state, images, labels):
-                if squeeze:
-                    return jax.tree.map(lambda x: x[None], one(jax.tree.map(lambda x: x[0], state), images, labels))
-                return _per_replica(lambda s: one(s, images, labels), local, mode, state)
+                def evaluate(state, images, labels):
+                    return _per_replica(lambda s: one(s, images, labels), local, mode, state)
 
-            s = self._state_spec
-            self._eval = jax.jit(jax.shard_map(evaluate, mesh=self.mesh, in_specs=(s, P(), P()), out_specs=s,
-                                               check_vma=False))
+            self._eval = self._compile(evaluate, (self._state_spec, P(), P()))
         state = self._put(state, self._state_sharding)
         images, labels = self.put_data(images, labels)
         return {k: _to_float(v) for k, v in self.fetch(self._eval(state, images, labels)).items()}
