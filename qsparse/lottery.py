@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -127,8 +126,8 @@ class Experiment:
         self.tx = train.make_optimizer(config.optimizer, config.lr)
         d = self.dataset
         self.train_data = self.trainer.put_data(d.train_images, d.train_labels)
-        self.val_data = (jnp.asarray(d.val_images), jnp.asarray(d.val_labels))
-        self.test_data = (jnp.asarray(d.test_images), jnp.asarray(d.test_labels))
+        self.val_data = self.trainer.put_data(d.val_images, d.val_labels)
+        self.test_data = self.trainer.put_data(d.test_images, d.test_labels)
         self.rewind_step = self._rewind_step()
         real = models.create(config.model, "real", d.num_classes, **config.width_overrides())
         self.real_total = models.count_params(_shapes(real, self.input_shape))
