@@ -60,7 +60,7 @@ HELP = {
     "quat_init": "htorch (paper) | parcollet_he | parcollet_glorot | isotropic",
     "encoding": "quaternion input encoding: auto | flat | rgb_gray | rgb_pure | gray_pure | none",
     "seed": "root seed: init, data order and controls derive from it",
-    "replicates": "independent replicates (seeds derived from --seed)",
+    "replicates": "independent replicates (seeds derived from --seed), trained together in one compiled epoch",
     "validation_size": "examples held out from train as a validation split",
     "train_subset": "use only this many training examples (for a small CPU run)",
     "test_subset": "use only this many test examples",

@@ -22,6 +22,10 @@ Run directory (one per experiment; the name is readable plus a hash of the non-d
                                       (checkpoints with the metrics so far), final/ (trained
                                       state), search/ (protocol 'paper'), done.json (written last)
 
+Replicates run in lockstep (:meth:`Experiment.replicates`): each one's protocol is a generator
+that yields the trainings it needs, and the trainings of all replicates are trained together in
+one compiled epoch, slot r always holding replicate r.
+
 Every stage is skipped when its output exists, and an interrupted round continues from its
 latest checkpoint: epoch keys are ``fold_in(data_key, epoch)``, so a resumed run computes
 exactly what an uninterrupted one would. A damaged file is reported (a logging warning naming
@@ -35,6 +39,7 @@ and status 'nonfinite' in done.json and the summary; its replicate has no furthe
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 import json
@@ -46,9 +51,10 @@ import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Generator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -84,8 +90,7 @@ def run(config: Config, workdir: str | os.PathLike, *, run_dir: str | os.PathLik
         log(f"run: {run_dir} on {info['device_count']} {info['platform']} device(s)"
             + (f" in {info['process_count']} processes" if info["process_count"] > 1 else "")
             + (f", {info['cpu_conv']} convolutions" if info["cpu_conv"] else ""))
-        for r in range(config.replicates):
-            experiment.replicate(r)
+        experiment.replicates()
         rows = write_summary(run_dir)
     diverged = [f"replicate {row['replicate']} round {row['round']}" for row in rows if row["status"] != "ok"]
     log(f"done: {run_dir}" + (f" (non-finite loss in {', '.join(diverged)})" if diverged else ""))
@@ -115,7 +120,9 @@ class Experiment:
         try:
             self.dataset = _load_dataset(config)
             self.spec = train.epoch_spec(self.dataset, config.batch_size)
-            self.trainer = train.Trainer(self.spec, eval_batch=config.eval_batch)
+            self.slots = _Slots(config.replicates)
+            self.trainer = train.Trainer(self.spec, eval_batch=config.eval_batch,
+                                         replicas=None if config.replicates == 1 else config.replicates)
         except qdata.DatasetUnavailableError:
             raise
         except ValueError as e:
@@ -164,9 +171,23 @@ class Experiment:
             raise ConfigError(f"rewind={self.config.rewind} is step {step}, not before the end of training ({total} steps)")
         return step
 
-    # -- one replicate ------------------------------------------------------------------
+    # -- the replicates, in lockstep -------------------------------------------------------
 
-    def replicate(self, r: int) -> None:
+    def replicates(self) -> None:
+        """Every replicate's protocol (:meth:`_protocol`), in lockstep: the trainings they ask for
+        next are trained together, in one compiled epoch (:meth:`_train_jobs`)."""
+        protocols = {r: self._protocol(r) for r in range(self.config.replicates)}
+        jobs: dict[int, _Job] = {}
+        for r in protocols:
+            _advance(protocols, jobs, r, None)
+        while jobs:
+            results = self._train_jobs(jobs)
+            for r in sorted(results):
+                _advance(protocols, jobs, r, results[r])
+
+    def _protocol(self, r: int) -> Generator[_Job, tuple, None]:
+        """Replicate r's rounds, top to bottom; each ``yield`` hands a training to the scheduler
+        and receives its (final state, metrics history)."""
         cfg = self.config
         rdir = self.run_dir / f"replicate_{r}"
         init_key, data_key, control_key = replicate_keys(cfg.seed, r)
@@ -185,9 +206,9 @@ class Experiment:
                 return
             start = self._start_params(rdir, theta0, masks, init_key, level)
             opt_state = prev_state.opt_state if (cfg.optimizer_state == "carry" and prev_state is not None) else None
-            state, done = self._round(rd, r, level, start, masks, data_key, opt_state, rdir)
+            state, done = yield from self._round(rd, r, level, start, masks, data_key, opt_state, rdir)
             if cfg.protocol == "paper":
-                prev_search = self._search(rd, r, level, state, prev_search, masks, data_key)
+                prev_search = yield from self._search(rd, r, level, state, prev_search, masks, data_key)
             prev_state = state
             if done["status"] != "ok":
                 logger.warning("replicate %d: round %d ended with status %r (non-finite loss or weights); "
@@ -248,7 +269,7 @@ class Experiment:
         report = qmasks.density_report(masks, self.rule)
         ckpt.write_json(rd / "sparsity.json", report)
         capture = rdir / "rewind" if (level == 0 and self.rewind_step) else None
-        state, history = self._train(rd / "ckpt", rd / "metrics.jsonl", like, data_key, r, level, report, capture)
+        state, history = yield _Job(like, rd / "ckpt", rd / "metrics.jsonl", data_key, level, report, capture)
         ckpt.save_tree(rd / "final", state)
         done = self._done(history, report)
         ckpt.write_json(rd / "done.json", done)
@@ -275,6 +296,7 @@ class Experiment:
         """Protocol 'paper': continue the never-rewound trajectory with its carried optimizer."""
         if level == 0:
             return ticket  # the dense run is both the first ticket and the search's start
+            yield  # a generator all the same
         out = rd / "search"
         like = train.create_train_state(self.model, prev_search.params, masks, self.tx)
         like = like.replace(opt_state=prev_search.opt_state)
@@ -284,67 +306,105 @@ class Experiment:
             except ckpt.CorruptFileError as e:
                 logger.warning("%s; finishing the search again from its checkpoints", e)
         report = qmasks.density_report(masks, self.rule)
-        state, _ = self._train(out / "ckpt", out / "metrics.jsonl", like, data_key, r, level, report, None, "search")
+        state, _ = yield _Job(like, out / "ckpt", out / "metrics.jsonl", data_key, level, report, None, "search")
         ckpt.save_tree(out / "final", state)
         return state
 
-    def _train(self, ckpt_dir: Path, metrics_path: Path, state, data_key, r, level, report, capture, tag="round"):
-        cfg, spec, trainer = self.config, self.spec, self.trainer
-        manager = ckpt.EpochCheckpoints(ckpt_dir)
-        restored = manager.restore_latest(state)
-        first, history = 0, []
-        if restored is not None:
-            first, state, history = restored
-            ckpt.write_jsonl(metrics_path, history)  # the copy may be an epoch ahead of the checkpoint
-            self.log(f"replicate {r} {tag} {level}: resuming after epoch {first}")
-            if history[-1].get("nonfinite"):
-                return state, history  # the round diverged; its last checkpoint is its end
-        density = report["total"]["density_prunable"]
-        saved = state  # the loop always ends with a save: the final epoch's or a non-finite one's
+    def _train_jobs(self, jobs: dict[int, _Job]) -> dict[int, tuple]:
+        """Train every job (at most one per replicate) to the end of its round, together: slot r
+        of the compiled epoch always holds replicate r, so what a replicate computes does not
+        depend on which others train beside it (slots without a job compute and are ignored).
+        Each job resumes from its own latest checkpoint; returns (final state, history) per job."""
+        cfg, spec, trainer, slots = self.config, self.spec, self.trainer, self.slots
+        progress = {r: self._restore(r, job) for r, job in sorted(jobs.items())}
+        live = [r for r in sorted(jobs) if not progress[r].finished]
+        if not live:
+            return {r: (p.saved, p.history) for r, p in progress.items()}
+        state = slots.stack([progress[s if s in live else live[0]].saved for s in range(slots.n)])
         last_save = time.monotonic()
-        for epoch in range(first, cfg.epochs):
+        while live:
             t0 = time.perf_counter()
-            key = jax.random.fold_in(data_key, epoch)
-            state, metrics = self._epoch(state, key, epoch, capture)
+            keys = [jax.random.fold_in(jobs[s].data_key, progress[s].epoch) if s in live else jax.random.key(0)
+                    for s in range(slots.n)]
+            captures = {r: jobs[r].capture for r in live if self._captures(jobs[r].capture, progress[r].epoch)}
+            state, metrics = self._epoch(state, slots.stack(keys), captures)
             seconds = time.perf_counter() - t0
-            row = {"epoch": epoch + 1, **metrics, "seconds": seconds, "images_per_sec": spec.steps * spec.batch_size / seconds,
-                   "density_prunable": density}
-            finite = math.isfinite(metrics["train_loss"]) and _all_finite(trainer.fetch(state.params))
-            if finite and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-                row.update({f"test_{k}": v for k, v in trainer.evaluate(state, *self.test_data).items()})
-                if self.val_data[0].shape[0]:
-                    row.update({f"val_{k}": v for k, v in trainer.evaluate(state, *self.val_data).items()})
-            if not finite:
-                row["nonfinite"] = True
-            history.append(row)
-            ckpt.write_jsonl(metrics_path, history)
-            if (epoch + 1) % cfg.log_every == 0 or not finite:
-                self.log(_progress(r, tag, level, cfg.epochs, row))
-            ckpt.fault_point("epoch_end")
+            params = trainer.fetch(state.params)
+            rows = {}
+            for r in live:
+                epoch = progress[r].epoch + 1
+                row = {"epoch": epoch, **{k: slots.part(v, r) for k, v in metrics.items()}, "seconds": seconds,
+                       "images_per_sec": spec.steps * spec.batch_size / seconds,
+                       "density_prunable": jobs[r].report["total"]["density_prunable"]}
+                if not (math.isfinite(row["train_loss"]) and _all_finite(slots.part(params, r))):
+                    row["nonfinite"] = True
+                rows[r] = row
+            due = [r for r in live if "nonfinite" not in rows[r]
+                   and (rows[r]["epoch"] % cfg.eval_every == 0 or rows[r]["epoch"] == cfg.epochs)]
+            if due:
+                splits = {"test": self.test_data} | ({"val": self.val_data} if self.val_data[0].shape[0] else {})
+                for split, data in splits.items():
+                    result = trainer.evaluate(state, *data)
+                    for r in due:
+                        rows[r].update({f"{split}_{k}": slots.part(v, r) for k, v in result.items()})
+            for r in live:
+                job, p, row = jobs[r], progress[r], rows[r]
+                p.history.append(row)
+                ckpt.write_jsonl(job.metrics_path, p.history)
+                if row["epoch"] % cfg.log_every == 0 or "nonfinite" in row:
+                    self.log(_progress(r, job.tag, job.level, cfg.epochs, row))
+                ckpt.fault_point("epoch_end")
             now = time.monotonic()
-            if not finite or now - last_save >= cfg.checkpoint_every_secs or epoch + 1 == cfg.epochs:
-                saved = trainer.fetch(state)
-                manager.save(epoch + 1, saved, history)
+            savers = [r for r in live if "nonfinite" in rows[r] or now - last_save >= cfg.checkpoint_every_secs
+                      or rows[r]["epoch"] == cfg.epochs]
+            if savers:
+                host = trainer.fetch(state)
+                for r in savers:
+                    progress[r].saved = slots.part(host, r)
+                    progress[r].manager.save(rows[r]["epoch"], progress[r].saved, progress[r].history)
                 last_save = now
-            if not finite:
-                logger.warning("replicate %d %s %d: non-finite loss or weights in epoch %d; the round stops",
-                               r, tag, level, epoch + 1)
-                break
-        return saved, history
+            for r in list(live):
+                progress[r].epoch += 1
+                if "nonfinite" in rows[r]:
+                    logger.warning("replicate %d %s %d: non-finite loss or weights in epoch %d; the round stops",
+                                   r, jobs[r].tag, jobs[r].level, rows[r]["epoch"])
+                if "nonfinite" in rows[r] or progress[r].epoch == cfg.epochs:
+                    live.remove(r)
+        return {r: (p.saved, p.history) for r, p in progress.items()}
 
-    def _epoch(self, state, key, epoch: int, capture: Path | None):
-        """One epoch; in round 0 it also saves the rewind point when the epoch contains it."""
+    def _restore(self, r: int, job: _Job) -> _Progress:
+        """Where a job stands: its latest epoch checkpoint, or its start."""
+        manager = ckpt.EpochCheckpoints(job.ckpt_dir)
+        restored = manager.restore_latest(job.state)
+        if restored is None:
+            return _Progress(manager, 0, job.state, [], False)
+        epoch, state, history = restored
+        ckpt.write_jsonl(job.metrics_path, history)  # the copy may be an epoch ahead of the checkpoint
+        self.log(f"replicate {r} {job.tag} {job.level}: resuming after epoch {epoch}")
+        # a round that diverged ends at its last checkpoint
+        return _Progress(manager, epoch, state, history, bool(history[-1].get("nonfinite")) or epoch == self.config.epochs)
+
+    def _captures(self, capture: Path | None, epoch: int) -> bool:
+        """Whether this epoch of the job holds its rewind point, still to be saved."""
         steps, k = self.spec.steps, self.rewind_step
-        if capture is None or not (epoch * steps <= k < (epoch + 1) * steps) or capture.exists():
-            return self.trainer.train_epoch(state, *self.train_data, key)
-        split = k - epoch * steps
-        state, m1 = self.trainer.train_epoch(state, *self.train_data, key, 0, split)
-        ckpt.save_tree(capture, self.trainer.fetch(state.params))
+        return capture is not None and epoch * steps <= k < (epoch + 1) * steps and not capture.exists()
+
+    def _epoch(self, state, keys, captures: dict[int, Path]):
+        """One epoch of every slot; split at the rewind point when a job saves it now (a split epoch
+        computes what a whole one does)."""
+        trainer, steps = self.trainer, self.spec.steps
+        if not captures:
+            return trainer.train_epoch(state, *self.train_data, keys)
+        split = self.rewind_step % steps
+        state, m1 = trainer.train_epoch(state, *self.train_data, keys, 0, split)
+        params = trainer.fetch(state.params)
+        for r, path in captures.items():
+            ckpt.save_tree(path, self.slots.part(params, r))
         if split == 0:
-            return self.trainer.train_epoch(state, *self.train_data, key)
-        state, m2 = self.trainer.train_epoch(state, *self.train_data, key, split, steps)
+            return trainer.train_epoch(state, *self.train_data, keys)
+        state, m2 = trainer.train_epoch(state, *self.train_data, keys, split, steps)
         w1, w2 = split / steps, 1 - split / steps
-        return state, {name: w1 * m1[name] + w2 * m2[name] for name in m1}
+        return state, {name: _mix(w1, m1[name], w2, m2[name]) for name in m1}
 
     def _done(self, history: list[dict], report: dict) -> dict:
         last = history[-1]
@@ -361,6 +421,63 @@ class Experiment:
             "train_loss": last["train_loss"],
             "epochs": len(history),
         }
+
+
+@dataclasses.dataclass
+class _Job:
+    """One training a replicate's protocol asks for: a round's ticket, or the paper's search."""
+
+    state: train.TrainState
+    ckpt_dir: Path
+    metrics_path: Path
+    data_key: jax.Array
+    level: int
+    report: dict
+    capture: Path | None
+    tag: str = "round"
+
+
+@dataclasses.dataclass
+class _Progress:
+    """A job being trained: epochs done, its last saved state, its metrics so far."""
+
+    manager: ckpt.EpochCheckpoints
+    epoch: int
+    saved: train.TrainState
+    history: list[dict]
+    finished: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slots:
+    """The replicates as slots of the trainer: one unstacked state for a single replicate (the
+    lone-run program), a leading replica axis otherwise."""
+
+    n: int
+
+    def stack(self, trees: list):
+        return trees[0] if self.n == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+    def part(self, tree, r: int):
+        """Slot r of a stacked pytree or metric (a list per slot)."""
+        if self.n == 1:
+            return tree
+        return tree[r] if isinstance(tree, list) else jax.tree.map(lambda x: x[r], tree)
+
+
+def _advance(protocols: dict, jobs: dict, r: int, result) -> None:
+    """Resume replicate r's protocol with ``result``; record the job it asks for next, if any."""
+    try:
+        jobs[r] = protocols[r].send(result)
+    except StopIteration:
+        jobs.pop(r, None)
+
+
+def _mix(w1: float, a, w2: float, b):
+    """``w1 * a + w2 * b`` for floats or per-slot lists of floats."""
+    if isinstance(a, list):
+        return [w1 * x + w2 * y for x, y in zip(a, b)]
+    return w1 * a + w2 * b
 
 
 def _load_dataset(config: Config) -> qdata.Dataset:

@@ -58,8 +58,8 @@ def run_dir(workdir: Path) -> Path:
     return only
 
 
-def rounds(workdir: Path) -> list[Path]:
-    return sorted((run_dir(workdir) / "replicate_0").glob("round_*"))
+def rounds(workdir: Path, replicate: int = 0) -> list[Path]:
+    return sorted((run_dir(workdir) / f"replicate_{replicate}").glob("round_*"))
 
 
 def metrics(path: Path) -> list[dict]:
@@ -72,9 +72,9 @@ def arrays(folder: Path) -> list[np.ndarray]:
         return [np.asarray(x) for x in jax.tree.leaves(reader.restore(folder.absolute()))]
 
 
-def assert_same_run(a: Path, b: Path) -> None:
+def assert_same_run(a: Path, b: Path, replicate: int = 0) -> None:
     """Bit-identical masks, final params and metrics (timings aside) in every round."""
-    ra, rb = rounds(a), rounds(b)
+    ra, rb = rounds(a, replicate), rounds(b, replicate)
     assert [r.name for r in ra] == [r.name for r in rb] == ["round_00", "round_01", "round_02"]
     for x, y in zip(ra, rb):
         with np.load(x / "masks.npz") as mx, np.load(y / "masks.npz") as my:
@@ -208,6 +208,34 @@ def test_killed_at_each_point_and_restarted_equals_uninterrupted(imp, reference,
     result = imp(tmp_path)
     assert result.returncode == 0, result.stderr
     assert_same_run(reference, tmp_path)
+
+
+def test_replicates_trained_together_resume_bit_identical(imp, tmp_path_factory):
+    """--replicates=2 trains both in one compiled epoch; kills that leave the two replicates at
+    different points (one's checkpoint written, the other's not; one's round done, the other's
+    not) resume to the uninterrupted run bit for bit: slot r always trains replicate r."""
+    reference = tmp_path_factory.mktemp("reference_2")
+    assert imp(reference, "--replicates=2").returncode == 0
+    workdir = tmp_path_factory.mktemp("killed_2")
+
+    def killed(fault):
+        result = imp(workdir, "--replicates=2", fault=fault)
+        assert result.returncode == -signal.SIGKILL, (fault, result.stderr)
+        return [rounds(workdir, r) for r in (0, 1)]
+
+    # writes 1-2 are the two θ₀; write 4 is replicate 1's epoch-1 checkpoint, replicate 0's is done
+    (rd0, *_), (rd1, *_) = killed("checkpoint_write:4")
+    assert ckpt.EpochCheckpoints(rd0 / "ckpt").epochs() == [1] and ckpt.EpochCheckpoints(rd1 / "ckpt").epochs() == []
+    # the two train at different epochs of round 0 side by side; killed in round 1's first epoch
+    killed("epoch_end:7")
+    # counted from this restart: rounds 1 of both, then replicate 0's round 2 done, replicate 1's not
+    r0, r1 = killed("round_end:3")
+    assert (r0[2] / "done.json").exists() and not (r1[2] / "done.json").exists()
+    result = imp(workdir, "--replicates=2")
+    assert result.returncode == 0, result.stderr
+    for r in (0, 1):
+        assert_same_run(reference, workdir, replicate=r)
+    assert len(ckpt.read_json(run_dir(workdir) / "summary.json")) == 6
 
 
 def test_damaged_files_are_named_and_recomputed(imp, reference, tmp_path):
