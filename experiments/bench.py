@@ -17,7 +17,8 @@ What it measures, all in one process:
 * ``epochs``: whole LeNet-300-100 epochs on MNIST (60,000 training images) through the same
   Trainer, data handling included, and the projected wall time of a 40-epoch round.
 * ``replicas``: R replicates trained at once (``Trainer(replicas=R)``) against one replicate,
-  in total images/s.
+  in total images/s, for each of ``--replica_models`` and of ``--replica_modes`` (how replicates
+  that share a device run: ``unroll``, R copies of the step, or ``vmap``, batched kernels).
 
 Prints a table and writes JSON / markdown when asked. Timings from a busy machine are not
 comparable: the JSON records the load average before and after.
@@ -114,7 +115,8 @@ def matmul_peak(n: int, repeats: int) -> dict[str, Any]:
 class Setup:
     """A Trainer, a masked state and synthetic data for one model and algebra."""
 
-    def __init__(self, name: str, algebra: str, steps: int, replicas: int | None = None, seed: int = 0):
+    def __init__(self, name: str, algebra: str, steps: int, replicas: int | None = None, seed: int = 0,
+                 replica_mode: str = "auto"):
         spec = models.spec(name)
         shape, mean, std, augment = DATA[spec.dataset]
         self.model = models.create(name, algebra)
@@ -124,7 +126,8 @@ class Setup:
         tx = train.make_optimizer("adam", spec.lr)
         state = train.create_train_state(self.model, params, masks, tx)
         self.images_per_call = steps * spec.batch_size * (replicas or 1)
-        self.trainer = train.Trainer(train.EpochSpec(spec.batch_size, steps, mean, std, augment), replicas=replicas)
+        self.trainer = train.Trainer(train.EpochSpec(spec.batch_size, steps, mean, std, augment), replicas=replicas,
+                                     replica_mode=replica_mode)
         if replicas is not None:
             state = train.stack_states([state] * replicas)
         self.state = state
@@ -308,10 +311,13 @@ def bench_epochs(algebras, epochs: int, data_dir: str | None, train_subset: int 
     return out
 
 
-def bench_replicas(name: str, algebras, replicas: int, windows: int, steps: int, log) -> dict[str, Any]:
-    out = {"replicas": replicas}
+def bench_replicas(name: str, algebras, replicas: int, windows: int, steps: int, log,
+                   replica_mode: str = "auto") -> dict[str, Any]:
+    out = {"model": name, "replicas": replicas, "mode": replica_mode}
     for algebra in algebras:
-        single, many = Setup(name, algebra, steps), Setup(name, algebra, steps, replicas=replicas)
+        single = Setup(name, algebra, steps)
+        many = Setup(name, algebra, steps, replicas=replicas, replica_mode=replica_mode)
+        out["mode"] = many.trainer.replica_mode
         compile_single, compile_many = single.first_call(), many.first_call()
         single.window(record=False)
         many.window(record=False)
@@ -322,7 +328,7 @@ def bench_replicas(name: str, algebras, replicas: int, windows: int, steps: int,
         together = many.images_per_call / statistics.median(many.windows)
         out[algebra] = {"single_images_per_s": one, "replicas_images_per_s": together, "factor": together / one,
                         "first_call_single_s": compile_single, "first_call_replicas_s": compile_many}
-        log(f"  {name:13s} {algebra:4s} R={replicas}: {together:9.0f} img/s in total vs {one:9.0f} for one "
+        log(f"  {name:13s} {algebra:4s} R={replicas} ({out['mode']}): {together:9.0f} img/s in total vs {one:9.0f} for one "
             f"replicate at a time: x{together / one:.2f}")
     return out
 
@@ -462,11 +468,11 @@ def markdown(result: dict[str, Any]) -> str:
                                  [(a, f"{e[a]['epoch_s']:.3f}", f"{e[a]['images_per_s']:,.0f}", f"{e[a]['round_40_epochs_s']:.1f}",
                                    f"{e[a]['round_40_epochs_with_eval_s']:.1f}") for a in ALGEBRAS if a in e])]
     if result.get("replicas"):
-        rep = result["replicas"]
-        lines += ["", f"{rep['model']}: {rep['replicas']} replicates in one compiled epoch vs one at a time (total images/s):", "",
-                  markdown_table(("algebra", "one replicate", "R at once", "factor"),
-                                 [(a, f"{rep[a]['single_images_per_s']:,.0f}", f"{rep[a]['replicas_images_per_s']:,.0f}",
-                                   f"{rep[a]['factor']:.2f}") for a in ALGEBRAS if a in rep])]
+        lines += ["", "R replicates in one compiled epoch vs one at a time (total images/s):", "",
+                  markdown_table(("model", "R", "replicates share a device by", "algebra", "one replicate", "R at once", "factor"),
+                                 [(rep["model"], rep["replicas"], rep["mode"], a, f"{rep[a]['single_images_per_s']:,.0f}",
+                                   f"{rep[a]['replicas_images_per_s']:,.0f}", f"{rep[a]['factor']:.2f}")
+                                  for rep in result["replicas"] for a in ALGEBRAS if a in rep])]
     env = result["environment"]
     lines.append(f"\n{env.get('cpu', '?')}; CPU convolutions: {env.get('cpu_conv', 'xla')}. "
                  f"jax {env['jax']}, {env['cpu_count']} CPUs, devices {env['devices']}, XLA_FLAGS={env['xla_flags']!r}, "
@@ -494,7 +500,9 @@ def parse(argv):
     p.add_argument("--data_dir", default=None)
     p.add_argument("--synthetic_epochs", action="store_true", help="random MNIST-shaped data instead of MNIST")
     p.add_argument("--replicas", type=int, default=5, help="R for the replicate benchmark (0: skip)")
-    p.add_argument("--replica_model", default="lenet300_100")
+    p.add_argument("--replica_models", default="lenet300_100", help="models for the replicate benchmark")
+    p.add_argument("--replica_modes", default="auto",
+                   help="how replicates sharing a device run: auto | unroll | vmap (comma-separated to compare)")
     p.add_argument("--no_references", action="store_true", help="skip the plain Flax Conv-4 / bare MLP yardsticks")
     p.add_argument("--torch_python", default=None,
                    help="a Python interpreter with torch: also time PyTorch eager Conv-4 / LeNet-300-100 in this run")
@@ -537,9 +545,10 @@ def main(argv=None) -> dict[str, Any]:
         result["epochs"] = bench_epochs(algebras, args.epochs, args.data_dir, args.train_subset, log, args.synthetic_epochs)
     if args.replicas:
         log("replicates")
-        steps = args.window_steps or WINDOW_STEPS[args.replica_model] // 2
-        result["replicas"] = {"model": args.replica_model,
-                              **bench_replicas(args.replica_model, algebras, args.replicas, args.windows, steps, log)}
+        result["replicas"] = [
+            bench_replicas(name, algebras, args.replicas, args.windows, args.window_steps or WINDOW_STEPS[name] // 2, log,
+                           mode)
+            for name in args.replica_models.split(",") if name for mode in args.replica_modes.split(",") if mode]
     result["environment"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
     table = markdown(result)
     print("\n" + table)

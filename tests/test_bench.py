@@ -13,7 +13,7 @@ def test_bench_smoke(tmp_path):
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
     result = bench.main([
         "--models=lenet300_100", "--windows=2", "--window_steps=3", "--peak_size=128", "--epochs=1",
-        "--train_subset=600", "--synthetic_epochs", "--replicas=2", "--no_references",
+        "--train_subset=600", "--synthetic_epochs", "--replicas=2", "--replica_modes=unroll,vmap", "--no_references",
         f"--json={out_json}", f"--markdown={out_md}",
     ])
     assert json.loads(out_json.read_text())["models"]["lenet300_100"]["real"]["window_steps"] == 3
@@ -25,11 +25,13 @@ def test_bench_smoke(tmp_path):
         # 784*300 + 300*100 + 100*10 multiply-adds per example: the same for both algebras
         assert r["forward_gflop_per_image"] * 1e9 == 2 * (784 * 300 + 300 * 100 + 100 * 10)
         assert result["epochs"][algebra]["epoch_s"] > 0
-        assert result["replicas"][algebra]["factor"] > 0
+        assert [rep["mode"] for rep in result["replicas"]] == ["unroll", "vmap"]
+        assert all(rep[algebra]["factor"] > 0 for rep in result["replicas"])
     assert lenet["quat_real_time_ratio"] > 0
     assert result["epochs"]["train_images"] == 600
     table = out_md.read_text()
     assert "| lenet300_100 | quat | none |" in table and "GFLOP/s" in table
+    assert "| lenet300_100 | 2 | vmap | quat |" in table
 
 
 def test_bench_conv_model_both_convolutions_and_layers(tmp_path):
