@@ -35,16 +35,16 @@ def env(devices: int = 1, fault: str | None = None) -> dict:
     return out
 
 
-def start(run_dir: Path, data_dir, port: int, pid: int, fault: str | None = None) -> subprocess.Popen:
-    args = [sys.executable, "-m", "experiments.imp", *RUN, f"--data_dir={data_dir}", f"--run_dir={run_dir}",
+def start(run_dir: Path, data_dir, port: int, pid: int, fault: str | None = None, extra=()) -> subprocess.Popen:
+    args = [sys.executable, "-m", "experiments.imp", *RUN, *extra, f"--data_dir={data_dir}", f"--run_dir={run_dir}",
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}"]
     return subprocess.Popen(args, cwd=REPO, env=env(fault=fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
 
-def two_processes(run_dir: Path, data_dir, faults=(None, None), timeout: float = 400):
+def two_processes(run_dir: Path, data_dir, faults=(None, None), timeout: float = 400, extra=()):
     port = free_port()
-    procs = [start(run_dir, data_dir, port, pid, fault) for pid, fault in enumerate(faults)]
+    procs = [start(run_dir, data_dir, port, pid, fault, extra) for pid, fault in enumerate(faults)]
     return [(p.wait(timeout=timeout), *p.communicate()) for p in procs]
 
 
@@ -58,10 +58,10 @@ def run_dir_contents(run_dir: Path) -> tuple[list[dict], dict]:
     return summary, masks
 
 
-def assert_same_run(a: Path, b: Path) -> None:
+def assert_same_run(a: Path, b: Path, replicates: int = 1) -> None:
     (sa, ma), (sb, mb) = run_dir_contents(a), run_dir_contents(b)
-    assert sa == sb and len(sa) == 2  # rounds 0 and 1, every number equal
-    assert ma.keys() == mb.keys() and len(ma) == 2
+    assert sa == sb and len(sa) == 2 * replicates  # rounds 0 and 1, every number equal
+    assert ma.keys() == mb.keys() and len(ma) == 2 * replicates
     for name in ma:
         for k in ma[name]:
             np.testing.assert_array_equal(ma[name][k], mb[name][k])
@@ -107,3 +107,18 @@ def test_a_dead_process_stops_the_other_and_both_resume(tmp_path, mnist_dir, ref
     (rc0, _, err0), (rc1, _, err1) = two_processes(run_dir, mnist_dir)
     assert rc0 == 0 and rc1 == 0, (err0[-2000:], err1[-2000:])
     assert_same_run(run_dir, reference)
+
+
+def test_two_processes_each_training_one_replicate(tmp_path, mnist_dir):
+    """--replicates=2 over two processes: each trains its replicate alone (no collective in the
+    epoch) and the states meet on every process through one all-reduce; the run directory equals
+    one process's with two devices."""
+    extra = ("--replicates=2", "--epochs=2")
+    one = tmp_path / "one"
+    result = subprocess.run([sys.executable, "-m", "experiments.imp", *RUN, *extra, f"--data_dir={mnist_dir}",
+                             f"--run_dir={one}"], cwd=REPO, env=env(devices=2), capture_output=True, text=True,
+                            timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (rc0, _, err0), (rc1, _, err1) = two_processes(tmp_path / "two", mnist_dir, extra=extra)
+    assert rc0 == 0 and rc1 == 0, (err0[-2000:], err1[-2000:])
+    assert_same_run(tmp_path / "two", one, replicates=2)
