@@ -1,0 +1,78 @@
+"""Behaviour kept across refactors: runs written by an earlier qsparse (tests/golden/, made by
+``make_golden.py`` at the commit named in its README) are resumed and read back by this code, and
+fresh runs of the same configs compute the same numbers, bit for bit, into the same layout.
+
+Bit equality is a statement about the code only under the same compiler: with another jax
+version than the fixture's, numbers are compared to float tolerance instead (layouts, counts and
+statuses still exactly).
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from qsparse import lottery
+from qsparse.config import Config
+
+GOLDEN = Path(__file__).parent / "golden"
+sys.path.insert(0, str(GOLDEN))
+import make_golden  # noqa: E402
+
+EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
+SAME_COMPILER = jax.__version__ == EXPECTED["jax"]
+
+
+def assert_same(actual, expected, where=""):
+    """Equal JSON values; floats bit for bit under the fixture's jax, else to rtol 1e-5."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and sorted(actual) == sorted(expected), where
+        for k in expected:
+            assert_same(actual[k], expected[k], f"{where}/{k}")
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_same(a, e, f"{where}[{i}]")
+    elif isinstance(expected, float) and not SAME_COMPILER:
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, err_msg=where)
+    else:
+        assert actual == expected or (actual != actual and expected != expected), \
+            f"{where}: {actual!r} != {expected!r}"
+
+
+def config(name: str, data_dir) -> Config:
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in EXPECTED["runs"][name]["config"].items()}
+    return Config(**fields, data_dir=str(data_dir))
+
+
+def assert_run_matches(run_dir: Path, name: str) -> None:
+    golden = EXPECTED["runs"][name]
+    assert make_golden.layout(run_dir) == golden["layout"]
+    assert_same(json.loads((run_dir / "summary.json").read_text()), golden["summary"], "summary")
+    assert_same(make_golden.metrics(run_dir), golden["metrics"], "metrics")
+
+
+def test_old_run_directory_reads_back_the_same():
+    assert make_golden.layout(GOLDEN / "partial_run") == EXPECTED["partial_layout"]
+    assert_same(make_golden.reads(GOLDEN / "partial_run"), EXPECTED["partial_reads"], "reads")
+
+
+def test_old_run_directory_resumes_to_the_uninterrupted_numbers(mnist_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(GOLDEN / "partial_run", run_dir)
+    lottery.run(config(make_golden.PARTIAL, mnist_dir), tmp_path, run_dir=run_dir, log=lambda s: None)
+    assert_run_matches(run_dir, make_golden.PARTIAL)
+    assert len((run_dir / "runs.jsonl").read_text().splitlines()) == 2  # the old invocation, and this one
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED["runs"]))
+def test_fresh_run_computes_the_golden_numbers(mnist_dir, tmp_path, name):
+    cfg = config(name, mnist_dir)
+    run_dir = lottery.run(cfg, tmp_path, log=lambda s: None)
+    assert run_dir.name == EXPECTED["runs"][name]["run_name"]
+    assert_run_matches(run_dir, name)
+
