@@ -11,7 +11,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from qsparse import results
+from qsparse import report, results
 
 flags.DEFINE_list("runs", ["runs"], "run directories, or folders holding run directories")
 flags.DEFINE_string("out", None, "also write the report to this file")
@@ -22,14 +22,14 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        report = results.markdown_report(results.load(FLAGS.runs))
+        text = report.markdown_report(results.load(FLAGS.runs))
     except FileNotFoundError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
-    sys.stdout.write(report)
+    sys.stdout.write(text)
     if FLAGS.out:
         Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(FLAGS.out).write_text(report)
+        Path(FLAGS.out).write_text(text)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
 
 from qsparse import results
+from qsparse.paper import PAPER, PaperCurve
 
 # Halvings of 100 % (the paper speaks of the 25 %, 12.5 % and 3.12 % marks).
 X_TICKS = [100 / 2**k for k in range(14)]
@@ -27,7 +28,7 @@ X_LABELS = {
 }
 
 
-def accuracy_figure(curves: Sequence[results.Curve], x: str = "real", paper: results.PaperCurve | None = None,
+def accuracy_figure(curves: Sequence[results.Curve], x: str = "real", paper: PaperCurve | None = None,
                     title: str | None = None) -> Figure:
     """Test accuracy (%) vs % weights remaining, log x inverted (100 → small), mean ± std bars.
 
@@ -100,7 +101,7 @@ def write_figures(runs: Iterable[str | os.PathLike], out: str | os.PathLike) -> 
     written = []
     for (model, dataset), curves in results.by_pair(results.aggregate(
             row for run in runs for row in results.read_rows(run))).items():
-        paper = results.PAPER.get((model, dataset))
+        paper = PAPER.get((model, dataset))
         for x in X_LABELS:
             fig = accuracy_figure(curves, x, paper, title=f"{model} / {dataset}")
             written += save(fig, out / f"accuracy_{model}_{dataset}_{x}")

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from qsparse import lottery, masks, models, results
+from qsparse import lottery, masks, models, paper, report, results
 from qsparse.config import Config
 
 ROOT = Path(__file__).parents[1]
@@ -135,9 +135,9 @@ def test_layer_density_from_sparsity_reports(tmp_path):
 # -- the paper's tables -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", [*results.PAPER, "fig6"])
+@pytest.mark.parametrize("key", [*paper.PAPER, "fig6"])
 def test_paper_table_sanity(key):
-    p = results.PAPER_EARLY_STOPPING[("conv2", "cifar10")] if key == "fig6" else results.PAPER[key]
+    p = paper.PAPER_EARLY_STOPPING[("conv2", "cifar10")] if key == "fig6" else paper.PAPER[key]
     n = len(p.rounds)
     assert p.rounds == tuple(range(n))
     assert all(len(col) == n for col in (p.r_x, p.r_acc, p.q_x_of_real, p.q_x_own, p.q_acc))
@@ -159,15 +159,15 @@ def test_paper_ratios_are_the_models_parameter_ratios():
         m = models.create(model, algebra, 10)
         return models.count_params(jax.eval_shape(lambda: models.init_params(m, jax.random.key(0), shapes[dataset])))
 
-    for (model, dataset), p in results.PAPER.items():
+    for (model, dataset), p in paper.PAPER.items():
         data = "cifar10" if dataset == "cifar100" else dataset  # Fig. 4e/f used the 10-class ratios
         assert count(model, "quat", data) / count(model, "real", data) == pytest.approx(p.qr_ratio, abs=5e-5)
-    assert ("lenet12", "mnist") not in results.PAPER  # Fig. 5b is withheld on purpose
-    assert results.PAPER[("lenet300_100", "mnist")].qr_ratio == 0.2540
+    assert ("lenet12", "mnist") not in paper.PAPER  # Fig. 5b is withheld on purpose
+    assert paper.PAPER[("lenet300_100", "mnist")].qr_ratio == 0.2540
 
 
 def test_paper_nearest():
-    p = results.PAPER[("lenet300_100", "mnist")]
+    p = paper.PAPER[("lenet300_100", "mnist")]
     assert p.nearest("real", 80.0) == (1, 98.1)
     assert p.nearest("quat", 6.1) == (13, None)
     assert p.nearest("quat", 11.0) == (10, 85.4)
@@ -178,7 +178,7 @@ def test_paper_nearest():
 
 def paper_like_runs(root: Path) -> None:
     """Lenet-300-100 runs at the paper's x positions of rounds 0-2 (real) and 0-1 (quat)."""
-    p = results.PAPER[("lenet300_100", "mnist")]
+    p = paper.PAPER[("lenet300_100", "mnist")]
     write_run(root, "real", rows_for([[0.981, 0.975, 0.97], [0.979, 0.977, 0.96]], list(p.r_x[:3])), replicates=2)
     write_run(root, "quat", rows_for([[0.95, 0.94]], list(p.q_x_own[:2]), ratio=p.qr_ratio), algebra="quat")
 
@@ -190,10 +190,10 @@ def table_rows(report: str) -> dict[int, list[str]]:
 
 def test_report_puts_paper_values_beside_ours(tmp_path):
     paper_like_runs(tmp_path)
-    report = results.markdown_report(results.load([tmp_path]))
-    assert "## lenet300_100 / mnist" in report and "Fig. 4a" in report
-    assert "| round | R: % left | R acc | paper | Q: % own | Q: % of R | Q acc | paper |" in report
-    rows = table_rows(report)
+    text = report.markdown_report(results.load([tmp_path]))
+    assert "## lenet300_100 / mnist" in text and "Fig. 4a" in text
+    assert "| round | R: % left | R acc | paper | Q: % own | Q: % of R | Q acc | paper |" in text
+    rows = table_rows(text)
     assert rows[0] == ["100.00", "98.0 ± 0.1", "98.1", "100.00", "25.40", "95.0", "97.7"]
     assert rows[1] == ["80.03", "97.6 ± 0.1", "98.1", "80.12", "20.35", "94.0", "97.8"]
     assert rows[2][:3] == ["64.06", "96.5 ± 0.7", "98.2"] and rows[2][3:] == [""] * 4
@@ -201,7 +201,7 @@ def test_report_puts_paper_values_beside_ours(tmp_path):
 
 def test_report_notes_paper_round_when_x_differs(tmp_path):
     write_run(tmp_path, "halving", rows_for([[0.9, 0.8]], [100.0, 51.3]), prune_fraction=0.5)
-    rows = table_rows(results.markdown_report(results.load([tmp_path])))
+    rows = table_rows(report.markdown_report(results.load([tmp_path])))
     assert rows[1] == ["51.30", "80.0", "98.1 (r3)"]
 
 

@@ -31,7 +31,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
 
-from qsparse import data, lottery, results  # noqa: E402
+from qsparse import data, lottery, report, results  # noqa: E402
 from qsparse.config import Config  # noqa: E402
 
 SMALL = dict(model="lenet12", rounds=2, epochs=2, train_subset=120, test_subset=60, validation_size=20,
@@ -88,7 +88,7 @@ def reads(run_dir: Path) -> dict:
                                for k, v in results.load_masks(run_dir, 0, level).items()}
                   for level in results.mask_rounds(run_dir)},
         "quaternion_summary": results.quaternion_summary(run_dir),
-        "markdown_report": results.markdown_report(results.aggregate(results.read_rows(run_dir)))
+        "markdown_report": report.markdown_report(results.aggregate(results.read_rows(run_dir)))
         .replace(str(run_dir), "RUN"),
     }
 
