@@ -46,7 +46,7 @@ from qsparse import data as qdata
 from qsparse import masks as qmasks
 from qsparse import cpu, models, pruning, train
 from qsparse.cpu import onednn
-from qsparse.results import markdown_table
+from qsparse.report import markdown_table
 
 MODELS = ("lenet300_100", "conv2", "conv4", "conv6")
 ALGEBRAS = ("real", "quat")
