@@ -109,7 +109,7 @@ def imp_table(rounds: int, epochs: int, n_images: int) -> str:
                          f"{n_images / min(seconds):,.0f}", f"{metrics['train_loss']:.3f}", f"{acc:.3f}",
                          trainer.trace_count, "yes" if repeatable else "**no**"))
             masks = pruning.prune(trainer.fetch(state.params), masks, 0.2)
-    from qsparse.results import markdown_table
+    from qsparse.report import markdown_table
 
     header = ("algebra", "round", "density (%)", "fastest epoch (s)", "images/s", "train loss", "acc, 1,000 train images",
               "epoch traces", "epoch repeatable")
