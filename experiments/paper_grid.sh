@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's whole grid (paper.md §1-5) for a GPU machine: LeNet-300-100 and LeNet-12 on MNIST,
+# The paper's whole grid (its §4-5, Table 1) on a GPU machine: LeNet-300-100, LeNet-12 on MNIST,
 # Conv-2/4/6 on CIFAR-10, Conv-4/6 on CIFAR-100; real and quaternion; 5 replicates; 20 rounds of
 # 20 % global pruning, rewind to init, the paper's epochs / batch 60 / Adam rates; stop after two
 # rounds below 30 %. Then the figures and the report. Rerunning resumes where it stopped.

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# A reduced Conv-2 run that fits this 2-core CPU (no CIFAR offline, ~2 h per dense CIFAR training
-# here): Conv-2 real and quaternion on a 1,200-image MNIST subset, 3 rounds of 2 epochs. It shows
-# the convolutional pipeline end to end (quaternion input encoding, QConv, pruning, rewind); its
-# accuracies are not comparable to the paper's CIFAR-10 numbers.
+# A reduced Conv-2 run for a small CPU machine without the CIFAR archives (a dense CIFAR training
+# takes hours there): Conv-2 real and quaternion on a 1,200-image MNIST subset, 3 rounds of 2
+# epochs. It shows the convolutional pipeline end to end (quaternion input encoding, QConv,
+# pruning, rewind); its accuracies are not comparable to the paper's CIFAR-10 numbers.
 #   bash experiments/reduced_conv2.sh [WORKDIR]
 set -euo pipefail
 WORKDIR=${1:-runs/reduced_conv2}

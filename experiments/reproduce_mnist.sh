@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The paper's protocol on MNIST (paper.md §3-4): LeNet-300-100 (40 epochs) and LeNet-12 (20 epochs),
-# real and quaternion, 20 rounds of 20 % global magnitude pruning (output layer included), rewind to
-# init, batch 60, Adam 1.2e-3, 3 replicates, stop after two rounds below 30 % test accuracy.
-# The real and quaternion runs of a model go in parallel, one process per core (on this 2-core CPU a
-# LeNet epoch uses one core well and the second poorly). Rerunning resumes.
+# The paper's protocol on MNIST (its §4, Table 1, Fig. 5): LeNet-300-100 (40 epochs) and LeNet-12
+# (20 epochs), real and quaternion, 20 rounds of 20 % global magnitude pruning (output layer
+# included), rewind to init, batch 60, Adam 1.2e-3, 3 replicates, stop after two rounds below 30 %
+# test accuracy.
+# The real and quaternion runs of a model go in parallel, one process per core (a LeNet epoch
+# gains little from a second core). Rerunning resumes.
 #   bash experiments/reproduce_mnist.sh [WORKDIR]
 set -euo pipefail
 WORKDIR=${1:-runs/paper_mnist}

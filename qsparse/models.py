@@ -1,6 +1,6 @@
 """The paper's models (LeNet-300-100, LeNet-12, Conv-2/4/6), real or quaternion, by name.
 
-Quaternion models follow the paper (paper.md §1): the same number of *real* neurons in every
+Quaternion models follow the paper (its §4): the same number of *real* neurons in every
 layer, every hidden layer quaternion, and a real output layer (10 classes are not divisible by
 4). All hidden widths below are real widths; the quaternion versions therefore have about a
 quarter of the weights. The output layer is always the module named ``output``.
@@ -82,8 +82,9 @@ class LeNet(_Body):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.algebra == "quat" and self.encoding in ("auto", "flat"):
-            # The paper feeds the flattened image as block-layout features: quaternion n is
-            # made of pixels (n, n + P/4, n + P/2, n + 3P/4) for P pixels (paper.md §1.2).
+            # The paper (§4) feeds "each set of four pixels" of the flattened image to a
+            # quaternion neuron; its code reads the flat image as block-layout features, so
+            # quaternion n is made of pixels (n, n + P/4, n + P/2, n + 3P/4) for P pixels.
             x = x.reshape(x.shape[0], -1)
             if x.shape[-1] % 4:
                 raise ValueError(
@@ -101,8 +102,8 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max-pool with stride 2 (VALID, as ``nn.max_pool(x, (2, 2), (2, 2))``) as a reshape and a max.
 
     Same values; the gradient is elementwise where ``nn.max_pool``'s is a select-and-scatter, which
-    XLA:CPU ran about 10x slower (60x32x32x64: 54 ms against 5 ms forward and backward), a third of a
-    Conv-4 step. Exact ties among a window's maxima share its gradient instead of the first taking it.
+    XLA:CPU runs far more slowly. Exact ties among a window's maxima share its gradient instead of
+    the first taking it.
     """
     n, h, w, c = x.shape
     x = x[:, : h - h % 2, : w - w % 2]

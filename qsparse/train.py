@@ -19,9 +19,9 @@ compilation), inside ``jax.jit(jax.shard_map(...))`` over a device mesh of shape
 optimizer state, masks and data order): they are spread over the ``replica`` axis, and the
 replicates that share a device run in one loop body. Along the ``data`` axis each device takes
 its slice of every global batch and gradients are averaged with ``pmean`` (an all-reduce, the
-only collective used). Explicit per-device code rather than automatic sharding: on a 2-core CPU
-with two host devices, automatically sharded ``jit`` deadlocked in an all-reduce rendezvous
-while per-device code did not (tests/test_devices.py guards it).
+only collective used). Explicit per-device code rather than automatic sharding: with two forced
+host CPU devices, automatically sharded ``jit`` deadlocked in an all-reduce rendezvous while
+per-device code did not (tests/test_devices.py guards it).
 """
 
 from __future__ import annotations
@@ -266,8 +266,8 @@ class Trainer:
     metrics come back as lists of R floats. Replicate r computes what a single-replicate trainer
     computes for ``(state_r, key_r)``: bit for bit where it has a device group to itself of the
     same size, to float rounding where it shares a loop body (``replica_mode``: ``"unroll"``, R
-    copies of the step, measured faster on CPU; ``"vmap"``, batched kernels; ``"auto"``, unroll on
-    CPU and vmap elsewhere).
+    copies of the step, measured faster on CPU in results/bench_scaleout_cpu.md; ``"vmap"``,
+    batched kernels; ``"auto"``, unroll on CPU and vmap elsewhere).
 
     ``compiler_options`` are XLA options for compiling the epoch: ``"auto"`` (default) asks
     :func:`qsparse.cpu.compiler_options`; ``None`` uses XLA's defaults; a dict is used as given.

@@ -5,7 +5,8 @@ import pytest
 
 from qsparse import models
 
-# paper.md §1.4: exact parameter counts (weights + biases), which reproduce the paper's Table 1.
+# Exact parameter counts (weights + biases) of the paper's models; rounded, they are the counts
+# in the paper's Table 1.
 PAPER_COUNTS = {
     ("lenet300_100", 10): (266_610, 67_710),
     ("lenet12", 10): (9_550, 2_494),

@@ -2,7 +2,7 @@
 
 XLA:CPU lowers a convolution to a fast kernel only in canonical form, and it does not
 canonicalise the gradient convolutions that autodiff produces inside a ``while`` loop (the
-compiled epoch): there they ran as naive loops, hundreds of times slower. :func:`conv2d` writes
+compiled epoch): there they run as naive loops, far slower. :func:`conv2d` writes
 both gradients as canonical forward convolutions, or runs all three on oneDNN
 (:mod:`qsparse.cpu.onednn`) where the extension is built.
 """
