@@ -32,62 +32,19 @@ from typing import NoReturn
 import jax
 from absl import app, flags, logging
 
+from qsparse import config as config_schema
 from qsparse import lottery
-from qsparse.checkpoints import CorruptFileError, RunLockedError
+from qsparse.checkpoints import RunLockedError
 from qsparse.config import Config, ConfigError
+from qsparse.rundir import CorruptFileError
 from qsparse.data import DatasetUnavailableError
 
-HELP = {
-    "model": "lenet300_100 | lenet12 | conv2 | conv4 | conv6",
-    "algebra": "real | quat (same real width; quat has ~1/4 of the weights and a real output layer)",
-    "hidden": "real widths of the hidden dense layers, e.g. '300,100' (quat: multiples of 4; default: the model's)",
-    "dataset": "mnist | fashion_mnist | cifar10 | cifar100 (default: the paper's dataset for the model)",
-    "rounds": "pruning rounds after the dense round 0",
-    "prune_fraction": "fraction of the *remaining* prunable weights removed per round, in (0, 1)",
-    "pruning": "global (one threshold over all layers) | layerwise (the fraction per layer)",
-    "grouping": "element (each real component, as the paper) | quaternion (whole quaternions, by norm)",
-    "prune_output": "also prune the output layer's weights (the paper does)",
-    "layer_fractions": "layerwise overrides as glob=fraction, e.g. 'output/*=0.1'",
-    "rewind": "init | <N>it | <N>ep: where survivors are reset to (late resetting)",
-    "protocol": "lottery (prune, rewind, retrain) | paper (masks from prune-and-continue training)",
-    "optimizer_state": "fresh (new optimizer each round) | carry (keep the previous round's state)",
-    "control": "none | reinit (winning mask, new random weights) | shuffle (random mask, same layer densities)",
-    "stop_accuracy": "stop a replicate after two rounds below this test accuracy (paper: 0.3; 0 = never)",
-    "epochs": "epochs per round (default: paper, 40 or 60 or 20)",
-    "batch_size": "global batch size, split over local devices (default: 60)",
-    "lr": "learning rate (default: the paper's per-model Adam rate)",
-    "optimizer": "adam | sgd (momentum 0.9)",
-    "quat_init": "htorch (paper) | parcollet_he | parcollet_glorot | isotropic",
-    "encoding": "quaternion input encoding: auto | flat | rgb_gray | rgb_pure | gray_pure | none",
-    "seed": "root seed: init, data order and controls derive from it",
-    "replicates": "independent replicates (seeds derived from --seed), trained together in one compiled epoch",
-    "validation_size": "examples held out from train as a validation split",
-    "train_subset": "use only this many training examples (for a small CPU run)",
-    "test_subset": "use only this many test examples",
-    "eval_every": "evaluate every N epochs (and always after the last)",
-    "data_dir": "tfds data directory (default $QSPARSE_DATA_DIR or ~/.cache/qsparse/tfds)",
-    "manual_dir": "folder with the original dataset archives (MNIST ships with qsparse)",
-    "checkpoint_every_secs": "checkpoint at most this often within a round (0: every epoch)",
-    "eval_batch": "evaluation batch size",
-    "log_every": "print a progress line every N epochs",
-}
-
-_DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool}
-
-
-def _flag_type(field: dataclasses.Field) -> type:
-    kind = str(field.type)
-    for name, t in (("bool", bool), ("int", int), ("float", float)):
-        if kind.startswith(name):
-            return t
-    return str
-
+_DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool,
+           tuple: flags.DEFINE_list}
 
 for _field in dataclasses.fields(Config):
-    if _field.name in ("layer_fractions", "hidden"):
-        flags.DEFINE_list(_field.name, [], HELP[_field.name])
-    else:
-        _DEFINE[_flag_type(_field)](_field.name, _field.default, HELP[_field.name])
+    _kind = config_schema.field_types()[_field.name]
+    _DEFINE[_kind](_field.name, [] if _kind is tuple else _field.default, _field.metadata["help"])
 flags.DEFINE_string("workdir", "runs", "where run directories are created (one per config)")
 flags.DEFINE_string("run_dir", None, "use exactly this run directory instead of one named after the config")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run (jax.distributed)")
@@ -102,8 +59,7 @@ HEARTBEAT_TIMEOUT_S = 30
 
 
 def config_from_flags() -> Config:
-    lists = ("layer_fractions", "hidden")
-    values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(Config) if f.name not in lists}
+    values = {name: FLAGS[name].value for name, kind in config_schema.field_types().items() if kind is not tuple}
     try:
         hidden = tuple(int(width) for width in FLAGS.hidden)
     except ValueError:

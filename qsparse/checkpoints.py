@@ -1,7 +1,8 @@
-"""Files of a run: Orbax checkpoints with checksums, atomic JSON/NPZ writes, the run lock.
+"""The array files of a run: Orbax checkpoints with checksums, masks as NPZ, and the run lock.
 
-Every write is atomic (a temporary file or folder, then a rename), so a process killed at any
-instant leaves either the old file or the new one, never half of one. Orbax cannot tell a
+The text files of a run and the names of all its files are :mod:`qsparse.rundir`'s. Every
+write is atomic (a temporary file or folder, then a rename), so a process killed at any instant
+leaves either the old file or the new one, never half of one. Orbax cannot tell a
 flipped byte in its array data from the real thing, so every checkpoint folder also holds the
 SHA-256 of its arrays (``qsparse.json``); a file that fails to read back raises
 :class:`CorruptFileError` naming it, so the caller can fall back to an earlier state.
@@ -30,16 +31,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from qsparse.masks import path_str
+from qsparse.rundir import CorruptFileError, is_writer, read_json, write_json
 
 log = logging.getLogger(__name__)
 
 FAULT_ENV = "QSPARSE_FAULT"
 META = "qsparse.json"  # beside Orbax's files in every checkpoint folder: checksum and extras
 _fault_counts: dict[str, int] = {}
-
-
-class CorruptFileError(RuntimeError):
-    """A run file exists but cannot be read back; the message names it."""
 
 
 class RunLockedError(RuntimeError):
@@ -62,58 +60,11 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP if spec[2:] == ["STOP"] else signal.SIGKILL)
 
 
-def is_writer() -> bool:
-    """Whether this process writes the run directory: process 0 of a multi-process run."""
-    return jax.process_index() == 0
-
-
 def _checkpointer() -> ocp.StandardCheckpointer:
     """Orbax on this process alone: the run's processes never wait on each other for files."""
     me = jax.process_index()
     return ocp.StandardCheckpointer(
         multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
-
-
-def write_text(path: Path, text: str) -> None:
-    if not is_writer():
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise CorruptFileError(f"cannot read {path}: {e}") from e
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    try:
-        rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
-    except (OSError, ValueError) as e:
-        raise CorruptFileError(f"cannot read {path}: {e}") from e
-    if not all(isinstance(row, dict) for row in rows):
-        raise CorruptFileError(f"cannot read {path}: a line is not a JSON object")
-    return rows
 
 
 def save_masks(path: Path, masks) -> None:
@@ -262,12 +213,12 @@ class EpochCheckpoints:
 
 
 class RunLock:
-    """An exclusive ``flock`` on ``<run_dir>/.lock``: the kernel drops it when the process dies,
+    """An exclusive ``flock`` on a run's lock file: the kernel drops it when the process dies,
     so a killed run never leaves a stale lock, and a second live process is refused. Taken by
     the writing process only (:func:`is_writer`)."""
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
+    def __init__(self, path: Path):
+        self.path = Path(path)
         self._fd: int | None = None
 
     def __enter__(self) -> "RunLock":

@@ -1,7 +1,10 @@
-"""One configuration object for an IMP experiment, validated in one place.
+"""The schema of an IMP experiment: every field with its type, default and help text.
 
-Library functions take a :class:`Config`; only ``experiments/imp.py`` reads flags. Fields left
-``None`` take the paper's value for the model (paper.md §3, Table 1) when resolved.
+Library functions take a :class:`Config`; only ``experiments/imp.py`` reads flags, one per field
+(flag type from the field type, help from the field's metadata). Fields left ``None`` take the
+paper's value for the model (Table 1 of the paper) when :func:`qsparse.lottery.resolve` fills
+and validates them. Jax-free and importing nothing from qsparse, so the readers of run
+directories share this vocabulary with the driver.
 """
 
 from __future__ import annotations
@@ -9,16 +12,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import re
-
-from qsparse import initializers, models, pruning, quaternion
+import types
+import typing
 
 PROTOCOLS = ("lottery", "paper")
 OPTIMIZER_STATES = ("fresh", "carry")
 CONTROLS = ("none", "reinit", "shuffle")
+OPTIMIZERS = ("adam", "sgd")
 DATASET_NAMES = ("mnist", "fashion_mnist", "cifar10", "cifar100")
-ENCODINGS = ("auto", "flat", *quaternion.ENCODINGS)
 
 # Fields that do not change results: excluded from the run name's hash and from the check that
 # a run directory holds the same experiment.
@@ -29,123 +31,70 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names it and the valid choices."""
 
 
+def _field(default: typing.Any, help: str) -> typing.Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    model: str = "lenet300_100"
-    algebra: str = "real"
-    hidden: tuple[int, ...] = ()  # real widths of the hidden dense layers; () = the model's own
-    dataset: str | None = None  # default: the paper's dataset for the model
+    model: str = _field("lenet300_100", "lenet300_100 | lenet12 | conv2 | conv4 | conv6")
+    algebra: str = _field("real", "real | quat (same real width; quat has ~1/4 of the weights and a real "
+                                  "output layer)")
+    hidden: tuple[int, ...] = _field((), "real widths of the hidden dense layers, e.g. '300,100' (quat: "
+                                         "multiples of 4; default: the model's)")
+    dataset: str | None = _field(None, "mnist | fashion_mnist | cifar10 | cifar100 (default: the paper's "
+                                       "dataset for the model)")
     # pruning
-    rounds: int = 20
-    prune_fraction: float = 0.2
-    pruning: str = "global"
-    grouping: str = "element"
-    prune_output: bool = True  # the paper prunes the output layer too
-    layer_fractions: tuple[tuple[str, float], ...] = ()  # layerwise overrides: (glob, fraction)
-    rewind: str = "init"  # 'init', '<N>it' (steps) or '<N>ep' (epochs): late resetting
-    protocol: str = "lottery"
-    optimizer_state: str = "fresh"
-    control: str = "none"  # lottery-ticket controls: random re-init or shuffled masks
-    stop_accuracy: float = 0.0  # stop a replicate after two rounds below this test accuracy
+    rounds: int = _field(20, "pruning rounds after the dense round 0")
+    prune_fraction: float = _field(0.2, "fraction of the *remaining* prunable weights removed per round, "
+                                        "in (0, 1)")
+    pruning: str = _field("global", "global (one threshold over all layers) | layerwise (the fraction per "
+                                    "layer)")
+    grouping: str = _field("element", "element (each real component, as the paper) | quaternion (whole "
+                                      "quaternions, by norm)")
+    prune_output: bool = _field(True, "also prune the output layer's weights (the paper does)")
+    layer_fractions: tuple[tuple[str, float], ...] = _field((), "layerwise overrides as glob=fraction, e.g. "
+                                                                "'output/*=0.1'")
+    rewind: str = _field("init", "init | <N>it | <N>ep: where survivors are reset to (late resetting)")
+    protocol: str = _field("lottery", "lottery (prune, rewind, retrain) | paper (masks from "
+                                      "prune-and-continue training)")
+    optimizer_state: str = _field("fresh", "fresh (new optimizer each round) | carry (keep the previous "
+                                           "round's state)")
+    control: str = _field("none", "none | reinit (winning mask, new random weights) | shuffle (random mask, "
+                                  "same layer densities)")
+    stop_accuracy: float = _field(0.0, "stop a replicate after two rounds below this test accuracy "
+                                       "(paper: 0.3; 0 = never)")
     # training
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    optimizer: str = "adam"
-    quat_init: str = "htorch"
-    encoding: str = "auto"
-    seed: int = 0
-    replicates: int = 1
+    epochs: int | None = _field(None, "epochs per round (default: paper, 40 or 60 or 20)")
+    batch_size: int | None = _field(None, "global batch size, split over local devices (default: 60)")
+    lr: float | None = _field(None, "learning rate (default: the paper's per-model Adam rate)")
+    optimizer: str = _field("adam", "adam | sgd (momentum 0.9)")
+    quat_init: str = _field("htorch", "htorch (paper) | parcollet_he | parcollet_glorot | isotropic")
+    encoding: str = _field("auto", "quaternion input encoding: auto | flat | rgb_gray | rgb_pure | gray_pure "
+                                   "| none")
+    seed: int = _field(0, "root seed: init, data order and controls derive from it")
+    replicates: int = _field(1, "independent replicates (seeds derived from --seed), trained together in "
+                                "one compiled epoch")
     # data
-    validation_size: int = 0
-    train_subset: int | None = None
-    test_subset: int | None = None
-    eval_every: int = 1
-    data_dir: str | None = None
-    manual_dir: str | None = None
+    validation_size: int = _field(0, "examples held out from train as a validation split")
+    train_subset: int | None = _field(None, "use only this many training examples (for a small CPU run)")
+    test_subset: int | None = _field(None, "use only this many test examples")
+    eval_every: int = _field(1, "evaluate every N epochs (and always after the last)")
+    data_dir: str | None = _field(None, "tfds data directory (default $QSPARSE_DATA_DIR or "
+                                        "~/.cache/qsparse/tfds)")
+    manual_dir: str | None = _field(None, "folder with the original dataset archives (MNIST ships with "
+                                          "qsparse)")
     # bookkeeping
-    checkpoint_every_secs: float = 0.0  # 0: a checkpoint after every epoch
-    eval_batch: int = 1000
-    log_every: int = 1
-
-    def resolve(self) -> "Config":
-        """Fill the model's paper defaults and validate every field; raises ConfigError."""
-        _choice("model", self.model, tuple(models.REGISTRY))
-        _choice("algebra", self.algebra, models.ALGEBRAS)
-        spec = models.spec(self.model)
-        resolved = dataclasses.replace(
-            self,
-            dataset=self.dataset or spec.dataset,
-            epochs=spec.epochs if self.epochs is None else self.epochs,
-            batch_size=spec.batch_size if self.batch_size is None else self.batch_size,
-            lr=spec.lr if self.lr is None else self.lr,
-            layer_fractions=tuple((str(k), float(v)) for k, v in self.layer_fractions),
-            hidden=tuple(self.hidden),
-        )
-        resolved._validate()
-        return resolved
-
-    def _validate(self) -> None:
-        _choice("dataset", self.dataset, DATASET_NAMES)
-        _choice("pruning", self.pruning, pruning.METHODS)
-        _choice("grouping", self.grouping, pruning.GROUPINGS)
-        _choice("protocol", self.protocol, PROTOCOLS)
-        _choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATES)
-        _choice("control", self.control, CONTROLS)
-        _choice("optimizer", self.optimizer, ("adam", "sgd"))
-        _choice("quat_init", self.quat_init, tuple(initializers.QUATERNION_INITS))
-        _choice("encoding", self.encoding, ENCODINGS)
-        if not 0.0 < self.prune_fraction < 1.0:
-            raise ConfigError(f"prune_fraction={self.prune_fraction} must be in (0, 1)")
-        for name in ("epochs", "batch_size", "replicates", "eval_every", "eval_batch", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
-        for name in ("rounds", "validation_size", "seed"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
-        for name in ("train_subset", "test_subset"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer (or unset)")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr={self.lr} must be a positive number")
-        if not 0.0 <= self.stop_accuracy < 1.0:
-            raise ConfigError(f"stop_accuracy={self.stop_accuracy} must be in [0, 1)")
-        for pattern, fraction in self.layer_fractions:
-            if not 0.0 <= fraction < 1.0:
-                raise ConfigError(f"layer fraction {fraction} for {pattern!r} must be in [0, 1)")
-        if not all(isinstance(w, int) and w > 0 for w in self.hidden):
-            raise ConfigError(f"hidden={list(self.hidden)} must be positive integer widths")
-        if self.algebra == "quat" and any(w % 4 for w in self.hidden):
-            raise ConfigError(f"hidden={list(self.hidden)}: a quaternion model needs real widths that are "
-                              "multiples of 4 (4, 8, 12, ...)")
-        if self.layer_fractions and self.pruning != "layerwise":
-            raise ConfigError("layer_fractions need pruning='layerwise'")
-        parse_rewind(self.rewind)
-        if self.rewind != "init" and self.protocol == "paper":
-            raise ConfigError("protocol='paper' always retrains from the initial weights; use rewind='init'")
-        try:
-            models.create(self.model, self.algebra, 10, **self.model_overrides())
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-
-    def width_overrides(self) -> dict:
-        """``hidden`` as the model's own field: a LeNet's hidden layers, a conv net's dense layers."""
-        if not self.hidden:
-            return {}
-        return {"features" if "features" in models.spec(self.model).kwargs else "dense_features": self.hidden}
-
-    def model_overrides(self) -> dict:
-        """Keyword arguments of ``models.create`` for this config."""
-        quat = {"quat_init": self.quat_init, "encoding": self.encoding} if self.algebra == "quat" else {}
-        return {**self.width_overrides(), **quat}
+    checkpoint_every_secs: float = _field(0.0, "checkpoint at most this often within a round (0: every "
+                                               "epoch)")
+    eval_batch: int = _field(1000, "evaluation batch size")
+    log_every: int = _field(1, "print a progress line every N epochs")
 
     def semantic(self) -> dict:
         """The fields that define the experiment, as JSON-able values."""
-        d = dataclasses.asdict(self)
+        d = self.to_json()
         for k in NON_SEMANTIC:
             d.pop(k)
-        d["layer_fractions"] = [list(x) for x in d["layer_fractions"]]
-        d["hidden"] = list(d["hidden"])
         return d
 
     def run_name(self) -> str:
@@ -160,25 +109,29 @@ class Config:
         return f"{self.model}_{self.algebra}_{self.dataset}_{digest}"
 
     def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["layer_fractions"] = [list(x) for x in d["layer_fractions"]]
-        d["hidden"] = list(d["hidden"])
-        return d
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples become lists
 
     @classmethod
     def from_json(cls, d: dict) -> "Config":
-        d = dict(d)
-        d["layer_fractions"] = tuple(tuple(x) for x in d.get("layer_fractions", ()))
-        d["hidden"] = tuple(d.get("hidden", ()))
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(field_types())
         if unknown:
             raise ConfigError(f"unknown config fields {sorted(unknown)}")
-        return cls(**d)
+        return cls(**{k: _tuples(v) if field_types()[k] is tuple else v for k, v in d.items()})
 
 
-def _choice(name: str, value, valid: tuple) -> None:
-    if value not in valid:
-        raise ConfigError(f"{name}={value!r} is not valid; choose one of {list(valid)}")
+def field_types() -> dict[str, type]:
+    """Each field's value type without ``None``: bool, int, float, str or tuple."""
+    out = {}
+    for name, hint in typing.get_type_hints(Config).items():
+        origin = typing.get_origin(hint)
+        if origin in (typing.Union, types.UnionType):
+            (hint,) = (a for a in typing.get_args(hint) if a is not type(None))
+        out[name] = tuple if typing.get_origin(hint) is tuple else hint
+    return out
+
+
+def _tuples(v: typing.Any) -> typing.Any:
+    return tuple(_tuples(x) for x in v) if isinstance(v, list | tuple) else v
 
 
 _REWIND = re.compile(r"^(\d+)(it|ep)$")

@@ -26,20 +26,17 @@ from typing import Any
 
 import numpy as np
 
-COMPONENTS = ("r", "i", "j", "k")
+from qsparse import rundir
+from qsparse.config import NON_SEMANTIC
+
+COMPONENTS = ("r", "i", "j", "k")  # qsparse.quaternion.COMPONENTS, without importing jax
 
 # Config fields that do not define a curve: replicates of one experiment (seed, replicates),
 # how far or how often it ran, and bookkeeping. Every other config field does.
-NOT_CURVE_FIELDS = (
-    "seed", "replicates", "rounds", "stop_accuracy", "eval_every",
-    "data_dir", "manual_dir", "checkpoint_every_secs", "eval_batch", "log_every",
-)
+NOT_CURVE_FIELDS = ("seed", "replicates", "rounds", "stop_accuracy", "eval_every", *NON_SEMANTIC)
 
 # Per-(replicate, round) values of a tidy row (the rest are the run's config fields).
-ROW_FIELDS = frozenset({
-    "run", "replicate", "round", "status", "density_prunable", "weights_remaining_pct",
-    "weights_remaining_pct_of_real", "test_acc", "val_acc", "train_acc", "train_loss", "epochs_run",
-})
+ROW_FIELDS = frozenset({"run", *rundir.SUMMARY_FIELDS, "epochs_run"} - {"epochs"})
 
 PathLike = str | os.PathLike
 
@@ -56,7 +53,7 @@ def find_runs(paths: Iterable[PathLike]) -> list[Path]:
         before = len(found)
         for root, dirs, files in os.walk(top):
             dirs.sort()
-            if "config.json" in files and ("summary.json" in files or any(d.startswith("replicate_") for d in dirs)):
+            if rundir.is_run(Path(root), files, dirs):
                 found.append(Path(root))
                 dirs.clear()  # a run's checkpoints hold no further runs; don't walk them
         if len(found) == before:
@@ -71,14 +68,11 @@ def read_rows(run_dir: PathLike) -> list[dict]:
     the fallback for a run copied without its round folders. The requested epochs stay
     ``epochs``; the epochs actually trained are ``epochs_run``.
     """
-    run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    done = []
-    for rd in sorted(run_dir.glob("replicate_*/round_*/done.json")):
-        entry = json.loads(rd.read_text())
-        done.append({"replicate": _index(rd.parent.parent), "round": _index(rd.parent), **entry})
-    if not done and (run_dir / "summary.json").exists():
-        done = json.loads((run_dir / "summary.json").read_text())
+    run = rundir.Run(run_dir)
+    config = rundir.read_json(run.config)
+    done = rundir.summary_rows(run)
+    if not done and run.summary_json.exists():
+        done = rundir.read_json(run.summary_json)
     rows = []
     for d in sorted(done, key=lambda d: (d["replicate"], d["round"])):
         d = dict(d)
@@ -90,10 +84,6 @@ def read_rows(run_dir: PathLike) -> list[dict]:
 def load_rows(paths: Iterable[PathLike]) -> list[dict]:
     """Tidy rows of every run found under ``paths``."""
     return [row for run in find_runs(paths) for row in read_rows(run)]
-
-
-def _index(path: Path) -> int:
-    return int(path.name.split("_")[1])
 
 
 # -- curves ---------------------------------------------------------------------------------
@@ -216,12 +206,12 @@ class LayerDensity:
 
 
 def layer_density(run_dir: PathLike, replicate: int = 0) -> LayerDensity:
-    paths = sorted((Path(run_dir) / f"replicate_{replicate}").glob("round_*/sparsity.json"))
-    reports = [json.loads(p.read_text())["leaves"] for p in paths]
+    rounds = [rd for rd in rundir.Run(run_dir).replicate(replicate).rounds() if rd.sparsity.exists()]
+    reports = [rundir.read_json(rd.sparsity)["leaves"] for rd in rounds]
     names = [k for k, v in reports[0].items() if v["prunable"]] if reports else []
     quat = [k for k in names if "quat_total" in reports[0][k]]
     return LayerDensity(
-        rounds=[_index(p.parent) for p in paths],
+        rounds=[rd.level for rd in rounds],
         density={k: np.array([r[k]["alive"] / r[k]["total"] for r in reports]) for k in names},
         quat_full={k: np.array([r[k]["quat_full"] / r[k]["quat_total"] for r in reports]) for k in quat},
         quat_alive={k: np.array([r[k]["quat_alive"] / r[k]["quat_total"] for r in reports]) for k in quat},
@@ -230,18 +220,12 @@ def layer_density(run_dir: PathLike, replicate: int = 0) -> LayerDensity:
 
 def mask_rounds(run_dir: PathLike, replicate: int = 0) -> list[int]:
     """Rounds of a replicate whose masks.npz exists."""
-    return sorted(_index(p.parent) for p in (Path(run_dir) / f"replicate_{replicate}").glob("round_*/masks.npz"))
+    return [rd.level for rd in rundir.Run(run_dir).replicate(replicate).rounds() if rd.masks.exists()]
 
 
 def load_masks(run_dir: PathLike, replicate: int = 0, round: int = 0) -> dict[str, np.ndarray]:
     """A round's masks by parameter path ('QDense_0/qkernel'), as numpy bool arrays."""
-    with np.load(Path(run_dir) / f"replicate_{replicate}" / f"round_{round:02d}" / "masks.npz") as f:
-        return {k: f[k] for k in f.files}
-
-
-def is_qkernel(name: str) -> bool:
-    """Quaternion kernels hold the four components (r, i, j, k) on axis 0."""
-    return name.split("/")[-1] == "qkernel"
+    return rundir.load_masks(rundir.Run(run_dir).replicate(replicate).round(round))
 
 
 def quaternion_states(mask: np.ndarray) -> dict[str, float]:
@@ -265,7 +249,8 @@ def quaternion_summary(run_dir: PathLike, replicate: int = 0) -> list[dict]:
     """
     out = []
     for level in mask_rounds(run_dir, replicate):
-        kernels = [m.reshape(4, -1) for k, m in load_masks(run_dir, replicate, level).items() if is_qkernel(k)]
+        kernels = [m.reshape(4, -1) for k, m in load_masks(run_dir, replicate, level).items()
+                   if rundir.is_quaternion_kernel(k)]
         if not kernels:
             continue
         mask = np.concatenate(kernels, axis=1)

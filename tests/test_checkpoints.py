@@ -2,7 +2,6 @@
 Orbax trees, per-epoch checkpoints with fallback, the run lock, the writer-only rule and the
 fault hook (with ``os.kill`` replaced: nothing is really killed)."""
 
-import inspect
 import json
 import os
 import signal
@@ -16,22 +15,15 @@ import pytest
 
 from qsparse import checkpoints as ckpt
 from qsparse import masks as M
-from qsparse import models, train
+from qsparse import models, rundir, train
 
-try:  # the text files' reads and writes are moving from qsparse.checkpoints to qsparse.rundir
-    from qsparse import rundir as text_io
-except ImportError:
-    text_io = ckpt
 
 # Orbax's event loop may report an exception after a failed read (as in tests/test_faults.py)
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 def run_lock(run_dir):
-    """The RunLock of a run directory (RunLock is moving from taking the run directory to taking
-    the lock file itself, ``<run>/.lock``)."""
-    takes_dir = "run_dir" in inspect.signature(ckpt.RunLock).parameters
-    return ckpt.RunLock(run_dir if takes_dir else run_dir / ".lock")
+    return ckpt.RunLock(rundir.Run(run_dir).lock)
 
 
 def files(directory):
@@ -50,52 +42,6 @@ def same_bits(a, b):
 def small_tree(value=0.0):
     return {"w": np.arange(12, dtype=np.float32).reshape(3, 4) + value,
             "b": {"x": np.array([1, -2, 3], np.int32), "m": np.array([True, False])}}
-
-
-# ------------------------------------------------------------------ text, JSON, JSONL
-
-
-def test_text_json_jsonl_round_trip_in_new_folders(tmp_path):
-    text_io.write_text(tmp_path / "a" / "t.txt", "quaternions ℍ\nline 2")
-    assert (tmp_path / "a" / "t.txt").read_text() == "quaternions ℍ\nline 2"
-    obj = {"z": [1, 2.5, None, True], "a": {"nested": "ü", "n": -3}}
-    text_io.write_json(tmp_path / "b" / "c" / "o.json", obj)
-    assert text_io.read_json(tmp_path / "b" / "c" / "o.json") == obj
-    rows = [{"epoch": 1, "loss": 0.25}, {"epoch": 2, "loss": float("1e-30")}]
-    text_io.write_jsonl(tmp_path / "m.jsonl", rows)
-    assert text_io.read_jsonl(tmp_path / "m.jsonl") == rows
-    assert (tmp_path / "m.jsonl").read_text().count("\n") == 2
-    text_io.write_jsonl(tmp_path / "empty.jsonl", [])
-    assert text_io.read_jsonl(tmp_path / "empty.jsonl") == []
-    # nothing but the files asked for: no temporary file is left behind
-    assert files(tmp_path) == ["a", "a/t.txt", "b", "b/c", "b/c/o.json", "empty.jsonl", "m.jsonl"]
-
-
-def test_write_replaces_the_whole_file_and_a_failed_write_keeps_the_old_one(tmp_path):
-    path = tmp_path / "f.json"
-    text_io.write_json(path, {"long": "x" * 1000})
-    text_io.write_json(path, {"s": 1})
-    assert path.read_text() == json.dumps({"s": 1}, indent=1) + "\n"  # no tail of the old one
-    # a lone surrogate cannot be encoded: the write fails midway, inside the temporary file
-    with pytest.raises(UnicodeEncodeError):
-        text_io.write_text(path, "partial " * 100 + "\ud800")
-    assert text_io.read_json(path) == {"s": 1} and files(tmp_path) == ["f.json"]
-
-
-@pytest.mark.parametrize("reader,text", [
-    (text_io.read_json, '{"epoch": 1, "lo'),  # cut mid-write
-    (text_io.read_json, ""),
-    (text_io.read_jsonl, '{"epoch": 1}\n{"epoch": 2, "lo'),
-    (text_io.read_jsonl, '{"epoch": 1}\n[1, 2]\n'),  # valid JSON, but not a row
-    (text_io.read_jsonl, '{"epoch": 1}\n\n{"epoch": 2}\n'),
-])
-def test_damaged_or_missing_json_raises_corrupt_naming_the_file(tmp_path, reader, text):
-    path = tmp_path / "bad.json"
-    path.write_text(text)
-    with pytest.raises(ckpt.CorruptFileError, match=str(path)):
-        reader(path)
-    with pytest.raises(ckpt.CorruptFileError, match=str(tmp_path / "missing.json")):
-        reader(tmp_path / "missing.json")
 
 
 # ------------------------------------------------------------------ masks files
@@ -129,17 +75,17 @@ def test_masks_file_of_other_params_or_damaged_raises_corrupt(tmp_path):
     other_shape = {**masks, "output": {**masks["output"], "kernel": np.ones((12, 3), bool)}}
     more_leaves = {**masks, "extra": {"kernel": np.ones(2, bool)}}
     for like in (other_shape, more_leaves):
-        with pytest.raises(ckpt.CorruptFileError, match=f"{path}.*(output|extra)/kernel"):
+        with pytest.raises(rundir.CorruptFileError, match=f"{path}.*(output|extra)/kernel"):
             ckpt.load_masks(path, like)
     arrays = {M.path_str(p): np.asarray(m) for p, m in jax.tree_util.tree_leaves_with_path(masks)}
     np.savez(tmp_path / "uint8.npz", **{k: v.astype(np.uint8) for k, v in arrays.items()})
-    with pytest.raises(ckpt.CorruptFileError, match="wrong shape/dtype"):
+    with pytest.raises(rundir.CorruptFileError, match="wrong shape/dtype"):
         ckpt.load_masks(tmp_path / "uint8.npz", masks)
     (tmp_path / "text.npz").write_text("not a zip")
     raw = path.read_bytes()
     (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
     for name in ("text.npz", "cut.npz", "missing.npz"):
-        with pytest.raises(ckpt.CorruptFileError, match=str(tmp_path / name)):
+        with pytest.raises(rundir.CorruptFileError, match=str(tmp_path / name)):
             ckpt.load_masks(tmp_path / name, masks)
 
 
@@ -180,12 +126,12 @@ def test_checksum_covers_the_extra_and_the_arrays(tmp_path):
     ckpt.save_tree(tmp_path / "b", small_tree(1.0), {"history": [{"epoch": 1}]})
     meta = tmp_path / "a" / ckpt.META
     good = meta.read_text()
-    text_io.write_json(meta, {**json.loads(good), "extra": {"history": [{"epoch": 2}]}})
-    with pytest.raises(ckpt.CorruptFileError, match=f"{tmp_path / 'a'} fails its checksum"):
+    rundir.write_json(meta, {**json.loads(good), "extra": {"history": [{"epoch": 2}]}})
+    with pytest.raises(rundir.CorruptFileError, match=f"{tmp_path / 'a'} fails its checksum"):
         ckpt.load_tree_extra(tmp_path / "a", small_tree())
     # the other folder's (valid) checksum file does not vouch for these arrays
     meta.write_text((tmp_path / "b" / ckpt.META).read_text())
-    with pytest.raises(ckpt.CorruptFileError, match=str(tmp_path / "a")):
+    with pytest.raises(rundir.CorruptFileError, match=str(tmp_path / "a")):
         ckpt.load_tree(tmp_path / "a", small_tree())
     meta.write_text(good)
     assert same_bits(ckpt.load_tree(tmp_path / "a", small_tree()), small_tree(0.0))
@@ -195,9 +141,9 @@ def test_load_tree_into_another_structure_fails_naming_the_folder(tmp_path):
     ckpt.save_tree(tmp_path / "t", small_tree())
     fewer = {"w": small_tree()["w"]}
     for like in (fewer, [small_tree()["w"], small_tree()["b"]]):
-        with pytest.raises(ckpt.CorruptFileError, match=f"{tmp_path / 't'}.*do not match"):
+        with pytest.raises(rundir.CorruptFileError, match=f"{tmp_path / 't'}.*do not match"):
             ckpt.load_tree(tmp_path / "t", like)
-    with pytest.raises(ckpt.CorruptFileError, match=str(tmp_path / "missing")):
+    with pytest.raises(rundir.CorruptFileError, match=str(tmp_path / "missing")):
         ckpt.load_tree(tmp_path / "missing", small_tree())
     assert same_bits(ckpt.load_tree(tmp_path / "t", small_tree()), small_tree())  # unharmed
 
@@ -233,7 +179,7 @@ def test_restore_latest_falls_back_past_damaged_checkpoints_and_deletes_them(tmp
         manager.save(epoch, small_tree(epoch), history(epoch))
     manager.save(4, small_tree(4), history(3))  # its history does not end at epoch 4
     meta = directory / "epoch_0003" / ckpt.META
-    text_io.write_json(meta, {**text_io.read_json(meta), "sha256": "0" * 64})
+    rundir.write_json(meta, {**rundir.read_json(meta), "sha256": "0" * 64})
     epoch, state, hist = manager.restore_latest(small_tree())
     assert epoch == 2 and same_bits(state, small_tree(2)) and hist == history(2)
     assert manager.epochs() == [1, 2] and sorted(p.name for p in directory.iterdir()) == [
@@ -291,16 +237,16 @@ def test_run_lock_held_by_another_process_until_it_dies(tmp_path):
 
 
 def writer(monkeypatch, value):
-    for module in {ckpt, text_io}:
+    for module in (ckpt, rundir):
         monkeypatch.setattr(module, "is_writer", lambda: value)
 
 
 def test_a_process_other_than_0_writes_nothing(tmp_path, monkeypatch):
     writer(monkeypatch, False)
     out = tmp_path / "out"
-    text_io.write_text(out / "a.txt", "x")
-    text_io.write_json(out / "a.json", {})
-    text_io.write_jsonl(out / "a.jsonl", [{}])
+    rundir.write_text(out / "a.txt", "x")
+    rundir.write_json(out / "a.json", {})
+    rundir.write_jsonl(out / "a.jsonl", [{}])
     ckpt.save_masks(out / "m.npz", tiny_masks())
     ckpt.save_tree(out / "t", small_tree())
     ckpt.EpochCheckpoints(out / "ckpt").save(1, small_tree(), history(1))

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from qsparse import checkpoints as ckpt
+from qsparse import lottery, rundir
 from qsparse.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def rounds(workdir: Path, replicate: int = 0) -> list[Path]:
 
 
 def metrics(path: Path) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in ckpt.read_jsonl(path)]
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rundir.read_jsonl(path)]
 
 
 def arrays(folder: Path) -> list[np.ndarray]:
@@ -82,8 +83,8 @@ def assert_same_run(a: Path, b: Path, replicate: int = 0) -> None:
         fx, fy = arrays(x / "final"), arrays(y / "final")
         assert len(fx) == len(fy) == 18 and all(np.array_equal(p, q) for p, q in zip(fx, fy)), x.name
         assert metrics(x / "metrics.jsonl") == metrics(y / "metrics.jsonl"), x.name
-        assert ckpt.read_json(x / "done.json") == ckpt.read_json(y / "done.json"), x.name
-    assert ckpt.read_json(run_dir(a) / "summary.json") == ckpt.read_json(run_dir(b) / "summary.json")
+        assert rundir.read_json(x / "done.json") == rundir.read_json(y / "done.json"), x.name
+    assert rundir.read_json(run_dir(a) / "summary.json") == rundir.read_json(run_dir(b) / "summary.json")
 
 
 def snapshot(root: Path) -> dict:
@@ -134,7 +135,7 @@ def test_no_damaged_checkpoint_or_masks_file_reads_back_as_valid(tmp_path, caplo
             damage(bad / name, how)
             try:
                 back, extra = ckpt.load_tree_extra(bad, tree)
-            except ckpt.CorruptFileError as e:
+            except rundir.CorruptFileError as e:
                 assert str(bad) in str(e)
                 caught += 1
                 continue
@@ -153,7 +154,7 @@ def test_no_damaged_checkpoint_or_masks_file_reads_back_as_valid(tmp_path, caplo
         (tmp_path / "bad.npz").write_bytes(data)
         try:
             back = ckpt.load_masks(tmp_path / "bad.npz", masks)
-        except ckpt.CorruptFileError:
+        except rundir.CorruptFileError:
             continue
         assert all(np.array_equal(back[k], masks[k]) for k in masks)
 
@@ -174,7 +175,7 @@ def test_second_process_is_refused_then_killed_run_resumes(imp, reference, tmp_p
     first.communicate()
     assert first.returncode == -signal.SIGKILL
     rd = rounds(tmp_path)[0]
-    assert len(ckpt.read_jsonl(rd / "metrics.jsonl")) == 2 and ckpt.EpochCheckpoints(rd / "ckpt").epochs() == [1]
+    assert len(rundir.read_jsonl(rd / "metrics.jsonl")) == 2 and ckpt.EpochCheckpoints(rd / "ckpt").epochs() == [1]
     resumed = imp(tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "round 0: resuming after epoch 1" in resumed.stdout
@@ -235,7 +236,7 @@ def test_replicates_trained_together_resume_bit_identical(imp, tmp_path_factory)
     assert result.returncode == 0, result.stderr
     for r in (0, 1):
         assert_same_run(reference, workdir, replicate=r)
-    assert len(ckpt.read_json(run_dir(workdir) / "summary.json")) == 6
+    assert len(rundir.read_json(run_dir(workdir) / "summary.json")) == 6
 
 
 def test_damaged_files_are_named_and_recomputed(imp, reference, tmp_path):
@@ -273,16 +274,16 @@ def test_nonfinite_loss_stops_the_round_and_is_reported(imp, tmp_path):
     assert "non-finite loss in replicate 0 round 0" in result.stdout
     assert "non-finite loss or weights in epoch 1" in result.stderr
     (rd,) = rounds(tmp_path)  # no further rounds
-    rows = ckpt.read_jsonl(rd / "metrics.jsonl")
+    rows = rundir.read_jsonl(rd / "metrics.jsonl")
     assert len(rows) == 1 and rows[0]["nonfinite"] is True and not np.isfinite(rows[0]["train_loss"])
-    assert ckpt.read_json(rd / "done.json")["status"] == "nonfinite"
-    assert [r["status"] for r in ckpt.read_json(run_dir(tmp_path) / "summary.json")] == ["nonfinite"]
+    assert rundir.read_json(rd / "done.json")["status"] == "nonfinite"
+    assert [r["status"] for r in rundir.read_json(run_dir(tmp_path) / "summary.json")] == ["nonfinite"]
     # killed before the round's end: the resumed run does not train past the divergence
     (rd / "done.json").unlink()
     shutil.rmtree(rd / "final")
     again = imp(tmp_path, "--lr=1e30")
     assert again.returncode == 0 and "resuming after epoch 1" in again.stdout and "epoch   2/3" not in again.stdout
-    assert ckpt.read_json(rd / "done.json")["status"] == "nonfinite"
+    assert rundir.read_json(rd / "done.json")["status"] == "nonfinite"
 
 
 def test_same_seed_identical_other_seed_different_and_provenance(imp, reference, mnist_dir, tmp_path):
@@ -295,11 +296,11 @@ def test_same_seed_identical_other_seed_different_and_provenance(imp, reference,
         assert any(not np.array_equal(a[k], b[k]) for k in a.files)
     assert metrics(ref[0] / "metrics.jsonl") != metrics(oth[0] / "metrics.jsonl")
     # provenance: the full config, package versions, devices and the qsparse commit
-    stored = ckpt.read_json(run_dir(reference) / "config.json")
+    stored = rundir.read_json(run_dir(reference) / "config.json")
     assert set(stored) == set(Config.__dataclass_fields__)
-    assert Config.from_json(stored) == Config(
+    assert Config.from_json(stored) == lottery.resolve(Config(
         model="lenet12", algebra="quat", rounds=2, epochs=3, train_subset=300, test_subset=100, batch_size=60,
-        checkpoint_every_secs=0, data_dir=str(mnist_dir)).resolve()
+        checkpoint_every_secs=0, data_dir=str(mnist_dir)))
     info = json.loads((run_dir(reference) / "runs.jsonl").read_text().splitlines()[0])
     for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
         assert info["packages"][name] == metadata.version(name)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from qsparse import checkpoints as ckpt
-from qsparse import lottery, models, train
+from qsparse import lottery, models, rundir, train
 from qsparse.cpu import onednn
 from qsparse import masks as M
 from qsparse.config import Config, ConfigError
@@ -22,7 +22,7 @@ SMALL = dict(rounds=2, epochs=2, train_subset=600, test_subset=200, validation_s
 def quat_run(mnist_dir, tmp_path_factory):
     config = Config(model="lenet300_100", algebra="quat", data_dir=str(mnist_dir), **SMALL)
     run_dir = lottery.run(config, tmp_path_factory.mktemp("work"), log=lambda s: None)
-    return config.resolve(), run_dir
+    return lottery.resolve(config), run_dir
 
 
 def load_round(run_dir, config, level, rep=0):
@@ -148,7 +148,7 @@ def test_paper_protocol_writes_search_trajectory(mnist_dir, tmp_path):
     run_dir = lottery.run(config, tmp_path, log=lambda s: None)
     for level in (1, 2):
         assert (run_dir / "replicate_0" / f"round_{level:02d}" / "search" / "final").exists()
-    rows = lottery.read_summary(run_dir)
+    rows = rundir.summary_rows(rundir.Run(run_dir))
     assert [r["round"] for r in rows] == [0, 1, 2]
 
 
@@ -167,7 +167,7 @@ def test_paper_protocol_writes_search_trajectory(mnist_dir, tmp_path):
 ])
 def test_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):
-        Config(**overrides).resolve()
+        lottery.resolve(Config(**overrides))
 
 
 def test_config_errors_that_need_data(mnist_dir, tmp_path):
