@@ -1,24 +1,70 @@
-"""The training core needs only jax, flax, optax and numpy: no tensorflow(-datasets), no orbax."""
+"""qsparse's three import tiers, each importable without the tier above it.
+
+* core (layers, models, pruning, training): jax, flax, optax and numpy only;
+* run (config, data, checkpoints, run directory, loop, lottery): the core plus orbax and
+  tensorflow-datasets;
+* analysis (results, paper figures, report, plots): numpy and matplotlib, no jax; it shares
+  the run tier's two jax-free leaves, the config schema and the run-directory vocabulary.
+
+Each tier is imported in a fresh interpreter in which importing anything outside it fails.
+"""
 
 import subprocess
 import sys
 
-SCRIPT = """
-import builtins, sys
+import pytest
 
+CORE = ["quaternion", "initializers", "layers", "models", "masks", "pruning", "augment", "train", "cpu"]
+RUN = ["config", "data", "checkpoints", "rundir", "loop", "lottery"]
+ANALYSIS = ["results", "paper", "report", "plots"]
+JAX_FREE = ["config", "rundir"]  # run-tier modules the analysis tier reads with
+TIERS = {
+    "core": (CORE, ["tensorflow", "tensorflow_datasets", "orbax", "matplotlib",
+                    *(f"qsparse.{m}" for m in RUN + ANALYSIS)]),
+    "run": (CORE + RUN, ["matplotlib", *(f"qsparse.{m}" for m in ANALYSIS)]),
+    "analysis": (ANALYSIS + JAX_FREE, ["jax", "jaxlib", "flax", "optax", "orbax", "tensorflow",
+                                        "tensorflow_datasets",
+                                        *(f"qsparse.{m}" for m in CORE + RUN if m not in JAX_FREE)]),
+}
+
+SCRIPT = """
+import builtins, importlib, sys
+forbidden = {forbidden!r}
 real_import = builtins.__import__
-def guarded(name, *args, **kwargs):
-    if name.split(".")[0] in ("tensorflow", "tensorflow_datasets", "orbax"):
-        raise ImportError(f"the training core imported {name}")
-    return real_import(name, *args, **kwargs)
+
+def blocked(name):
+    return any(name == f or name.startswith(f + ".") for f in forbidden)
+
+def guarded(name, globals=None, locals=None, fromlist=(), level=0):
+    if level == 0 and blocked(name):
+        raise ImportError(f"imported {{name}}")
+    for item in fromlist or ():
+        if level == 0 and blocked(f"{{name}}.{{item}}"):
+            raise ImportError(f"imported {{name}}.{{item}}")
+    return real_import(name, globals, locals, fromlist, level)
+
 builtins.__import__ = guarded
-import qsparse.train, qsparse.models, qsparse.pruning, qsparse.augment, qsparse.cpu
-print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets", "orbax")))
+for module in {modules!r}:
+    importlib.import_module("qsparse." + module)
+print(sorted(m for m in sys.modules if blocked(m)))
 """
 
 
-def test_training_core_imports_without_tfds_or_orbax():
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120,
-                            env={"JAX_PLATFORMS": "cpu", "PATH": ""})
+@pytest.mark.parametrize("tier", sorted(TIERS))
+def test_tier_imports_without_the_tiers_above(tier):
+    modules, forbidden = TIERS[tier]
+    script = SCRIPT.format(modules=modules, forbidden=forbidden)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={"JAX_PLATFORMS": "cpu", "PATH": "", "MPLBACKEND": "Agg"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_every_module_belongs_to_a_tier():
+    from pathlib import Path
+
+    import qsparse
+
+    found = {p.stem for p in Path(qsparse.__file__).parent.glob("*.py") if p.stem != "__init__"}
+    found |= {p.name for p in Path(qsparse.__file__).parent.iterdir() if (p / "__init__.py").exists()}
+    assert found == set(CORE + RUN + ANALYSIS)
