@@ -16,6 +16,8 @@ import pytest
 
 from qsparse.config import Config
 
+pytestmark = pytest.mark.subprocess  # starts Python processes: skipped by a quick run (-m "not subprocess")
+
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["--model=lenet12", "--algebra=quat", "--train_subset=300", "--test_subset=100", "--batch_size=60"]
 

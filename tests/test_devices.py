@@ -11,6 +11,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.subprocess  # starts Python processes: skipped by a quick run (-m "not subprocess")
+
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from qsparse import masks as M, models, train

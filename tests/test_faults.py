@@ -27,6 +27,8 @@ from qsparse import checkpoints as ckpt
 from qsparse import lottery, rundir
 from qsparse.config import Config
 
+pytestmark = pytest.mark.subprocess  # starts Python processes: skipped by a quick run (-m "not subprocess")
+
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--model=lenet12", "--algebra=quat", "--rounds=2", "--epochs=3", "--train_subset=300", "--test_subset=100",
         "--batch_size=60", "--checkpoint_every_secs=0"]

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.subprocess  # starts Python processes: skipped by a quick run (-m "not subprocess")
+
 REPO = Path(__file__).resolve().parents[1]
 RUN = ["--model=lenet12", "--algebra=quat", "--rounds=1", "--epochs=3", "--train_subset=600", "--test_subset=200",
        "--batch_size=60", "--checkpoint_every_secs=0"]

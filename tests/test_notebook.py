@@ -8,6 +8,10 @@ from nbclient import NotebookClient
 from qsparse import lottery, results
 from qsparse.config import Config
 
+import pytest
+
+pytestmark = pytest.mark.subprocess  # starts Python processes: skipped by a quick run (-m "not subprocess")
+
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "inspect_masks.ipynb"
 
 

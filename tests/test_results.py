@@ -235,6 +235,7 @@ def test_report_script_prints_and_writes(tmp_path):
     assert proc.stdout == out.read_text() and "| 98.1 |" in proc.stdout
 
 
+@pytest.mark.subprocess
 def test_results_needs_neither_jax_nor_matplotlib():
     code = "import sys, qsparse.results; print('jax' in sys.modules, 'matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout

@@ -145,6 +145,7 @@ TWO_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
 def test_two_cpu_devices_equal_one_device():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", TWO_DEVICES], env=env, capture_output=True, text=True, timeout=300)
