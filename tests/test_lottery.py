@@ -52,7 +52,7 @@ def test_run_writes_everything(quat_run):
         epochs = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
         assert [e["epoch"] for e in epochs] == [1, 2]
         assert all(0 <= e[k] <= 1 for e in epochs for k in ("train_acc", "test_acc", "val_acc"))
-    # the quaternion model's x positions as the paper plots them (paper.md Fig. 4a, rounds 0-2)
+    # the quaternion model's x positions as the paper plots them (the paper's Fig. 4a, rounds 0-2)
     np.testing.assert_allclose([r["weights_remaining_pct"] for r in rows], [100.0, 80.12, 64.22], atol=0.005)
     np.testing.assert_allclose([r["weights_remaining_pct_of_real"] for r in rows], [25.40, 20.35, 16.31], atol=0.005)
 
