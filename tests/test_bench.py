@@ -1,21 +1,27 @@
-"""A tiny smoke run of the benchmark (experiments.bench): every code path, tiny sizes."""
+"""The benchmark (``benchmarks``, ``python -m experiments.bench``): every code path, tiny sizes."""
 
 import json
+import os
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from experiments import bench
+from benchmarks import Options, convolutions, flops, references, run, save, throughput
+from qsparse import models
 from qsparse.cpu import onednn
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_smoke(tmp_path):
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
-    result = bench.main([
-        "--models=lenet300_100", "--windows=2", "--window_steps=3", "--peak_size=128", "--epochs=1",
-        "--train_subset=600", "--synthetic_epochs", "--replicas=2", "--replica_modes=unroll,vmap", "--no_references",
-        f"--json={out_json}", f"--markdown={out_md}",
-    ])
+    result = run(Options(models=["lenet300_100"], windows=2, window_steps=3, peak_size=128,
+                         epochs=1, train_subset=600, synthetic_epochs=True, replicas=2,
+                         replica_modes=["unroll", "vmap"], references=False))
+    save(result, str(out_json), str(out_md))
     assert json.loads(out_json.read_text())["models"]["lenet300_100"]["real"]["window_steps"] == 3
     lenet = result["models"]["lenet300_100"]
     for algebra in ("real", "quat"):
@@ -35,33 +41,67 @@ def test_bench_smoke(tmp_path):
 
 
 def test_bench_conv_model_both_convolutions_and_layers(tmp_path):
-    out_md = tmp_path / "bench.md"
-    result = bench.main(["--models=conv2", "--algebras=real", "--windows=1", "--window_steps=1", "--peak_size=128",
-                         "--epochs=0", "--replicas=0", "--no_references", "--layers", f"--markdown={out_md}"])
+    result = run(Options(models=["conv2"], algebras=["real"], windows=1, window_steps=1,
+                         peak_size=128, epochs=0, replicas=0, references=False, layers=True))
     r = result["models"]["conv2"]["real"]
     assert r["cpu_conv"] == onednn.cpu_conv()
     assert ("speedup_over_xla_conv" in r) == onednn.available()
     backends = ["onednn", "xla"] if onednn.available() else ["xla"]
-    assert [row["layer"] for row in result["layers"]] == [f"{s}x{s}x{i}->{o}" for s, i, o in bench.CONV4_LAYERS]
+    layers = [f"{s}x{s}x{i}->{o}" for s, i, o in convolutions.CONV4_LAYERS]
+    assert [row["layer"] for row in result["layers"]] == layers
     for row in result["layers"]:
-        assert all(row[f"{b}_{op}_gflops"] > 0 for b in backends for op in ("forward", "input_grad", "kernel_grad"))
-    assert f"| conv2 | real | {onednn.cpu_conv()} |" in out_md.read_text()
+        assert all(row[f"{b}_{op}_gflops"] > 0 for b in backends for op in convolutions.OPS)
+    assert f"| conv2 | real | {onednn.cpu_conv()} |" in save(result)
 
 
-def test_bench_torch_reference_failure_is_an_error(tmp_path):
-    # an interpreter without torch: one error naming the flag, no traceback
-    with pytest.raises(SystemExit, match=f"error: --torch_python={sys.executable} failed: .*torch"):
-        bench.torch_reference(sys.executable, 1, print)
-    with pytest.raises(SystemExit, match="error: --torch_python=/no/python cannot run: .*No such file"):
-        bench.torch_reference("/no/python", 1, print)
+def test_references_are_timed():
+    out = references.bench_references(1, print)
+    assert out["plain_flax_conv4_step"]["images_per_s"] > 0
+    assert out["bare_mlp_epoch"]["images_per_s"] > 0
 
 
-def test_conv_flop_count_matches_the_issue():
+def test_bench_torch_reference_failure_is_an_error():
+    # an interpreter without torch: one error naming the interpreter, no traceback
+    python = re.escape(sys.executable)
+    with pytest.raises(references.TorchReferenceError, match=f"^{python} failed: .*torch"):
+        references.torch_reference(sys.executable, 1, print)
+    with pytest.raises(references.TorchReferenceError, match="^/no/python cannot run: .*No such"):
+        references.torch_reference("/no/python", 1, print)
+
+
+def test_conv4_flop_count_matches_a_hand_count():
     import jax
-
-    from qsparse import models
 
     model = models.create("conv4", "real")
     params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), (32, 32, 3)))
-    # Conv-4 forward ~ 0.197 GFLOP per 32x32x3 image (3.5 + 75.5 + 37.7 + 75.5 conv, 4.3 dense, in MFLOP)
-    assert abs(bench.forward_flops(model, params, (32, 32, 3)) / 1e9 - 0.1966) < 1e-3
+    # Conv-4 forward ~ 0.197 GFLOP per 32x32x3 image (3.5 + 75.5 + 37.7 + 75.5 conv, 4.3 dense,
+    # in MFLOP)
+    assert abs(flops.forward_flops(model, params, (32, 32, 3)) / 1e9 - 0.1966) < 1e-3
+
+
+def test_every_model_has_a_window_size():
+    assert set(throughput.WINDOW_STEPS) == set(models.REGISTRY)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "experiments.bench", *args], cwd=REPO,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_refuses_an_unknown_model_with_one_line():
+    done = _cli("--models=lenet300_100,nope")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == ("error: --models=lenet300_100,nope: unknown ['nope']; valid: "
+                                   f"{sorted(models.REGISTRY)}")
+
+
+def test_cli_empty_lists_mean_none(tmp_path):
+    # as in results/bench_ab_shard_map.md: --models= times no model
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    done = _cli("--models=", "--windows=1", "--peak_size=64", "--epochs=0", "--replicas=0",
+                "--no_references", f"--json={out_json}", f"--markdown={out_md}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out_json.read_text())
+    assert result["models"] == {} and set(result) == {"environment", "peak", "models"}
+    assert out_md.read_text() in done.stdout and "Matmul peak:" in out_md.read_text()

@@ -1,0 +1,138 @@
+"""Same-run yardsticks: how fast plain code trains on this machine, beside qsparse's trainer.
+
+A plain Flax Conv-4 train step (jit, no epoch loop, no masks), a bare scanned epoch of a plain
+real MLP of LeNet-300-100's shape, and optionally PyTorch eager steps of both, run by another
+interpreter (``experiments/torch_reference.py``; qsparse does not depend on torch). Measured in
+the same process as qsparse's numbers, so a ratio to them survives a busy or drifting machine.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks.harness import sync
+
+TORCH_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "torch_reference.py"
+
+
+class TorchReferenceError(RuntimeError):
+    """The interpreter given for the PyTorch reference could not run it, or the script failed."""
+
+
+class Conv4(nn.Module):
+    """Conv-4 in plain Flax: no quaternions, no masks, the library's defaults."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for width in (64, 64, None, 128, 128, None):
+            if width is None:
+                x = nn.max_pool(x, (2, 2), (2, 2))
+            else:
+                x = nn.relu(nn.Conv(width, (3, 3))(x))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(256)(x))
+        return nn.Dense(10)(nn.relu(nn.Dense(256)(x)))
+
+
+class MLP(nn.Module):
+    """LeNet-300-100's shape (784-300-100-10) in plain Flax."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.relu(nn.Dense(300)(x.reshape((x.shape[0], -1))))
+        return nn.Dense(10)(nn.relu(nn.Dense(100)(x)))
+
+
+def _make_step(model: nn.Module, tx: optax.GradientTransformation) -> Callable:
+    def step(p, o, x, y):
+        def loss_fn(p):
+            logits = model.apply({"params": p}, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+    return step
+
+
+def bench_references(windows: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """A plain Flax Conv-4 jit step (batch 60, one step per call) and a bare scanned epoch of a
+    plain MLP on pre-normalised data (1000 batches of 60, in order): the least work each does."""
+    out = {}
+    model, tx = Conv4(), optax.adam(3e-4)
+    x = jax.random.normal(jax.random.key(0), (60, 32, 32, 3))
+    y = jnp.zeros((60,), jnp.int32)
+    p = model.init(jax.random.key(1), x)["params"]
+    o = tx.init(p)
+    step = jax.jit(_make_step(model, tx), donate_argnums=(0, 1))
+    for _ in range(3):
+        p, o, loss = sync(step(p, o, x, y))
+    times = []
+    for _ in range(windows):
+        t = time.perf_counter()
+        for _ in range(5):
+            p, o, loss = step(p, o, x, y)
+        sync(loss)
+        times.append((time.perf_counter() - t) / 5)
+    out["plain_flax_conv4_step"] = {"step_ms": 1e3 * statistics.median(times),
+                                    "images_per_s": 60 / statistics.median(times)}
+
+    model, tx = MLP(), optax.adam(1.2e-3)
+    rng = np.random.default_rng(0)
+    xs = jnp.asarray(rng.standard_normal((1000, 60, 784), np.float32))
+    ys = jnp.asarray(rng.integers(0, 10, (1000, 60)).astype(np.int32))
+    p = model.init(jax.random.key(1), xs[0])["params"]
+    o = tx.init(p)
+    mlp_step = _make_step(model, tx)
+
+    @jax.jit
+    def epoch(p, o, xs, ys):
+        def body(c, b):
+            p, o, _ = mlp_step(*c, *b)
+            return (p, o), None
+        return jax.lax.scan(body, (p, o), (xs, ys))[0]
+
+    p, o = sync(epoch(p, o, xs, ys))
+    times = []
+    for _ in range(max(3, windows // 2)):
+        t = time.perf_counter()
+        p, o = sync(epoch(p, o, xs, ys))
+        times.append(time.perf_counter() - t)
+    out["bare_mlp_epoch"] = {"epoch_s": statistics.median(times),
+                             "images_per_s": 60000 / statistics.median(times)}
+    log(f"  plain Flax Conv-4 jit step: {out['plain_flax_conv4_step']['images_per_s']:.0f} img/s; "
+        f"bare scanned MLP epoch: {out['bare_mlp_epoch']['images_per_s']:,.0f} img/s")
+    return out
+
+
+def torch_reference(python: str, windows: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """PyTorch eager Conv-4 and LeNet-300-100 steps, by ``python`` (an interpreter with torch).
+
+    Raises :class:`TorchReferenceError` (its message starts with ``python``) when ``python``
+    cannot run or the script fails, e.g. for want of torch.
+    """
+    try:
+        done = subprocess.run([python, str(TORCH_SCRIPT), str(windows)], capture_output=True,
+                              text=True, timeout=1800)
+    except OSError as e:
+        raise TorchReferenceError(f"{python} cannot run: {e}") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise TorchReferenceError(f"{python} failed: {last}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    log(f"  PyTorch {out['torch']} eager ({out['threads']} threads): "
+        f"Conv-4 {out['conv4_eager_images_per_s']:.0f} img/s, "
+        f"LeNet-300-100 {out['lenet300_100_eager_images_per_s']:,.0f} img/s")
+    return out

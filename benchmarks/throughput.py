@@ -1,0 +1,187 @@
+"""Images per second of qsparse's training: masked train steps, whole epochs, replicates at once.
+
+Everything timed runs through :class:`qsparse.train.Trainer`, the code IMP trains with, and
+compares like with like in one process: the real and quaternion windows of a model are
+interleaved (and so are XLA's and oneDNN's convolutions, or one replicate and R at once), so a
+ratio is measured under the same machine conditions even when absolute speeds drift.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.harness import Setup, dataset_of
+from qsparse import cpu, models, train
+from qsparse import data as qdata
+from qsparse import masks as qmasks
+from qsparse.cpu import onednn
+from qsparse.data import DATASETS
+
+Log = Callable[[str], None]
+
+# Steps per timed window, by model: enough that a window is long against timer resolution and
+# dispatch, few enough that several windows per model stay cheap on a small CPU.
+WINDOW_STEPS = {"lenet300_100": 1000, "lenet12": 1000, "conv2": 8, "conv4": 5, "conv6": 4}
+
+
+def bench_model(name: str, algebras: Sequence[str], windows: int, steps: int, peak: float,
+                log: Log, compare_xla_conv: bool = False) -> dict[str, Any]:
+    """The masked train step of ``name`` per algebra: median window, GFLOP/s, share of ``peak``.
+
+    GFLOP/s count 3 x the forward FLOPs (forward, input gradient, weight gradient). With
+    ``compare_xla_conv`` and oneDNN convolutions, the same steps with XLA's convolutions too.
+    """
+    has_conv = _has_conv(name)
+    backends = [onednn.cpu_conv() if has_conv else "none"]
+    if has_conv and compare_xla_conv and backends[0] != "xla":
+        backends.append("xla")
+    setups, first = {}, {}
+    for backend in backends:
+        for algebra in algebras:
+            # the backend is chosen when the epoch is traced, in the first call
+            with onednn.using("xla" if backend == "none" else backend):
+                s = setups[algebra, backend] = Setup(name, algebra, steps)
+                first[algebra, backend] = s.first_call()
+            s.window(record=False)  # warm-up
+    for _ in range(windows):  # interleaved: ratios are measured under the same conditions
+        for s in setups.values():
+            s.window()
+    out: dict[str, Any] = {}
+    for (algebra, backend), s in setups.items():
+        median = statistics.median(s.windows)
+        img_s = s.images_per_call / median
+        if backend != backends[0]:
+            r = out[algebra]
+            r[f"{backend}_conv_images_per_s"] = img_s
+            r[f"speedup_over_{backend}_conv"] = r["images_per_s"] / img_s
+            log(f"  {name:13s} {algebra:4s} {1e3 * median / steps:9.2f} ms/step {img_s:10.0f} img/s"
+                f" with {backend} convolutions: x{r[f'speedup_over_{backend}_conv']:.2f}"
+                f" for {backends[0]}")
+            continue
+        train_flops = 3 * s.fwd_flops
+        r = out[algebra] = {
+            "cpu_conv": backend,
+            "first_call_s": first[algebra, backend],
+            "compile_s": max(first[algebra, backend] - median, 0.0),
+            "window_steps": steps,
+            "windows_s": s.windows,
+            "cpu_per_window_s": s.cpu,
+            "step_ms": 1e3 * median / steps,
+            "images_per_s": img_s,
+            "forward_gflop_per_image": s.fwd_flops / 1e9,
+            "train_gflop_per_image": train_flops / 1e9,
+            "gflops": img_s * train_flops / 1e9,
+            "peak_fraction": img_s * train_flops / 1e9 / peak,
+        }
+        log(f"  {name:13s} {algebra:4s} {r['step_ms']:9.2f} ms/step {img_s:10.0f} img/s "
+            f"{r['gflops']:7.1f} GFLOP/s ({100 * r['peak_fraction']:4.1f}% of peak) "
+            f"compile {r['compile_s']:5.1f} s")
+    if "real" in out and "quat" in out:
+        out["quat_real_time_ratio"] = out["quat"]["step_ms"] / out["real"]["step_ms"]
+    return out
+
+
+def _has_conv(name: str) -> bool:
+    model = models.create(name)
+    shape = dataset_of(name).image_shape
+    params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), shape))
+    return cpu.has_conv(model.apply, params, shape)
+
+
+def synthetic_mnist(n: int) -> qdata.Dataset:
+    """Random images of MNIST's shape and normalisation: the epoch code path, no dataset needed."""
+    spec = DATASETS["mnist"]
+    rng = np.random.default_rng(0)
+
+    def images(k: int) -> np.ndarray:
+        return rng.integers(0, 256, (k, *spec.image_shape), dtype=np.uint8)
+
+    def labels(k: int) -> np.ndarray:
+        return rng.integers(0, spec.num_classes, k).astype(np.int32)
+
+    return qdata.Dataset("synthetic_mnist", spec.num_classes, spec.mean, spec.std, spec.augment,
+                         images(n), labels(n), images(0), labels(0), images(1000), labels(1000))
+
+
+def bench_epochs(algebras: Sequence[str], epochs: int, data_dir: str | None,
+                 train_subset: int | None, log: Log, synthetic: bool = False) -> dict[str, Any]:
+    """Whole LeNet-300-100 epochs on MNIST, data handling included, real and quaternion
+    interleaved; and the projected wall time of a 40-epoch IMP round."""
+    if synthetic:
+        dataset = synthetic_mnist(train_subset or 60000)
+    else:
+        dataset = qdata.load("mnist", data_dir=data_dir, train_subset=train_subset)
+    spec = train.epoch_spec(dataset, 60)
+    trainer = train.Trainer(spec)
+    train_data = trainer.put_data(dataset.train_images, dataset.train_labels)
+    test = (jnp.asarray(dataset.test_images), jnp.asarray(dataset.test_labels))
+    runs = {}
+    for algebra in algebras:
+        model = models.create("lenet300_100", algebra)
+        params = models.init_params(model, jax.random.key(0), dataset.train_images.shape[1:])
+        tx = train.make_optimizer("adam", 1.2e-3)
+        state = train.create_train_state(model, params, qmasks.ones(params), tx)
+        t = time.perf_counter()
+        state, _ = trainer.train_epoch(state, *train_data, jax.random.key(0))
+        first = time.perf_counter() - t
+        trainer.evaluate(state, *test)  # compiles the evaluation
+        runs[algebra] = {"state": state, "first": first, "epochs": [], "eval": []}
+    for e in range(epochs):
+        for run in runs.values():
+            t = time.perf_counter()
+            run["state"], metrics = trainer.train_epoch(run["state"], *train_data,
+                                                        jax.random.key(e + 1))
+            run["epochs"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            trainer.evaluate(run["state"], *test)
+            run["eval"].append(time.perf_counter() - t)
+            run["train_acc"] = metrics["train_acc"]
+    out: dict[str, Any] = {"dataset": dataset.name,
+                           "train_images": int(spec.steps * spec.batch_size),
+                           "epochs_timed": epochs}
+    for algebra, run in runs.items():
+        epoch_s = statistics.median(run["epochs"])
+        eval_s = statistics.median(run["eval"])
+        out[algebra] = {
+            "first_epoch_s": run["first"], "epoch_s": epoch_s, "epochs_s": run["epochs"],
+            "images_per_s": out["train_images"] / epoch_s, "eval_test_s": eval_s,
+            "round_40_epochs_s": 40 * epoch_s,
+            "round_40_epochs_with_eval_s": 40 * (epoch_s + eval_s),
+            "train_acc_last": run["train_acc"],
+        }
+        log(f"  lenet300_100 {algebra:4s} MNIST epoch {epoch_s:6.3f} s = "
+            f"{out[algebra]['images_per_s']:8.0f} img/s; 40 epochs {40 * epoch_s:5.1f} s "
+            f"(+ test eval each epoch: {40 * (epoch_s + eval_s):5.1f} s)")
+    return out
+
+
+def bench_replicas(name: str, algebras: Sequence[str], replicas: int, windows: int, steps: int,
+                   log: Log, replica_mode: str = "auto") -> dict[str, Any]:
+    """R replicates in one compiled epoch (``Trainer(replicas=R)``) against one at a time, in
+    total images/s: what training IMP's replicates together buys on this machine."""
+    out: dict[str, Any] = {"model": name, "replicas": replicas, "mode": replica_mode}
+    for algebra in algebras:
+        single = Setup(name, algebra, steps)
+        many = Setup(name, algebra, steps, replicas=replicas, replica_mode=replica_mode)
+        out["mode"] = many.trainer.replica_mode
+        compile_single, compile_many = single.first_call(), many.first_call()
+        single.window(record=False)
+        many.window(record=False)
+        for _ in range(windows):
+            single.window()
+            many.window()
+        one = single.images_per_call / statistics.median(single.windows)
+        together = many.images_per_call / statistics.median(many.windows)
+        out[algebra] = {"single_images_per_s": one, "replicas_images_per_s": together,
+                        "factor": together / one, "first_call_single_s": compile_single,
+                        "first_call_replicas_s": compile_many}
+        log(f"  {name:13s} {algebra:4s} R={replicas} ({out['mode']}): {together:9.0f} img/s in "
+            f"total vs {one:9.0f} for one replicate at a time: x{together / one:.2f}")
+    return out
