@@ -1,11 +1,11 @@
-"""qsparse.config (the schema) and qsparse.lottery.resolve (defaults and validation)."""
+"""qsparse.config (the schema) and qsparse.experiment.resolve (defaults and validation)."""
 
 import dataclasses
 import json
 
 import pytest
 
-from qsparse import lottery, models
+from qsparse import experiment, models
 from qsparse.config import NON_SEMANTIC, Config, ConfigError, field_types, parse_rewind
 
 
@@ -49,12 +49,12 @@ def test_parse_rewind(text, parsed):
 
 def test_resolve_fills_the_papers_values_for_the_model():
     for name, spec in models.REGISTRY.items():
-        resolved = lottery.resolve(Config(model=name))
+        resolved = experiment.resolve(Config(model=name))
         assert (resolved.dataset, resolved.epochs, resolved.batch_size, resolved.lr) == (
             spec.dataset, spec.epochs, spec.batch_size, spec.lr)
-    given = lottery.resolve(Config(model="conv4", epochs=3, lr=0.1, dataset="cifar100"))
+    given = experiment.resolve(Config(model="conv4", epochs=3, lr=0.1, dataset="cifar100"))
     assert (given.epochs, given.lr, given.dataset) == (3, 0.1, "cifar100")
-    assert lottery.resolve(given) == given  # idempotent
+    assert experiment.resolve(given) == given  # idempotent
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -78,4 +78,4 @@ def test_resolve_fills_the_papers_values_for_the_model():
 ])
 def test_resolve_refuses_bad_values_naming_them(overrides, match):
     with pytest.raises(ConfigError, match=match):
-        lottery.resolve(Config(**overrides))
+        experiment.resolve(Config(**overrides))

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from qsparse import checkpoints as ckpt
-from qsparse import lottery, rundir
+from qsparse import experiment, rundir
 from qsparse.config import Config
 
 pytestmark = pytest.mark.subprocess  # starts Python processes: skipped by a quick run (-m "not subprocess")
@@ -300,7 +300,7 @@ def test_same_seed_identical_other_seed_different_and_provenance(imp, reference,
     # provenance: the full config, package versions, devices and the qsparse commit
     stored = rundir.read_json(run_dir(reference) / "config.json")
     assert set(stored) == set(Config.__dataclass_fields__)
-    assert Config.from_json(stored) == lottery.resolve(Config(
+    assert Config.from_json(stored) == experiment.resolve(Config(
         model="lenet12", algebra="quat", rounds=2, epochs=3, train_subset=300, test_subset=100, batch_size=60,
         checkpoint_every_secs=0, data_dir=str(mnist_dir)))
     info = json.loads((run_dir(reference) / "runs.jsonl").read_text().splitlines()[0])

@@ -1,7 +1,7 @@
 """qsparse's three import tiers, each importable without the tier above it.
 
 * core (layers, models, pruning, training): jax, flax, optax and numpy only;
-* run (config, data, checkpoints, run directory, loop, lottery): the core plus orbax and
+* run (config, data, checkpoints, run directory, loop, experiment setup, lottery): the core plus orbax and
   tensorflow-datasets;
 * analysis (results, paper figures, report, plots): numpy and matplotlib, no jax; it shares
   the run tier's two jax-free leaves, the config schema and the run-directory vocabulary.
@@ -15,7 +15,7 @@ import sys
 import pytest
 
 CORE = ["quaternion", "initializers", "layers", "models", "masks", "pruning", "augment", "train", "cpu"]
-RUN = ["config", "data", "checkpoints", "rundir", "loop", "lottery"]
+RUN = ["config", "data", "checkpoints", "rundir", "loop", "experiment", "lottery"]
 ANALYSIS = ["results", "paper", "report", "plots"]
 JAX_FREE = ["config", "rundir"]  # run-tier modules the analysis tier reads with
 TIERS = {

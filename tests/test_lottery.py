@@ -1,16 +1,11 @@
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
 from qsparse import checkpoints as ckpt
-from qsparse import lottery, models, rundir, train
+from qsparse import experiment, lottery, models, rundir, train
 from qsparse.cpu import onednn
 from qsparse import masks as M
 from qsparse.config import Config, ConfigError
@@ -22,7 +17,7 @@ SMALL = dict(rounds=2, epochs=2, train_subset=600, test_subset=200, validation_s
 def quat_run(mnist_dir, tmp_path_factory):
     config = Config(model="lenet300_100", algebra="quat", data_dir=str(mnist_dir), **SMALL)
     run_dir = lottery.run(config, tmp_path_factory.mktemp("work"), log=lambda s: None)
-    return lottery.resolve(config), run_dir
+    return experiment.resolve(config), run_dir
 
 
 def load_round(run_dir, config, level, rep=0):

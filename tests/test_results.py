@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from qsparse import lottery, masks, models, paper, report, results, rundir
+from qsparse import experiment, masks, models, paper, report, results, rundir
 from qsparse.config import Config
 
 ROOT = Path(__file__).parents[1]
@@ -20,7 +20,7 @@ def write_run(root: Path, name: str, rows: list[dict], **config) -> Path:
     """A synthetic run directory: config.json and one done.json per (replicate, round)."""
     run = root / name
     run.mkdir(parents=True)
-    cfg = lottery.resolve(Config(model="lenet300_100", **config))
+    cfg = experiment.resolve(Config(model="lenet300_100", **config))
     (run / "config.json").write_text(json.dumps(cfg.to_json()))
     for row in rows:
         rd = run / f"replicate_{row['replicate']}" / f"round_{row['round']:02d}"
@@ -52,7 +52,7 @@ def test_aggregate_mean_std_and_x_conventions(tmp_path):
     np.testing.assert_allclose(curve.x_own, xs)
     np.testing.assert_allclose(curve.x_real, np.array(xs) * 0.254)
     rows = results.load_rows([tmp_path])
-    assert rows[0]["epochs_run"] == 3 and rows[0]["epochs"] == lottery.resolve(Config(model="lenet300_100")).epochs
+    assert rows[0]["epochs_run"] == 3 and rows[0]["epochs"] == experiment.resolve(Config(model="lenet300_100")).epochs
 
 
 def test_runs_pool_by_config_and_split_by_grouping(tmp_path):
@@ -81,7 +81,7 @@ def test_curve_fields_exclude_only_config_fields():
 def test_summary_fallback_and_find_runs(tmp_path):
     run = tmp_path / "deep" / "copied"
     run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps(lottery.resolve(Config(model="lenet12")).to_json()))
+    (run / "config.json").write_text(json.dumps(experiment.resolve(Config(model="lenet12")).to_json()))
     rows = [{"replicate": 0, "round": 0, "status": "ok", "test_acc": 0.5, "weights_remaining_pct": 100.0,
              "weights_remaining_pct_of_real": 100.0, "epochs": 2}]
     (run / "summary.json").write_text(json.dumps(rows))

@@ -1,0 +1,200 @@
+"""One experiment's setup: its config resolved and validated, its data, model and epoch loop.
+
+Everything here is shared by the replicates and rounds of a run and is decided before anything
+is written: a bad value stops the run with a :class:`ConfigError` naming it. The protocols that
+use it are :mod:`qsparse.lottery`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+from jax.experimental import multihost_utils
+
+from qsparse import data as qdata
+from qsparse import initializers, loop, models, pruning, quaternion, rundir, train
+from qsparse import masks as qmasks
+from qsparse.config import (CONTROLS, DATASET_NAMES, OPTIMIZER_STATES, OPTIMIZERS, PROTOCOLS, Config,
+                            ConfigError, parse_rewind)
+from qsparse.cpu import onednn
+
+ENCODINGS = ("auto", "flat", *quaternion.ENCODINGS)
+
+
+def resolve(config: Config) -> Config:
+    """The config with the model's paper defaults filled in, every field validated; raises
+    ConfigError naming the bad value and the valid choices."""
+    _choice("model", config.model, tuple(models.REGISTRY))
+    _choice("algebra", config.algebra, models.ALGEBRAS)
+    spec = models.spec(config.model)
+    config = dataclasses.replace(
+        config,
+        dataset=config.dataset or spec.dataset,
+        epochs=spec.epochs if config.epochs is None else config.epochs,
+        batch_size=spec.batch_size if config.batch_size is None else config.batch_size,
+        lr=spec.lr if config.lr is None else config.lr,
+        layer_fractions=tuple((str(k), float(v)) for k, v in config.layer_fractions),
+        hidden=tuple(config.hidden),
+    )
+    _choice("dataset", config.dataset, DATASET_NAMES)
+    _choice("pruning", config.pruning, pruning.METHODS)
+    _choice("grouping", config.grouping, pruning.GROUPINGS)
+    _choice("protocol", config.protocol, PROTOCOLS)
+    _choice("optimizer_state", config.optimizer_state, OPTIMIZER_STATES)
+    _choice("control", config.control, CONTROLS)
+    _choice("optimizer", config.optimizer, OPTIMIZERS)
+    _choice("quat_init", config.quat_init, tuple(initializers.QUATERNION_INITS))
+    _choice("encoding", config.encoding, ENCODINGS)
+    if not 0.0 < config.prune_fraction < 1.0:
+        raise ConfigError(f"prune_fraction={config.prune_fraction} must be in (0, 1)")
+    for name in ("epochs", "batch_size", "replicates", "eval_every", "eval_batch", "log_every"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name}={getattr(config, name)} must be a positive integer")
+    for name in ("rounds", "validation_size", "seed"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name}={getattr(config, name)} must be >= 0")
+    for name in ("train_subset", "test_subset"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise ConfigError(f"{name}={getattr(config, name)} must be a positive integer (or unset)")
+    if not (config.lr > 0 and math.isfinite(config.lr)):
+        raise ConfigError(f"lr={config.lr} must be a positive number")
+    if not 0.0 <= config.stop_accuracy < 1.0:
+        raise ConfigError(f"stop_accuracy={config.stop_accuracy} must be in [0, 1)")
+    for pattern, fraction in config.layer_fractions:
+        if not 0.0 <= fraction < 1.0:
+            raise ConfigError(f"layer fraction {fraction} for {pattern!r} must be in [0, 1)")
+    if not all(isinstance(w, int) and w > 0 for w in config.hidden):
+        raise ConfigError(f"hidden={list(config.hidden)} must be positive integer widths")
+    if config.layer_fractions and config.pruning != "layerwise":
+        raise ConfigError("layer_fractions need pruning='layerwise'")
+    parse_rewind(config.rewind)
+    if config.rewind != "init" and config.protocol == "paper":
+        raise ConfigError("protocol='paper' always retrains from the initial weights; use rewind='init'")
+    try:
+        create_model(config, 10)
+    except ValueError as e:
+        raise ConfigError(f"hidden={list(config.hidden)}: {e}" if config.hidden else str(e)) from None
+    return config
+
+
+def _choice(name: str, value, valid: tuple) -> None:
+    if value not in valid:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of {list(valid)}")
+
+
+def create_model(config: Config, num_classes: int, algebra: str | None = None, **overrides):
+    """The config's model (or its ``algebra`` twin of the same real widths)."""
+    algebra = algebra or config.algebra
+    widths = {}
+    if config.hidden:  # a LeNet's hidden layers, a conv net's dense layers
+        name = "features" if "features" in models.spec(config.model).kwargs else "dense_features"
+        widths = {name: config.hidden}
+    quat = {"quat_init": config.quat_init, "encoding": config.encoding} if algebra == "quat" else {}
+    return models.create(config.model, algebra, num_classes, **widths, **{**quat, **overrides})
+
+
+def check_run_dir(run: rundir.Run, config: Config) -> None:
+    """Refuse a directory that holds another experiment, before anything is written."""
+    if not run.config.exists():
+        return
+    try:
+        old = Config.from_json(rundir.read_json(run.config))
+    except (TypeError, ValueError) as e:
+        raise rundir.CorruptFileError(f"{run.config} does not hold a config: {e}") from None
+    if old.semantic() != config.semantic():
+        diff = {k: (v, config.semantic()[k]) for k, v in old.semantic().items() if v != config.semantic()[k]}
+        raise ConfigError(f"{run.path} holds a run with a different config (stored vs requested: {diff}); "
+                          "use another --workdir or run directory")
+
+
+class Experiment:
+    """Everything shared by the replicates and rounds of one run: data, model, optimizer, the epoch
+    loop; built (and validated) before anything is written."""
+
+    def __init__(self, config: Config, run: rundir.Run, log: Callable[[str], None]):
+        self.config, self.run, self.log = config, run, log
+        try:
+            self.dataset = d = _load_dataset(config)
+            trainer = train.Trainer(train.epoch_spec(d, config.batch_size), eval_batch=config.eval_batch,
+                                    replicas=None if config.replicates == 1 else config.replicates)
+        except qdata.DatasetUnavailableError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.model = create_model(config, d.num_classes)
+        self.input_shape = d.train_images.shape[1:]
+        self.param_shapes = self._param_shapes()
+        self.tx = train.make_optimizer(config.optimizer, config.lr)
+        train_data = trainer.put_data(d.train_images, d.train_labels)
+        val_data = trainer.put_data(d.val_images, d.val_labels)
+        eval_data = {"test": trainer.put_data(d.test_images, d.test_labels)}
+        if val_data[0].shape[0]:
+            eval_data["val"] = val_data
+        self.loop = loop.Loop(
+            trainer, train_data, eval_data, epochs=config.epochs, replicates=config.replicates, eval_every=config.eval_every,
+            log_every=config.log_every, checkpoint_every_secs=config.checkpoint_every_secs,
+            rewind_step=self._rewind_step(trainer.spec.steps), log=log)
+        self.real_total = models.count_params(_shapes(create_model(config, d.num_classes, "real"), self.input_shape))
+        self.rule = qmasks.PruneRule(prune_output=config.prune_output)
+
+    def _param_shapes(self):
+        """The parameters' shapes; a ConfigError naming the fitting encodings if the input does not fit."""
+        cfg = self.config
+        try:
+            return _shapes(self.model, self.input_shape)
+        except (ValueError, TypeError) as e:
+            message = (f"model {cfg.model} ({cfg.algebra}) cannot take {cfg.dataset} images of shape "
+                       f"{self.input_shape}: {e}")
+        if cfg.algebra == "quat":
+            fitting = []
+            for encoding in ENCODINGS:
+                try:
+                    _shapes(create_model(cfg, self.dataset.num_classes, encoding=encoding), self.input_shape)
+                    fitting.append(encoding)
+                except (ValueError, TypeError):
+                    pass
+            message += f"; encodings that fit: {fitting}"
+        raise ConfigError(message)
+
+    def _rewind_step(self, steps: int) -> int:
+        rewind = parse_rewind(self.config.rewind)
+        if rewind is None:
+            return 0
+        amount, unit = rewind
+        step = amount * steps if unit == "ep" else amount
+        total = self.config.epochs * steps
+        if step >= total:
+            raise ConfigError(f"rewind={self.config.rewind} is step {step}, not before the end of training ({total} steps)")
+        return step
+
+
+def _load_dataset(config: Config) -> qdata.Dataset:
+    """The dataset, built by process 0 first: the others then read its cache instead of
+    building the same files at the same time."""
+    load = functools.partial(
+        qdata.load, config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir,
+        validation_size=config.validation_size, seed=config.seed, train_subset=config.train_subset,
+        test_subset=config.test_subset)
+    dataset = load() if rundir.is_writer() else None
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("qsparse: dataset ready")
+    return dataset if dataset is not None else load()
+
+
+def _shapes(model, input_shape):
+    return jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), input_shape))
+
+
+def record_invocation(run: rundir.Run) -> dict:
+    """This invocation's versions, devices and which CPU convolutions run (oneDNN or XLA),
+    appended to runs.jsonl."""
+    devices = jax.devices()
+    entry = rundir.provenance(
+        device_kind=devices[0].device_kind, platform=devices[0].platform, device_count=len(devices),
+        process_count=jax.process_count(), cpu_conv=onednn.cpu_conv() if devices[0].platform == "cpu" else None)
+    rundir.append_invocation(run, entry)
+    return entry
