@@ -2,7 +2,7 @@
 
 Library functions take a :class:`Config`; only ``experiments/imp.py`` reads flags, one per field
 (flag type from the field type, help from the field's metadata). Fields left ``None`` take the
-paper's value for the model (Table 1 of the paper) when :func:`qsparse.lottery.resolve` fills
+paper's value for the model (Table 1 of the paper) when :func:`qsparse.experiment.resolve` fills
 and validates them. Jax-free and importing nothing from qsparse, so the readers of run
 directories share this vocabulary with the driver.
 """
