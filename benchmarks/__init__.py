@@ -13,6 +13,6 @@ qsparse's. Modules:
 * :mod:`benchmarks.suite`: :class:`Options` and :func:`run`, everything in one process.
 """
 
-from benchmarks.suite import Options, OptionError, run, save
+from benchmarks.suite import OptionError, Options, run, save
 
 __all__ = ["OptionError", "Options", "run", "save"]

@@ -58,7 +58,15 @@ def bench_layers(windows: int, log: Callable[[str], None]) -> list[dict[str, Any
             row[f"{backend}_{op}_ms"] = 1e3 * statistics.median(times)
             row[f"{backend}_{op}_gflops"] = flops / statistics.median(times) / 1e9
         out.append(row)
-        log("  " + row["layer"] + ": " + "; ".join(
-            f"{op} " + " / ".join(f"{b} {row[f'{b}_{op}_gflops']:.0f}" for b in backends)
-            + " GFLOP/s" for op in OPS))
+        log(
+            "  "
+            + row["layer"]
+            + ": "
+            + "; ".join(
+                f"{op} "
+                + " / ".join(f"{b} {row[f'{b}_{op}_gflops']:.0f}" for b in backends)
+                + " GFLOP/s"
+                for op in OPS
+            )
+        )
     return out

@@ -58,8 +58,15 @@ class Setup:
     IMP runs; the data are random images of the model's dataset shape, so no dataset is needed.
     """
 
-    def __init__(self, name: str, algebra: str, steps: int, replicas: int | None = None,
-                 seed: int = 0, replica_mode: str = "auto"):
+    def __init__(
+        self,
+        name: str,
+        algebra: str,
+        steps: int,
+        replicas: int | None = None,
+        seed: int = 0,
+        replica_mode: str = "auto",
+    ):
         spec = models.spec(name)
         data = dataset_of(name)
         shape = data.image_shape
@@ -77,8 +84,10 @@ class Setup:
         self.state = state
         rng = np.random.default_rng(seed)
         n = steps * spec.batch_size
-        self.data = self.trainer.put_data(rng.integers(0, 256, (n, *shape), dtype=np.uint8),
-                                          rng.integers(0, 10, n).astype(np.int32))
+        self.data = self.trainer.put_data(
+            rng.integers(0, 256, (n, *shape), dtype=np.uint8),
+            rng.integers(0, 10, n).astype(np.int32),
+        )
         self.replicas = replicas
         self.calls = 0
         self.windows: list[float] = []
@@ -116,8 +125,9 @@ def cpu_name() -> str:
     """The CPU's model name, so a result says which machine it describes."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
+            return next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
@@ -125,9 +135,13 @@ def cpu_name() -> str:
 def environment() -> dict[str, Any]:
     """What a result depends on besides the code: versions, CPUs, devices, flags, load."""
     return {
-        "jax": jax.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
         "devices": [str(d) for d in jax.local_devices()],
-        "xla_flags": os.environ.get("XLA_FLAGS", ""), "cpu_conv": onednn.cpu_conv(),
-        "cpu": cpu_name(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu_conv": onednn.cpu_conv(),
+        "cpu": cpu_name(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "load_before": load_average(),
     }

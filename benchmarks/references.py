@@ -64,6 +64,7 @@ def _make_step(model: nn.Module, tx: optax.GradientTransformation) -> Callable:
         loss, g = jax.value_and_grad(loss_fn)(p)
         u, o = tx.update(g, o, p)
         return optax.apply_updates(p, u), o, loss
+
     return step
 
 
@@ -86,8 +87,10 @@ def bench_references(windows: int, log: Callable[[str], None]) -> dict[str, Any]
             p, o, loss = step(p, o, x, y)
         sync(loss)
         times.append((time.perf_counter() - t) / 5)
-    out["plain_flax_conv4_step"] = {"step_ms": 1e3 * statistics.median(times),
-                                    "images_per_s": 60 / statistics.median(times)}
+    out["plain_flax_conv4_step"] = {
+        "step_ms": 1e3 * statistics.median(times),
+        "images_per_s": 60 / statistics.median(times),
+    }
 
     model, tx = MLP(), optax.adam(1.2e-3)
     rng = np.random.default_rng(0)
@@ -102,6 +105,7 @@ def bench_references(windows: int, log: Callable[[str], None]) -> dict[str, Any]
         def body(c, b):
             p, o, _ = mlp_step(*c, *b)
             return (p, o), None
+
         return jax.lax.scan(body, (p, o), (xs, ys))[0]
 
     p, o = sync(epoch(p, o, xs, ys))
@@ -110,10 +114,14 @@ def bench_references(windows: int, log: Callable[[str], None]) -> dict[str, Any]
         t = time.perf_counter()
         p, o = sync(epoch(p, o, xs, ys))
         times.append(time.perf_counter() - t)
-    out["bare_mlp_epoch"] = {"epoch_s": statistics.median(times),
-                             "images_per_s": 60000 / statistics.median(times)}
-    log(f"  plain Flax Conv-4 jit step: {out['plain_flax_conv4_step']['images_per_s']:.0f} img/s; "
-        f"bare scanned MLP epoch: {out['bare_mlp_epoch']['images_per_s']:,.0f} img/s")
+    out["bare_mlp_epoch"] = {
+        "epoch_s": statistics.median(times),
+        "images_per_s": 60000 / statistics.median(times),
+    }
+    log(
+        f"  plain Flax Conv-4 jit step: {out['plain_flax_conv4_step']['images_per_s']:.0f} img/s; "
+        f"bare scanned MLP epoch: {out['bare_mlp_epoch']['images_per_s']:,.0f} img/s"
+    )
     return out
 
 
@@ -124,15 +132,18 @@ def torch_reference(python: str, windows: int, log: Callable[[str], None]) -> di
     cannot run or the script fails, e.g. for want of torch.
     """
     try:
-        done = subprocess.run([python, str(TORCH_SCRIPT), str(windows)], capture_output=True,
-                              text=True, timeout=1800)
+        done = subprocess.run(
+            [python, str(TORCH_SCRIPT), str(windows)], capture_output=True, text=True, timeout=1800
+        )
     except OSError as e:
         raise TorchReferenceError(f"{python} cannot run: {e}") from None
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
         raise TorchReferenceError(f"{python} failed: {last}")
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    log(f"  PyTorch {out['torch']} eager ({out['threads']} threads): "
+    log(
+        f"  PyTorch {out['torch']} eager ({out['threads']} threads): "
         f"Conv-4 {out['conv4_eager_images_per_s']:.0f} img/s, "
-        f"LeNet-300-100 {out['lenet300_100_eager_images_per_s']:,.0f} img/s")
+        f"LeNet-300-100 {out['lenet300_100_eager_images_per_s']:,.0f} img/s"
+    )
     return out

@@ -98,25 +98,36 @@ def run(options: Options = Options(), log: Callable[[str], None] = print) -> dic
     result["models"] = {}
     for name in o.models:
         steps = o.window_steps or throughput.WINDOW_STEPS[name]
-        result["models"][name] = throughput.bench_model(name, o.algebras, o.windows, steps, peak,
-                                                        log, o.xla_conv)
+        result["models"][name] = throughput.bench_model(
+            name, o.algebras, o.windows, steps, peak, log, o.xla_conv
+        )
     if o.epochs:
         log("whole MNIST epochs")
-        result["epochs"] = throughput.bench_epochs(o.algebras, o.epochs, o.data_dir,
-                                                   o.train_subset, log, o.synthetic_epochs)
+        result["epochs"] = throughput.bench_epochs(
+            o.algebras, o.epochs, o.data_dir, o.train_subset, log, o.synthetic_epochs
+        )
     if o.replicas:
         log("replicates")
         result["replicas"] = [
-            throughput.bench_replicas(name, o.algebras, o.replicas, o.windows,
-                                      o.window_steps or throughput.WINDOW_STEPS[name] // 2, log,
-                                      mode)
-            for name in o.replica_models for mode in o.replica_modes]
+            throughput.bench_replicas(
+                name,
+                o.algebras,
+                o.replicas,
+                o.windows,
+                o.window_steps or throughput.WINDOW_STEPS[name] // 2,
+                log,
+                mode,
+            )
+            for name in o.replica_models
+            for mode in o.replica_modes
+        ]
     result["environment"]["load_after"] = harness.load_average()
     return result
 
 
-def save(result: dict[str, Any], json_path: str | None = None,
-         markdown_path: str | None = None) -> str:
+def save(
+    result: dict[str, Any], json_path: str | None = None, markdown_path: str | None = None
+) -> str:
     """The Markdown report of ``result``; also written, with the JSON, where paths are given."""
     table = tables.markdown(result)
     if json_path:

@@ -31,8 +31,15 @@ Log = Callable[[str], None]
 WINDOW_STEPS = {"lenet300_100": 1000, "lenet12": 1000, "conv2": 8, "conv4": 5, "conv6": 4}
 
 
-def bench_model(name: str, algebras: Sequence[str], windows: int, steps: int, peak: float,
-                log: Log, compare_xla_conv: bool = False) -> dict[str, Any]:
+def bench_model(
+    name: str,
+    algebras: Sequence[str],
+    windows: int,
+    steps: int,
+    peak: float,
+    log: Log,
+    compare_xla_conv: bool = False,
+) -> dict[str, Any]:
     """The masked train step of ``name`` per algebra: median window, GFLOP/s, share of ``peak``.
 
     GFLOP/s count 3 x the forward FLOPs (forward, input gradient, weight gradient). With
@@ -61,9 +68,11 @@ def bench_model(name: str, algebras: Sequence[str], windows: int, steps: int, pe
             r = out[algebra]
             r[f"{backend}_conv_images_per_s"] = img_s
             r[f"speedup_over_{backend}_conv"] = r["images_per_s"] / img_s
-            log(f"  {name:13s} {algebra:4s} {1e3 * median / steps:9.2f} ms/step {img_s:10.0f} img/s"
+            log(
+                f"  {name:13s} {algebra:4s} {1e3 * median / steps:9.2f} ms/step {img_s:10.0f} img/s"
                 f" with {backend} convolutions: x{r[f'speedup_over_{backend}_conv']:.2f}"
-                f" for {backends[0]}")
+                f" for {backends[0]}"
+            )
             continue
         train_flops = 3 * s.fwd_flops
         r = out[algebra] = {
@@ -80,9 +89,11 @@ def bench_model(name: str, algebras: Sequence[str], windows: int, steps: int, pe
             "gflops": img_s * train_flops / 1e9,
             "peak_fraction": img_s * train_flops / 1e9 / peak,
         }
-        log(f"  {name:13s} {algebra:4s} {r['step_ms']:9.2f} ms/step {img_s:10.0f} img/s "
+        log(
+            f"  {name:13s} {algebra:4s} {r['step_ms']:9.2f} ms/step {img_s:10.0f} img/s "
             f"{r['gflops']:7.1f} GFLOP/s ({100 * r['peak_fraction']:4.1f}% of peak) "
-            f"compile {r['compile_s']:5.1f} s")
+            f"compile {r['compile_s']:5.1f} s"
+        )
     if "real" in out and "quat" in out:
         out["quat_real_time_ratio"] = out["quat"]["step_ms"] / out["real"]["step_ms"]
     return out
@@ -106,12 +117,29 @@ def synthetic_mnist(n: int) -> qdata.Dataset:
     def labels(k: int) -> np.ndarray:
         return rng.integers(0, spec.num_classes, k).astype(np.int32)
 
-    return qdata.Dataset("synthetic_mnist", spec.num_classes, spec.mean, spec.std, spec.augment,
-                         images(n), labels(n), images(0), labels(0), images(1000), labels(1000))
+    return qdata.Dataset(
+        "synthetic_mnist",
+        spec.num_classes,
+        spec.mean,
+        spec.std,
+        spec.augment,
+        images(n),
+        labels(n),
+        images(0),
+        labels(0),
+        images(1000),
+        labels(1000),
+    )
 
 
-def bench_epochs(algebras: Sequence[str], epochs: int, data_dir: str | None,
-                 train_subset: int | None, log: Log, synthetic: bool = False) -> dict[str, Any]:
+def bench_epochs(
+    algebras: Sequence[str],
+    epochs: int,
+    data_dir: str | None,
+    train_subset: int | None,
+    log: Log,
+    synthetic: bool = False,
+) -> dict[str, Any]:
     """Whole LeNet-300-100 epochs on MNIST, data handling included, real and quaternion
     interleaved; and the projected wall time of a 40-epoch IMP round."""
     if synthetic:
@@ -136,34 +164,49 @@ def bench_epochs(algebras: Sequence[str], epochs: int, data_dir: str | None,
     for e in range(epochs):
         for run in runs.values():
             t = time.perf_counter()
-            run["state"], metrics = trainer.train_epoch(run["state"], *train_data,
-                                                        jax.random.key(e + 1))
+            run["state"], metrics = trainer.train_epoch(
+                run["state"], *train_data, jax.random.key(e + 1)
+            )
             run["epochs"].append(time.perf_counter() - t)
             t = time.perf_counter()
             trainer.evaluate(run["state"], *test)
             run["eval"].append(time.perf_counter() - t)
             run["train_acc"] = metrics["train_acc"]
-    out: dict[str, Any] = {"dataset": dataset.name,
-                           "train_images": int(spec.steps * spec.batch_size),
-                           "epochs_timed": epochs}
+    out: dict[str, Any] = {
+        "dataset": dataset.name,
+        "train_images": int(spec.steps * spec.batch_size),
+        "epochs_timed": epochs,
+    }
     for algebra, run in runs.items():
         epoch_s = statistics.median(run["epochs"])
         eval_s = statistics.median(run["eval"])
         out[algebra] = {
-            "first_epoch_s": run["first"], "epoch_s": epoch_s, "epochs_s": run["epochs"],
-            "images_per_s": out["train_images"] / epoch_s, "eval_test_s": eval_s,
+            "first_epoch_s": run["first"],
+            "epoch_s": epoch_s,
+            "epochs_s": run["epochs"],
+            "images_per_s": out["train_images"] / epoch_s,
+            "eval_test_s": eval_s,
             "round_40_epochs_s": 40 * epoch_s,
             "round_40_epochs_with_eval_s": 40 * (epoch_s + eval_s),
             "train_acc_last": run["train_acc"],
         }
-        log(f"  lenet300_100 {algebra:4s} MNIST epoch {epoch_s:6.3f} s = "
+        log(
+            f"  lenet300_100 {algebra:4s} MNIST epoch {epoch_s:6.3f} s = "
             f"{out[algebra]['images_per_s']:8.0f} img/s; 40 epochs {40 * epoch_s:5.1f} s "
-            f"(+ test eval each epoch: {40 * (epoch_s + eval_s):5.1f} s)")
+            f"(+ test eval each epoch: {40 * (epoch_s + eval_s):5.1f} s)"
+        )
     return out
 
 
-def bench_replicas(name: str, algebras: Sequence[str], replicas: int, windows: int, steps: int,
-                   log: Log, replica_mode: str = "auto") -> dict[str, Any]:
+def bench_replicas(
+    name: str,
+    algebras: Sequence[str],
+    replicas: int,
+    windows: int,
+    steps: int,
+    log: Log,
+    replica_mode: str = "auto",
+) -> dict[str, Any]:
     """R replicates in one compiled epoch (``Trainer(replicas=R)``) against one at a time, in
     total images/s: what training IMP's replicates together buys on this machine."""
     out: dict[str, Any] = {"model": name, "replicas": replicas, "mode": replica_mode}
@@ -179,9 +222,15 @@ def bench_replicas(name: str, algebras: Sequence[str], replicas: int, windows: i
             many.window()
         one = single.images_per_call / statistics.median(single.windows)
         together = many.images_per_call / statistics.median(many.windows)
-        out[algebra] = {"single_images_per_s": one, "replicas_images_per_s": together,
-                        "factor": together / one, "first_call_single_s": compile_single,
-                        "first_call_replicas_s": compile_many}
-        log(f"  {name:13s} {algebra:4s} R={replicas} ({out['mode']}): {together:9.0f} img/s in "
-            f"total vs {one:9.0f} for one replicate at a time: x{together / one:.2f}")
+        out[algebra] = {
+            "single_images_per_s": one,
+            "replicas_images_per_s": together,
+            "factor": together / one,
+            "first_call_single_s": compile_single,
+            "first_call_replicas_s": compile_many,
+        }
+        log(
+            f"  {name:13s} {algebra:4s} R={replicas} ({out['mode']}): {together:9.0f} img/s in "
+            f"total vs {one:9.0f} for one replicate at a time: x{together / one:.2f}"
+        )
     return out

@@ -61,10 +61,21 @@ def run_tests(platform: str) -> str:
 def run_bench(platform: str, json_path: Path) -> str:
     """``experiments.bench`` on ``platform``; its Markdown tables."""
     md = json_path.with_suffix(".md")
-    cmd = [sys.executable, "-m", "experiments.bench", "--models=lenet300_100,conv2,conv4,conv6",
-           f"--windows={FLAGS.windows}", "--epochs=0", f"--replicas={FLAGS.replicas}",
-           "--replica_models=lenet300_100,conv4", "--replica_modes=unroll,vmap", "--no_references",
-           "--no_xla_conv", f"--json={json_path}", f"--markdown={md}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.bench",
+        "--models=lenet300_100,conv2,conv4,conv6",
+        f"--windows={FLAGS.windows}",
+        "--epochs=0",
+        f"--replicas={FLAGS.replicas}",
+        "--replica_models=lenet300_100,conv4",
+        "--replica_modes=unroll,vmap",
+        "--no_references",
+        "--no_xla_conv",
+        f"--json={json_path}",
+        f"--markdown={md}",
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=_env(platform), capture_output=True, text=True)
     if result.returncode:
         return f"`{' '.join(cmd[2:])}` failed (exit {result.returncode}):\n\n```\n{result.stderr[-3000:]}\n```\n"
@@ -84,7 +95,9 @@ def imp_table(rounds: int, epochs: int, n_images: int) -> str:
     images = rng.integers(0, 256, (n_images, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, n_images).astype(np.int32)
     seen = (images[:1000], labels[:1000])
-    epoch = train.EpochSpec(spec.batch_size, n_images // spec.batch_size, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), True)
+    epoch = train.EpochSpec(
+        spec.batch_size, n_images // spec.batch_size, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), True
+    )
     rows = []
     for algebra in ("real", "quat"):
         model = models.create("conv4", algebra)
@@ -96,46 +109,79 @@ def imp_table(rounds: int, epochs: int, n_images: int) -> str:
         for level in range(rounds + 1):
             state = train.create_train_state(model, theta0, masks, tx)
             if level == 0:  # the same epoch twice: bit-for-bit the same
-                twice = [trainer.fetch(trainer.train_epoch(state, *data, jax.random.key(0))[0].params) for _ in range(2)]
+                twice = [
+                    trainer.fetch(trainer.train_epoch(state, *data, jax.random.key(0))[0].params)
+                    for _ in range(2)
+                ]
                 repeatable = all(np.array_equal(a, b) for a, b in zip(*map(jax.tree.leaves, twice)))
             seconds = []
             for e in range(epochs):
                 t = time.perf_counter()
-                state, metrics = trainer.train_epoch(state, *data, jax.random.fold_in(jax.random.key(level), e))
+                state, metrics = trainer.train_epoch(
+                    state, *data, jax.random.fold_in(jax.random.key(level), e)
+                )
                 seconds.append(time.perf_counter() - t)
             acc = trainer.evaluate(state, *seen)["acc"]
             density = qmasks.density_report(masks)["total"]["density_prunable"]
-            rows.append((algebra, level, f"{100 * density:.1f}", f"{min(seconds):.2f}",
-                         f"{n_images / min(seconds):,.0f}", f"{metrics['train_loss']:.3f}", f"{acc:.3f}",
-                         trainer.trace_count, "yes" if repeatable else "**no**"))
+            rows.append(
+                (
+                    algebra,
+                    level,
+                    f"{100 * density:.1f}",
+                    f"{min(seconds):.2f}",
+                    f"{n_images / min(seconds):,.0f}",
+                    f"{metrics['train_loss']:.3f}",
+                    f"{acc:.3f}",
+                    trainer.trace_count,
+                    "yes" if repeatable else "**no**",
+                )
+            )
             masks = pruning.prune(trainer.fetch(state.params), masks, 0.2)
     from qsparse.report import markdown_table
 
-    header = ("algebra", "round", "density (%)", "fastest epoch (s)", "images/s", "train loss", "acc, 1,000 train images",
-              "epoch traces", "epoch repeatable")
-    return (f"Conv-4 IMP on {n_images:,} synthetic CIFAR-shaped images, {epochs} epochs per round "
-            f"(accuracy is chance: the labels are random):\n\n" + markdown_table(header, rows))
+    header = (
+        "algebra",
+        "round",
+        "density (%)",
+        "fastest epoch (s)",
+        "images/s",
+        "train loss",
+        "acc, 1,000 train images",
+        "epoch traces",
+        "epoch repeatable",
+    )
+    return (
+        f"Conv-4 IMP on {n_images:,} synthetic CIFAR-shaped images, {epochs} epochs per round "
+        f"(accuracy is chance: the labels are random):\n\n" + markdown_table(header, rows)
+    )
 
 
 def main(argv: list[str]) -> None:
     del argv
     bad = sorted(set(FLAGS.parts) - set(PARTS))
     if bad:
-        sys.stderr.write(f"error: --parts={','.join(FLAGS.parts)}: unknown {bad}; valid: {list(PARTS)}\n")
+        sys.stderr.write(
+            f"error: --parts={','.join(FLAGS.parts)}: unknown {bad}; valid: {list(PARTS)}\n"
+        )
         sys.exit(2)
     import jax
 
     platform = jax.default_backend()
     if platform == "gpu" and DETERMINISM not in os.environ.get("XLA_FLAGS", ""):
         # this process's own runs (the IMP part) need the flag before the backend starts: rerun
-        os.execve(sys.executable, [sys.executable, "-m", "experiments.accelerator_check", *sys.argv[1:]],
-                  _env(platform))
+        os.execve(
+            sys.executable,
+            [sys.executable, "-m", "experiments.accelerator_check", *sys.argv[1:]],
+            _env(platform),
+        )
     out = Path(FLAGS.out or REPO / "results" / f"accelerator_{platform}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     devices = jax.devices()
-    parts = [f"# qsparse on {devices[0].device_kind} ({len(devices)} x {platform})\n",
-             f"jax {jax.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
-             f"`python -m experiments.accelerator_check {' '.join(sys.argv[1:])}`\n"]
+    parts = [
+        f"# qsparse on {devices[0].device_kind} ({len(devices)} x {platform})\n",
+        f"jax {jax.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+        f"`python -m experiments.accelerator_check {' '.join(sys.argv[1:])}`\n",
+    ]
     if "tests" in FLAGS.parts:
         print("tests ...", flush=True)
         parts += ["## Tests\n", run_tests(platform) + "\n"]

@@ -24,31 +24,43 @@ from benchmarks import OptionError, Options, run, save
 from benchmarks.references import TorchReferenceError
 
 _D = Options()
-flags.DEFINE_list("models", list(_D.models),
-                  "models whose masked train step is timed, of lenet300_100, lenet12, conv2, "
-                  "conv4, conv6 (none: --models=)")
+flags.DEFINE_list(
+    "models",
+    list(_D.models),
+    "models whose masked train step is timed, of lenet300_100, lenet12, conv2, "
+    "conv4, conv6 (none: --models=)",
+)
 flags.DEFINE_list("algebras", list(_D.algebras), "algebras to time: real, quat")
 flags.DEFINE_integer("windows", _D.windows, "timed windows per model and algebra (median)")
 flags.DEFINE_integer("window_steps", _D.window_steps, "steps per window (default: per model)")
 flags.DEFINE_integer("peak_size", _D.peak_size, "n of the n x n float32 matmul peak")
 flags.DEFINE_integer("epochs", _D.epochs, "timed whole MNIST epochs per algebra (0: skip)")
-flags.DEFINE_integer("train_subset", _D.train_subset,
-                     "MNIST training images (default: all 60,000)")
+flags.DEFINE_integer("train_subset", _D.train_subset, "MNIST training images (default: all 60,000)")
 flags.DEFINE_string("data_dir", _D.data_dir, "tfds data directory for MNIST")
-flags.DEFINE_bool("synthetic_epochs", _D.synthetic_epochs,
-                  "random MNIST-shaped data instead of MNIST")
+flags.DEFINE_bool(
+    "synthetic_epochs", _D.synthetic_epochs, "random MNIST-shaped data instead of MNIST"
+)
 flags.DEFINE_integer("replicas", _D.replicas, "R for the replicate benchmark (0: skip)")
 flags.DEFINE_list("replica_models", list(_D.replica_models), "models for the replicate benchmark")
-flags.DEFINE_list("replica_modes", list(_D.replica_modes),
-                  "how replicates sharing a device run: auto | unroll | vmap (several to compare)")
-flags.DEFINE_bool("no_references", not _D.references,
-                  "skip the plain Flax Conv-4 / bare MLP yardsticks")
-flags.DEFINE_string("torch_python", _D.torch_python,
-                    "a Python interpreter with torch: also time PyTorch eager Conv-4 / "
-                    "LeNet-300-100 in this run")
+flags.DEFINE_list(
+    "replica_modes",
+    list(_D.replica_modes),
+    "how replicates sharing a device run: auto | unroll | vmap (several to compare)",
+)
+flags.DEFINE_bool(
+    "no_references", not _D.references, "skip the plain Flax Conv-4 / bare MLP yardsticks"
+)
+flags.DEFINE_string(
+    "torch_python",
+    _D.torch_python,
+    "a Python interpreter with torch: also time PyTorch eager Conv-4 / LeNet-300-100 in this run",
+)
 flags.DEFINE_bool("layers", _D.layers, "time each Conv-4 convolution, oneDNN vs XLA")
-flags.DEFINE_bool("no_xla_conv", not _D.xla_conv,
-                  "with oneDNN, skip timing the models with XLA's convolutions too")
+flags.DEFINE_bool(
+    "no_xla_conv",
+    not _D.xla_conv,
+    "with oneDNN, skip timing the models with XLA's convolutions too",
+)
 flags.DEFINE_string("json", None, "write the result as JSON here")
 flags.DEFINE_string("markdown", None, "write the Markdown tables here")
 FLAGS = flags.FLAGS
@@ -62,17 +74,28 @@ def fail(message: str, status: int = 2) -> NoReturn:
 
 def options_from_flags() -> Options:
     """The flags as :class:`benchmarks.Options`; empty list items are dropped (``--models=``)."""
+
     def names(flag: str) -> tuple[str, ...]:
         return tuple(v for v in FLAGS[flag].value if v)
 
     return Options(
-        models=names("models"), algebras=names("algebras"), windows=FLAGS.windows,
-        window_steps=FLAGS.window_steps, peak_size=FLAGS.peak_size, epochs=FLAGS.epochs,
-        train_subset=FLAGS.train_subset, data_dir=FLAGS.data_dir,
-        synthetic_epochs=FLAGS.synthetic_epochs, replicas=FLAGS.replicas,
-        replica_models=names("replica_models"), replica_modes=names("replica_modes"),
-        references=not FLAGS.no_references, torch_python=FLAGS.torch_python,
-        layers=FLAGS.layers, xla_conv=not FLAGS.no_xla_conv)
+        models=names("models"),
+        algebras=names("algebras"),
+        windows=FLAGS.windows,
+        window_steps=FLAGS.window_steps,
+        peak_size=FLAGS.peak_size,
+        epochs=FLAGS.epochs,
+        train_subset=FLAGS.train_subset,
+        data_dir=FLAGS.data_dir,
+        synthetic_epochs=FLAGS.synthetic_epochs,
+        replicas=FLAGS.replicas,
+        replica_models=names("replica_models"),
+        replica_modes=names("replica_modes"),
+        references=not FLAGS.no_references,
+        torch_python=FLAGS.torch_python,
+        layers=FLAGS.layers,
+        xla_conv=not FLAGS.no_xla_conv,
+    )
 
 
 def main(argv: list[str]) -> None:

@@ -36,22 +36,35 @@ from qsparse import config as config_schema
 from qsparse import lottery
 from qsparse.checkpoints import RunLockedError
 from qsparse.config import Config, ConfigError
-from qsparse.rundir import CorruptFileError
 from qsparse.data import DatasetUnavailableError
+from qsparse.rundir import CorruptFileError
 
-_DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool,
-           tuple: flags.DEFINE_list}
+_DEFINE = {
+    str: flags.DEFINE_string,
+    int: flags.DEFINE_integer,
+    float: flags.DEFINE_float,
+    bool: flags.DEFINE_bool,
+    tuple: flags.DEFINE_list,
+}
 
 for _field in dataclasses.fields(Config):
     _kind = config_schema.field_types()[_field.name]
     _DEFINE[_kind](_field.name, [] if _kind is tuple else _field.default, _field.metadata["help"])
 flags.DEFINE_string("workdir", "runs", "where run directories are created (one per config)")
-flags.DEFINE_string("run_dir", None, "use exactly this run directory instead of one named after the config")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run (jax.distributed)")
+flags.DEFINE_string(
+    "run_dir", None, "use exactly this run directory instead of one named after the config"
+)
+flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for a multi-process run (jax.distributed)"
+)
 flags.DEFINE_integer("num_processes", None, "number of processes of a multi-process run")
 flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes)")
-flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with no arguments: the cluster "
-                  "(SLURM, Open MPI, Kubernetes, Cloud TPU) provides coordinator, process count and index")
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "call jax.distributed.initialize() with no arguments: the cluster "
+    "(SLURM, Open MPI, Kubernetes, Cloud TPU) provides coordinator, process count and index",
+)
 FLAGS = flags.FLAGS
 
 # A process that stops sending heartbeats for this long is declared dead and the others stop.
@@ -59,11 +72,17 @@ HEARTBEAT_TIMEOUT_S = 30
 
 
 def config_from_flags() -> Config:
-    values = {name: FLAGS[name].value for name, kind in config_schema.field_types().items() if kind is not tuple}
+    values = {
+        name: FLAGS[name].value
+        for name, kind in config_schema.field_types().items()
+        if kind is not tuple
+    }
     try:
         hidden = tuple(int(width) for width in FLAGS.hidden)
     except ValueError:
-        raise ConfigError(f"hidden={FLAGS.hidden} must be integer widths, e.g. --hidden=300,100") from None
+        raise ConfigError(
+            f"hidden={FLAGS.hidden} must be integer widths, e.g. --hidden=300,100"
+        ) from None
     overrides = []
     for item in FLAGS.layer_fractions:
         pattern, _, fraction = item.rpartition("=")
@@ -84,23 +103,32 @@ def fail(message: str, status: int = 2) -> NoReturn:
 
 def distributed_args() -> dict | None:
     """``jax.distributed.initialize`` arguments from the flags; None for a single-process run."""
-    given = {name: FLAGS[name].value for name in ("coordinator_address", "num_processes", "process_id")
-             if FLAGS[name].value is not None}
+    given = {
+        name: FLAGS[name].value
+        for name in ("coordinator_address", "num_processes", "process_id")
+        if FLAGS[name].value is not None
+    }
     if FLAGS.distributed:
         if given:
-            raise ConfigError(f"--distributed takes its settings from the cluster; drop {sorted(given)}")
+            raise ConfigError(
+                f"--distributed takes its settings from the cluster; drop {sorted(given)}"
+            )
         return {}
     if not given:
         return None
     missing = {"coordinator_address", "num_processes", "process_id"} - set(given)
     if missing:
-        raise ConfigError(f"a multi-process run needs --coordinator_address, --num_processes and --process_id; "
-                          f"missing {sorted(missing)}")
+        raise ConfigError(
+            f"a multi-process run needs --coordinator_address, --num_processes and --process_id; "
+            f"missing {sorted(missing)}"
+        )
     host, _, port = FLAGS.coordinator_address.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"coordinator_address={FLAGS.coordinator_address!r} is not host:port")
     if FLAGS.num_processes < 1 or not 0 <= FLAGS.process_id < FLAGS.num_processes:
-        raise ConfigError(f"process_id={FLAGS.process_id} must be in [0, num_processes={FLAGS.num_processes})")
+        raise ConfigError(
+            f"process_id={FLAGS.process_id} must be in [0, num_processes={FLAGS.num_processes})"
+        )
     return given
 
 
@@ -132,8 +160,10 @@ def peer_stopped(error: Exception) -> NoReturn:
     line: a normal exit would wait in JAX's shutdown barrier for the dead process, then abort."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     sys.stdout.flush()
-    sys.stderr.write(f"error: process {jax.process_index()} of {jax.process_count()}: another process of this run "
-                     f"stopped ({' '.join(first.split())}); rerun every process to resume\n")
+    sys.stderr.write(
+        f"error: process {jax.process_index()} of {jax.process_count()}: another process of this run "
+        f"stopped ({' '.join(first.split())}); rerun every process to resume\n"
+    )
     sys.stderr.flush()
     os._exit(1)
 

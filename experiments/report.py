@@ -1,7 +1,7 @@
 r"""A Markdown report of IMP runs: per (model, dataset), accuracy per round beside the paper's.
 
-    python -m experiments.report --runs=runs                 # to stdout
-    python -m experiments.report --runs=runs --out=report.md  # also to a file
+python -m experiments.report --runs=runs                 # to stdout
+python -m experiments.report --runs=runs --out=report.md  # also to a file
 """
 
 from __future__ import annotations

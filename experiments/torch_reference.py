@@ -20,19 +20,36 @@ def conv4() -> nn.Module:
     def conv(i, o):
         return [nn.Conv2d(i, o, 3, padding=1), nn.ReLU()]
 
-    return nn.Sequential(*conv(3, 64), *conv(64, 64), nn.MaxPool2d(2),
-                         *conv(64, 128), *conv(128, 128), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(8192, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                         nn.Linear(256, 10))
+    return nn.Sequential(
+        *conv(3, 64),
+        *conv(64, 64),
+        nn.MaxPool2d(2),
+        *conv(64, 128),
+        *conv(128, 128),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8192, 256),
+        nn.ReLU(),
+        nn.Linear(256, 256),
+        nn.ReLU(),
+        nn.Linear(256, 10),
+    )
 
 
 def lenet300_100() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100),
-                         nn.ReLU(), nn.Linear(100, 10))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 300),
+        nn.ReLU(),
+        nn.Linear(300, 100),
+        nn.ReLU(),
+        nn.Linear(100, 10),
+    )
 
 
-def step_images_per_s(model: nn.Module, lr: float, shape: tuple[int, ...], steps: int,
-                      windows: int) -> float:
+def step_images_per_s(
+    model: nn.Module, lr: float, shape: tuple[int, ...], steps: int, windows: int
+) -> float:
     """Images/s of one eager train step at batch 60 (median of ``windows`` of ``steps``)."""
     opt = torch.optim.Adam(model.parameters(), lr)
     x, y = torch.randn(60, *shape), torch.randint(0, 10, (60,))
@@ -57,10 +74,14 @@ def main() -> None:
     windows = int(sys.argv[1]) if len(sys.argv) > 1 else 7
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    out = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-           "conv4_eager_images_per_s": step_images_per_s(conv4(), 3e-4, (3, 32, 32), 5, windows),
-           "lenet300_100_eager_images_per_s": step_images_per_s(lenet300_100(), 1.2e-3,
-                                                                (1, 28, 28), 500, windows)}
+    out = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "conv4_eager_images_per_s": step_images_per_s(conv4(), 3e-4, (3, 32, 32), 5, windows),
+        "lenet300_100_eager_images_per_s": step_images_per_s(
+            lenet300_100(), 1.2e-3, (1, 28, 28), 500, windows
+        ),
+    }
     print(json.dumps(out))
 
 

@@ -36,7 +36,9 @@ def sample_augmentation(keys: jax.Array, *, padding: int = 4) -> tuple[jax.Array
 
     def one(key: jax.Array) -> tuple[jax.Array, jax.Array]:
         crop_key, flip_key = jax.random.split(key)
-        return jax.random.randint(crop_key, (2,), 0, 2 * padding + 1), jax.random.bernoulli(flip_key)
+        return jax.random.randint(crop_key, (2,), 0, 2 * padding + 1), jax.random.bernoulli(
+            flip_key
+        )
 
     return jax.vmap(one)(keys)
 

@@ -64,7 +64,10 @@ def _checkpointer() -> ocp.StandardCheckpointer:
     """Orbax on this process alone: the run's processes never wait on each other for files."""
     me = jax.process_index()
     return ocp.StandardCheckpointer(
-        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}
+        )
+    )
 
 
 def save_masks(path: Path, masks) -> None:
@@ -95,7 +98,9 @@ def load_masks(path: Path, like) -> Any:
     for p, x in jax.tree_util.tree_leaves_with_path(like):
         a = arrays.get(path_str(p))
         if a is None or a.shape != x.shape or a.dtype != np.bool_:
-            raise CorruptFileError(f"masks {path}: entry {path_str(p)} missing or of the wrong shape/dtype")
+            raise CorruptFileError(
+                f"masks {path}: entry {path_str(p)} missing or of the wrong shape/dtype"
+            )
         leaves.append(a)
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
@@ -161,7 +166,9 @@ def load_tree_extra(path: Path, like) -> tuple[Any, Any]:
     except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged folder
         raise CorruptFileError(f"cannot restore checkpoint {path}: {type(e).__name__}: {e}") from e
     if meta is None:
-        log.warning("checkpoint %s has no checksum (written by an older qsparse); read unverified", path)
+        log.warning(
+            "checkpoint %s has no checksum (written by an older qsparse); read unverified", path
+        )
         return tree, None
     if not isinstance(meta, dict) or meta.get("sha256") != _digest(tree, meta.get("extra")):
         raise CorruptFileError(f"checkpoint {path} fails its checksum ({meta_path})")
@@ -184,7 +191,9 @@ class EpochCheckpoints:
 
     def epochs(self) -> list[int]:
         """Committed epochs, oldest first (temporary folders start with '.')."""
-        return sorted(int(p.name[6:]) for p in self.directory.glob("epoch_*") if p.name[6:].isdigit())
+        return sorted(
+            int(p.name[6:]) for p in self.directory.glob("epoch_*") if p.name[6:].isdigit()
+        )
 
     def _path(self, epoch: int) -> Path:
         return self.directory / f"epoch_{epoch:04d}"
@@ -201,7 +210,9 @@ class EpochCheckpoints:
                 state, extra = load_tree_extra(self._path(epoch), like)
                 history = extra["history"]
                 if [row["epoch"] for row in history] != list(range(1, epoch + 1)):
-                    raise CorruptFileError(f"checkpoint {self._path(epoch)}: history does not match epoch {epoch}")
+                    raise CorruptFileError(
+                        f"checkpoint {self._path(epoch)}: history does not match epoch {epoch}"
+                    )
                 return epoch, state, history
             except (CorruptFileError, TypeError, KeyError) as e:
                 log.warning("%s; falling back to an earlier checkpoint", e)
@@ -221,7 +232,7 @@ class RunLock:
         self.path = Path(path)
         self._fd: int | None = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         if not is_writer():
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -38,55 +38,89 @@ def _field(default: typing.Any, help: str) -> typing.Any:
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: str = _field("lenet300_100", "lenet300_100 | lenet12 | conv2 | conv4 | conv6")
-    algebra: str = _field("real", "real | quat (same real width; quat has ~1/4 of the weights and a real "
-                                  "output layer)")
-    hidden: tuple[int, ...] = _field((), "real widths of the hidden dense layers, e.g. '300,100' (quat: "
-                                         "multiples of 4; default: the model's)")
-    dataset: str | None = _field(None, "mnist | fashion_mnist | cifar10 | cifar100 (default: the paper's "
-                                       "dataset for the model)")
+    algebra: str = _field(
+        "real",
+        "real | quat (same real width; quat has ~1/4 of the weights and a real output layer)",
+    )
+    hidden: tuple[int, ...] = _field(
+        (),
+        "real widths of the hidden dense layers, e.g. '300,100' (quat: "
+        "multiples of 4; default: the model's)",
+    )
+    dataset: str | None = _field(
+        None,
+        "mnist | fashion_mnist | cifar10 | cifar100 (default: the paper's dataset for the model)",
+    )
     # pruning
     rounds: int = _field(20, "pruning rounds after the dense round 0")
-    prune_fraction: float = _field(0.2, "fraction of the *remaining* prunable weights removed per round, "
-                                        "in (0, 1)")
-    pruning: str = _field("global", "global (one threshold over all layers) | layerwise (the fraction per "
-                                    "layer)")
-    grouping: str = _field("element", "element (each real component, as the paper) | quaternion (whole "
-                                      "quaternions, by norm)")
+    prune_fraction: float = _field(
+        0.2, "fraction of the *remaining* prunable weights removed per round, in (0, 1)"
+    )
+    pruning: str = _field(
+        "global", "global (one threshold over all layers) | layerwise (the fraction per layer)"
+    )
+    grouping: str = _field(
+        "element",
+        "element (each real component, as the paper) | quaternion (whole quaternions, by norm)",
+    )
     prune_output: bool = _field(True, "also prune the output layer's weights (the paper does)")
-    layer_fractions: tuple[tuple[str, float], ...] = _field((), "layerwise overrides as glob=fraction, e.g. "
-                                                                "'output/*=0.1'")
-    rewind: str = _field("init", "init | <N>it | <N>ep: where survivors are reset to (late resetting)")
-    protocol: str = _field("lottery", "lottery (prune, rewind, retrain) | paper (masks from "
-                                      "prune-and-continue training)")
-    optimizer_state: str = _field("fresh", "fresh (new optimizer each round) | carry (keep the previous "
-                                           "round's state)")
-    control: str = _field("none", "none | reinit (winning mask, new random weights) | shuffle (random mask, "
-                                  "same layer densities)")
-    stop_accuracy: float = _field(0.0, "stop a replicate after two rounds below this test accuracy "
-                                       "(paper: 0.3; 0 = never)")
+    layer_fractions: tuple[tuple[str, float], ...] = _field(
+        (), "layerwise overrides as glob=fraction, e.g. 'output/*=0.1'"
+    )
+    rewind: str = _field(
+        "init", "init | <N>it | <N>ep: where survivors are reset to (late resetting)"
+    )
+    protocol: str = _field(
+        "lottery",
+        "lottery (prune, rewind, retrain) | paper (masks from prune-and-continue training)",
+    )
+    optimizer_state: str = _field(
+        "fresh", "fresh (new optimizer each round) | carry (keep the previous round's state)"
+    )
+    control: str = _field(
+        "none",
+        "none | reinit (winning mask, new random weights) | shuffle (random mask, "
+        "same layer densities)",
+    )
+    stop_accuracy: float = _field(
+        0.0, "stop a replicate after two rounds below this test accuracy (paper: 0.3; 0 = never)"
+    )
     # training
     epochs: int | None = _field(None, "epochs per round (default: paper, 40 or 60 or 20)")
-    batch_size: int | None = _field(None, "global batch size, split over local devices (default: 60)")
+    batch_size: int | None = _field(
+        None, "global batch size, split over local devices (default: 60)"
+    )
     lr: float | None = _field(None, "learning rate (default: the paper's per-model Adam rate)")
     optimizer: str = _field("adam", "adam | sgd (momentum 0.9)")
-    quat_init: str = _field("htorch", "htorch (paper) | parcollet_he | parcollet_glorot | isotropic")
-    encoding: str = _field("auto", "quaternion input encoding: auto | flat | rgb_gray | rgb_pure | gray_pure "
-                                   "| none")
+    quat_init: str = _field(
+        "htorch", "htorch (paper) | parcollet_he | parcollet_glorot | isotropic"
+    )
+    encoding: str = _field(
+        "auto", "quaternion input encoding: auto | flat | rgb_gray | rgb_pure | gray_pure | none"
+    )
     seed: int = _field(0, "root seed: init, data order and controls derive from it")
-    replicates: int = _field(1, "independent replicates (seeds derived from --seed), trained together in "
-                                "one compiled epoch")
+    replicates: int = _field(
+        1,
+        "independent replicates (seeds derived from --seed), trained together in "
+        "one compiled epoch",
+    )
     # data
     validation_size: int = _field(0, "examples held out from train as a validation split")
-    train_subset: int | None = _field(None, "use only this many training examples (for a small CPU run)")
+    train_subset: int | None = _field(
+        None, "use only this many training examples (for a small CPU run)"
+    )
     test_subset: int | None = _field(None, "use only this many test examples")
     eval_every: int = _field(1, "evaluate every N epochs (and always after the last)")
-    data_dir: str | None = _field(None, "tfds data directory (default $QSPARSE_DATA_DIR or "
-                                        "~/.cache/qsparse/tfds)")
-    manual_dir: str | None = _field(None, "folder with the original dataset archives (MNIST ships with "
-                                          "qsparse)")
+    data_dir: str | None = _field(
+        None, "tfds data directory (default $QSPARSE_DATA_DIR or ~/.cache/qsparse/tfds)"
+    )
+    manual_dir: str | None = _field(
+        None, "folder with the original dataset archives (MNIST ships with qsparse)"
+    )
     # bookkeeping
-    checkpoint_every_secs: float = _field(0.0, "checkpoint at most this often within a round (0: every "
-                                               "epoch)")
+    checkpoint_every_secs: float = _field(
+        0.0, "checkpoint at most this often within a round (0: every epoch)"
+    )
     eval_batch: int = _field(1000, "evaluation batch size")
     log_every: int = _field(1, "print a progress line every N epochs")
 
@@ -112,7 +146,7 @@ class Config:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples become lists
 
     @classmethod
-    def from_json(cls, d: dict) -> "Config":
+    def from_json(cls, d: dict) -> Config:
         unknown = set(d) - set(field_types())
         if unknown:
             raise ConfigError(f"unknown config fields {sorted(unknown)}")
@@ -143,5 +177,7 @@ def parse_rewind(rewind: str) -> tuple[int, str] | None:
         return None
     m = _REWIND.match(rewind)
     if not m:
-        raise ConfigError(f"rewind={rewind!r} is not valid; use 'init', '<N>it' (steps) or '<N>ep' (epochs)")
+        raise ConfigError(
+            f"rewind={rewind!r} is not valid; use 'init', '<N>it' (steps) or '<N>ep' (epochs)"
+        )
     return int(m.group(1)), m.group(2)

@@ -74,64 +74,96 @@ class DatasetSpec:
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)  # The paper's code normalises CIFAR with these.
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
-DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType({
-    "mnist": DatasetSpec(
-        image_shape=(28, 28, 1),
-        num_classes=10,
-        mean=(0.1307,),
-        std=(0.3081,),
-        augment=False,
-        archives=(
-            Archive("train-images-idx3-ubyte.gz", 9_912_422,
-                    "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
-            Archive("train-labels-idx1-ubyte.gz", 28_881,
-                    "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
-            Archive("t10k-images-idx3-ubyte.gz", 1_648_877,
-                    "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
-            Archive("t10k-labels-idx1-ubyte.gz", 4_542,
-                    "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType(
+    {
+        "mnist": DatasetSpec(
+            image_shape=(28, 28, 1),
+            num_classes=10,
+            mean=(0.1307,),
+            std=(0.3081,),
+            augment=False,
+            archives=(
+                Archive(
+                    "train-images-idx3-ubyte.gz",
+                    9_912_422,
+                    "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+                ),
+                Archive(
+                    "train-labels-idx1-ubyte.gz",
+                    28_881,
+                    "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+                ),
+                Archive(
+                    "t10k-images-idx3-ubyte.gz",
+                    1_648_877,
+                    "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+                ),
+                Archive(
+                    "t10k-labels-idx1-ubyte.gz",
+                    4_542,
+                    "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+                ),
+            ),
         ),
-    ),
-    "fashion_mnist": DatasetSpec(
-        image_shape=(28, 28, 1),
-        num_classes=10,
-        mean=(0.2860,),
-        std=(0.3530,),
-        augment=False,
-        archives=(
-            Archive("train-images-idx3-ubyte.gz", 26_421_880,
-                    "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"),
-            Archive("train-labels-idx1-ubyte.gz", 29_515,
-                    "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845"),
-            Archive("t10k-images-idx3-ubyte.gz", 4_422_102,
-                    "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"),
-            Archive("t10k-labels-idx1-ubyte.gz", 5_148,
-                    "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"),
+        "fashion_mnist": DatasetSpec(
+            image_shape=(28, 28, 1),
+            num_classes=10,
+            mean=(0.2860,),
+            std=(0.3530,),
+            augment=False,
+            archives=(
+                Archive(
+                    "train-images-idx3-ubyte.gz",
+                    26_421_880,
+                    "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+                ),
+                Archive(
+                    "train-labels-idx1-ubyte.gz",
+                    29_515,
+                    "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+                ),
+                Archive(
+                    "t10k-images-idx3-ubyte.gz",
+                    4_422_102,
+                    "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+                ),
+                Archive(
+                    "t10k-labels-idx1-ubyte.gz",
+                    5_148,
+                    "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+                ),
+            ),
         ),
-    ),
-    "cifar10": DatasetSpec(
-        image_shape=(32, 32, 3),
-        num_classes=10,
-        mean=_IMAGENET_MEAN,
-        std=_IMAGENET_STD,
-        augment=True,
-        archives=(
-            Archive("cifar-10-binary.tar.gz", 170_052_171,
-                    "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"),
+        "cifar10": DatasetSpec(
+            image_shape=(32, 32, 3),
+            num_classes=10,
+            mean=_IMAGENET_MEAN,
+            std=_IMAGENET_STD,
+            augment=True,
+            archives=(
+                Archive(
+                    "cifar-10-binary.tar.gz",
+                    170_052_171,
+                    "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
+                ),
+            ),
         ),
-    ),
-    "cifar100": DatasetSpec(
-        image_shape=(32, 32, 3),
-        num_classes=100,
-        mean=_IMAGENET_MEAN,
-        std=_IMAGENET_STD,
-        augment=True,
-        archives=(
-            Archive("cifar-100-binary.tar.gz", 168_513_733,
-                    "58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec"),
+        "cifar100": DatasetSpec(
+            image_shape=(32, 32, 3),
+            num_classes=100,
+            mean=_IMAGENET_MEAN,
+            std=_IMAGENET_STD,
+            augment=True,
+            archives=(
+                Archive(
+                    "cifar-100-binary.tar.gz",
+                    168_513_733,
+                    "58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec",
+                ),
+            ),
         ),
-    ),
-})
+    }
+)
 
 
 class DatasetUnavailableError(ValueError):
@@ -241,7 +273,7 @@ def _hold_out(
     elif not 0 < keep <= available:
         raise ValueError(f"subset size must be in [1, {available}], got {keep}")
     perm = rng.permutation(n)
-    return np.sort(perm[held_out:held_out + keep]), np.sort(perm[:held_out])
+    return np.sort(perm[held_out : held_out + keep]), np.sort(perm[:held_out])
 
 
 _SPLIT_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
@@ -287,7 +319,9 @@ def _check_archives(name: str, manual: Path, root: Path) -> None:
     for archive in DATASETS[name].archives:
         path = manual / archive.filename
         if not path.is_file():
-            problems.append(f"  {archive.filename}  (missing; {archive.size:,} bytes, sha256 {archive.sha256})")
+            problems.append(
+                f"  {archive.filename}  (missing; {archive.size:,} bytes, sha256 {archive.sha256})"
+            )
         elif path.stat().st_size != archive.size:
             problems.append(
                 f"  {archive.filename}  (has {path.stat().st_size:,} bytes, expected {archive.size:,};"
@@ -312,7 +346,9 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarr
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError:
         pass
-    images, labels = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, as_supervised=True))
+    images, labels = tfds.as_numpy(
+        builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
+    )
     return images.astype(np.uint8), labels.astype(np.int32)
 
 

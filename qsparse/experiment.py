@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from jax.experimental import multihost_utils
@@ -18,8 +18,16 @@ from jax.experimental import multihost_utils
 from qsparse import data as qdata
 from qsparse import initializers, loop, models, pruning, quaternion, rundir, train
 from qsparse import masks as qmasks
-from qsparse.config import (CONTROLS, DATASET_NAMES, OPTIMIZER_STATES, OPTIMIZERS, PROTOCOLS, Config,
-                            ConfigError, parse_rewind)
+from qsparse.config import (
+    CONTROLS,
+    DATASET_NAMES,
+    OPTIMIZER_STATES,
+    OPTIMIZERS,
+    PROTOCOLS,
+    Config,
+    ConfigError,
+    parse_rewind,
+)
 from qsparse.cpu import onednn
 
 ENCODINGS = ("auto", "flat", *quaternion.ENCODINGS)
@@ -59,7 +67,9 @@ def resolve(config: Config) -> Config:
             raise ConfigError(f"{name}={getattr(config, name)} must be >= 0")
     for name in ("train_subset", "test_subset"):
         if getattr(config, name) is not None and getattr(config, name) < 1:
-            raise ConfigError(f"{name}={getattr(config, name)} must be a positive integer (or unset)")
+            raise ConfigError(
+                f"{name}={getattr(config, name)} must be a positive integer (or unset)"
+            )
     if not (config.lr > 0 and math.isfinite(config.lr)):
         raise ConfigError(f"lr={config.lr} must be a positive number")
     if not 0.0 <= config.stop_accuracy < 1.0:
@@ -73,11 +83,15 @@ def resolve(config: Config) -> Config:
         raise ConfigError("layer_fractions need pruning='layerwise'")
     parse_rewind(config.rewind)
     if config.rewind != "init" and config.protocol == "paper":
-        raise ConfigError("protocol='paper' always retrains from the initial weights; use rewind='init'")
+        raise ConfigError(
+            "protocol='paper' always retrains from the initial weights; use rewind='init'"
+        )
     try:
         create_model(config, 10)
     except ValueError as e:
-        raise ConfigError(f"hidden={list(config.hidden)}: {e}" if config.hidden else str(e)) from None
+        raise ConfigError(
+            f"hidden={list(config.hidden)}: {e}" if config.hidden else str(e)
+        ) from None
     return config
 
 
@@ -106,9 +120,15 @@ def check_run_dir(run: rundir.Run, config: Config) -> None:
     except (TypeError, ValueError) as e:
         raise rundir.CorruptFileError(f"{run.config} does not hold a config: {e}") from None
     if old.semantic() != config.semantic():
-        diff = {k: (v, config.semantic()[k]) for k, v in old.semantic().items() if v != config.semantic()[k]}
-        raise ConfigError(f"{run.path} holds a run with a different config (stored vs requested: {diff}); "
-                          "use another --workdir or run directory")
+        diff = {
+            k: (v, config.semantic()[k])
+            for k, v in old.semantic().items()
+            if v != config.semantic()[k]
+        }
+        raise ConfigError(
+            f"{run.path} holds a run with a different config (stored vs requested: {diff}); "
+            "use another --workdir or run directory"
+        )
 
 
 class Experiment:
@@ -119,8 +139,11 @@ class Experiment:
         self.config, self.run, self.log = config, run, log
         try:
             self.dataset = d = _load_dataset(config)
-            trainer = train.Trainer(train.epoch_spec(d, config.batch_size), eval_batch=config.eval_batch,
-                                    replicas=None if config.replicates == 1 else config.replicates)
+            trainer = train.Trainer(
+                train.epoch_spec(d, config.batch_size),
+                eval_batch=config.eval_batch,
+                replicas=None if config.replicates == 1 else config.replicates,
+            )
         except qdata.DatasetUnavailableError:
             raise
         except ValueError as e:
@@ -135,10 +158,20 @@ class Experiment:
         if val_data[0].shape[0]:
             eval_data["val"] = val_data
         self.loop = loop.Loop(
-            trainer, train_data, eval_data, epochs=config.epochs, replicates=config.replicates, eval_every=config.eval_every,
-            log_every=config.log_every, checkpoint_every_secs=config.checkpoint_every_secs,
-            rewind_step=self._rewind_step(trainer.spec.steps), log=log)
-        self.real_total = models.count_params(_shapes(create_model(config, d.num_classes, "real"), self.input_shape))
+            trainer,
+            train_data,
+            eval_data,
+            epochs=config.epochs,
+            replicates=config.replicates,
+            eval_every=config.eval_every,
+            log_every=config.log_every,
+            checkpoint_every_secs=config.checkpoint_every_secs,
+            rewind_step=self._rewind_step(trainer.spec.steps),
+            log=log,
+        )
+        self.real_total = models.count_params(
+            _shapes(create_model(config, d.num_classes, "real"), self.input_shape)
+        )
         self.rule = qmasks.PruneRule(prune_output=config.prune_output)
 
     def _param_shapes(self):
@@ -147,13 +180,18 @@ class Experiment:
         try:
             return _shapes(self.model, self.input_shape)
         except (ValueError, TypeError) as e:
-            message = (f"model {cfg.model} ({cfg.algebra}) cannot take {cfg.dataset} images of shape "
-                       f"{self.input_shape}: {e}")
+            message = (
+                f"model {cfg.model} ({cfg.algebra}) cannot take {cfg.dataset} images of shape "
+                f"{self.input_shape}: {e}"
+            )
         if cfg.algebra == "quat":
             fitting = []
             for encoding in ENCODINGS:
                 try:
-                    _shapes(create_model(cfg, self.dataset.num_classes, encoding=encoding), self.input_shape)
+                    _shapes(
+                        create_model(cfg, self.dataset.num_classes, encoding=encoding),
+                        self.input_shape,
+                    )
                     fitting.append(encoding)
                 except (ValueError, TypeError):
                     pass
@@ -168,7 +206,9 @@ class Experiment:
         step = amount * steps if unit == "ep" else amount
         total = self.config.epochs * steps
         if step >= total:
-            raise ConfigError(f"rewind={self.config.rewind} is step {step}, not before the end of training ({total} steps)")
+            raise ConfigError(
+                f"rewind={self.config.rewind} is step {step}, not before the end of training ({total} steps)"
+            )
         return step
 
 
@@ -176,9 +216,15 @@ def _load_dataset(config: Config) -> qdata.Dataset:
     """The dataset, built by process 0 first: the others then read its cache instead of
     building the same files at the same time."""
     load = functools.partial(
-        qdata.load, config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir,
-        validation_size=config.validation_size, seed=config.seed, train_subset=config.train_subset,
-        test_subset=config.test_subset)
+        qdata.load,
+        config.dataset,
+        data_dir=config.data_dir,
+        manual_dir=config.manual_dir,
+        validation_size=config.validation_size,
+        seed=config.seed,
+        train_subset=config.train_subset,
+        test_subset=config.test_subset,
+    )
     dataset = load() if rundir.is_writer() else None
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("qsparse: dataset ready")
@@ -194,7 +240,11 @@ def record_invocation(run: rundir.Run) -> dict:
     appended to runs.jsonl."""
     devices = jax.devices()
     entry = rundir.provenance(
-        device_kind=devices[0].device_kind, platform=devices[0].platform, device_count=len(devices),
-        process_count=jax.process_count(), cpu_conv=onednn.cpu_conv() if devices[0].platform == "cpu" else None)
+        device_kind=devices[0].device_kind,
+        platform=devices[0].platform,
+        device_count=len(devices),
+        process_count=jax.process_count(),
+        cpu_conv=onednn.cpu_conv() if devices[0].platform == "cpu" else None,
+    )
     rundir.append_invocation(run, entry)
     return entry

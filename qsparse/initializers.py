@@ -24,7 +24,7 @@ then normalised.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +57,9 @@ def _polar(key: jax.Array, shape: tuple, dtype, scale: float) -> jax.Array:
     inner = shape[1:]
     # chi(4) as the norm of four standard normals: same law, and far cheaper to compile than
     # jax.random.chisquare's gamma sampler (a rejection loop).
-    modulus = scale * jnp.sqrt(jnp.sum(jnp.square(jax.random.normal(k_mod, (4,) + inner, jnp.float32)), axis=0))
+    modulus = scale * jnp.sqrt(
+        jnp.sum(jnp.square(jax.random.normal(k_mod, (4,) + inner, jnp.float32)), axis=0)
+    )
     phase = jax.random.uniform(k_phase, inner, jnp.float32, -math.pi, math.pi)
     axis = jax.random.uniform(k_axis, (3,) + inner, jnp.float32, -1.0, 1.0)
     axis = axis / jnp.sqrt(jnp.sum(axis**2, axis=0, keepdims=True) + 1e-12)
@@ -99,12 +101,19 @@ def get(name: str) -> Initializer:
     try:
         return QUATERNION_INITS[name]()
     except KeyError:
-        raise ValueError(f"unknown quaternion init {name!r}; valid: {sorted(QUATERNION_INITS)}") from None
+        raise ValueError(
+            f"unknown quaternion init {name!r}; valid: {sorted(QUATERNION_INITS)}"
+        ) from None
 
 
 def expected_sq_norm(name: str, shape: tuple) -> float:
     """E|w|² of one quaternion weight under initialiser ``name`` (documented law, used by tests)."""
-    criterion = {"htorch": "htorch", "parcollet_he": "he", "parcollet_glorot": "glorot", "isotropic": "he"}
+    criterion = {
+        "htorch": "htorch",
+        "parcollet_he": "he",
+        "parcollet_glorot": "glorot",
+        "isotropic": "he",
+    }
     if name not in criterion:
         raise ValueError(f"unknown quaternion init {name!r}; valid: {sorted(criterion)}")
     return 4.0 * sigma(shape, criterion[name]) ** 2
@@ -118,4 +127,6 @@ torch_kernel = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "unifor
 
 def torch_bias(fan_in: int) -> Initializer:
     bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound
+    )

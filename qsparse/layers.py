@@ -14,7 +14,8 @@ quaternion kernels from real ones by path alone.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,7 +30,9 @@ PaddingLike = str | int | Sequence[int | tuple[int, int]]
 
 def _check_multiple_of_4(value: int, what: str, layer: str) -> None:
     if value % 4:
-        raise ValueError(f"{layer}: {what} must be a multiple of 4 (component-blocked [r|i|j|k]), got {value}")
+        raise ValueError(
+            f"{layer}: {what} must be a multiple of 4 (component-blocked [r|i|j|k]), got {value}"
+        )
 
 
 class QDense(nn.Module):
@@ -53,9 +56,16 @@ class QDense(nn.Module):
         _check_multiple_of_4(self.features, "features", "QDense")
         _check_multiple_of_4(inputs.shape[-1], "the input feature size", "QDense")
         qkernel = self.param(
-            "qkernel", self.kernel_init, (4, inputs.shape[-1] // 4, self.features // 4), self.param_dtype
+            "qkernel",
+            self.kernel_init,
+            (4, inputs.shape[-1] // 4, self.features // 4),
+            self.param_dtype,
         )
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
         inputs, qkernel, bias = promote_dtype(inputs, qkernel, bias, dtype=self.dtype)
         y = jnp.dot(inputs, left_matrix(qkernel), precision=self.precision)
         return y if bias is None else y + bias
@@ -64,13 +74,17 @@ class QDense(nn.Module):
 def _canonical_padding(padding: PaddingLike, ndim: int):
     if isinstance(padding, str):
         if padding.upper() not in ("SAME", "VALID"):
-            raise ValueError(f"QConv: padding {padding!r} not supported; valid: 'SAME', 'VALID', ints or pairs")
+            raise ValueError(
+                f"QConv: padding {padding!r} not supported; valid: 'SAME', 'VALID', ints or pairs"
+            )
         return padding.upper()
     if isinstance(padding, int):
         return [(padding, padding)] * ndim
     pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
     if len(pads) != ndim:
-        raise ValueError(f"QConv: padding {padding!r} has {len(pads)} entries for {ndim} spatial dims")
+        raise ValueError(
+            f"QConv: padding {padding!r} has {len(pads)} entries for {ndim} spatial dims"
+        )
     return pads
 
 
@@ -125,7 +139,11 @@ class QConv(nn.Module):
             )
         shape = (4, *self.kernel_size, q_in // groups, q_out)
         qkernel = self.param("qkernel", self.kernel_init, shape, self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
         inputs, qkernel, bias = promote_dtype(inputs, qkernel, bias, dtype=self.dtype)
 
         if groups > 1:  # block layout (4, groups, c) -> group-major (groups, 4, c)
@@ -141,12 +159,16 @@ class QConv(nn.Module):
             lhs_dilation=_tuple(self.input_dilation, ndim),
             rhs_dilation=_tuple(self.kernel_dilation, ndim),
             dimension_numbers=jax.lax.conv_dimension_numbers(
-                inputs.shape, (*self.kernel_size, 1, 1), ("N" + "HWD"[:ndim] + "C", "HWD"[:ndim] + "IO", "N" + "HWD"[:ndim] + "C")
+                inputs.shape,
+                (*self.kernel_size, 1, 1),
+                ("N" + "HWD"[:ndim] + "C", "HWD"[:ndim] + "IO", "N" + "HWD"[:ndim] + "C"),
             ),
             feature_group_count=groups,
             precision=self.precision,
         )
         if groups > 1:  # back to block layout
             lead = y.shape[:-1]
-            y = jnp.swapaxes(y.reshape(*lead, groups, 4, q_out // groups), -3, -2).reshape(*lead, self.features)
+            y = jnp.swapaxes(y.reshape(*lead, groups, 4, q_out // groups), -3, -2).reshape(
+                *lead, self.features
+            )
         return y if bias is None else y + bias

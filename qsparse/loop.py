@@ -19,8 +19,9 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -103,28 +104,46 @@ class Loop:
         last_save = time.monotonic()
         while live:
             t0 = time.perf_counter()
-            keys = [jax.random.fold_in(jobs[s].data_key, progress[s].epoch) if s in live else jax.random.key(0)
-                    for s in range(slots.n)]
-            captures = {r: jobs[r].capture for r in live if self._captures(jobs[r].capture, progress[r].epoch)}
+            keys = [
+                jax.random.fold_in(jobs[s].data_key, progress[s].epoch)
+                if s in live
+                else jax.random.key(0)
+                for s in range(slots.n)
+            ]
+            captures = {
+                r: jobs[r].capture
+                for r in live
+                if self._captures(jobs[r].capture, progress[r].epoch)
+            }
             state, metrics = self._epoch(state, slots, slots.stack(keys), captures)
             seconds = time.perf_counter() - t0
             params = trainer.fetch(state.params)
             rows = {}
             for r in live:
                 epoch = progress[r].epoch + 1
-                row = {"epoch": epoch, **{k: slots.part(v, r) for k, v in metrics.items()}, "seconds": seconds,
-                       "images_per_sec": spec.steps * spec.batch_size / seconds,
-                       "density_prunable": jobs[r].report["total"]["density_prunable"]}
+                row = {
+                    "epoch": epoch,
+                    **{k: slots.part(v, r) for k, v in metrics.items()},
+                    "seconds": seconds,
+                    "images_per_sec": spec.steps * spec.batch_size / seconds,
+                    "density_prunable": jobs[r].report["total"]["density_prunable"],
+                }
                 if not (math.isfinite(row["train_loss"]) and _all_finite(slots.part(params, r))):
                     row["nonfinite"] = True
                 rows[r] = row
-            due = [r for r in live if "nonfinite" not in rows[r]
-                   and (rows[r]["epoch"] % self.eval_every == 0 or rows[r]["epoch"] == self.epochs)]
+            due = [
+                r
+                for r in live
+                if "nonfinite" not in rows[r]
+                and (rows[r]["epoch"] % self.eval_every == 0 or rows[r]["epoch"] == self.epochs)
+            ]
             if due:
                 for split, data in self.eval_data.items():
                     result = trainer.evaluate(state, *data)
                     for r in due:
-                        rows[r].update({f"{split}_{k}": slots.part(v, r) for k, v in result.items()})
+                        rows[r].update(
+                            {f"{split}_{k}": slots.part(v, r) for k, v in result.items()}
+                        )
             for r in live:
                 job, p, row = jobs[r], progress[r], rows[r]
                 p.history.append(row)
@@ -133,19 +152,31 @@ class Loop:
                     self.log(_progress_line(r, job.tag, job.level, self.epochs, row))
                 ckpt.fault_point("epoch_end")
             now = time.monotonic()
-            savers = [r for r in live if "nonfinite" in rows[r] or now - last_save >= self.checkpoint_every_secs
-                      or rows[r]["epoch"] == self.epochs]
+            savers = [
+                r
+                for r in live
+                if "nonfinite" in rows[r]
+                or now - last_save >= self.checkpoint_every_secs
+                or rows[r]["epoch"] == self.epochs
+            ]
             if savers:
                 host = trainer.fetch(state)
                 for r in savers:
                     progress[r].saved = slots.part(host, r)
-                    progress[r].manager.save(rows[r]["epoch"], progress[r].saved, progress[r].history)
+                    progress[r].manager.save(
+                        rows[r]["epoch"], progress[r].saved, progress[r].history
+                    )
                 last_save = now
             for r in list(live):
                 progress[r].epoch += 1
                 if "nonfinite" in rows[r]:
-                    logger.warning("replicate %d %s %d: non-finite loss or weights in epoch %d; the round stops",
-                                   r, jobs[r].tag, jobs[r].level, rows[r]["epoch"])
+                    logger.warning(
+                        "replicate %d %s %d: non-finite loss or weights in epoch %d; the round stops",
+                        r,
+                        jobs[r].tag,
+                        jobs[r].level,
+                        rows[r]["epoch"],
+                    )
                 if "nonfinite" in rows[r] or progress[r].epoch == self.epochs:
                     live.remove(r)
         return {r: (p.saved, p.history) for r, p in progress.items()}
@@ -157,15 +188,27 @@ class Loop:
         if restored is None:
             return _Progress(manager, 0, job.state, [], False)
         epoch, state, history = restored
-        rundir.write_jsonl(job.files.metrics, history)  # the copy may be an epoch ahead of the checkpoint
+        rundir.write_jsonl(
+            job.files.metrics, history
+        )  # the copy may be an epoch ahead of the checkpoint
         self.log(f"replicate {r} {job.tag} {job.level}: resuming after epoch {epoch}")
         # a round that diverged ends at its last checkpoint
-        return _Progress(manager, epoch, state, history, bool(history[-1].get("nonfinite")) or epoch == self.epochs)
+        return _Progress(
+            manager,
+            epoch,
+            state,
+            history,
+            bool(history[-1].get("nonfinite")) or epoch == self.epochs,
+        )
 
     def _captures(self, capture: Path | None, epoch: int) -> bool:
         """Whether this epoch of the job holds its rewind point, still to be saved."""
         steps, k = self.trainer.spec.steps, self.rewind_step
-        return capture is not None and epoch * steps <= k < (epoch + 1) * steps and not capture.exists()
+        return (
+            capture is not None
+            and epoch * steps <= k < (epoch + 1) * steps
+            and not capture.exists()
+        )
 
     def _epoch(self, state, slots: Slots, keys, captures: dict[int, Path]):
         """One epoch of every slot; split at the rewind point when a job saves it now."""
@@ -192,8 +235,13 @@ def _mix(w1: float, a, w2: float, b):
 
 
 def _progress_line(r: int, tag: str, level: int, epochs: int, row: dict) -> str:
-    parts = [f"rep {r} {tag} {level:2d}", f"density {100 * row['density_prunable']:6.2f}%",
-             f"epoch {row['epoch']:3d}/{epochs}", f"loss {row['train_loss']:.4f}", f"train {100 * row['train_acc']:.2f}%"]
+    parts = [
+        f"rep {r} {tag} {level:2d}",
+        f"density {100 * row['density_prunable']:6.2f}%",
+        f"epoch {row['epoch']:3d}/{epochs}",
+        f"loss {row['train_loss']:.4f}",
+        f"train {100 * row['train_acc']:.2f}%",
+    ]
     if "test_acc" in row:
         parts.append(f"test {100 * row['test_acc']:.2f}%")
     if "val_acc" in row:

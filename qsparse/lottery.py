@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import Callable, Generator
 
 import jax
 
@@ -44,8 +44,13 @@ from qsparse.experiment import Experiment, check_run_dir, record_invocation, res
 logger = logging.getLogger(__name__)
 
 
-def run(config: Config, workdir: str | os.PathLike, *, run_dir: str | os.PathLike | None = None,
-        log: Callable[[str], None] = print) -> Path:
+def run(
+    config: Config,
+    workdir: str | os.PathLike,
+    *,
+    run_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Run (or resume) an IMP experiment; returns its run directory."""
     config = resolve(config)
     if not rundir.is_writer():
@@ -57,12 +62,18 @@ def run(config: Config, workdir: str | os.PathLike, *, run_dir: str | os.PathLik
         check_run_dir(run, config)  # again, now that no other process can write it
         rundir.write_json(run.config, config.to_json())
         info = record_invocation(run)
-        log(f"run: {run.path} on {info['device_count']} {info['platform']} device(s)"
+        log(
+            f"run: {run.path} on {info['device_count']} {info['platform']} device(s)"
             + (f" in {info['process_count']} processes" if info["process_count"] > 1 else "")
-            + (f", {info['cpu_conv']} convolutions" if info["cpu_conv"] else ""))
+            + (f", {info['cpu_conv']} convolutions" if info["cpu_conv"] else "")
+        )
         experiment.replicates()
         rows = rundir.write_summary(run)
-    diverged = [f"replicate {row['replicate']} round {row['round']}" for row in rows if row["status"] != "ok"]
+    diverged = [
+        f"replicate {row['replicate']} round {row['round']}"
+        for row in rows
+        if row["status"] != "ok"
+    ]
     log(f"done: {run.path}" + (f" (non-finite loss in {', '.join(diverged)})" if diverged else ""))
     return run.path
 
@@ -104,19 +115,30 @@ class Lottery(Experiment):
                 rundir.write_json(rep.stopped, {"round": level, "reason": str(e)})
                 return
             start = self._start_params(rep, theta0, init_key, level)
-            opt_state = prev_state.opt_state if (cfg.optimizer_state == "carry" and prev_state is not None) else None
+            opt_state = (
+                prev_state.opt_state
+                if (cfg.optimizer_state == "carry" and prev_state is not None)
+                else None
+            )
             capture = rep.rewind if (level == 0 and self.loop.rewind_step) else None
             state, done = yield from self._ticket(rd, start, masks, data_key, opt_state, capture)
             if cfg.protocol == "paper":
                 prev_search = yield from self._search(rd, state, prev_search, masks, data_key)
             prev_state = state
             if done["status"] != "ok":
-                logger.warning("replicate %d: round %d ended with status %r (non-finite loss or weights); "
-                               "no further rounds", r, level, done["status"])
+                logger.warning(
+                    "replicate %d: round %d ended with status %r (non-finite loss or weights); "
+                    "no further rounds",
+                    r,
+                    level,
+                    done["status"],
+                )
                 return
             low_rounds = low_rounds + 1 if done["test_acc"] < cfg.stop_accuracy else 0
             if low_rounds >= 2:
-                self.log(f"replicate {r}: test accuracy below {cfg.stop_accuracy} twice; stopping (as the paper)")
+                self.log(
+                    f"replicate {r}: test accuracy below {cfg.stop_accuracy} twice; stopping (as the paper)"
+                )
                 return
 
     def _theta0(self, path: Path, key):
@@ -141,8 +163,13 @@ class Lottery(Experiment):
         if rd.level > 0:
             cfg = self.config
             new = pruning.prune(
-                source.params, masks, cfg.prune_fraction, method=cfg.pruning, grouping=cfg.grouping,
-                rule=self.rule, layer_fractions=dict(cfg.layer_fractions) or None,
+                source.params,
+                masks,
+                cfg.prune_fraction,
+                method=cfg.pruning,
+                grouping=cfg.grouping,
+                rule=self.rule,
+                layer_fractions=dict(cfg.layer_fractions) or None,
             )
             if cfg.control == "shuffle":
                 new = pruning.shuffle(key, new, within=masks, grouping=cfg.grouping, rule=self.rule)
@@ -152,7 +179,9 @@ class Lottery(Experiment):
     def _start_params(self, rep: rundir.Replicate, theta0, init_key, level: int):
         """Where round ``level``'s ticket starts: θ₀, the rewind point, or (control) fresh weights."""
         if self.config.control == "reinit" and level > 0:
-            return models.init_params(self.model, jax.random.fold_in(init_key, level), self.input_shape)
+            return models.init_params(
+                self.model, jax.random.fold_in(init_key, level), self.input_shape
+            )
         if self.loop.rewind_step and level > 0:
             return ckpt.load_tree(rep.rewind, theta0)
         return theta0

@@ -69,7 +69,9 @@ def is_subset(new: Masks, old: Masks) -> bool:
     return all(bool(jnp.all(~n | o)) for n, o in zip(jax.tree.leaves(new), jax.tree.leaves(old)))
 
 
-def count(masks: Masks, rule: PruneRule = PruneRule(), prunable_only: bool = True) -> tuple[int, int]:
+def count(
+    masks: Masks, rule: PruneRule = PruneRule(), prunable_only: bool = True
+) -> tuple[int, int]:
     """(alive, total) real weights over the prunable leaves, or over all leaves."""
     alive = total = 0
     for path, m in jax.tree_util.tree_leaves_with_path(masks):
@@ -88,15 +90,27 @@ def density_report(masks: Masks, rule: PruneRule = PruneRule()) -> dict:
     all four components alive). "all" totals include biases, as the paper's "% weights left".
     """
     leaves = {}
-    totals = dict(prunable_alive=0, prunable_total=0, all_alive=0, all_total=0,
-                  quat_alive=0, quat_full=0, quat_total=0)
+    totals = dict(
+        prunable_alive=0,
+        prunable_total=0,
+        all_alive=0,
+        all_total=0,
+        quat_alive=0,
+        quat_full=0,
+        quat_total=0,
+    )
     for path, m in jax.tree_util.tree_leaves_with_path(masks):
         m = np.asarray(m)
-        entry = dict(shape=list(m.shape), prunable=rule(path), alive=int(m.sum()), total=int(m.size))
+        entry = dict(
+            shape=list(m.shape), prunable=rule(path), alive=int(m.sum()), total=int(m.size)
+        )
         entry["density"] = entry["alive"] / max(entry["total"], 1)
         if is_quaternion(path):
-            entry.update(quat_alive=int(m.any(axis=0).sum()), quat_full=int(m.all(axis=0).sum()),
-                         quat_total=int(math.prod(m.shape[1:])))
+            entry.update(
+                quat_alive=int(m.any(axis=0).sum()),
+                quat_full=int(m.all(axis=0).sum()),
+                quat_total=int(math.prod(m.shape[1:])),
+            )
             for k in ("quat_alive", "quat_full", "quat_total"):
                 totals[k] += entry[k]
         leaves[path_str(path)] = entry

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -27,7 +27,12 @@ ALGEBRAS = ("real", "quat")
 
 
 def _real_dense(features: int, fan_in: int, name: str | None = None) -> nn.Dense:
-    return nn.Dense(features, kernel_init=initializers.torch_kernel, bias_init=initializers.torch_bias(fan_in), name=name)
+    return nn.Dense(
+        features,
+        kernel_init=initializers.torch_kernel,
+        bias_init=initializers.torch_bias(fan_in),
+        name=name,
+    )
 
 
 class _Body(nn.Module):
@@ -51,17 +56,28 @@ class _Body(nn.Module):
 
     def conv(self, x: jax.Array, features: int) -> jax.Array:
         if self.algebra == "quat":
-            return QConv(features, (3, 3), kernel_init=initializers.get(self.quat_init),
-                         conv_general_dilated=self.conv_op)(x)
+            return QConv(
+                features,
+                (3, 3),
+                kernel_init=initializers.get(self.quat_init),
+                conv_general_dilated=self.conv_op,
+            )(x)
         fan_in = 9 * x.shape[-1]
-        return nn.Conv(features, (3, 3), kernel_init=initializers.torch_kernel,
-                       bias_init=initializers.torch_bias(fan_in), conv_general_dilated=self.conv_op)(x)
+        return nn.Conv(
+            features,
+            (3, 3),
+            kernel_init=initializers.torch_kernel,
+            bias_init=initializers.torch_bias(fan_in),
+            conv_general_dilated=self.conv_op,
+        )(x)
 
     def encode_image(self, x: jax.Array) -> jax.Array:
         """Real models see the image; quaternion conv models see component-blocked channels."""
         if self.algebra == "real":
             return x
-        name = quaternion.default_encoding(x.shape[-1]) if self.encoding == "auto" else self.encoding
+        name = (
+            quaternion.default_encoding(x.shape[-1]) if self.encoding == "auto" else self.encoding
+        )
         return quaternion.get_encoding(name)(x)
 
     def flatten(self, x: jax.Array) -> jax.Array:
@@ -178,7 +194,9 @@ def create(name: str, algebra: str = "real", num_classes: int = 10, **overrides)
     widths += list(kwargs.get("dense_features", ()))
     bad = [w for w in widths if w % 4] if algebra == "quat" else []
     if bad:
-        raise ValueError(f"quaternion {name}: real widths must be multiples of 4, got {bad} in {widths}")
+        raise ValueError(
+            f"quaternion {name}: real widths must be multiples of 4, got {bad} in {widths}"
+        )
     return s.module(algebra=algebra, num_classes=num_classes, **kwargs)
 
 

@@ -47,8 +47,18 @@ def _paper(figure: str, model: str, dataset: str, qr_ratio: float, table: str) -
     def num(col):
         return tuple(None if v == "-" else float(v) for v in col)
 
-    return PaperCurve(figure, model, dataset, qr_ratio, tuple(int(v) for v in cols[0]),
-                      num(cols[1]), num(cols[2]), num(cols[3]), num(cols[4]), num(cols[5]))
+    return PaperCurve(
+        figure,
+        model,
+        dataset,
+        qr_ratio,
+        tuple(int(v) for v in cols[0]),
+        num(cols[1]),
+        num(cols[2]),
+        num(cols[3]),
+        num(cols[4]),
+        num(cols[5]),
+    )
 
 
 _FIG4A = """

@@ -28,8 +28,12 @@ X_LABELS = {
 }
 
 
-def accuracy_figure(curves: Sequence[results.Curve], x: str = "real", paper: PaperCurve | None = None,
-                    title: str | None = None) -> Figure:
+def accuracy_figure(
+    curves: Sequence[results.Curve],
+    x: str = "real",
+    paper: PaperCurve | None = None,
+    title: str | None = None,
+) -> Figure:
     """Test accuracy (%) vs % weights remaining, log x inverted (100 → small), mean ± std bars.
 
     ``x='real'`` puts quaternion curves at their count relative to the real model (the paper's
@@ -42,14 +46,31 @@ def accuracy_figure(curves: Sequence[results.Curve], x: str = "real", paper: Pap
     ax = fig.add_subplot()
     for name, c in zip(results.labels(curves), curves):
         xs = c.x_own if x == "own" else c.x_real
-        ax.errorbar(xs, c.acc_mean, yerr=np.nan_to_num(c.acc_std), marker="o" if c.algebra == "real" else "s",
-                    ms=4, capsize=2, label=name)
+        ax.errorbar(
+            xs,
+            c.acc_mean,
+            yerr=np.nan_to_num(c.acc_std),
+            marker="o" if c.algebra == "real" else "s",
+            ms=4,
+            capsize=2,
+            label=name,
+        )
     if paper is not None:
         q_x = paper.q_x_own if x == "own" else paper.q_x_of_real
-        for name, xs, accs, style in (("R", paper.r_x, paper.r_acc, dict(color="0.2", marker="o")),
-                                      ("Q", q_x, paper.q_acc, dict(color="0.55", marker="s"))):
+        for name, xs, accs, style in (
+            ("R", paper.r_x, paper.r_acc, dict(color="0.2", marker="o")),
+            ("Q", q_x, paper.q_acc, dict(color="0.55", marker="s")),
+        ):
             pts = [(a, b) for a, b in zip(xs, accs) if b is not None]
-            ax.plot(*zip(*pts), ls="--", ms=3, mfc="none", lw=1, label=f"paper {name} (Fig. {paper.figure})", **style)
+            ax.plot(
+                *zip(*pts),
+                ls="--",
+                ms=3,
+                mfc="none",
+                lw=1,
+                label=f"paper {name} (Fig. {paper.figure})",
+                **style,
+            )
     ax.set_xscale("log")
     ax.invert_xaxis()
     ax.xaxis.set_major_locator(FixedLocator(X_TICKS))
@@ -71,8 +92,13 @@ def layer_density_figure(density: results.LayerDensity, title: str | None = None
     for i, (name, d) in enumerate(density.density.items()):
         ax.plot(density.rounds, 100 * d, marker="o", ms=3, color=f"C{i}", label=name)
         if name in density.quat_full:
-            ax.plot(density.rounds, 100 * density.quat_full[name], ls="--", color=f"C{i}",
-                    label=f"{name}: whole quaternions")
+            ax.plot(
+                density.rounds,
+                100 * density.quat_full[name],
+                ls="--",
+                color=f"C{i}",
+                label=f"{name}: whole quaternions",
+            )
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -99,8 +125,9 @@ def write_figures(runs: Iterable[str | os.PathLike], out: str | os.PathLike) -> 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for (model, dataset), curves in results.by_pair(results.aggregate(
-            row for run in runs for row in results.read_rows(run))).items():
+    for (model, dataset), curves in results.by_pair(
+        results.aggregate(row for run in runs for row in results.read_rows(run))
+    ).items():
         paper = PAPER.get((model, dataset))
         for x in X_LABELS:
             fig = accuracy_figure(curves, x, paper, title=f"{model} / {dataset}")
@@ -108,5 +135,7 @@ def write_figures(runs: Iterable[str | os.PathLike], out: str | os.PathLike) -> 
     for run in runs:
         density = results.layer_density(run)
         if density.rounds:
-            written += save(layer_density_figure(density, title=run.name), out / f"density_{run.name}")
+            written += save(
+                layer_density_figure(density, title=run.name), out / f"density_{run.name}"
+            )
     return written

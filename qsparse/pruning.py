@@ -20,7 +20,7 @@ with NumPy: it happens once per round, and exact, stable top-k is simplest there
 from __future__ import annotations
 
 import fnmatch
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -170,10 +170,16 @@ def shuffle(
             candidates = np.flatnonzero(pool)
             n_keep = int(unit(m).sum())
             if n_keep > candidates.size:
-                raise ValueError(f"{path_str(path)}: {n_keep} survivors requested from {candidates.size} alive units")
+                raise ValueError(
+                    f"{path_str(path)}: {n_keep} survivors requested from {candidates.size} alive units"
+                )
             perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, i), candidates.size))
             keep = np.zeros(pool.shape, bool)
             keep[candidates[perm[:n_keep]]] = True
-            m = np.broadcast_to(keep.reshape(m.shape[1:]), m.shape).copy() if quat else keep.reshape(m.shape)
+            m = (
+                np.broadcast_to(keep.reshape(m.shape[1:]), m.shape).copy()
+                if quat
+                else keep.reshape(m.shape)
+            )
         out.append(jnp.asarray(m))
     return jax.tree.unflatten(treedef, out)

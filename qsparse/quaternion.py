@@ -29,10 +29,22 @@ COMPONENTS = ("r", "i", "j", "k")
 # multiplication table, so every other operation below is derived from it.
 HAMILTON = np.zeros((4, 4, 4), np.float32)
 for _c, _a, _b, _s in [
-    (0, 0, 0, 1), (1, 0, 1, -1), (2, 0, 2, -1), (3, 0, 3, -1),
-    (1, 1, 0, 1), (0, 1, 1, 1), (3, 1, 2, -1), (2, 1, 3, 1),
-    (2, 2, 0, 1), (3, 2, 1, 1), (0, 2, 2, 1), (1, 2, 3, -1),
-    (3, 3, 0, 1), (2, 3, 1, -1), (1, 3, 2, 1), (0, 3, 3, 1),
+    (0, 0, 0, 1),
+    (1, 0, 1, -1),
+    (2, 0, 2, -1),
+    (3, 0, 3, -1),
+    (1, 1, 0, 1),
+    (0, 1, 1, 1),
+    (3, 1, 2, -1),
+    (2, 1, 3, 1),
+    (2, 2, 0, 1),
+    (3, 2, 1, 1),
+    (0, 2, 2, 1),
+    (1, 2, 3, -1),
+    (3, 3, 0, 1),
+    (2, 3, 1, -1),
+    (1, 3, 2, 1),
+    (0, 3, 3, 1),
 ]:
     HAMILTON[_c, _a, _b] = _s
 
@@ -54,7 +66,9 @@ def norm(q: jnp.ndarray) -> jnp.ndarray:
 # _LEFT_BLOCKS[b][a] = (c, sign): block (input component b, output component a) of the real
 # kernel is sign * w[c], read off HAMILTON (exactly one c per (a, b)).
 _LEFT_BLOCKS = tuple(
-    tuple(next((c, int(HAMILTON[c, a, b])) for c in range(4) if HAMILTON[c, a, b]) for a in range(4))
+    tuple(
+        next((c, int(HAMILTON[c, a, b])) for c in range(4) if HAMILTON[c, a, b]) for a in range(4)
+    )
     for b in range(4)
 )
 
@@ -78,7 +92,8 @@ def left_matrix(kernel: jnp.ndarray, groups: int = 1) -> jnp.ndarray:
     block = lambda c, sign: comps[c] if sign > 0 else -comps[c]  # noqa: E731
     # real[..., b, i, g, a, o] = sign(a, b) * w[c(a, b), ..., i, g, o]
     real = jnp.stack(
-        [jnp.stack([block(*_LEFT_BLOCKS[b][a]) for a in range(4)], axis=-2) for b in range(4)], axis=-5
+        [jnp.stack([block(*_LEFT_BLOCKS[b][a]) for a in range(4)], axis=-2) for b in range(4)],
+        axis=-5,
     )
     return real.reshape(*lead, 4 * n_in, 4 * n_out)
 

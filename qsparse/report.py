@@ -21,26 +21,41 @@ def markdown_report(curves: Sequence[Curve]) -> str:
     The paper's value is the one at its x nearest ours (the same round at prune_fraction 0.2);
     its round is noted when it differs.
     """
-    parts = ["# Accuracy vs weights remaining",
-             "Test accuracy (%) as mean ± std (ddof=1) over replicates; `(n=k)` marks a round with fewer "
-             "replicates than the curve. '% left' counts biases; Q's '% of R' is its count as a percentage "
-             "of the real model's parameters (the paper's x axis). Paper values are digitized (±0.3 pp); "
-             "'—' = no point in the paper."]
+    parts = [
+        "# Accuracy vs weights remaining",
+        "Test accuracy (%) as mean ± std (ddof=1) over replicates; `(n=k)` marks a round with fewer "
+        "replicates than the curve. '% left' counts biases; Q's '% of R' is its count as a percentage "
+        "of the real model's parameters (the paper's x axis). Paper values are digitized (±0.3 pp); "
+        "'—' = no point in the paper.",
+    ]
     for (model, dataset), group in by_pair(curves).items():
         paper = PAPER.get((model, dataset))
         names = labels(group)
         parts.append(f"## {model} / {dataset}")
-        parts.append(f"Paper: Fig. {paper.figure}." if paper else "Paper: no digitized figure for this pair.")
-        parts.append("\n".join(f"- **{name}**: {', '.join(c.runs)} (up to {c.n.max()} replicates)"
-                               for name, c in zip(names, group)))
+        parts.append(
+            f"Paper: Fig. {paper.figure}." if paper else "Paper: no digitized figure for this pair."
+        )
+        parts.append(
+            "\n".join(
+                f"- **{name}**: {', '.join(c.runs)} (up to {c.n.max()} replicates)"
+                for name, c in zip(names, group)
+            )
+        )
         header, columns = ["round"], []
         for name, c in zip(names, group):
-            xs = [f"{name}: % left"] if c.algebra == "real" else [f"{name}: % own", f"{name}: % of R"]
+            xs = (
+                [f"{name}: % left"]
+                if c.algebra == "real"
+                else [f"{name}: % own", f"{name}: % of R"]
+            )
             header += xs + [f"{name} acc"] + (["paper"] if paper else [])
             columns.append(_columns(c, paper))
         rounds = sorted({int(r) for c in group for r in c.rounds})
         width = {id(col): len(next(iter(col.values()))) for col in columns}
-        rows = [[level, *(v for col in columns for v in col.get(level, [""] * width[id(col)]))] for level in rounds]
+        rows = [
+            [level, *(v for col in columns for v in col.get(level, [""] * width[id(col)]))]
+            for level in rounds
+        ]
         parts.append(markdown_table(header, rows))
     return "\n\n".join(parts) + "\n"
 

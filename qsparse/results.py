@@ -138,11 +138,17 @@ def aggregate(rows: Iterable[dict]) -> list[Curve]:
             cols["x_real"].append(np.mean([r["weights_remaining_pct_of_real"] for r in at]))
             cols["acc_mean"].append(acc.mean() if acc.size else math.nan)
             cols["acc_std"].append(acc.std(ddof=1) if acc.size > 1 else math.nan)
-        curves.append(Curve(
-            config=dict(key), runs=tuple(dict.fromkeys(r["run"] for r in members)), rounds=np.array(rounds),
-            **{k: np.array(v, dtype=int if k == "n" else float) for k, v in cols.items()},
-        ))
-    return sorted(curves, key=lambda c: (c.model, c.dataset, c.algebra != "real", _sort_key(c.config)))
+        curves.append(
+            Curve(
+                config=dict(key),
+                runs=tuple(dict.fromkeys(r["run"] for r in members)),
+                rounds=np.array(rounds),
+                **{k: np.array(v, dtype=int if k == "n" else float) for k, v in cols.items()},
+            )
+        )
+    return sorted(
+        curves, key=lambda c: (c.model, c.dataset, c.algebra != "real", _sort_key(c.config))
+    )
 
 
 def load(paths: Iterable[PathLike]) -> list[Curve]:
@@ -172,7 +178,6 @@ def labels(curves: Sequence[Curve]) -> list[str]:
 
 def _curve_fields(row: dict) -> set[str]:
     return set(row) - set(NOT_CURVE_FIELDS) - ROW_FIELDS
-
 
 
 def _hashable(v: Any) -> Any:
@@ -206,21 +211,29 @@ class LayerDensity:
 
 
 def layer_density(run_dir: PathLike, replicate: int = 0) -> LayerDensity:
-    rounds = [rd for rd in rundir.Run(run_dir).replicate(replicate).rounds() if rd.sparsity.exists()]
+    rounds = [
+        rd for rd in rundir.Run(run_dir).replicate(replicate).rounds() if rd.sparsity.exists()
+    ]
     reports = [rundir.read_json(rd.sparsity)["leaves"] for rd in rounds]
     names = [k for k, v in reports[0].items() if v["prunable"]] if reports else []
     quat = [k for k in names if "quat_total" in reports[0][k]]
     return LayerDensity(
         rounds=[rd.level for rd in rounds],
         density={k: np.array([r[k]["alive"] / r[k]["total"] for r in reports]) for k in names},
-        quat_full={k: np.array([r[k]["quat_full"] / r[k]["quat_total"] for r in reports]) for k in quat},
-        quat_alive={k: np.array([r[k]["quat_alive"] / r[k]["quat_total"] for r in reports]) for k in quat},
+        quat_full={
+            k: np.array([r[k]["quat_full"] / r[k]["quat_total"] for r in reports]) for k in quat
+        },
+        quat_alive={
+            k: np.array([r[k]["quat_alive"] / r[k]["quat_total"] for r in reports]) for k in quat
+        },
     )
 
 
 def mask_rounds(run_dir: PathLike, replicate: int = 0) -> list[int]:
     """Rounds of a replicate whose masks.npz exists."""
-    return [rd.level for rd in rundir.Run(run_dir).replicate(replicate).rounds() if rd.masks.exists()]
+    return [
+        rd.level for rd in rundir.Run(run_dir).replicate(replicate).rounds() if rd.masks.exists()
+    ]
 
 
 def load_masks(run_dir: PathLike, replicate: int = 0, round: int = 0) -> dict[str, np.ndarray]:
@@ -231,8 +244,11 @@ def load_masks(run_dir: PathLike, replicate: int = 0, round: int = 0) -> dict[st
 def quaternion_states(mask: np.ndarray) -> dict[str, float]:
     """Fractions of quaternions with all four components alive, some, or none (sum to 1)."""
     alive = np.asarray(mask).reshape(4, -1).sum(axis=0)
-    return {"full": float(np.mean(alive == 4)), "partial": float(np.mean((alive > 0) & (alive < 4))),
-            "pruned": float(np.mean(alive == 0))}
+    return {
+        "full": float(np.mean(alive == 4)),
+        "partial": float(np.mean((alive > 0) & (alive < 4))),
+        "pruned": float(np.mean(alive == 0)),
+    }
 
 
 def pruned_by_component(mask: np.ndarray) -> np.ndarray:
@@ -249,13 +265,24 @@ def quaternion_summary(run_dir: PathLike, replicate: int = 0) -> list[dict]:
     """
     out = []
     for level in mask_rounds(run_dir, replicate):
-        kernels = [m.reshape(4, -1) for k, m in load_masks(run_dir, replicate, level).items()
-                   if rundir.is_quaternion_kernel(k)]
+        kernels = [
+            m.reshape(4, -1)
+            for k, m in load_masks(run_dir, replicate, level).items()
+            if rundir.is_quaternion_kernel(k)
+        ]
         if not kernels:
             continue
         mask = np.concatenate(kernels, axis=1)
         pruned = pruned_by_component(mask)
         total = int(pruned.sum())
-        out.append({"round": level, **quaternion_states(mask),
-                    **{f"share_{c}": int(p) / total if total else math.nan for c, p in zip(COMPONENTS, pruned)}})
+        out.append(
+            {
+                "round": level,
+                **quaternion_states(mask),
+                **{
+                    f"share_{c}": int(p) / total if total else math.nan
+                    for c, p in zip(COMPONENTS, pruned)
+                },
+            }
+        )
     return out

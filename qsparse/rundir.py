@@ -37,12 +37,29 @@ from typing import Any
 import numpy as np
 
 SUMMARY_FIELDS = (
-    "replicate", "round", "status", "density_prunable", "weights_remaining_pct",
-    "weights_remaining_pct_of_real", "test_acc", "val_acc", "train_acc", "train_loss", "epochs",
+    "replicate",
+    "round",
+    "status",
+    "density_prunable",
+    "weights_remaining_pct",
+    "weights_remaining_pct_of_real",
+    "test_acc",
+    "val_acc",
+    "train_acc",
+    "train_loss",
+    "epochs",
 )
 DONE_FIELDS = SUMMARY_FIELDS[2:]  # done.json: a finished round's row, without its coordinates
-PACKAGES = ("qsparse", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets",
-            "numpy")
+PACKAGES = (
+    "qsparse",
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "tensorflow-datasets",
+    "numpy",
+)
 
 
 class CorruptFileError(RuntimeError):
@@ -124,7 +141,9 @@ class Replicate:
 
     def rounds(self) -> list[Round]:
         """The rounds that exist on disk, in order."""
-        return sorted((Round(p) for p in self.path.glob("round_*") if p.is_dir()), key=lambda rd: rd.level)
+        return sorted(
+            (Round(p) for p in self.path.glob("round_*") if p.is_dir()), key=lambda rd: rd.level
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +180,10 @@ class Run:
 
     def replicates(self) -> list[Replicate]:
         """The replicates that exist on disk, in order."""
-        return sorted((Replicate(p) for p in self.path.glob("replicate_*") if p.is_dir()), key=lambda rep: rep.index)
+        return sorted(
+            (Replicate(p) for p in self.path.glob("replicate_*") if p.is_dir()),
+            key=lambda rep: rep.index,
+        )
 
 
 def is_run(path: Path, files: list[str] | None = None, dirs: list[str] | None = None) -> bool:
@@ -169,7 +191,9 @@ def is_run(path: Path, files: list[str] | None = None, dirs: list[str] | None = 
     path = Path(path)
     files = os.listdir(path) if files is None else files
     dirs = files if dirs is None else dirs
-    return "config.json" in files and ("summary.json" in files or any(d.startswith("replicate_") for d in dirs))
+    return "config.json" in files and (
+        "summary.json" in files or any(d.startswith("replicate_") for d in dirs)
+    )
 
 
 def _index(path: Path) -> int:
@@ -245,8 +269,12 @@ def read_done(rd: Round) -> dict:
 
 def summary_rows(run: Run) -> list[dict]:
     """One row per finished (replicate, round), from the rounds' done.json files."""
-    return [{"replicate": rep.index, "round": rd.level, **read_json(rd.done)}
-            for rep in run.replicates() for rd in rep.rounds() if rd.done.exists()]
+    return [
+        {"replicate": rep.index, "round": rd.level, **read_json(rd.done)}
+        for rep in run.replicates()
+        for rd in rep.rounds()
+        if rd.done.exists()
+    ]
 
 
 def write_summary(run: Run) -> list[dict]:
@@ -284,9 +312,13 @@ def provenance(**extra: Any) -> dict:
             packages[name] = None
     status = _git("status", "--porcelain", "--untracked-files=no", ".")
     return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "packages": packages, "git_commit": _git("rev-parse", "HEAD"),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "packages": packages,
+        "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
-        "python": platform.python_version(), "host": platform.node(), **extra,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        **extra,
     }
 
 
@@ -299,8 +331,13 @@ def append_invocation(run: Run, entry: dict) -> None:
 def _git(*args: str) -> str | None:
     """Output of a read-only git command in the qsparse source folder; None outside a checkout."""
     try:
-        out = subprocess.run(["git", "--no-optional-locks", *args], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "--no-optional-locks", *args],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None

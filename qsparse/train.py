@@ -29,7 +29,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,8 +41,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from qsparse import augment
-from qsparse import cpu
+from qsparse import augment, cpu
 from qsparse import masks as qmasks
 
 REPLICA, DATA = "replica", "data"
@@ -73,7 +73,9 @@ def make_optimizer(name: str, lr: float) -> optax.GradientTransformationExtraArg
     return optax.chain(base, zero_pruned())
 
 
-def create_train_state(model: nn.Module, params, masks, tx: optax.GradientTransformation) -> TrainState:
+def create_train_state(
+    model: nn.Module, params, masks, tx: optax.GradientTransformation
+) -> TrainState:
     params = qmasks.apply(params, masks)
     state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, masks=masks)
     # a strongly typed step: the weak-typed Python 0 would make the second call retrace
@@ -142,7 +144,9 @@ def _prepare(spec: EpochSpec, n_images: int, state: TrainState, key):
 def _step(spec: EpochSpec, n_data: int, images, labels, state: TrainState, order, aug_key, i):
     """One masked training step on global batch ``i``; returns the state, its loss and hits."""
     x, y = _batch(spec, n_data, images, labels, order, aug_key, i)
-    (loss, hits), grads = jax.value_and_grad(_loss, has_aux=True)(state.params, state.apply_fn, x, y)
+    (loss, hits), grads = jax.value_and_grad(_loss, has_aux=True)(
+        state.params, state.apply_fn, x, y
+    )
     grads = qmasks.apply(grads, state.masks)  # the gradient of where(mask, params, 0)
     if n_data > 1:
         grads = jax.lax.pmean(grads, DATA)
@@ -152,8 +156,18 @@ def _step(spec: EpochSpec, n_data: int, images, labels, state: TrainState, order
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), loss, hits
 
 
-def _train_epoch(spec: EpochSpec, n_data: int, local: int | None, mode: str, state: TrainState, images, labels,
-                 key, start, stop):
+def _train_epoch(
+    spec: EpochSpec,
+    n_data: int,
+    local: int | None,
+    mode: str,
+    state: TrainState,
+    images,
+    labels,
+    key,
+    start,
+    stop,
+):
     """Steps ``start <= i < stop`` of the epoch whose data order and augmentation come from ``key``.
 
     ``local`` is None for one state, or the number of replicates stacked on this device (leading
@@ -175,7 +189,11 @@ def _train_epoch(spec: EpochSpec, n_data: int, local: int | None, mode: str, sta
 
         def step(states, orders, aug_keys, i):
             out = [single(s, o, a, i) for s, o, a in zip(states, orders, aug_keys)]
-            return tuple(o[0] for o in out), jnp.stack([o[1] for o in out]), jnp.stack([o[2] for o in out])
+            return (
+                tuple(o[0] for o in out),
+                jnp.stack([o[1] for o in out]),
+                jnp.stack([o[2] for o in out]),
+            )
 
     def body(i, carry):
         state, loss_sum, correct = carry
@@ -207,9 +225,14 @@ def _evaluate(mean, std, batch: int, n_data: int, state: TrainState, images, lab
         logits = state.apply_fn({"params": params}, augment.normalize(sl(images), mean, std))
         y, w = sl(labels), sl(valid)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        return (carry[0] + jnp.sum(jnp.where(w, loss, 0.0)), carry[1] + jnp.sum(w & (jnp.argmax(logits, -1) == y))), None
+        return (
+            carry[0] + jnp.sum(jnp.where(w, loss, 0.0)),
+            carry[1] + jnp.sum(w & (jnp.argmax(logits, -1) == y)),
+        ), None
 
-    (loss, correct), _ = jax.lax.scan(chunk, (jnp.zeros(()), jnp.zeros((), jnp.int32)), jnp.arange(rounds))
+    (loss, correct), _ = jax.lax.scan(
+        chunk, (jnp.zeros(()), jnp.zeros((), jnp.int32)), jnp.arange(rounds)
+    )
     if n_data > 1:
         loss, correct = jax.lax.psum(loss, DATA), jax.lax.psum(correct, DATA)
     return {"loss": loss / n, "acc": correct / n}
@@ -249,7 +272,9 @@ def replica_mesh(replicas: int, devices: Sequence[jax.Device]) -> jax.sharding.M
     R a multiple of n: one device per group, no collectives)."""
     groups = math.gcd(replicas, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * 2
-    return jax.make_mesh((groups, len(devices) // groups), (REPLICA, DATA), axis_types=auto, devices=devices)
+    return jax.make_mesh(
+        (groups, len(devices) // groups), (REPLICA, DATA), axis_types=auto, devices=devices
+    )
 
 
 class Trainer:
@@ -273,9 +298,15 @@ class Trainer:
     :func:`qsparse.cpu.compiler_options`; ``None`` uses XLA's defaults; a dict is used as given.
     """
 
-    def __init__(self, spec: EpochSpec, devices: Sequence[jax.Device] | None = None, eval_batch: int = 1000,
-                 replicas: int | None = None, compiler_options: dict | str | None = "auto",
-                 replica_mode: str = "auto"):
+    def __init__(
+        self,
+        spec: EpochSpec,
+        devices: Sequence[jax.Device] | None = None,
+        eval_batch: int = 1000,
+        replicas: int | None = None,
+        compiler_options: dict | str | None = "auto",
+        replica_mode: str = "auto",
+    ):
         if replicas is not None and replicas < 1:
             raise ValueError(f"replicas must be a positive number, got {replicas}")
         if replica_mode not in REPLICA_MODES:
@@ -286,14 +317,22 @@ class Trainer:
         self.mesh = replica_mesh(replicas or 1, self.devices)
         groups, n_data = self.mesh.devices.shape
         if spec.batch_size % n_data:
-            raise ValueError(f"batch size {spec.batch_size} is not divisible by the {n_data} devices "
-                             f"that train each replicate ({len(self.devices)} devices, {groups} replicate groups)")
+            raise ValueError(
+                f"batch size {spec.batch_size} is not divisible by the {n_data} devices "
+                f"that train each replicate ({len(self.devices)} devices, {groups} replicate groups)"
+            )
         self.platform = self.devices[0].platform
-        self.replica_mode = ("unroll" if self.platform == "cpu" else "vmap") if replica_mode == "auto" else replica_mode
+        self.replica_mode = (
+            ("unroll" if self.platform == "cpu" else "vmap")
+            if replica_mode == "auto"
+            else replica_mode
+        )
         self.n_data = n_data
         # one state: replicated everywhere; R states: the replica axis split over device groups
         self._local = None if replicas is None or replicas == groups else replicas // groups
-        self._squeeze = replicas is not None and self._local is None  # one replicate per device group
+        self._squeeze = (
+            replicas is not None and self._local is None
+        )  # one replicate per device group
         self._state_spec = P() if replicas is None else P(REPLICA)
         self._replicated = NamedSharding(self.mesh, P())
         self._state_sharding = NamedSharding(self.mesh, self._state_spec)
@@ -307,8 +346,12 @@ class Trainer:
         """Global arrays from host values that every process holds in full (multi-process safe)."""
 
         def put(x):
-            if (isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh
-                    and x.sharding.is_equivalent_to(sharding, x.ndim)):
+            if (
+                isinstance(x, jax.Array)
+                and isinstance(x.sharding, NamedSharding)
+                and x.sharding.mesh == self.mesh
+                and x.sharding.is_equivalent_to(sharding, x.ndim)
+            ):
                 return x  # already placed (an output of the previous call)
             a = np.asarray(x)
             return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
@@ -323,7 +366,10 @@ class Trainer:
         """A pytree of host numpy arrays, complete on every process (all must call it together:
         parts held by other processes come through one all-reduce)."""
         leaves, treedef = jax.tree.flatten(tree)
-        if all(not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated for x in leaves):
+        if all(
+            not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated
+            for x in leaves
+        ):
             return jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves])
         return jax.tree.unflatten(treedef, [np.asarray(x) for x in self._all_gather(leaves)])
 
@@ -336,7 +382,9 @@ class Trainer:
             out = []
             for b in blocks:
                 full = jnp.zeros((b.shape[0] * groups, *b.shape[1:]), b.dtype)
-                full = jax.lax.dynamic_update_slice_in_dim(full, b, jax.lax.axis_index(REPLICA) * b.shape[0], 0)
+                full = jax.lax.dynamic_update_slice_in_dim(
+                    full, b, jax.lax.axis_index(REPLICA) * b.shape[0], 0
+                )
                 out.append(jax.lax.psum(full, REPLICA))
             return out
 
@@ -349,19 +397,25 @@ class Trainer:
     def _options(self, state: TrainState, images) -> dict | None:
         if self.compiler_options != "auto":
             return self.compiler_options
-        params = state.params if self.replicas is None else jax.tree.map(lambda x: x[0], state.params)
+        params = (
+            state.params if self.replicas is None else jax.tree.map(lambda x: x[0], state.params)
+        )
         return cpu.compiler_options(self.platform, state.apply_fn, params, images.shape[1:])
 
     def _keys(self, key) -> jax.Array:
         if self.replicas is not None and jnp.shape(key) != (self.replicas,):
-            raise ValueError(f"a trainer of {self.replicas} replicas needs {self.replicas} keys, got shape {jnp.shape(key)}")
+            raise ValueError(
+                f"a trainer of {self.replicas} replicas needs {self.replicas} keys, got shape {jnp.shape(key)}"
+            )
         return self._put(jax.random.key_data(key), self._state_sharding)
 
     def _compile(self, fn: Callable, in_specs: tuple, options: dict | None = None) -> Callable:
         """``fn`` (per-device code) as one compiled program over the mesh; state-shaped outputs."""
         s = self._state_spec
-        return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=s, check_vma=False),
-                       compiler_options=options)
+        return jax.jit(
+            jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=s, check_vma=False),
+            compiler_options=options,
+        )
 
     def _build_epoch(self, state, images) -> Callable:
         spec, n_data, local, mode = self.spec, self.n_data, self._local, self.replica_mode
@@ -379,7 +433,9 @@ class Trainer:
         s = self._state_spec
         return self._compile(body, (s, P(), P(), s, P(), P()), self._options(state, images))
 
-    def train_epoch(self, state: TrainState, images, labels, key, start: int = 0, stop: int | None = None):
+    def train_epoch(
+        self, state: TrainState, images, labels, key, start: int = 0, stop: int | None = None
+    ):
         """Run steps [start, stop) of one epoch; metrics as floats (lists of floats with ``replicas``)."""
         stop = self.spec.steps if stop is None else stop
         keys = self._keys(key)
@@ -397,7 +453,9 @@ class Trainer:
             nan = float("nan") if self.replicas is None else [float("nan")] * self.replicas
             return {"loss": nan, "acc": nan}
         if self._eval is None:
-            one = functools.partial(_evaluate, self.spec.mean, self.spec.std, self.eval_batch, self.n_data)
+            one = functools.partial(
+                _evaluate, self.spec.mean, self.spec.std, self.eval_batch, self.n_data
+            )
             if self._squeeze:
                 evaluate = _squeezed(one, stacked=(0,))
             else:
@@ -422,4 +480,6 @@ def epoch_spec(dataset, batch_size: int) -> EpochSpec:
     n = dataset.train_images.shape[0]
     if not 0 < batch_size <= n:
         raise ValueError(f"batch size {batch_size} must be in [1, {n}] (training examples)")
-    return EpochSpec(batch_size, n // batch_size, tuple(dataset.mean), tuple(dataset.std), bool(dataset.augment))
+    return EpochSpec(
+        batch_size, n // batch_size, tuple(dataset.mean), tuple(dataset.std), bool(dataset.augment)
+    )

@@ -18,9 +18,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_bench_smoke(tmp_path):
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
-    result = run(Options(models=["lenet300_100"], windows=2, window_steps=3, peak_size=128,
-                         epochs=1, train_subset=600, synthetic_epochs=True, replicas=2,
-                         replica_modes=["unroll", "vmap"], references=False))
+    result = run(
+        Options(
+            models=["lenet300_100"],
+            windows=2,
+            window_steps=3,
+            peak_size=128,
+            epochs=1,
+            train_subset=600,
+            synthetic_epochs=True,
+            replicas=2,
+            replica_modes=["unroll", "vmap"],
+            references=False,
+        )
+    )
     save(result, str(out_json), str(out_md))
     assert json.loads(out_json.read_text())["models"]["lenet300_100"]["real"]["window_steps"] == 3
     lenet = result["models"]["lenet300_100"]
@@ -41,8 +52,19 @@ def test_bench_smoke(tmp_path):
 
 
 def test_bench_conv_model_both_convolutions_and_layers(tmp_path):
-    result = run(Options(models=["conv2"], algebras=["real"], windows=1, window_steps=1,
-                         peak_size=128, epochs=0, replicas=0, references=False, layers=True))
+    result = run(
+        Options(
+            models=["conv2"],
+            algebras=["real"],
+            windows=1,
+            window_steps=1,
+            peak_size=128,
+            epochs=0,
+            replicas=0,
+            references=False,
+            layers=True,
+        )
+    )
     r = result["models"]["conv2"]["real"]
     assert r["cpu_conv"] == onednn.cpu_conv()
     assert ("speedup_over_xla_conv" in r) == onednn.available()
@@ -84,23 +106,37 @@ def test_every_model_has_a_window_size():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "experiments.bench", *args], cwd=REPO,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.bench", *args],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_cli_refuses_an_unknown_model_with_one_line():
     done = _cli("--models=lenet300_100,nope")
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.strip() == ("error: --models=lenet300_100,nope: unknown ['nope']; valid: "
-                                   f"{sorted(models.REGISTRY)}")
+    assert done.stderr.strip() == (
+        f"error: --models=lenet300_100,nope: unknown ['nope']; valid: {sorted(models.REGISTRY)}"
+    )
 
 
 def test_cli_empty_lists_mean_none(tmp_path):
     # as in results/bench_ab_shard_map.md: --models= times no model
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
-    done = _cli("--models=", "--windows=1", "--peak_size=64", "--epochs=0", "--replicas=0",
-                "--no_references", f"--json={out_json}", f"--markdown={out_md}")
+    done = _cli(
+        "--models=",
+        "--windows=1",
+        "--peak_size=64",
+        "--epochs=0",
+        "--replicas=0",
+        "--no_references",
+        f"--json={out_json}",
+        f"--markdown={out_md}",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out_json.read_text())
     assert result["models"] == {} and set(result) == {"environment", "peak", "models"}

@@ -17,7 +17,6 @@ from qsparse import checkpoints as ckpt
 from qsparse import masks as M
 from qsparse import models, rundir, train
 
-
 # Orbax's event loop may report an exception after a failed read (as in tests/test_faults.py)
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
@@ -34,14 +33,19 @@ def same_bits(a, b):
     """Same tree structure, and every leaf of the same dtype, shape and bytes."""
     if jax.tree.structure(a) != jax.tree.structure(b):
         return False
-    return all(np.asarray(x).dtype == np.asarray(y).dtype and np.shape(x) == np.shape(y)
-               and np.asarray(x).tobytes() == np.asarray(y).tobytes()
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return all(
+        np.asarray(x).dtype == np.asarray(y).dtype
+        and np.shape(x) == np.shape(y)
+        and np.asarray(x).tobytes() == np.asarray(y).tobytes()
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 def small_tree(value=0.0):
-    return {"w": np.arange(12, dtype=np.float32).reshape(3, 4) + value,
-            "b": {"x": np.array([1, -2, 3], np.int32), "m": np.array([True, False])}}
+    return {
+        "w": np.arange(12, dtype=np.float32).reshape(3, 4) + value,
+        "b": {"x": np.array([1, -2, 3], np.int32), "m": np.array([True, False])},
+    }
 
 
 # ------------------------------------------------------------------ masks files
@@ -49,8 +53,10 @@ def small_tree(value=0.0):
 
 def tiny_masks():
     rng = np.random.default_rng(0)
-    return {"QDense_0": {"qkernel": rng.random((4, 5, 3)) < 0.5, "bias": np.ones(12, bool)},
-            "output": {"kernel": rng.random((12, 2)) < 0.5, "bias": np.ones(2, bool)}}
+    return {
+        "QDense_0": {"qkernel": rng.random((4, 5, 3)) < 0.5, "bias": np.ones(12, bool)},
+        "output": {"kernel": rng.random((12, 2)) < 0.5, "bias": np.ones(2, bool)},
+    }
 
 
 def test_masks_round_trip_and_are_readable_with_numpy_alone(tmp_path):
@@ -60,8 +66,12 @@ def test_masks_round_trip_and_are_readable_with_numpy_alone(tmp_path):
     back = ckpt.load_masks(path, M.ones(masks))
     assert same_bits(back, masks)
     with np.load(path) as f:
-        assert sorted(f.files) == ["QDense_0/bias", "QDense_0/qkernel", "output/bias",
-                                   "output/kernel"]
+        assert sorted(f.files) == [
+            "QDense_0/bias",
+            "QDense_0/qkernel",
+            "output/bias",
+            "output/kernel",
+        ]
         assert np.array_equal(f["QDense_0/qkernel"], masks["QDense_0"]["qkernel"])
     ckpt.save_masks(path, jax.tree.map(np.logical_not, masks))  # replaced, no temporaries
     assert same_bits(ckpt.load_masks(path, masks), jax.tree.map(np.logical_not, masks))
@@ -99,8 +109,12 @@ def test_train_state_round_trips_bit_for_bit(tmp_path):
     like = train.create_train_state(model, params, masks, train.make_optimizer("adam", 1e-3))
     # every leaf made distinct from the fresh state, so a restore that returns `like` fails
     rng = np.random.default_rng(2)
-    state = jax.tree.map(lambda x: (rng.normal(size=x.shape).astype(x.dtype)
-                                    if jnp.issubdtype(x.dtype, jnp.floating) else x), like)
+    state = jax.tree.map(
+        lambda x: (
+            rng.normal(size=x.shape).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        ),
+        like,
+    )
     state = state.replace(step=jnp.int32(7), masks=jax.tree.map(np.logical_not, masks))
     extra = {"history": [{"epoch": 1, "acc": 0.5}], "note": "ü"}
     ckpt.save_tree(tmp_path / "s", state, extra)
@@ -108,8 +122,9 @@ def test_train_state_round_trips_bit_for_bit(tmp_path):
     assert same_bits(back, state) and not same_bits(back, like) and back_extra == extra
     assert isinstance(back, train.TrainState) and int(back.step) == 7
     x = jnp.linspace(-1, 1, 2 * 16).reshape(2, 4, 4, 1)
-    np.testing.assert_array_equal(back.apply_fn({"params": back.params}, x),
-                                  model.apply({"params": state.params}, x))
+    np.testing.assert_array_equal(
+        back.apply_fn({"params": back.params}, x), model.apply({"params": state.params}, x)
+    )
     assert same_bits(ckpt.load_tree(tmp_path / "s", like), state)
 
 
@@ -168,8 +183,10 @@ def test_epoch_checkpoints_keep_the_newest_and_restore_the_latest(tmp_path):
     assert manager.epochs() == [4, 5]
     epoch, state, hist = manager.restore_latest(small_tree())
     assert epoch == 5 and same_bits(state, small_tree(5)) and hist == history(5)
-    assert sorted(p.name for p in (tmp_path / "ckpt").glob("epoch_0*")) == ["epoch_0004",
-                                                                             "epoch_0005"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("epoch_0*")) == [
+        "epoch_0004",
+        "epoch_0005",
+    ]
 
 
 def test_restore_latest_falls_back_past_damaged_checkpoints_and_deletes_them(tmp_path, caplog):
@@ -183,7 +200,9 @@ def test_restore_latest_falls_back_past_damaged_checkpoints_and_deletes_them(tmp
     epoch, state, hist = manager.restore_latest(small_tree())
     assert epoch == 2 and same_bits(state, small_tree(2)) and hist == history(2)
     assert manager.epochs() == [1, 2] and sorted(p.name for p in directory.iterdir()) == [
-        "epoch_0001", "epoch_0002"]
+        "epoch_0001",
+        "epoch_0002",
+    ]
     assert str(directory / "epoch_0003") in caplog.text and "epoch_0004" in caplog.text
     for epoch in (1, 2):  # every one damaged: nothing to resume from, nothing kept
         (directory / f"epoch_{epoch:04d}" / ckpt.META).write_text("{")
@@ -213,14 +232,20 @@ def test_run_lock_held_by_another_process_until_it_dies(tmp_path):
     """A child (plain Python, no jax) takes the same flock; killing it frees the directory."""
     lock_file = tmp_path / ".lock"
     child = subprocess.Popen(
-        [sys.executable, "-c",
-         "import fcntl, os, sys\n"
-         f"fd = os.open({str(lock_file)!r}, os.O_RDWR | os.O_CREAT)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-         "os.write(fd, str(os.getpid()).encode())\n"
-         "print('locked', flush=True)\n"
-         "sys.stdin.read()\n"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys\n"
+            f"fd = os.open({str(lock_file)!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "os.write(fd, str(os.getpid()).encode())\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "locked"
         with pytest.raises(ckpt.RunLockedError, match=f"{tmp_path} .*pid {child.pid}"):

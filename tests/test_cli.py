@@ -16,15 +16,29 @@ import pytest
 
 from qsparse.config import Config
 
-pytestmark = pytest.mark.subprocess  # starts Python processes: skipped by a quick run (-m "not subprocess")
+pytestmark = (
+    pytest.mark.subprocess
+)  # starts Python processes: skipped by a quick run (-m "not subprocess")
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = ["--model=lenet12", "--algebra=quat", "--train_subset=300", "--test_subset=100", "--batch_size=60"]
+BASE = [
+    "--model=lenet12",
+    "--algebra=quat",
+    "--train_subset=300",
+    "--test_subset=100",
+    "--batch_size=60",
+]
 
 # name: (extra flags, substrings the error line must contain: the bad value and the valid choices)
 CASES = {
-    "model": (["--model=lenet5"], ["model='lenet5'", "'lenet300_100', 'lenet12', 'conv2', 'conv4', 'conv6'"]),
-    "dataset": (["--dataset=svhn"], ["dataset='svhn'", "'mnist', 'fashion_mnist', 'cifar10', 'cifar100'"]),
+    "model": (
+        ["--model=lenet5"],
+        ["model='lenet5'", "'lenet300_100', 'lenet12', 'conv2', 'conv4', 'conv6'"],
+    ),
+    "dataset": (
+        ["--dataset=svhn"],
+        ["dataset='svhn'", "'mnist', 'fashion_mnist', 'cifar10', 'cifar100'"],
+    ),
     "algebra": (["--algebra=octonion"], ["algebra='octonion'", "'real', 'quat'"]),
     "pruning": (["--pruning=random"], ["pruning='random'", "'global', 'layerwise'"]),
     "grouping": (["--grouping=channel"], ["grouping='channel'", "'element', 'quaternion'"]),
@@ -33,39 +47,69 @@ CASES = {
     "epochs_zero": (["--epochs=0"], ["epochs=0", "positive integer"]),
     "epochs_negative": (["--epochs=-3"], ["epochs=-3", "positive integer"]),
     "batch_larger_than_data": (["--batch_size=1000"], ["batch size 1000", "[1, 300]"]),
-    "input_shape": (["--encoding=rgb_gray"], ["encoding 'rgb_gray' needs 3 input channel", "(28, 28, 1)",
-                                              "encodings that fit: ['auto', 'flat', 'gray_pure']"]),
+    "input_shape": (
+        ["--encoding=rgb_gray"],
+        [
+            "encoding 'rgb_gray' needs 3 input channel",
+            "(28, 28, 1)",
+            "encodings that fit: ['auto', 'flat', 'gray_pure']",
+        ],
+    ),
     "quat_width": (["--hidden=6"], ["hidden=[6]", "multiples of 4"]),
     "width_zero": (["--algebra=real", "--hidden=0"], ["hidden=[0]", "positive integer"]),
-    "different_config": (["--run_dir={run}", "--epochs=2"],
-                         ["holds a run with a different config", "'epochs': (1, 2)"]),
+    "different_config": (
+        ["--run_dir={run}", "--epochs=2"],
+        ["holds a run with a different config", "'epochs': (1, 2)"],
+    ),
     "flag_type": (["--epochs=abc"], ["--epochs=abc", "int"]),
     "unknown_flag": (["--prune_fractoin=0.5"], ["prune_fractoin", "prune_fraction"]),
     "positional_argument": (["mnist"], ["unexpected arguments ['mnist']", "--flag"]),
-    "coordinator_alone": (["--coordinator_address=127.0.0.1:1234"], ["missing ['num_processes', 'process_id']"]),
-    "process_id_range": (["--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=2"],
-                         ["process_id=2", "[0, num_processes=2)"]),
-    "coordinator_not_host_port": (["--coordinator_address=localhost", "--num_processes=2", "--process_id=0"],
-                                  ["coordinator_address='localhost'", "host:port"]),
-    "distributed_with_settings": (["--distributed", "--process_id=0"], ["--distributed", "drop ['process_id']"]),
+    "coordinator_alone": (
+        ["--coordinator_address=127.0.0.1:1234"],
+        ["missing ['num_processes', 'process_id']"],
+    ),
+    "process_id_range": (
+        ["--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=2"],
+        ["process_id=2", "[0, num_processes=2)"],
+    ),
+    "coordinator_not_host_port": (
+        ["--coordinator_address=localhost", "--num_processes=2", "--process_id=0"],
+        ["coordinator_address='localhost'", "host:port"],
+    ),
+    "distributed_with_settings": (
+        ["--distributed", "--process_id=0"],
+        ["--distributed", "drop ['process_id']"],
+    ),
 }
 
 
 def cli_env(tmp_path_factory) -> dict:
     """CPU, and one persistent compilation cache for the whole session's subprocesses."""
     cache = tmp_path_factory.getbasetemp() / "jax_cache"
-    return {**{k: v for k, v in os.environ.items() if k != "QSPARSE_FAULT"}, "JAX_PLATFORMS": "cpu",
-            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    return {
+        **{k: v for k, v in os.environ.items() if k != "QSPARSE_FAULT"},
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
 
 
 def imp(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "experiments.imp", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.imp", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +149,9 @@ def test_bad_input_one_line_exit_2_nothing_changed(outcomes, name):
 def test_help_lists_every_flag_and_exits_0(tmp_path_factory):
     result = imp(["--help"], cli_env(tmp_path_factory))
     assert result.returncode == 0, result.stderr
-    flags = [f"--[no]{f.name}" if f.type == "bool" else f"--{f.name}:" for f in dataclasses.fields(Config)]
+    flags = [
+        f"--[no]{f.name}" if f.type == "bool" else f"--{f.name}:"
+        for f in dataclasses.fields(Config)
+    ]
     for flag in flags + ["--workdir:", "--run_dir:"]:
         assert flag in result.stdout, flag

@@ -14,7 +14,12 @@ def test_every_field_has_help_and_a_flag_type():
     assert list(kinds) == [f.name for f in dataclasses.fields(Config)]
     assert all(f.metadata["help"].strip() for f in dataclasses.fields(Config))
     assert set(kinds.values()) == {bool, int, float, str, tuple}
-    assert (kinds["lr"], kinds["dataset"], kinds["prune_output"], kinds["hidden"]) == (float, str, bool, tuple)
+    assert (kinds["lr"], kinds["dataset"], kinds["prune_output"], kinds["hidden"]) == (
+        float,
+        str,
+        bool,
+        tuple,
+    )
     for f in dataclasses.fields(Config):  # a default is of the field's type, or None
         assert f.default is None or isinstance(f.default, kinds[f.name]), f.name
 
@@ -36,13 +41,17 @@ def test_run_name_hashes_only_fields_that_change_results():
     assert base.run_name().startswith("lenet12_quat_mnist_")
     assert set(base.semantic()) == {f.name for f in dataclasses.fields(Config)} - set(NON_SEMANTIC)
     for name in NON_SEMANTIC:  # bookkeeping does not rename a run
-        other = dataclasses.replace(base, **{name: 7 if field_types()[name] in (int, float) else "x"})
+        other = dataclasses.replace(
+            base, **{name: 7 if field_types()[name] in (int, float) else "x"}
+        )
         assert other.run_name() == base.run_name(), name
     assert dataclasses.replace(base, seed=1).run_name() != base.run_name()
     assert dataclasses.replace(base, hidden=(8,)).run_name() != base.run_name()
 
 
-@pytest.mark.parametrize("text,parsed", [("init", None), ("500it", (500, "it")), ("2ep", (2, "ep"))])
+@pytest.mark.parametrize(
+    "text,parsed", [("init", None), ("500it", (500, "it")), ("2ep", (2, "ep"))]
+)
 def test_parse_rewind(text, parsed):
     assert parse_rewind(text) == parsed
 
@@ -51,31 +60,41 @@ def test_resolve_fills_the_papers_values_for_the_model():
     for name, spec in models.REGISTRY.items():
         resolved = experiment.resolve(Config(model=name))
         assert (resolved.dataset, resolved.epochs, resolved.batch_size, resolved.lr) == (
-            spec.dataset, spec.epochs, spec.batch_size, spec.lr)
+            spec.dataset,
+            spec.epochs,
+            spec.batch_size,
+            spec.lr,
+        )
     given = experiment.resolve(Config(model="conv4", epochs=3, lr=0.1, dataset="cifar100"))
     assert (given.epochs, given.lr, given.dataset) == (3, 0.1, "cifar100")
     assert experiment.resolve(given) == given  # idempotent
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (dict(model="conv5"), "model='conv5'.*conv4"),
-    (dict(algebra="octonion"), "algebra='octonion'.*'real', 'quat'"),
-    (dict(dataset="svhn"), "dataset='svhn'.*cifar10"),
-    (dict(pruning="random"), "pruning='random'.*'global', 'layerwise'"),
-    (dict(grouping="channel"), "grouping='channel'.*'element', 'quaternion'"),
-    (dict(protocol="open_lth"), "protocol='open_lth'.*'lottery', 'paper'"),
-    (dict(quat_init="zeros"), "quat_init='zeros'.*htorch"),
-    (dict(prune_fraction=1.0), r"prune_fraction=1.0 must be in \(0, 1\)"),
-    (dict(prune_fraction=0.0), r"prune_fraction=0.0 must be in \(0, 1\)"),
-    (dict(epochs=0), "epochs=0 must be a positive integer"),
-    (dict(batch_size=-5), "batch_size=-5 must be a positive integer"),
-    (dict(lr=float("nan")), "lr=nan must be a positive number"),
-    (dict(rewind="late"), "rewind='late'"),
-    (dict(rewind="2ep", protocol="paper"), "protocol='paper' always retrains from the initial weights"),
-    (dict(layer_fractions=(("output/*", 0.1),)), "layer_fractions need pruning='layerwise'"),
-    (dict(algebra="quat", hidden=(6,)), r"hidden=\[6\]: .*multiples of 4"),
-    (dict(algebra="quat", model="lenet12", encoding="rgb"), "encoding='rgb'"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(model="conv5"), "model='conv5'.*conv4"),
+        (dict(algebra="octonion"), "algebra='octonion'.*'real', 'quat'"),
+        (dict(dataset="svhn"), "dataset='svhn'.*cifar10"),
+        (dict(pruning="random"), "pruning='random'.*'global', 'layerwise'"),
+        (dict(grouping="channel"), "grouping='channel'.*'element', 'quaternion'"),
+        (dict(protocol="open_lth"), "protocol='open_lth'.*'lottery', 'paper'"),
+        (dict(quat_init="zeros"), "quat_init='zeros'.*htorch"),
+        (dict(prune_fraction=1.0), r"prune_fraction=1.0 must be in \(0, 1\)"),
+        (dict(prune_fraction=0.0), r"prune_fraction=0.0 must be in \(0, 1\)"),
+        (dict(epochs=0), "epochs=0 must be a positive integer"),
+        (dict(batch_size=-5), "batch_size=-5 must be a positive integer"),
+        (dict(lr=float("nan")), "lr=nan must be a positive number"),
+        (dict(rewind="late"), "rewind='late'"),
+        (
+            dict(rewind="2ep", protocol="paper"),
+            "protocol='paper' always retrains from the initial weights",
+        ),
+        (dict(layer_fractions=(("output/*", 0.1),)), "layer_fractions need pruning='layerwise'"),
+        (dict(algebra="quat", hidden=(6,)), r"hidden=\[6\]: .*multiples of 4"),
+        (dict(algebra="quat", model="lenet12", encoding="rgb"), "encoding='rgb'"),
+    ],
+)
 def test_resolve_refuses_bad_values_naming_them(overrides, match):
     with pytest.raises(ConfigError, match=match):
         experiment.resolve(Config(**overrides))

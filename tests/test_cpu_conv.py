@@ -24,8 +24,16 @@ CASES = [
 
 
 def conv(op, x, w, strides, padding, dilation, groups):
-    return op(x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-              feature_group_count=groups, precision=jax.lax.Precision.HIGHEST)
+    return op(
+        x,
+        w,
+        strides,
+        padding,
+        rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+        precision=jax.lax.Precision.HIGHEST,
+    )
 
 
 @pytest.mark.parametrize("x_shape, w_shape, strides, padding, dilation, groups", CASES)
@@ -38,8 +46,11 @@ def test_values_and_gradients_equal_lax(x_shape, w_shape, strides, padding, dila
         f = jax.jit(lambda x, w, op=op: conv(op, x, w, strides, padding, dilation, groups))
         y = f(x, w)
         ct = jnp.asarray(np.random.default_rng(0).standard_normal(y.shape), jnp.float32)
-        grads = jax.jit(lambda x, w, ct, op=op: jax.vjp(
-            lambda x, w: conv(op, x, w, strides, padding, dilation, groups), x, w)[1](ct))(x, w, ct)
+        grads = jax.jit(
+            lambda x, w, ct, op=op: jax.vjp(
+                lambda x, w: conv(op, x, w, strides, padding, dilation, groups), x, w
+            )[1](ct)
+        )(x, w, ct)
         outs[name] = (y, *grads)
     for a, b in zip(outs["cpu"], outs["lax"]):
         np.testing.assert_allclose(a, b, atol=2e-5 * float(jnp.max(jnp.abs(b))))
@@ -47,7 +58,9 @@ def test_values_and_gradients_equal_lax(x_shape, w_shape, strides, padding, dila
 
 def _grad_of_loss(model):
     def grad(params, x, y):
-        loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()  # noqa: E731
+        loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            model.apply({"params": p}, x), y
+        ).mean()  # noqa: E731
         return jax.grad(loss)(params)
 
     return grad
@@ -55,7 +68,11 @@ def _grad_of_loss(model):
 
 def _convolutions(text: str) -> list[str]:
     """The convolution ops of a StableHLO module, with their attributes and types, sorted."""
-    return sorted(re.sub(r"%[\w#]+|loc\(#loc\d+\)", "", line.strip()) for line in text.splitlines() if "stablehlo.convolution" in line)
+    return sorted(
+        re.sub(r"%[\w#]+|loc\(#loc\d+\)", "", line.strip())
+        for line in text.splitlines()
+        if "stablehlo.convolution" in line
+    )
 
 
 @pytest.mark.parametrize("algebra", ["real", "quat"])
@@ -66,32 +83,49 @@ def test_gpu_and_tpu_programs_hold_xla_convolutions_and_gradients(algebra):
     y = jnp.zeros((2,), jnp.int32)
     texts = {}
     for name, op in (("cpu", cpu.conv_general_dilated), ("lax", jax.lax.conv_general_dilated)):
-        model = models.create("conv2", algebra, num_classes=3, stages=((8, 8),), dense_features=(16,), conv_op=op)
+        model = models.create(
+            "conv2", algebra, num_classes=3, stages=((8, 8),), dense_features=(16,), conv_op=op
+        )
         params = models.init_params(model, jax.random.key(0), (8, 8, 4))
         grad = jax.jit(_grad_of_loss(model))
         for platform in ("cuda", "tpu"):
-            texts[name, platform] = jax.export.export(grad, platforms=[platform])(params, x, y).mlir_module()
+            texts[name, platform] = jax.export.export(grad, platforms=[platform])(
+                params, x, y
+            ).mlir_module()
         texts[name, "cpu"] = grad.lower(params, x, y).as_text()
     for platform in ("cuda", "tpu"):
         ours, plain = texts["cpu", platform], texts["lax", platform]
         assert "custom_call" not in ours
-        assert _convolutions(ours) == _convolutions(plain) and len(_convolutions(plain)) == 5  # 2 forward, 2 kernel grads, 1 input grad
+        assert (
+            _convolutions(ours) == _convolutions(plain) and len(_convolutions(plain)) == 5
+        )  # 2 forward, 2 kernel grads, 1 input grad
     # the CPU program runs the CPU kernels: oneDNN calls, or canonical convolutions only
     if onednn.cpu_conv() == "onednn":
-        assert "qsparse_onednn_conv" in texts["cpu", "cpu"] and "stablehlo.convolution" not in texts["cpu", "cpu"]
+        assert (
+            "qsparse_onednn_conv" in texts["cpu", "cpu"]
+            and "stablehlo.convolution" not in texts["cpu", "cpu"]
+        )
     else:
         assert _convolutions(texts["cpu", "cpu"]) != _convolutions(texts["lax", "cpu"])
 
 
 def test_forward_mode_through_a_model_built_on_lax():
     """jvp works (the CPU convolution is reverse-mode only) and agrees with vjp: <u, J t> = <J^T u, t>."""
-    model = models.create("conv2", "real", num_classes=3, stages=((8,),), dense_features=(8,),
-                          conv_op=jax.lax.conv_general_dilated)
+    model = models.create(
+        "conv2",
+        "real",
+        num_classes=3,
+        stages=((8,),),
+        dense_features=(8,),
+        conv_op=jax.lax.conv_general_dilated,
+    )
     params = models.init_params(model, jax.random.key(0), (8, 8, 3))
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
     f = lambda p: model.apply({"params": p}, x)  # noqa: E731
     leaves, treedef = jax.tree.flatten(params)
-    tangent = jax.tree.unflatten(treedef, [jax.random.normal(jax.random.key(i), a.shape) for i, a in enumerate(leaves)])
+    tangent = jax.tree.unflatten(
+        treedef, [jax.random.normal(jax.random.key(i), a.shape) for i, a in enumerate(leaves)]
+    )
     _, jt = jax.jvp(f, (params,), (tangent,))
     u = jax.random.normal(jax.random.key(99), jt.shape)
     (jtu,) = jax.vjp(f, params)[1](u)

@@ -31,13 +31,15 @@ def read_idx(path):
         raw = f.read()
     assert raw[:3] == b"\x00\x00\x08", path
     ndim = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def examples(images, labels):
     """Order-free view of a split: the sorted list of (label, pixels) byte strings."""
-    flat = np.concatenate([labels.astype(np.uint8)[:, None], images.reshape(len(images), -1)], axis=1)
+    flat = np.concatenate(
+        [labels.astype(np.uint8)[:, None], images.reshape(len(images), -1)], axis=1
+    )
     return sorted(row.tobytes() for row in flat)
 
 
@@ -85,7 +87,8 @@ def test_shipped_mnist_archives_are_the_originals():
 @pytest.mark.parametrize("name", sorted(data.DATASETS))
 def test_archive_table_matches_tfds(name):
     expected = {
-        (info.filename, int(info.size), info.checksum) for info in tfds.builder_cls(name).url_infos.values()
+        (info.filename, int(info.size), info.checksum)
+        for info in tfds.builder_cls(name).url_infos.values()
     }
     assert {(a.filename, a.size, a.sha256) for a in data.DATASETS[name].archives} == expected
 
@@ -106,8 +109,19 @@ def test_dataset_spec_consistent(name, tmp_path):
 def test_mnist_loads_real_data_offline_in_seconds(mnist):
     ds = mnist.ds
     assert mnist.seconds < 120, f"first MNIST build took {mnist.seconds:.1f} s"
-    assert (ds.name, ds.num_classes, ds.mean, ds.std, ds.augment) == ("mnist", 10, (0.1307,), (0.3081,), False)
-    assert ds.train_images.shape == (60000, 28, 28, 1) and ds.test_images.shape == (10000, 28, 28, 1)
+    assert (ds.name, ds.num_classes, ds.mean, ds.std, ds.augment) == (
+        "mnist",
+        10,
+        (0.1307,),
+        (0.3081,),
+        False,
+    )
+    assert ds.train_images.shape == (60000, 28, 28, 1) and ds.test_images.shape == (
+        10000,
+        28,
+        28,
+        1,
+    )
     assert ds.train_images.dtype == ds.test_images.dtype == np.uint8
     assert ds.train_labels.dtype == ds.test_labels.dtype == np.int32
     assert ds.val_images.shape == (0, 28, 28, 1) and ds.val_labels.shape == (0,)
@@ -145,21 +159,30 @@ def test_prepared_data_needs_no_archives(mnist, tmp_path, no_network):
 def test_validation_and_subsets_are_seeded_and_disjoint(mnist):
     load = lambda **kw: data.load("mnist", data_dir=mnist.data_dir, **kw)  # noqa: E731
     held = load(validation_size=5000, seed=1)
-    assert held.val_images.shape == (5000, 28, 28, 1) and held.train_images.shape == (55000, 28, 28, 1)
-    # Validation + remaining train is exactly the original train split; test is untouched.
-    assert sorted(examples(held.val_images, held.val_labels) + examples(held.train_images, held.train_labels)) == (
-        examples(mnist.ds.train_images, mnist.ds.train_labels)
+    assert held.val_images.shape == (5000, 28, 28, 1) and held.train_images.shape == (
+        55000,
+        28,
+        28,
+        1,
     )
+    # Validation + remaining train is exactly the original train split; test is untouched.
+    assert sorted(
+        examples(held.val_images, held.val_labels) + examples(held.train_images, held.train_labels)
+    ) == (examples(mnist.ds.train_images, mnist.ds.train_labels))
     np.testing.assert_array_equal(held.test_images, mnist.ds.test_images)
 
     small = load(validation_size=5000, seed=1, train_subset=1000, test_subset=500)
     assert len(small.train_labels) == 1000 and len(small.test_labels) == 500
-    np.testing.assert_array_equal(small.val_images, held.val_images)  # subset does not move the hold-out
+    np.testing.assert_array_equal(
+        small.val_images, held.val_images
+    )  # subset does not move the hold-out
     remaining = collections.Counter(examples(held.train_images, held.train_labels))
     assert not collections.Counter(examples(small.train_images, small.train_labels)) - remaining
     full_test = collections.Counter(examples(mnist.ds.test_images, mnist.ds.test_labels))
     assert not collections.Counter(examples(small.test_images, small.test_labels)) - full_test
-    assert len(set(small.train_labels.tolist())) == 10  # a random draw, not the first 1000 of one class
+    assert (
+        len(set(small.train_labels.tolist())) == 10
+    )  # a random draw, not the first 1000 of one class
 
     same = load(validation_size=5000, seed=1, train_subset=1000, test_subset=500)
     other = load(validation_size=5000, seed=2, train_subset=1000, test_subset=500)
@@ -169,8 +192,14 @@ def test_validation_and_subsets_are_seeded_and_disjoint(mnist):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(validation_size=60000), dict(validation_size=-1), dict(train_subset=0),
-               dict(validation_size=10, train_subset=59991), dict(test_subset=10001)]
+    "kwargs",
+    [
+        dict(validation_size=60000),
+        dict(validation_size=-1),
+        dict(train_subset=0),
+        dict(validation_size=10, train_subset=59991),
+        dict(test_subset=10001),
+    ],
 )
 def test_bad_split_sizes_raise(mnist, kwargs):
     with pytest.raises(ValueError):
@@ -228,7 +257,9 @@ def random_images(seed, shape=(8, 32, 32, 3)):
 def numpy_crop_and_flip(images, offsets, flips, padding=4):
     padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     h, w = images.shape[1:3]
-    out = np.stack([p[dy:dy + h, dx:dx + w] for p, (dy, dx) in zip(padded, offsets, strict=True)])
+    out = np.stack(
+        [p[dy : dy + h, dx : dx + w] for p, (dy, dx) in zip(padded, offsets, strict=True)]
+    )
     return np.where(np.asarray(flips)[:, None, None, None], out[:, :, ::-1], out)
 
 
@@ -264,7 +295,9 @@ def test_augment_matches_reference_and_is_deterministic(dtype):
     assert offsets.shape == (64, 2) and flips.shape == (64,)
     assert 0 <= int(offsets.min()) and int(offsets.max()) <= 8
     assert len(np.unique(np.asarray(offsets), axis=0)) > 10 and 0 < int(flips.sum()) < 64
-    np.testing.assert_array_equal(out, numpy_crop_and_flip(images, np.asarray(offsets), np.asarray(flips)))
+    np.testing.assert_array_equal(
+        out, numpy_crop_and_flip(images, np.asarray(offsets), np.asarray(flips))
+    )
 
     other = augment.augment(jax.random.split(jax.random.key(1), 64), images)
     assert not np.array_equal(other, out)
@@ -274,7 +307,7 @@ def test_augment_per_example_keys_split_across_batches():
     images = random_images(3)
     keys = jax.random.split(jax.random.key(42), 8)
     whole = augment.augment(keys, images)
-    halves = [augment.augment(keys[i:i + 4], images[i:i + 4]) for i in (0, 4)]
+    halves = [augment.augment(keys[i : i + 4], images[i : i + 4]) for i in (0, 4)]
     np.testing.assert_array_equal(np.concatenate(halves), whole)
 
 

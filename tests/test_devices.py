@@ -13,7 +13,9 @@ import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.subprocess  # starts Python processes: skipped by a quick run (-m "not subprocess")
+pytestmark = (
+    pytest.mark.subprocess
+)  # starts Python processes: skipped by a quick run (-m "not subprocess")
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
@@ -36,7 +38,13 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_twenty_two_device_runs_finish():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=240)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=240
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["OK", "1"]

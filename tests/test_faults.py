@@ -27,11 +27,21 @@ from qsparse import checkpoints as ckpt
 from qsparse import experiment, rundir
 from qsparse.config import Config
 
-pytestmark = pytest.mark.subprocess  # starts Python processes: skipped by a quick run (-m "not subprocess")
+pytestmark = (
+    pytest.mark.subprocess
+)  # starts Python processes: skipped by a quick run (-m "not subprocess")
 
 REPO = Path(__file__).resolve().parents[1]
-ARGS = ["--model=lenet12", "--algebra=quat", "--rounds=2", "--epochs=3", "--train_subset=300", "--test_subset=100",
-        "--batch_size=60", "--checkpoint_every_secs=0"]
+ARGS = [
+    "--model=lenet12",
+    "--algebra=quat",
+    "--rounds=2",
+    "--epochs=3",
+    "--train_subset=300",
+    "--test_subset=100",
+    "--batch_size=60",
+    "--checkpoint_every_secs=0",
+]
 TIMING = {"seconds", "images_per_sec"}
 
 
@@ -39,15 +49,32 @@ TIMING = {"seconds", "images_per_sec"}
 def imp(mnist_dir, tmp_path_factory):
     """Start the experiment on a workdir: ``imp(workdir, *flags, fault=None, wait=True)``."""
     cache = tmp_path_factory.getbasetemp() / "jax_cache"  # shared with test_cli.py
-    env = {**{k: v for k, v in os.environ.items() if k != ckpt.FAULT_ENV}, "JAX_PLATFORMS": "cpu",
-           "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    env = {
+        **{k: v for k, v in os.environ.items() if k != ckpt.FAULT_ENV},
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
 
     def start(workdir: Path, *flags: str, fault: str | None = None, wait: bool = True):
-        cmd = [sys.executable, "-m", "experiments.imp", *ARGS, f"--data_dir={mnist_dir}", f"--workdir={workdir}",
-               *flags]
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**env, **({ckpt.FAULT_ENV: fault} if fault else {})},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "experiments.imp",
+            *ARGS,
+            f"--data_dir={mnist_dir}",
+            f"--workdir={workdir}",
+            *flags,
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env={**env, **({ckpt.FAULT_ENV: fault} if fault else {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         if not wait:
             return proc
         out, err = proc.communicate(timeout=300)
@@ -81,16 +108,24 @@ def assert_same_run(a: Path, b: Path, replicate: int = 0) -> None:
     assert [r.name for r in ra] == [r.name for r in rb] == ["round_00", "round_01", "round_02"]
     for x, y in zip(ra, rb):
         with np.load(x / "masks.npz") as mx, np.load(y / "masks.npz") as my:
-            assert mx.files == my.files and all(np.array_equal(mx[k], my[k]) for k in mx.files), x.name
+            assert mx.files == my.files and all(np.array_equal(mx[k], my[k]) for k in mx.files), (
+                x.name
+            )
         fx, fy = arrays(x / "final"), arrays(y / "final")
-        assert len(fx) == len(fy) == 18 and all(np.array_equal(p, q) for p, q in zip(fx, fy)), x.name
+        assert len(fx) == len(fy) == 18 and all(np.array_equal(p, q) for p, q in zip(fx, fy)), (
+            x.name
+        )
         assert metrics(x / "metrics.jsonl") == metrics(y / "metrics.jsonl"), x.name
         assert rundir.read_json(x / "done.json") == rundir.read_json(y / "done.json"), x.name
-    assert rundir.read_json(run_dir(a) / "summary.json") == rundir.read_json(run_dir(b) / "summary.json")
+    assert rundir.read_json(run_dir(a) / "summary.json") == rundir.read_json(
+        run_dir(b) / "summary.json"
+    )
 
 
 def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+    }
 
 
 def damage(path: Path, how: str) -> None:
@@ -122,7 +157,9 @@ def wait_until_stopped(proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's loop after a failed read
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning"
+)  # Orbax's loop after a failed read
 def test_no_damaged_checkpoint_or_masks_file_reads_back_as_valid(tmp_path, caplog):
     """Flip a byte in, or cut, each file in turn: reading it raises CorruptFileError or returns the
     original exactly (a file the reader does not use); never other data. Orbax alone fails this."""
@@ -130,7 +167,9 @@ def test_no_damaged_checkpoint_or_masks_file_reads_back_as_valid(tmp_path, caplo
     good = tmp_path / "good"
     ckpt.save_tree(good, tree, extra={"history": [{"epoch": 1}]})
     caught = 0
-    for i, name in enumerate(sorted(str(p.relative_to(good)) for p in good.rglob("*") if p.is_file())):
+    for i, name in enumerate(
+        sorted(str(p.relative_to(good)) for p in good.rglob("*") if p.is_file())
+    ):
         for how in ("flip", "cut"):
             bad = tmp_path / f"bad_{i}_{how}"
             shutil.copytree(good, bad)
@@ -141,7 +180,9 @@ def test_no_damaged_checkpoint_or_masks_file_reads_back_as_valid(tmp_path, caplo
                 assert str(bad) in str(e)
                 caught += 1
                 continue
-            assert extra == {"history": [{"epoch": 1}]} and all(np.array_equal(back[k], tree[k]) for k in tree), name
+            assert extra == {"history": [{"epoch": 1}]} and all(
+                np.array_equal(back[k], tree[k]) for k in tree
+            ), name
     assert caught >= 8
     # a folder written before checksums existed is read, with a warning naming it
     (good / ckpt.META).unlink()
@@ -151,7 +192,7 @@ def test_no_damaged_checkpoint_or_masks_file_reads_back_as_valid(tmp_path, caplo
     ckpt.save_masks(tmp_path / "masks.npz", masks)
     raw = (tmp_path / "masks.npz").read_bytes()
     variants = [raw[:n] for n in range(0, len(raw), 3)]
-    variants += [raw[:i] + bytes([raw[i] ^ 0xFF]) + raw[i + 1:] for i in range(len(raw))]
+    variants += [raw[:i] + bytes([raw[i] ^ 0xFF]) + raw[i + 1 :] for i in range(len(raw))]
     for data in variants:
         (tmp_path / "bad.npz").write_bytes(data)
         try:
@@ -169,7 +210,11 @@ def test_second_process_is_refused_then_killed_run_resumes(imp, reference, tmp_p
     second = imp(tmp_path)
     assert second.returncode == 1 and second.stdout == ""
     lines = second.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: run directory") and "in use by another process" in lines[0]
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("error: run directory")
+        and "in use by another process" in lines[0]
+    )
     assert f"pid {first.pid}" in lines[0]
     assert snapshot(tmp_path) == before  # the refused process wrote nothing
     # now kill the first mid-round: epoch 2 is in metrics.jsonl but only epoch 1 was checkpointed
@@ -177,7 +222,9 @@ def test_second_process_is_refused_then_killed_run_resumes(imp, reference, tmp_p
     first.communicate()
     assert first.returncode == -signal.SIGKILL
     rd = rounds(tmp_path)[0]
-    assert len(rundir.read_jsonl(rd / "metrics.jsonl")) == 2 and ckpt.EpochCheckpoints(rd / "ckpt").epochs() == [1]
+    assert len(rundir.read_jsonl(rd / "metrics.jsonl")) == 2 and ckpt.EpochCheckpoints(
+        rd / "ckpt"
+    ).epochs() == [1]
     resumed = imp(tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "round 0: resuming after epoch 1" in resumed.stdout
@@ -192,13 +239,19 @@ def test_killed_at_each_point_and_restarted_equals_uninterrupted(imp, reference,
 
     # inside the write of round 0's epoch-2 checkpoint (write 1 is θ₀): complete but not renamed
     rd = killed("checkpoint_write:3")[0]
-    assert (rd / "ckpt" / ".epoch_0002.tmp").is_dir() and ckpt.EpochCheckpoints(rd / "ckpt").epochs() == [1]
+    assert (rd / "ckpt" / ".epoch_0002.tmp").is_dir() and ckpt.EpochCheckpoints(
+        rd / "ckpt"
+    ).epochs() == [1]
     # between rounds: round 0 done, round 1 not started
     rds = killed("round_end:1")
     assert [r.name for r in rds] == ["round_00"] and (rds[0] / "done.json").exists()
     # inside the write of round 1's final state (after its 3 epoch checkpoints)
     rd = killed("checkpoint_write:4")[1]
-    assert (rd / ".final.tmp").is_dir() and not (rd / "final").exists() and not (rd / "done.json").exists()
+    assert (
+        (rd / ".final.tmp").is_dir()
+        and not (rd / "final").exists()
+        and not (rd / "done.json").exists()
+    )
     # at a random instant once round 2 has started (it may also finish first)
     proc = imp(tmp_path, wait=False)
     metrics_2 = run_dir(tmp_path) / "replicate_0" / "round_02" / "metrics.jsonl"
@@ -228,7 +281,10 @@ def test_replicates_trained_together_resume_bit_identical(imp, tmp_path_factory)
 
     # writes 1-2 are the two θ₀; write 4 is replicate 1's epoch-1 checkpoint, replicate 0's is done
     (rd0, *_), (rd1, *_) = killed("checkpoint_write:4")
-    assert ckpt.EpochCheckpoints(rd0 / "ckpt").epochs() == [1] and ckpt.EpochCheckpoints(rd1 / "ckpt").epochs() == []
+    assert (
+        ckpt.EpochCheckpoints(rd0 / "ckpt").epochs() == [1]
+        and ckpt.EpochCheckpoints(rd1 / "ckpt").epochs() == []
+    )
     # the two train at different epochs of round 0 side by side; killed in round 1's first epoch
     killed("epoch_end:7")
     # counted from this restart: rounds 1 of both, then replicate 0's round 2 done, replicate 1's not
@@ -245,8 +301,14 @@ def test_damaged_files_are_named_and_recomputed(imp, reference, tmp_path):
     shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
     rep = run_dir(tmp_path) / "replicate_0"
     r0, r1, r2 = rounds(tmp_path)
-    damaged = [rep / "init", r0 / "final", r1 / "masks.npz", r1 / "metrics.jsonl", r2 / "done.json",
-               r2 / "ckpt" / "epoch_0003"]
+    damaged = [
+        rep / "init",
+        r0 / "final",
+        r1 / "masks.npz",
+        r1 / "metrics.jsonl",
+        r2 / "done.json",
+        r2 / "ckpt" / "epoch_0003",
+    ]
     for path, how in zip(damaged, ["flip", "flip", "cut", "cut", "flip", "flip"]):
         damage(path, how)
     shutil.rmtree(r2 / "final")  # so round 2 must go back to its (damaged) latest epoch checkpoint
@@ -277,19 +339,32 @@ def test_nonfinite_loss_stops_the_round_and_is_reported(imp, tmp_path):
     assert "non-finite loss or weights in epoch 1" in result.stderr
     (rd,) = rounds(tmp_path)  # no further rounds
     rows = rundir.read_jsonl(rd / "metrics.jsonl")
-    assert len(rows) == 1 and rows[0]["nonfinite"] is True and not np.isfinite(rows[0]["train_loss"])
+    assert (
+        len(rows) == 1 and rows[0]["nonfinite"] is True and not np.isfinite(rows[0]["train_loss"])
+    )
     assert rundir.read_json(rd / "done.json")["status"] == "nonfinite"
-    assert [r["status"] for r in rundir.read_json(run_dir(tmp_path) / "summary.json")] == ["nonfinite"]
+    assert [r["status"] for r in rundir.read_json(run_dir(tmp_path) / "summary.json")] == [
+        "nonfinite"
+    ]
     # killed before the round's end: the resumed run does not train past the divergence
     (rd / "done.json").unlink()
     shutil.rmtree(rd / "final")
     again = imp(tmp_path, "--lr=1e30")
-    assert again.returncode == 0 and "resuming after epoch 1" in again.stdout and "epoch   2/3" not in again.stdout
+    assert (
+        again.returncode == 0
+        and "resuming after epoch 1" in again.stdout
+        and "epoch   2/3" not in again.stdout
+    )
     assert rundir.read_json(rd / "done.json")["status"] == "nonfinite"
 
 
-def test_same_seed_identical_other_seed_different_and_provenance(imp, reference, mnist_dir, tmp_path):
-    same, other = imp(tmp_path / "same", wait=False), imp(tmp_path / "other", "--seed=1", wait=False)
+def test_same_seed_identical_other_seed_different_and_provenance(
+    imp, reference, mnist_dir, tmp_path
+):
+    same, other = (
+        imp(tmp_path / "same", wait=False),
+        imp(tmp_path / "other", "--seed=1", wait=False),
+    )
     for proc in (same, other):
         assert proc.wait(timeout=300) == 0, proc.communicate()
     assert_same_run(reference, tmp_path / "same")
@@ -300,14 +375,26 @@ def test_same_seed_identical_other_seed_different_and_provenance(imp, reference,
     # provenance: the full config, package versions, devices and the qsparse commit
     stored = rundir.read_json(run_dir(reference) / "config.json")
     assert set(stored) == set(Config.__dataclass_fields__)
-    assert Config.from_json(stored) == experiment.resolve(Config(
-        model="lenet12", algebra="quat", rounds=2, epochs=3, train_subset=300, test_subset=100, batch_size=60,
-        checkpoint_every_secs=0, data_dir=str(mnist_dir)))
+    assert Config.from_json(stored) == experiment.resolve(
+        Config(
+            model="lenet12",
+            algebra="quat",
+            rounds=2,
+            epochs=3,
+            train_subset=300,
+            test_subset=100,
+            batch_size=60,
+            checkpoint_every_secs=0,
+            data_dir=str(mnist_dir),
+        )
+    )
     info = json.loads((run_dir(reference) / "runs.jsonl").read_text().splitlines()[0])
     for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
         assert info["packages"][name] == metadata.version(name)
     assert info["device_kind"] == jax.local_devices()[0].device_kind
     assert info["device_count"] == jax.local_device_count()
     assert re.fullmatch("[0-9a-f]{40}", info["git_commit"]) and isinstance(info["git_dirty"], bool)
-    kind = subprocess.run(["git", "cat-file", "-t", info["git_commit"]], cwd=REPO, capture_output=True, text=True)
+    kind = subprocess.run(
+        ["git", "cat-file", "-t", info["git_commit"]], cwd=REPO, capture_output=True, text=True
+    )
     assert kind.stdout.strip() == "commit"

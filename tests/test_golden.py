@@ -40,12 +40,16 @@ def assert_same(actual, expected, where=""):
     elif isinstance(expected, float) and not SAME_COMPILER:
         np.testing.assert_allclose(actual, expected, rtol=1e-5, err_msg=where)
     else:
-        assert actual == expected or (actual != actual and expected != expected), \
+        assert actual == expected or (actual != actual and expected != expected), (
             f"{where}: {actual!r} != {expected!r}"
+        )
 
 
 def config(name: str, data_dir) -> Config:
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in EXPECTED["runs"][name]["config"].items()}
+    fields = {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in EXPECTED["runs"][name]["config"].items()
+    }
     return Config(**fields, data_dir=str(data_dir))
 
 
@@ -64,9 +68,13 @@ def test_old_run_directory_reads_back_the_same():
 def test_old_run_directory_resumes_to_the_uninterrupted_numbers(mnist_dir, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(GOLDEN / "partial_run", run_dir)
-    lottery.run(config(make_golden.PARTIAL, mnist_dir), tmp_path, run_dir=run_dir, log=lambda s: None)
+    lottery.run(
+        config(make_golden.PARTIAL, mnist_dir), tmp_path, run_dir=run_dir, log=lambda s: None
+    )
     assert_run_matches(run_dir, make_golden.PARTIAL)
-    assert len((run_dir / "runs.jsonl").read_text().splitlines()) == 2  # the old invocation, and this one
+    assert (
+        len((run_dir / "runs.jsonl").read_text().splitlines()) == 2
+    )  # the old invocation, and this one
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED["runs"]))
@@ -75,4 +83,3 @@ def test_fresh_run_computes_the_golden_numbers(mnist_dir, tmp_path, name):
     run_dir = lottery.run(cfg, tmp_path, log=lambda s: None)
     assert run_dir.name == EXPECTED["runs"][name]["run_name"]
     assert_run_matches(run_dir, name)
-

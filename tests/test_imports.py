@@ -14,17 +14,45 @@ import sys
 
 import pytest
 
-CORE = ["quaternion", "initializers", "layers", "models", "masks", "pruning", "augment", "train", "cpu"]
+CORE = [
+    "quaternion",
+    "initializers",
+    "layers",
+    "models",
+    "masks",
+    "pruning",
+    "augment",
+    "train",
+    "cpu",
+]
 RUN = ["config", "data", "checkpoints", "rundir", "loop", "experiment", "lottery"]
 ANALYSIS = ["results", "paper", "report", "plots"]
 JAX_FREE = ["config", "rundir"]  # run-tier modules the analysis tier reads with
 TIERS = {
-    "core": (CORE, ["tensorflow", "tensorflow_datasets", "orbax", "matplotlib",
-                    *(f"qsparse.{m}" for m in RUN + ANALYSIS)]),
+    "core": (
+        CORE,
+        [
+            "tensorflow",
+            "tensorflow_datasets",
+            "orbax",
+            "matplotlib",
+            *(f"qsparse.{m}" for m in RUN + ANALYSIS),
+        ],
+    ),
     "run": (CORE + RUN, ["matplotlib", *(f"qsparse.{m}" for m in ANALYSIS)]),
-    "analysis": (ANALYSIS + JAX_FREE, ["jax", "jaxlib", "flax", "optax", "orbax", "tensorflow",
-                                        "tensorflow_datasets",
-                                        *(f"qsparse.{m}" for m in CORE + RUN if m not in JAX_FREE)]),
+    "analysis": (
+        ANALYSIS + JAX_FREE,
+        [
+            "jax",
+            "jaxlib",
+            "flax",
+            "optax",
+            "orbax",
+            "tensorflow",
+            "tensorflow_datasets",
+            *(f"qsparse.{m}" for m in CORE + RUN if m not in JAX_FREE),
+        ],
+    ),
 }
 
 SCRIPT = """
@@ -54,8 +82,13 @@ print(sorted(m for m in sys.modules if blocked(m)))
 def test_tier_imports_without_the_tiers_above(tier):
     modules, forbidden = TIERS[tier]
     script = SCRIPT.format(modules=modules, forbidden=forbidden)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            env={"JAX_PLATFORMS": "cpu", "PATH": "", "MPLBACKEND": "Agg"})
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "", "MPLBACKEND": "Agg"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
 
@@ -66,5 +99,7 @@ def test_every_module_belongs_to_a_tier():
     import qsparse
 
     found = {p.stem for p in Path(qsparse.__file__).parent.glob("*.py") if p.stem != "__init__"}
-    found |= {p.name for p in Path(qsparse.__file__).parent.iterdir() if (p / "__init__.py").exists()}
+    found |= {
+        p.name for p in Path(qsparse.__file__).parent.iterdir() if (p / "__init__.py").exists()
+    }
     assert found == set(CORE + RUN + ANALYSIS)

@@ -23,7 +23,9 @@ def test_documented_sigmas():
     assert initializers.fans(SHAPE) == (fan_in, fan_out)
     np.testing.assert_allclose(initializers.expected_sq_norm("htorch", SHAPE), 4 / (8 * fan_in))
     np.testing.assert_allclose(initializers.expected_sq_norm("parcollet_he", SHAPE), 2 / fan_in)
-    np.testing.assert_allclose(initializers.expected_sq_norm("parcollet_glorot", SHAPE), 2 / (fan_in + fan_out))
+    np.testing.assert_allclose(
+        initializers.expected_sq_norm("parcollet_glorot", SHAPE), 2 / (fan_in + fan_out)
+    )
 
 
 def test_polar_puts_half_the_energy_in_real_part_isotropic_a_quarter():

@@ -13,12 +13,14 @@ def ham(p, q):
     """Hamilton product written out independently of qsparse (components on axis 0)."""
     a1, b1, c1, d1 = p
     a2, b2, c2, d2 = q
-    return jnp.stack([
-        a1 * a2 - b1 * b2 - c1 * c2 - d1 * d2,
-        a1 * b2 + b1 * a2 + c1 * d2 - d1 * c2,
-        a1 * c2 - b1 * d2 + c1 * a2 + d1 * b2,
-        a1 * d2 + b1 * c2 - c1 * b2 + d1 * a2,
-    ])
+    return jnp.stack(
+        [
+            a1 * a2 - b1 * b2 - c1 * c2 - d1 * d2,
+            a1 * b2 + b1 * a2 + c1 * d2 - d1 * c2,
+            a1 * c2 - b1 * d2 + c1 * a2 + d1 * b2,
+            a1 * d2 + b1 * c2 - c1 * b2 + d1 * a2,
+        ]
+    )
 
 
 def naive_qdense(w, b, x):
@@ -40,7 +42,9 @@ def explicit_block_kernel(w):
     r, i, j, k = w
     rows = [[r, -i, -j, -k], [i, r, -k, j], [j, k, r, -i], [k, -j, i, r]]
     # real kernel is (..., in, out): block (input comp b, output comp a) = rows[a][b]
-    return jnp.concatenate([jnp.concatenate([rows[a][b] for a in range(4)], axis=-1) for b in range(4)], axis=-2)
+    return jnp.concatenate(
+        [jnp.concatenate([rows[a][b] for a in range(4)], axis=-1) for b in range(4)], axis=-2
+    )
 
 
 def test_qdense_matches_naive_hamilton_reference():
@@ -49,7 +53,9 @@ def test_qdense_matches_naive_hamilton_reference():
     params = layer.init(jax.random.key(1), x)["params"]
     params["bias"] = jax.random.normal(jax.random.key(2), (12,))
     got = layer.apply({"params": params}, x)
-    np.testing.assert_allclose(got, naive_qdense(params["qkernel"], params["bias"], x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        got, naive_qdense(params["qkernel"], params["bias"], x), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("strides,padding", [(1, "SAME"), (2, "VALID"), ((1, 2), ((1, 2), (0, 1)))])
@@ -60,7 +66,10 @@ def test_qconv_equals_real_conv_with_expanded_kernel(strides, padding):
     real = nn.Conv(16, (3, 3), strides=strides, padding=padding)
     real_params = {"kernel": explicit_block_kernel(params["qkernel"]), "bias": params["bias"]}
     np.testing.assert_allclose(
-        layer.apply({"params": params}, x), real.apply({"params": real_params}, x), rtol=1e-5, atol=1e-5
+        layer.apply({"params": params}, x),
+        real.apply({"params": real_params}, x),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -74,7 +83,10 @@ def test_grouped_qconv_equals_separate_convs_per_group():
     single = QConv(8, (3, 3))
     for g in range(groups):
         xg = Q.from_components(xq[..., 2 * g : 2 * g + 2])
-        pg = {"qkernel": params["qkernel"][..., 2 * g : 2 * g + 2], "bias": params["bias"].reshape(4, 4)[:, 2 * g : 2 * g + 2].ravel()}
+        pg = {
+            "qkernel": params["qkernel"][..., 2 * g : 2 * g + 2],
+            "bias": params["bias"].reshape(4, 4)[:, 2 * g : 2 * g + 2].ravel(),
+        }
         yg = Q.to_components(single.apply({"params": pg}, xg))
         np.testing.assert_allclose(y[..., 2 * g : 2 * g + 2], yg, rtol=1e-5, atol=1e-5)
 
@@ -104,7 +116,9 @@ def test_quarter_of_the_weights_of_real_layer_of_same_width():
 
 def test_zeroing_one_quaternion_removes_it_from_all_four_outputs():
     layer = QDense(8, use_bias=False)
-    x = jnp.zeros((1, 8)).at[0, jnp.array([1, 3, 5, 7])].set(1.0)  # only input quaternion 1 is nonzero
+    x = (
+        jnp.zeros((1, 8)).at[0, jnp.array([1, 3, 5, 7])].set(1.0)
+    )  # only input quaternion 1 is nonzero
     params = layer.init(jax.random.key(0), x)["params"]
     y = Q.to_components(layer.apply({"params": params}, x))
     pruned = {"qkernel": params["qkernel"].at[:, 1, 0].set(0.0)}

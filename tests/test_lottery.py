@@ -6,11 +6,13 @@ import pytest
 
 from qsparse import checkpoints as ckpt
 from qsparse import experiment, lottery, models, rundir, train
-from qsparse.cpu import onednn
 from qsparse import masks as M
 from qsparse.config import Config, ConfigError
+from qsparse.cpu import onednn
 
-SMALL = dict(rounds=2, epochs=2, train_subset=600, test_subset=200, validation_size=100, batch_size=60)
+SMALL = dict(
+    rounds=2, epochs=2, train_subset=600, test_subset=200, validation_size=100, batch_size=60
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +36,17 @@ def test_run_writes_everything(quat_run):
     assert run_dir.name.startswith("lenet300_100_quat_mnist_")
     assert Config.from_json(json.loads((run_dir / "config.json").read_text())) == config
     info = json.loads((run_dir / "runs.jsonl").read_text().splitlines()[-1])
-    assert info["packages"]["jax"] == jax.__version__ and info["device_count"] == jax.local_device_count()
+    assert (
+        info["packages"]["jax"] == jax.__version__
+        and info["device_count"] == jax.local_device_count()
+    )
     assert info["cpu_conv"] == onednn.cpu_conv()
     rows = json.loads((run_dir / "summary.json").read_text())
-    assert [(r["replicate"], r["round"], r["status"]) for r in rows] == [(0, 0, "ok"), (0, 1, "ok"), (0, 2, "ok")]
+    assert [(r["replicate"], r["round"], r["status"]) for r in rows] == [
+        (0, 0, "ok"),
+        (0, 1, "ok"),
+        (0, 2, "ok"),
+    ]
     csv_lines = (run_dir / "summary.csv").read_text().splitlines()
     assert csv_lines[0].startswith("replicate,round,status") and len(csv_lines) == 4
     for level in range(3):
@@ -48,15 +57,21 @@ def test_run_writes_everything(quat_run):
         assert [e["epoch"] for e in epochs] == [1, 2]
         assert all(0 <= e[k] <= 1 for e in epochs for k in ("train_acc", "test_acc", "val_acc"))
     # the quaternion model's x positions as the paper plots them (the paper's Fig. 4a, rounds 0-2)
-    np.testing.assert_allclose([r["weights_remaining_pct"] for r in rows], [100.0, 80.12, 64.22], atol=0.005)
-    np.testing.assert_allclose([r["weights_remaining_pct_of_real"] for r in rows], [25.40, 20.35, 16.31], atol=0.005)
+    np.testing.assert_allclose(
+        [r["weights_remaining_pct"] for r in rows], [100.0, 80.12, 64.22], atol=0.005
+    )
+    np.testing.assert_allclose(
+        [r["weights_remaining_pct_of_real"] for r in rows], [25.40, 20.35, 16.31], atol=0.005
+    )
 
 
 def test_density_is_exact_by_count(quat_run):
     config, run_dir = quat_run
     alive, total = None, None
     for level in range(3):
-        report = json.loads((run_dir / "replicate_0" / f"round_{level:02d}" / "sparsity.json").read_text())["total"]
+        report = json.loads(
+            (run_dir / "replicate_0" / f"round_{level:02d}" / "sparsity.json").read_text()
+        )["total"]
         if alive is None:
             alive, total = report["prunable_alive"], report["prunable_total"]
             assert alive == total == 67_300
@@ -72,7 +87,9 @@ def test_round_starts_from_rewind_params_times_mask(quat_run, mnist_dir):
     config, run_dir = quat_run
     model, final, masks = load_round(run_dir, config, 1)
     theta0 = ckpt.load_tree(run_dir / "replicate_0" / "init", final.params)
-    ds = data.load("mnist", data_dir=mnist_dir, validation_size=100, train_subset=600, test_subset=200, seed=0)
+    ds = data.load(
+        "mnist", data_dir=mnist_dir, validation_size=100, train_subset=600, test_subset=200, seed=0
+    )
     trainer = train.Trainer(train.epoch_spec(ds, 60))
     state = train.create_train_state(model, theta0, masks, train.make_optimizer("adam", config.lr))
     _, data_key, _ = lottery.replicate_keys(config.seed, 0)
@@ -107,7 +124,9 @@ def test_rerun_skips_finished_rounds(quat_run):
     before = (done.stat().st_mtime_ns, (run_dir / "summary.json").read_text())
     lines = []
     lottery.run(config, run_dir.parent, log=lines.append)
-    assert done.stat().st_mtime_ns == before[0] and (run_dir / "summary.json").read_text() == before[1]
+    assert (
+        done.stat().st_mtime_ns == before[0] and (run_dir / "summary.json").read_text() == before[1]
+    )
     assert not any("epoch" in line for line in lines)
 
 
@@ -115,13 +134,25 @@ def test_different_config_in_run_dir_is_refused_and_nothing_changes(quat_run):
     config, run_dir = quat_run
     snapshot = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
     with pytest.raises(ConfigError, match="different config.*epochs"):
-        lottery.run(Config(**{**config.to_json(), "epochs": 3, "layer_fractions": ()}), None, run_dir=run_dir)
+        lottery.run(
+            Config(**{**config.to_json(), "epochs": 3, "layer_fractions": ()}),
+            None,
+            run_dir=run_dir,
+        )
     assert snapshot == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
 
 
 def test_late_rewind_and_controls(mnist_dir, tmp_path):
-    base = dict(model="lenet12", algebra="real", data_dir=str(mnist_dir), rounds=1, epochs=2,
-                train_subset=300, test_subset=100, batch_size=60)
+    base = dict(
+        model="lenet12",
+        algebra="real",
+        data_dir=str(mnist_dir),
+        rounds=1,
+        epochs=2,
+        train_subset=300,
+        test_subset=100,
+        batch_size=60,
+    )
     run_dir = lottery.run(Config(rewind="3it", **base), tmp_path, log=lambda s: None)
     rep = run_dir / "replicate_0"
     model = models.create("lenet12", "real")
@@ -138,8 +169,17 @@ def test_late_rewind_and_controls(mnist_dir, tmp_path):
 
 
 def test_paper_protocol_writes_search_trajectory(mnist_dir, tmp_path):
-    config = Config(model="lenet12", algebra="quat", protocol="paper", data_dir=str(mnist_dir), rounds=2,
-                    epochs=1, train_subset=300, test_subset=100, batch_size=60)
+    config = Config(
+        model="lenet12",
+        algebra="quat",
+        protocol="paper",
+        data_dir=str(mnist_dir),
+        rounds=2,
+        epochs=1,
+        train_subset=300,
+        test_subset=100,
+        batch_size=60,
+    )
     run_dir = lottery.run(config, tmp_path, log=lambda s: None)
     for level in (1, 2):
         assert (run_dir / "replicate_0" / f"round_{level:02d}" / "search" / "final").exists()
@@ -151,7 +191,10 @@ def test_config_errors_that_need_data(mnist_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"batch size 700 must be in \[1, 600\]"):
         lottery.run(Config(data_dir=str(mnist_dir), train_subset=600, batch_size=700), tmp_path)
     with pytest.raises(ConfigError, match="needs 3 input channel"):
-        lottery.run(Config(algebra="quat", encoding="rgb_gray", data_dir=str(mnist_dir), train_subset=60), tmp_path)
+        lottery.run(
+            Config(algebra="quat", encoding="rgb_gray", data_dir=str(mnist_dir), train_subset=60),
+            tmp_path,
+        )
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
@@ -160,16 +203,22 @@ def test_replicates_trained_together_equal_the_lone_run(quat_run, tmp_path):
     single-replicate run computed (float rounding aside: the two share a loop body), and
     replicate 1 is a different training."""
     config, lone = quat_run
-    together = lottery.run(Config(**{**config.to_json(), "replicates": 2}), tmp_path, log=lambda s: None)
+    together = lottery.run(
+        Config(**{**config.to_json(), "replicates": 2}), tmp_path, log=lambda s: None
+    )
     rows = json.loads((together / "summary.json").read_text())
-    assert [(r["replicate"], r["round"]) for r in rows] == [(r, level) for r in (0, 1) for level in range(3)]
+    assert [(r["replicate"], r["round"]) for r in rows] == [
+        (r, level) for r in (0, 1) for level in range(3)
+    ]
     for level in range(3):
         _, a, ma = load_round(lone, config, level)
         _, b, mb = load_round(together, config, level, rep=0)
         _, c, _ = load_round(together, config, level, rep=1)
         for x, y in zip(jax.tree.leaves(ma), jax.tree.leaves(mb)):
             np.testing.assert_array_equal(x, y)
-        for x, y, z in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), jax.tree.leaves(c.params)):
+        for x, y, z in zip(
+            jax.tree.leaves(a.params), jax.tree.leaves(b.params), jax.tree.leaves(c.params)
+        ):
             np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5)
         assert not np.allclose(jax.tree.leaves(a.params)[0], jax.tree.leaves(c.params)[0])
     lone_rows = json.loads((lone / "summary.json").read_text())

@@ -16,12 +16,18 @@ def tiny_params():
     """A quaternion layer (components on axis 0), a real layer and an output layer, with biases."""
     rng = np.random.default_rng(0)
     return {
-        "QDense_0": {"qkernel": rng.normal(size=(4, 5, 3)).astype(np.float32),
-                     "bias": rng.normal(size=(12,)).astype(np.float32)},
-        "Dense_1": {"kernel": rng.normal(size=(12, 6)).astype(np.float32),
-                    "bias": rng.normal(size=(6,)).astype(np.float32)},
-        "output": {"kernel": rng.normal(size=(6, 3)).astype(np.float32),
-                   "bias": rng.normal(size=(3,)).astype(np.float32)},
+        "QDense_0": {
+            "qkernel": rng.normal(size=(4, 5, 3)).astype(np.float32),
+            "bias": rng.normal(size=(12,)).astype(np.float32),
+        },
+        "Dense_1": {
+            "kernel": rng.normal(size=(12, 6)).astype(np.float32),
+            "bias": rng.normal(size=(6,)).astype(np.float32),
+        },
+        "output": {
+            "kernel": rng.normal(size=(6, 3)).astype(np.float32),
+            "bias": rng.normal(size=(3,)).astype(np.float32),
+        },
     }
 
 
@@ -37,8 +43,14 @@ def flat(tree):
 def test_path_str_and_is_quaternion_for_names_and_key_paths():
     assert M.path_str(("QDense_0", "qkernel")) == "QDense_0/qkernel"
     # dict keys (DictKey.key) and dataclass fields (GetAttrKey.name) read the same way
-    state = train.TrainState(step=0, apply_fn=None, params={"Dense_0": {"kernel": 1.0}},
-                             tx=None, opt_state=(), masks=None)
+    state = train.TrainState(
+        step=0,
+        apply_fn=None,
+        params={"Dense_0": {"kernel": 1.0}},
+        tx=None,
+        opt_state=(),
+        masks=None,
+    )
     assert list(flat(state)) == ["step", "params/Dense_0/kernel"]
     assert list(flat({"a": {"b": 1}})) == ["a/b"]
     assert M.is_quaternion(("QDense_0", "qkernel"))
@@ -47,19 +59,22 @@ def test_path_str_and_is_quaternion_for_names_and_key_paths():
         assert not M.is_quaternion(path), path
 
 
-@pytest.mark.parametrize("path,default,exempt", [
-    (("Dense_0", "kernel"), True, True),
-    (("QConv_1", "qkernel"), True, True),
-    (("Dense_0", "bias"), False, False),
-    (("QDense_0", "bias"), False, False),
-    (("output", "kernel"), True, False),
-    (("output", "bias"), False, False),
-    (("output", "Dense_0", "kernel"), True, False),  # any enclosing module named output
-    (("params", "output", "kernel"), True, False),  # as in a TrainState's params or masks
-    (("outputs", "kernel"), True, True),  # names match whole, not as substrings
-    (("kernel", "scale"), False, False),  # the leaf name decides, not an enclosing one
-    (("output",), False, False),
-])
+@pytest.mark.parametrize(
+    "path,default,exempt",
+    [
+        (("Dense_0", "kernel"), True, True),
+        (("QConv_1", "qkernel"), True, True),
+        (("Dense_0", "bias"), False, False),
+        (("QDense_0", "bias"), False, False),
+        (("output", "kernel"), True, False),
+        (("output", "bias"), False, False),
+        (("output", "Dense_0", "kernel"), True, False),  # any enclosing module named output
+        (("params", "output", "kernel"), True, False),  # as in a TrainState's params or masks
+        (("outputs", "kernel"), True, True),  # names match whole, not as substrings
+        (("kernel", "scale"), False, False),  # the leaf name decides, not an enclosing one
+        (("output",), False, False),
+    ],
+)
 def test_prune_rule_by_path(path, default, exempt):
     assert M.PruneRule()(path) is default
     assert M.PruneRule(prune_output=False)(path) is exempt
@@ -74,8 +89,12 @@ def test_prunable_tree_applies_the_rule_leaf_by_leaf():
         tree = M.prunable(params, rule)
         assert jax.tree.structure(tree) == jax.tree.structure(params)
         assert flat(tree) == {
-            "QDense_0/qkernel": True, "QDense_0/bias": False, "Dense_1/kernel": True,
-            "Dense_1/bias": False, "output/kernel": rule.prune_output, "output/bias": False,
+            "QDense_0/qkernel": True,
+            "QDense_0/bias": False,
+            "Dense_1/kernel": True,
+            "Dense_1/bias": False,
+            "output/kernel": rule.prune_output,
+            "output/bias": False,
         }
 
 
@@ -109,8 +128,10 @@ def test_apply_zeroes_exactly_the_pruned_entries(dtype):
 def test_apply_with_ones_is_identity_and_apply_is_idempotent():
     params = tiny_params()
     same = M.apply(params, M.ones(params))
-    assert all(np.array_equal(np.asarray(a), b) for a, b in
-               zip(jax.tree.leaves(same), jax.tree.leaves(params)))
+    assert all(
+        np.array_equal(np.asarray(a), b)
+        for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(params))
+    )
     masks = random_masks(params, 2)
     once = M.apply(params, masks)
     twice = M.apply(once, masks)
@@ -152,18 +173,41 @@ def test_count_matches_numpy(seed):
 
 def hand_report(masks, rule):
     """The density report rebuilt with explicit loops over the entries."""
-    leaves, t = {}, dict.fromkeys(["prunable_alive", "prunable_total", "all_alive", "all_total",
-                                   "quat_alive", "quat_full", "quat_total"], 0)
+    leaves, t = (
+        {},
+        dict.fromkeys(
+            [
+                "prunable_alive",
+                "prunable_total",
+                "all_alive",
+                "all_total",
+                "quat_alive",
+                "quat_full",
+                "quat_total",
+            ],
+            0,
+        ),
+    )
     for name, m in flat(masks).items():
         m = np.asarray(m)
         alive = sum(bool(v) for v in m.ravel())
-        e = dict(shape=list(m.shape), prunable=rule(name.split("/")), alive=alive, total=m.size,
-                 density=alive / m.size)
+        e = dict(
+            shape=list(m.shape),
+            prunable=rule(name.split("/")),
+            alive=alive,
+            total=m.size,
+            density=alive / m.size,
+        )
         if name.endswith("/qkernel"):
-            quats = [[bool(m[(c,) + idx]) for c in range(4)]
-                     for idx in itertools.product(*map(range, m.shape[1:]))]
-            e.update(quat_alive=sum(any(q) for q in quats), quat_full=sum(all(q) for q in quats),
-                     quat_total=len(quats))
+            quats = [
+                [bool(m[(c,) + idx]) for c in range(4)]
+                for idx in itertools.product(*map(range, m.shape[1:]))
+            ]
+            e.update(
+                quat_alive=sum(any(q) for q in quats),
+                quat_full=sum(all(q) for q in quats),
+                quat_total=len(quats),
+            )
             for k in ("quat_alive", "quat_full", "quat_total"):
                 t[k] += e[k]
         leaves[name] = e
@@ -182,9 +226,13 @@ def hand_report(masks, rule):
 def test_density_report_matches_counts_by_hand(kind, prune_output):
     params = tiny_params()
     rule = M.PruneRule(prune_output=prune_output)
-    masks = {"random": random_masks(params, 7), "ones": M.ones(params),
-             "kernels_pruned": jax.tree_util.tree_map_with_path(
-                 lambda p, x: np.full(x.shape, not rule(p)), params)}[kind]
+    masks = {
+        "random": random_masks(params, 7),
+        "ones": M.ones(params),
+        "kernels_pruned": jax.tree_util.tree_map_with_path(
+            lambda p, x: np.full(x.shape, not rule(p)), params
+        ),
+    }[kind]
     report = M.density_report(masks, rule)
     assert report == hand_report(masks, rule)
     q = report["leaves"]["QDense_0/qkernel"]

@@ -35,8 +35,16 @@ def test_parameter_counts_match_paper(name, classes):
 
 @pytest.mark.parametrize("name", sorted(models.REGISTRY))
 def test_quaternion_hidden_layers_have_a_quarter_of_the_weights(name):
-    real = [x.size for p, x in jax.tree_util.tree_leaves_with_path(shapes(name, "real")) if "kernel" in str(p[-1])]
-    quat = [x.size for p, x in jax.tree_util.tree_leaves_with_path(shapes(name, "quat")) if "kernel" in str(p[-1])]
+    real = [
+        x.size
+        for p, x in jax.tree_util.tree_leaves_with_path(shapes(name, "real"))
+        if "kernel" in str(p[-1])
+    ]
+    quat = [
+        x.size
+        for p, x in jax.tree_util.tree_leaves_with_path(shapes(name, "quat"))
+        if "kernel" in str(p[-1])
+    ]
     assert len(real) == len(quat)
     # every layer but the first (the input encoding adds a channel) and the real output layer
     for r, q in zip(real[1:-1], quat[1:-1]):

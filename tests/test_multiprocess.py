@@ -16,11 +16,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.subprocess  # starts Python processes: skipped by a quick run (-m "not subprocess")
+pytestmark = (
+    pytest.mark.subprocess
+)  # starts Python processes: skipped by a quick run (-m "not subprocess")
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = ["--model=lenet12", "--algebra=quat", "--rounds=1", "--epochs=3", "--train_subset=600", "--test_subset=200",
-       "--batch_size=60", "--checkpoint_every_secs=0"]
+RUN = [
+    "--model=lenet12",
+    "--algebra=quat",
+    "--rounds=1",
+    "--epochs=3",
+    "--train_subset=600",
+    "--test_subset=200",
+    "--batch_size=60",
+    "--checkpoint_every_secs=0",
+]
 
 
 def free_port() -> int:
@@ -37,11 +47,29 @@ def env(devices: int = 1, fault: str | None = None) -> dict:
     return out
 
 
-def start(run_dir: Path, data_dir, port: int, pid: int, fault: str | None = None, extra=()) -> subprocess.Popen:
-    args = [sys.executable, "-m", "experiments.imp", *RUN, *extra, f"--data_dir={data_dir}", f"--run_dir={run_dir}",
-            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}"]
-    return subprocess.Popen(args, cwd=REPO, env=env(fault=fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+def start(
+    run_dir: Path, data_dir, port: int, pid: int, fault: str | None = None, extra=()
+) -> subprocess.Popen:
+    args = [
+        sys.executable,
+        "-m",
+        "experiments.imp",
+        *RUN,
+        *extra,
+        f"--data_dir={data_dir}",
+        f"--run_dir={run_dir}",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={pid}",
+    ]
+    return subprocess.Popen(
+        args,
+        cwd=REPO,
+        env=env(fault=fault),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def two_processes(run_dir: Path, data_dir, faults=(None, None), timeout: float = 400, extra=()):
@@ -73,19 +101,35 @@ def assert_same_run(a: Path, b: Path, replicates: int = 1) -> None:
 def reference(tmp_path_factory, mnist_dir):
     """One process with two forced CPU devices."""
     run_dir = tmp_path_factory.mktemp("one") / "run"
-    result = subprocess.run([sys.executable, "-m", "experiments.imp", *RUN, f"--data_dir={mnist_dir}",
-                             f"--run_dir={run_dir}"], cwd=REPO, env=env(devices=2), capture_output=True, text=True,
-                            timeout=400)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.imp",
+            *RUN,
+            f"--data_dir={mnist_dir}",
+            f"--run_dir={run_dir}",
+        ],
+        cwd=REPO,
+        env=env(devices=2),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 cpu device(s)" in result.stdout
     return run_dir
 
 
-def test_two_processes_write_what_one_process_with_two_devices_writes(tmp_path, mnist_dir, reference):
+def test_two_processes_write_what_one_process_with_two_devices_writes(
+    tmp_path, mnist_dir, reference
+):
     run_dir = tmp_path / "run"
     (rc0, out0, err0), (rc1, out1, err1) = two_processes(run_dir, mnist_dir)
     assert rc0 == 0 and rc1 == 0, (err0[-2000:], err1[-2000:])
-    assert "on 2 cpu device(s) in 2 processes" in out0 and "run:" not in out1  # one voice: process 0's
+    assert (
+        "on 2 cpu device(s) in 2 processes" in out0 and "run:" not in out1
+    )  # one voice: process 0's
     assert_same_run(run_dir, reference)
     runs = [json.loads(line) for line in (run_dir / "runs.jsonl").read_text().splitlines()]
     assert [(r["process_count"], r["device_count"]) for r in runs] == [(2, 2)]
@@ -117,9 +161,22 @@ def test_two_processes_each_training_one_replicate(tmp_path, mnist_dir):
     one process's with two devices."""
     extra = ("--replicates=2", "--epochs=2")
     one = tmp_path / "one"
-    result = subprocess.run([sys.executable, "-m", "experiments.imp", *RUN, *extra, f"--data_dir={mnist_dir}",
-                             f"--run_dir={one}"], cwd=REPO, env=env(devices=2), capture_output=True, text=True,
-                            timeout=400)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.imp",
+            *RUN,
+            *extra,
+            f"--data_dir={mnist_dir}",
+            f"--run_dir={one}",
+        ],
+        cwd=REPO,
+        env=env(devices=2),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (rc0, _, err0), (rc1, _, err1) = two_processes(tmp_path / "two", mnist_dir, extra=extra)
     assert rc0 == 0 and rc1 == 0, (err0[-2000:], err1[-2000:])

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from qsparse import cpu, models, pruning, train
-from qsparse.cpu import onednn
 from qsparse import masks as M
+from qsparse.cpu import onednn
 
-needs_onednn = pytest.mark.skipif(not onednn.available(), reason=f"oneDNN extension not built: {onednn._state['error']}")
+needs_onednn = pytest.mark.skipif(
+    not onednn.available(), reason=f"oneDNN extension not built: {onednn._state['error']}"
+)
 
 CASES = [  # input shape, kernel shape, padding
     ((3, 9, 7, 5), (3, 3, 5, 6), ((1, 1), (1, 1))),
@@ -22,8 +24,14 @@ CASES = [  # input shape, kernel shape, padding
 
 
 def reference(x, w, padding):
-    return jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        precision=jax.lax.Precision.HIGHEST)
+    return jax.lax.conv_general_dilated(
+        x,
+        w,
+        (1, 1),
+        padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )
 
 
 @pytest.fixture
@@ -53,7 +61,9 @@ def test_values_and_gradients_equal_xla(x_shape, w_shape, padding):
     scale = float(jnp.max(jnp.abs(y_ref)))
     np.testing.assert_allclose(y, y_ref, atol=2e-6 * scale)
     ct = jnp.asarray(rng.standard_normal(y_ref.shape), jnp.float32)
-    grads = jax.jit(lambda x, w, ct: jax.vjp(lambda x, w: cpu.conv2d(x, w, padding), x, w)[1](ct))(x, w, ct)
+    grads = jax.jit(lambda x, w, ct: jax.vjp(lambda x, w: cpu.conv2d(x, w, padding), x, w)[1](ct))(
+        x, w, ct
+    )
     grads_ref = jax.vjp(lambda x, w: reference(x, w, padding), x, w)[1](ct)
     for g, g_ref in zip(grads, grads_ref):
         np.testing.assert_allclose(g, g_ref, atol=2e-6 * float(jnp.max(jnp.abs(g_ref))))
@@ -86,9 +96,11 @@ def test_inside_scan_and_vmap():
 @needs_onednn
 def test_precision_settings_use_onednn_and_other_dtypes_use_xla():
     x, w, pad = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 8)), ((1, 1), (1, 1))
-    for args, kwargs, expect in [((x, w), {"precision": jax.lax.Precision.HIGHEST}, True),
-                                 ((x, w), {"precision": (jax.lax.Precision.DEFAULT,) * 2}, True),
-                                 ((x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)), {}, False)]:
+    for args, kwargs, expect in [
+        ((x, w), {"precision": jax.lax.Precision.HIGHEST}, True),
+        ((x, w), {"precision": (jax.lax.Precision.DEFAULT,) * 2}, True),
+        ((x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)), {}, False),
+    ]:
         text = jax.jit(lambda x, w: cpu.conv2d(x, w, pad, **kwargs)).lower(*args).as_text()
         assert ("qsparse_onednn" in text) == expect and ("convolution" in text) != expect
 
@@ -96,7 +108,11 @@ def test_precision_settings_use_onednn_and_other_dtypes_use_xla():
 def test_switch_to_xla_and_bad_choice(choice):
     choice("xla")
     assert onednn.cpu_conv() == "xla"
-    text = jax.jit(lambda x, w: cpu.conv2d(x, w, ((1, 1), (1, 1)))).lower(jnp.ones((1, 4, 4, 4)), jnp.ones((3, 3, 4, 4))).as_text()
+    text = (
+        jax.jit(lambda x, w: cpu.conv2d(x, w, ((1, 1), (1, 1))))
+        .lower(jnp.ones((1, 4, 4, 4)), jnp.ones((3, 3, 4, 4)))
+        .as_text()
+    )
     assert "qsparse_onednn" not in text and "convolution" in text
     with pytest.raises(ValueError, match=r"'mkl' is not one of \('auto', 'onednn', 'xla'\)"):
         choice("mkl")
@@ -107,7 +123,9 @@ def test_unbuilt_extension_falls_back_to_xla(choice, monkeypatch):
     monkeypatch.setitem(onednn._state, "error", "the extension qsparse._onednn_conv is not built")
     choice("auto")
     assert not onednn.available() and onednn.cpu_conv() == "xla"
-    with pytest.raises(RuntimeError, match="unavailable: the extension qsparse._onednn_conv is not built"):
+    with pytest.raises(
+        RuntimeError, match="unavailable: the extension qsparse._onednn_conv is not built"
+    ):
         choice("onednn")
 
 
@@ -128,8 +146,11 @@ def test_training_epoch_matches_xla_convolutions(choice):
         data = trainer.put_data(images, labels)
         for e in range(2):
             state, metrics = trainer.train_epoch(state, *data, jax.random.key(e))
-        lowered = jax.jit(lambda s, x, y: train._evaluate(spec.mean, spec.std, 10, 1, s, x, y)).lower(
-            state, jnp.asarray(images[:30]), jnp.asarray(labels[:30])).as_text()
+        lowered = (
+            jax.jit(lambda s, x, y: train._evaluate(spec.mean, spec.std, 10, 1, s, x, y))
+            .lower(state, jnp.asarray(images[:30]), jnp.asarray(labels[:30]))
+            .as_text()
+        )
         assert ("qsparse_onednn_conv_forward" in lowered) == (backend == "onednn")
         ev = trainer.evaluate(state, jnp.asarray(images[:30]), jnp.asarray(labels[:30]))
         out[backend] = state.params, {**metrics, **ev}
@@ -149,7 +170,9 @@ def test_concurrent_calls_from_many_threads():
     pad = ((1, 1), (1, 1))
     xs = [jnp.asarray(rng.standard_normal((8, 16, 16, 32)), jnp.float32) for _ in range(4)]
     w = jnp.asarray(rng.standard_normal((3, 3, 32, 32)), jnp.float32)
-    grad = jax.jit(lambda x, w: jax.grad(lambda x, w: jnp.sum(cpu.conv2d(x, w, pad) ** 2), (0, 1))(x, w))
+    grad = jax.jit(
+        lambda x, w: jax.grad(lambda x, w: jnp.sum(cpu.conv2d(x, w, pad) ** 2), (0, 1))(x, w)
+    )
     expected = [jax.grad(lambda x, w: jnp.sum(reference(x, w, pad) ** 2), (0, 1))(x, w) for x in xs]
     jax.block_until_ready(grad(xs[0], w))
 

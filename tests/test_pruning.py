@@ -23,15 +23,25 @@ def alive_units(masks, grouping):
     for name, m in leaves(masks).items():
         if not name.endswith("kernel"):
             continue
-        total += int(m.any(axis=0).sum()) if (grouping == "quaternion" and name.endswith("qkernel")) else int(m.sum())
+        total += (
+            int(m.any(axis=0).sum())
+            if (grouping == "quaternion" and name.endswith("qkernel"))
+            else int(m.sum())
+        )
     return total
 
 
 def test_rule_and_ones(quat_params):
-    prunable = {M.path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(M.prunable(quat_params))}
+    prunable = {
+        M.path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(M.prunable(quat_params))
+    }
     assert prunable == {
-        "QDense_0/bias": False, "QDense_0/qkernel": True, "QDense_1/bias": False,
-        "QDense_1/qkernel": True, "output/bias": False, "output/kernel": True,
+        "QDense_0/bias": False,
+        "QDense_0/qkernel": True,
+        "QDense_1/bias": False,
+        "QDense_1/qkernel": True,
+        "output/bias": False,
+        "output/kernel": True,
     }
     assert M.prunable(quat_params, M.PruneRule(prune_output=False))["output"]["kernel"] is False
     ones = M.ones(quat_params)
@@ -51,8 +61,18 @@ def test_exact_counts_monotone_masks_biases_kept(quat_params, method, grouping):
         if method == "global":
             assert before - after == round(0.2 * before)
         else:
-            per_leaf = [round(0.2 * (int(m.any(0).sum()) if grouping == "quaternion" and n.endswith("qkernel") else int(m.sum())))
-                        for n, m in leaves(masks).items() if n.endswith("kernel")]
+            per_leaf = [
+                round(
+                    0.2
+                    * (
+                        int(m.any(0).sum())
+                        if grouping == "quaternion" and n.endswith("qkernel")
+                        else int(m.sum())
+                    )
+                )
+                for n, m in leaves(masks).items()
+                if n.endswith("kernel")
+            ]
             assert before - after == sum(per_leaf)
         assert M.is_subset(new, masks)
         for name, m in leaves(new).items():
@@ -72,7 +92,10 @@ def test_quaternion_grouping_never_leaves_partial_quaternions(quat_params):
 
 
 def test_element_grouping_prunes_smallest_magnitudes_globally():
-    params = {"a": {"kernel": jnp.array([[0.5, -0.1], [3.0, 0.2]])}, "b": {"kernel": jnp.array([[-0.05, 1.0]]), "bias": jnp.zeros(2)}}
+    params = {
+        "a": {"kernel": jnp.array([[0.5, -0.1], [3.0, 0.2]])},
+        "b": {"kernel": jnp.array([[-0.05, 1.0]]), "bias": jnp.zeros(2)},
+    }
     new = pruning.prune(params, M.ones(params), 0.5)
     np.testing.assert_array_equal(new["a"]["kernel"], [[True, False], [True, False]])
     np.testing.assert_array_equal(new["b"]["kernel"], [[False, True]])
@@ -88,25 +111,37 @@ def test_ties_broken_by_position_deterministically():
 
 
 def test_quaternion_scores_by_norm():
-    q = jnp.zeros((4, 3, 1)).at[:, 0, 0].set(jnp.array([1.0, 1.0, 1.0, 1.0])).at[:, 1, 0].set(jnp.array([1.9, 0, 0, 0]))
+    q = (
+        jnp.zeros((4, 3, 1))
+        .at[:, 0, 0]
+        .set(jnp.array([1.0, 1.0, 1.0, 1.0]))
+        .at[:, 1, 0]
+        .set(jnp.array([1.9, 0, 0, 0]))
+    )
     q = q.at[:, 2, 0].set(jnp.array([0, 0, 0, 0.1]))
     params = {"l": {"qkernel": q}}
     new = pruning.prune(params, M.ones(params), 0.34, grouping="quaternion")  # removes 1 of 3
     np.testing.assert_array_equal(new["l"]["qkernel"][0, :, 0], [True, True, False])
-    new = pruning.prune(params, M.ones(params), 0.67, grouping="quaternion")  # removes 2: |q|=2 beats 1.9
+    new = pruning.prune(
+        params, M.ones(params), 0.67, grouping="quaternion"
+    )  # removes 2: |q|=2 beats 1.9
     np.testing.assert_array_equal(new["l"]["qkernel"][0, :, 0], [True, False, False])
 
 
 def test_never_revives_and_pruned_score_is_ignored():
     params = {"l": {"kernel": jnp.array([10.0, 1.0, 2.0, 3.0])}}
-    masks = {"l": {"kernel": jnp.array([False, True, True, True])}}  # the large weight is already pruned
+    masks = {
+        "l": {"kernel": jnp.array([False, True, True, True])}
+    }  # the large weight is already pruned
     new = pruning.prune(params, masks, 0.34)  # round(0.34 * 3) = 1 more
     np.testing.assert_array_equal(new["l"]["kernel"], [False, False, True, True])
 
 
 def test_layerwise_overrides():
     params = {"h": {"kernel": jnp.arange(1.0, 11.0)}, "output": {"kernel": jnp.arange(1.0, 11.0)}}
-    new = pruning.prune(params, M.ones(params), 0.2, method="layerwise", layer_fractions={"output/*": 0.5})
+    new = pruning.prune(
+        params, M.ones(params), 0.2, method="layerwise", layer_fractions={"output/*": 0.5}
+    )
     assert int(new["h"]["kernel"].sum()) == 8 and int(new["output"]["kernel"].sum()) == 5
 
 
@@ -124,7 +159,9 @@ def test_random_score_is_seeded():
     b = pruning.prune(params, M.ones(params), 0.5, score="random", key=jax.random.key(0))
     c = pruning.prune(params, M.ones(params), 0.5, score="random", key=jax.random.key(1))
     np.testing.assert_array_equal(a["l"]["kernel"], b["l"]["kernel"])
-    assert int(a["l"]["kernel"].sum()) == 50 and not np.array_equal(a["l"]["kernel"], c["l"]["kernel"])
+    assert int(a["l"]["kernel"].sum()) == 50 and not np.array_equal(
+        a["l"]["kernel"], c["l"]["kernel"]
+    )
     assert not np.array_equal(a["l"]["kernel"], np.arange(100) >= 50)
 
 
@@ -158,7 +195,9 @@ def test_density_report_units(quat_params):
     assert total["prunable_total"] == 67_300 and total["all_total"] == 67_710
     assert total["prunable_alive"] + 410 == total["all_alive"]
     q0 = report["leaves"]["QDense_0/qkernel"]
-    assert q0["quat_total"] == 196 * 75 and q0["alive"] == 4 * q0["quat_alive"] == 4 * q0["quat_full"]
+    assert (
+        q0["quat_total"] == 196 * 75 and q0["alive"] == 4 * q0["quat_alive"] == 4 * q0["quat_full"]
+    )
     assert total["quat_total"] == 196 * 75 + 75 * 25
     np.testing.assert_allclose(total["density_all"], total["all_alive"] / 67_710)
 
@@ -166,9 +205,16 @@ def test_density_report_units(quat_params):
 def test_bad_arguments(quat_params):
     ones = M.ones(quat_params)
     for kwargs, match in [
-        (dict(fraction=1.0), r"\[0, 1\)"), (dict(fraction=-0.1), r"\[0, 1\)"),
-        (dict(fraction=0.2, method="local"), "unknown pruning method 'local'.*'global', 'layerwise'"),
-        (dict(fraction=0.2, grouping="channel"), "unknown grouping 'channel'.*'element', 'quaternion'"),
+        (dict(fraction=1.0), r"\[0, 1\)"),
+        (dict(fraction=-0.1), r"\[0, 1\)"),
+        (
+            dict(fraction=0.2, method="local"),
+            "unknown pruning method 'local'.*'global', 'layerwise'",
+        ),
+        (
+            dict(fraction=0.2, grouping="channel"),
+            "unknown grouping 'channel'.*'element', 'quaternion'",
+        ),
         (dict(fraction=0.2, score="random"), "needs a PRNG key"),
     ]:
         with pytest.raises(ValueError, match=match):

@@ -36,7 +36,9 @@ def test_conjugate_gives_squared_norm_and_reverses_products():
     mul = Q.hamilton_product
     np.testing.assert_allclose(mul(p, Q.conjugate(p))[0], Q.norm(p) ** 2, rtol=1e-5)
     np.testing.assert_allclose(mul(p, Q.conjugate(p))[1:], 0, atol=1e-5)
-    np.testing.assert_allclose(Q.conjugate(mul(p, q)), mul(Q.conjugate(q), Q.conjugate(p)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        Q.conjugate(mul(p, q)), mul(Q.conjugate(q), Q.conjugate(p)), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_left_matrix_is_documented_block_matrix():
@@ -78,13 +80,17 @@ def test_split_activation_equals_plain_for_elementwise_and_differs_for_softmax()
 def test_encodings():
     rgb = jax.random.uniform(jax.random.key(2), (2, 4, 4, 3))
     enc = Q.encode_rgb_gray(rgb)
-    np.testing.assert_allclose(enc[..., 3], 0.2989 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2], rtol=1e-6)
+    np.testing.assert_allclose(
+        enc[..., 3], 0.2989 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2], rtol=1e-6
+    )
     np.testing.assert_array_equal(enc[..., :3], rgb)
     pure = Q.encode_rgb_pure(rgb)
     np.testing.assert_array_equal(pure[..., 0], 0)
     np.testing.assert_array_equal(pure[..., 1:], rgb)
     gray = rgb[..., :1]
-    np.testing.assert_array_equal(Q.encode_gray_pure(gray), jnp.concatenate([0 * gray, gray, gray, gray], -1))
+    np.testing.assert_array_equal(
+        Q.encode_gray_pure(gray), jnp.concatenate([0 * gray, gray, gray, gray], -1)
+    )
     with pytest.raises(ValueError, match="3 input channel"):
         Q.encode_rgb_gray(gray)
     with pytest.raises(ValueError, match="unknown input encoding 'bogus'"):

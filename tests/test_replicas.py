@@ -54,14 +54,20 @@ def run_together(spec, states, data, epochs, ranges=None):
     rstate = train.stack_states(states)
     for e in range(epochs):
         for start, stop in ranges or [(0, spec.steps)]:
-            rstate, metrics = trainer.train_epoch(rstate, *data, jnp.stack(epoch_keys(e)), start, stop)
+            rstate, metrics = trainer.train_epoch(
+                rstate, *data, jnp.stack(epoch_keys(e)), start, stop
+            )
     return trainer, rstate, metrics
 
 
 def assert_same(separate, together, metrics, rtol=1e-5, atol=1e-6):
     for r, (state, m) in enumerate(separate):
         mine = train.unstack_states(together)[r]
-        for a, b, mask in zip(jax.tree.leaves(state.params), jax.tree.leaves(mine.params), jax.tree.leaves(state.masks)):
+        for a, b, mask in zip(
+            jax.tree.leaves(state.params),
+            jax.tree.leaves(mine.params),
+            jax.tree.leaves(state.masks),
+        ):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=rtol, atol=atol)
             assert np.all(np.asarray(b)[~np.asarray(mask)] == 0.0)  # pruned weights exactly zero
         assert int(mine.step) == int(state.step)
@@ -154,6 +160,12 @@ print("OK")
 @pytest.mark.subprocess
 def test_replicas_on_two_devices_are_bit_equal_to_lone_runs():
     """R = 2 on two devices: each device group trains one replicate with the lone run's program."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", TWO_DEVICES], env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", TWO_DEVICES], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

@@ -25,17 +25,32 @@ def write_run(root: Path, name: str, rows: list[dict], **config) -> Path:
     for row in rows:
         rd = run / f"replicate_{row['replicate']}" / f"round_{row['round']:02d}"
         rd.mkdir(parents=True)
-        done = {"status": "ok", "density_prunable": 1.0, "val_acc": math.nan, "train_acc": 0.5, "train_loss": 1.0,
-                "epochs": 3, **{k: v for k, v in row.items() if k not in ("replicate", "round")}}
+        done = {
+            "status": "ok",
+            "density_prunable": 1.0,
+            "val_acc": math.nan,
+            "train_acc": 0.5,
+            "train_loss": 1.0,
+            "epochs": 3,
+            **{k: v for k, v in row.items() if k not in ("replicate", "round")},
+        }
         (rd / "done.json").write_text(json.dumps(done))
     return run
 
 
 def rows_for(accs: list[list[float]], xs: list[float], ratio: float = 1.0) -> list[dict]:
     """accs[replicate][round] → done rows; x_real = x_own · ratio."""
-    return [{"replicate": r, "round": n, "test_acc": a, "weights_remaining_pct": xs[n],
-             "weights_remaining_pct_of_real": xs[n] * ratio}
-            for r, per_round in enumerate(accs) for n, a in enumerate(per_round)]
+    return [
+        {
+            "replicate": r,
+            "round": n,
+            "test_acc": a,
+            "weights_remaining_pct": xs[n],
+            "weights_remaining_pct_of_real": xs[n] * ratio,
+        }
+        for r, per_round in enumerate(accs)
+        for n, a in enumerate(per_round)
+    ]
 
 
 def test_aggregate_mean_std_and_x_conventions(tmp_path):
@@ -52,14 +67,19 @@ def test_aggregate_mean_std_and_x_conventions(tmp_path):
     np.testing.assert_allclose(curve.x_own, xs)
     np.testing.assert_allclose(curve.x_real, np.array(xs) * 0.254)
     rows = results.load_rows([tmp_path])
-    assert rows[0]["epochs_run"] == 3 and rows[0]["epochs"] == experiment.resolve(Config(model="lenet300_100")).epochs
+    assert (
+        rows[0]["epochs_run"] == 3
+        and rows[0]["epochs"] == experiment.resolve(Config(model="lenet300_100")).epochs
+    )
 
 
 def test_runs_pool_by_config_and_split_by_grouping(tmp_path):
     xs = [100.0, 80.0]
     write_run(tmp_path / "work", "a", rows_for([[0.5, 0.6]], xs), algebra="quat", seed=0)
     write_run(tmp_path / "work", "b", rows_for([[0.7, 0.8]], xs), algebra="quat", seed=1)
-    write_run(tmp_path / "other", "c", rows_for([[0.1, 0.2]], xs), algebra="quat", grouping="quaternion")
+    write_run(
+        tmp_path / "other", "c", rows_for([[0.1, 0.2]], xs), algebra="quat", grouping="quaternion"
+    )
     write_run(tmp_path / "other", "d", rows_for([[0.9, 0.9]], xs), algebra="real")
     curves = results.load([tmp_path / "work", tmp_path / "other"])
     assert [c.algebra for c in curves] == ["real", "quat", "quat"]
@@ -67,23 +87,40 @@ def test_runs_pool_by_config_and_split_by_grouping(tmp_path):
     assert pooled.n.tolist() == [2, 2] and len(pooled.runs) == 2
     np.testing.assert_allclose(pooled.acc_mean, [60.0, 70.0])
     np.testing.assert_allclose(pooled.acc_std, [statistics.stdev([50, 70])] * 2)
-    assert results.labels(curves) == ["R (grouping=element)", "Q (grouping=element)", "Q (grouping=quaternion)"]
+    assert results.labels(curves) == [
+        "R (grouping=element)",
+        "Q (grouping=element)",
+        "Q (grouping=quaternion)",
+    ]
     assert np.isnan(curves[-1].acc_std).all()  # one replicate: no spread
 
 
 def test_curve_fields_exclude_only_config_fields():
     fields = {f.name for f in dataclasses.fields(Config)}
     assert set(results.NOT_CURVE_FIELDS) <= fields
-    assert {"model", "dataset", "algebra", "grouping", "protocol"} <= fields - set(results.NOT_CURVE_FIELDS)
+    assert {"model", "dataset", "algebra", "grouping", "protocol"} <= fields - set(
+        results.NOT_CURVE_FIELDS
+    )
     assert set(rundir.SUMMARY_FIELDS) - {"epochs"} <= results.ROW_FIELDS
 
 
 def test_summary_fallback_and_find_runs(tmp_path):
     run = tmp_path / "deep" / "copied"
     run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps(experiment.resolve(Config(model="lenet12")).to_json()))
-    rows = [{"replicate": 0, "round": 0, "status": "ok", "test_acc": 0.5, "weights_remaining_pct": 100.0,
-             "weights_remaining_pct_of_real": 100.0, "epochs": 2}]
+    (run / "config.json").write_text(
+        json.dumps(experiment.resolve(Config(model="lenet12")).to_json())
+    )
+    rows = [
+        {
+            "replicate": 0,
+            "round": 0,
+            "status": "ok",
+            "test_acc": 0.5,
+            "weights_remaining_pct": 100.0,
+            "weights_remaining_pct_of_real": 100.0,
+            "epochs": 2,
+        }
+    ]
     (run / "summary.json").write_text(json.dumps(rows))
     assert results.find_runs([tmp_path]) == [run]
     (curve,) = results.load([tmp_path])
@@ -99,15 +136,22 @@ def test_masks_statistics(tmp_path):
     q = np.ones((4, 2, 3), bool)
     q[:, 0, 0] = False  # one quaternion fully pruned
     q[0, 0, 1] = q[1, 1, 1] = q[2, 1, 1] = False  # two partly alive; pruned: r 2, i 2, j 2, k 1
-    assert results.quaternion_states(q) == pytest.approx({"full": 3 / 6, "partial": 2 / 6, "pruned": 1 / 6})
+    assert results.quaternion_states(q) == pytest.approx(
+        {"full": 3 / 6, "partial": 2 / 6, "pruned": 1 / 6}
+    )
     assert results.pruned_by_component(q).tolist() == [2, 2, 2, 1]
     rd = tmp_path / "replicate_0"
     for level, mask in ((0, np.ones_like(q)), (1, q)):
         (rd / f"round_{level:02d}").mkdir(parents=True)
-        np.savez(rd / f"round_{level:02d}" / "masks.npz", **{"QDense_0/qkernel": mask, "output/kernel": np.ones((6, 2), bool)})
+        np.savez(
+            rd / f"round_{level:02d}" / "masks.npz",
+            **{"QDense_0/qkernel": mask, "output/kernel": np.ones((6, 2), bool)},
+        )
     assert results.mask_rounds(tmp_path) == [0, 1]
     summary = results.quaternion_summary(tmp_path)
-    assert [summary[1][f"share_{c}"] for c in results.COMPONENTS] == pytest.approx([2 / 7, 2 / 7, 2 / 7, 1 / 7])
+    assert [summary[1][f"share_{c}"] for c in results.COMPONENTS] == pytest.approx(
+        [2 / 7, 2 / 7, 2 / 7, 1 / 7]
+    )
     assert math.isnan(summary[0]["share_r"]) and summary[0]["full"] == 1.0
 
 
@@ -119,12 +163,18 @@ def test_layer_density_from_sparsity_reports(tmp_path):
     out = np.ones((8, 10), bool)
     out[:2] = False
     for level, (qm, om) in enumerate([(np.ones_like(q), np.ones_like(out)), (q, out)]):
-        tree = {"QDense_0": {"qkernel": qm, "bias": np.ones(8, bool)}, "output": {"kernel": om, "bias": np.ones(10, bool)}}
+        tree = {
+            "QDense_0": {"qkernel": qm, "bias": np.ones(8, bool)},
+            "output": {"kernel": om, "bias": np.ones(10, bool)},
+        }
         rd = tmp_path / "replicate_0" / f"round_{level:02d}"
         rd.mkdir(parents=True)
         (rd / "sparsity.json").write_text(json.dumps(masks.density_report(tree)))
     density = results.layer_density(tmp_path)
-    assert density.rounds == [0, 1] and list(density.density) == ["QDense_0/qkernel", "output/kernel"]
+    assert density.rounds == [0, 1] and list(density.density) == [
+        "QDense_0/qkernel",
+        "output/kernel",
+    ]
     np.testing.assert_allclose(density.density["QDense_0/qkernel"], [1.0, q.mean()])
     np.testing.assert_allclose(density.density["output/kernel"], [1.0, 0.75])
     np.testing.assert_allclose(density.quat_full["QDense_0/qkernel"], [1.0, 5 / 10])
@@ -144,7 +194,9 @@ def test_paper_table_sanity(key):
     for col in (p.r_x, p.q_x_of_real, p.q_x_own):
         assert all(a > b for a, b in zip(col, col[1:])), col
     assert p.r_x[0] == p.q_x_own[0] == 100.0
-    for r in range(n):  # 20 % of the remaining weights per round; unpruned biases keep x a little above 0.8^n
+    for r in range(
+        n
+    ):  # 20 % of the remaining weights per round; unpruned biases keep x a little above 0.8^n
         assert 100 * 0.8**r <= p.r_x[r] < 100 * 0.8**r + 0.2
         assert 100 * 0.8**r <= p.q_x_own[r] < 100 * 0.8**r + 0.7
         assert p.q_x_of_real[r] == pytest.approx(p.q_x_own[r] * p.qr_ratio, abs=0.011)
@@ -157,11 +209,15 @@ def test_paper_ratios_are_the_models_parameter_ratios():
 
     def count(model, algebra, dataset):
         m = models.create(model, algebra, 10)
-        return models.count_params(jax.eval_shape(lambda: models.init_params(m, jax.random.key(0), shapes[dataset])))
+        return models.count_params(
+            jax.eval_shape(lambda: models.init_params(m, jax.random.key(0), shapes[dataset]))
+        )
 
     for (model, dataset), p in paper.PAPER.items():
         data = "cifar10" if dataset == "cifar100" else dataset  # Fig. 4e/f used the 10-class ratios
-        assert count(model, "quat", data) / count(model, "real", data) == pytest.approx(p.qr_ratio, abs=5e-5)
+        assert count(model, "quat", data) / count(model, "real", data) == pytest.approx(
+            p.qr_ratio, abs=5e-5
+        )
     assert ("lenet12", "mnist") not in paper.PAPER  # Fig. 5b is withheld on purpose
     assert paper.PAPER[("lenet300_100", "mnist")].qr_ratio == 0.2540
 
@@ -179,13 +235,27 @@ def test_paper_nearest():
 def paper_like_runs(root: Path) -> None:
     """Lenet-300-100 runs at the paper's x positions of rounds 0-2 (real) and 0-1 (quat)."""
     p = paper.PAPER[("lenet300_100", "mnist")]
-    write_run(root, "real", rows_for([[0.981, 0.975, 0.97], [0.979, 0.977, 0.96]], list(p.r_x[:3])), replicates=2)
-    write_run(root, "quat", rows_for([[0.95, 0.94]], list(p.q_x_own[:2]), ratio=p.qr_ratio), algebra="quat")
+    write_run(
+        root,
+        "real",
+        rows_for([[0.981, 0.975, 0.97], [0.979, 0.977, 0.96]], list(p.r_x[:3])),
+        replicates=2,
+    )
+    write_run(
+        root,
+        "quat",
+        rows_for([[0.95, 0.94]], list(p.q_x_own[:2]), ratio=p.qr_ratio),
+        algebra="quat",
+    )
 
 
 def table_rows(report: str) -> dict[int, list[str]]:
-    return {int(cells[0]): cells[1:] for line in report.splitlines()
-            if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])[0].isdigit()}
+    return {
+        int(cells[0]): cells[1:]
+        for line in report.splitlines()
+        if line.startswith("| ")
+        and (cells := [c.strip() for c in line.strip("|").split("|")])[0].isdigit()
+    }
 
 
 def test_report_puts_paper_values_beside_ours(tmp_path):
@@ -206,7 +276,9 @@ def test_report_notes_paper_round_when_x_differs(tmp_path):
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_plot_script_writes_png_and_svg(tmp_path):
@@ -215,7 +287,9 @@ def test_plot_script_writes_png_and_svg(tmp_path):
     proc = run_script("experiments.plot", f"--runs={tmp_path / 'runs'}", f"--out={out}")
     assert proc.returncode == 0, proc.stderr
     stems = ["accuracy_lenet300_100_mnist_own", "accuracy_lenet300_100_mnist_real"]
-    assert {p.name for p in out.iterdir()} == {f"{s}.{ext}" for s in stems for ext in ("png", "svg")}
+    assert {p.name for p in out.iterdir()} == {
+        f"{s}.{ext}" for s in stems for ext in ("png", "svg")
+    }
     for stem in stems:
         assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         svg = (out / f"{stem}.svg").read_text()
@@ -238,5 +312,7 @@ def test_report_script_prints_and_writes(tmp_path):
 @pytest.mark.subprocess
 def test_results_needs_neither_jax_nor_matplotlib():
     code = "import sys, qsparse.results; print('jax' in sys.modules, 'matplotlib' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    ).stdout
     assert out.split() == ["False", "False"]

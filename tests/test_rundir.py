@@ -38,17 +38,32 @@ def test_every_file_of_a_written_run_has_a_name_here():
     for rep in run.replicates():
         named |= {rep.init, rep.rewind, rep.stopped}
         for rd in rep.rounds():
-            named |= {rd.masks, rd.sparsity, rd.done, rd.metrics, rd.ckpt, rd.final,
-                      rd.search.metrics, rd.search.ckpt, rd.search.final}
-    leftover = [p for p in GOLDEN_RUN.rglob("*") if p.is_file() and not any(
-        p == n or n in p.parents for n in named)]
+            named |= {
+                rd.masks,
+                rd.sparsity,
+                rd.done,
+                rd.metrics,
+                rd.ckpt,
+                rd.final,
+                rd.search.metrics,
+                rd.search.ckpt,
+                rd.search.final,
+            }
+    leftover = [
+        p
+        for p in GOLDEN_RUN.rglob("*")
+        if p.is_file() and not any(p == n or n in p.parents for n in named)
+    ]
     assert leftover == [] and len(run.replicate(0).rounds()) == 2
 
 
 def test_summary_rows_from_done_files_and_the_csv(tmp_path):
     run = rundir.Run(tmp_path)
     for r, level in [(10, 1), (10, 0), (2, 0)]:
-        done = {k: float(10 * r + level) for k in rundir.DONE_FIELDS} | {"status": "ok", "epochs": 2}
+        done = {k: float(10 * r + level) for k in rundir.DONE_FIELDS} | {
+            "status": "ok",
+            "epochs": 2,
+        }
         rundir.write_json(run.replicate(r).round(level).done, done)
     run.replicate(2).round(1).path.mkdir()  # unfinished: no row
     rows = rundir.write_summary(run)
@@ -67,7 +82,9 @@ def test_read_done_checks_fields_and_the_metrics_log(tmp_path):
     rundir.write_jsonl(rd.metrics, [{"epoch": 1}, {"epoch": 2}])
     assert rundir.read_done(rd) == done
     rundir.write_jsonl(rd.metrics, [{"epoch": 1}])
-    with pytest.raises(rundir.CorruptFileError, match=f"{rd.metrics} does not hold the round's 2 epochs"):
+    with pytest.raises(
+        rundir.CorruptFileError, match=f"{rd.metrics} does not hold the round's 2 epochs"
+    ):
         rundir.read_done(rd)
     rundir.write_json(rd.done, {k: v for k, v in done.items() if k != "test_acc"})
     with pytest.raises(rundir.CorruptFileError, match=f"{rd.done} lacks some of the fields"):
@@ -96,8 +113,9 @@ def test_quaternion_kernels_by_name_agree_with_the_masks_module():
     model = models.create("lenet300_100", "quat", 10, features=(8, 4))
     params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), (28, 28, 1)))
     paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    assert [rundir.is_quaternion_kernel(masks.path_str(p)) for p in paths] == \
-        [masks.is_quaternion(p) for p in paths]
+    assert [rundir.is_quaternion_kernel(masks.path_str(p)) for p in paths] == [
+        masks.is_quaternion(p) for p in paths
+    ]
     assert sum(masks.is_quaternion(p) for p in paths) == 2  # two quaternion layers, a real output
 
 
@@ -107,7 +125,6 @@ def test_load_masks_reads_the_npz_by_parameter_path():
     assert set(loaded) == {"QDense_0/bias", "QDense_0/qkernel", "output/bias", "output/kernel"}
     assert all(m.dtype == np.bool_ for m in loaded.values())
     assert not loaded["QDense_0/qkernel"].all()  # round 1 has pruned weights
-
 
 
 def test_text_json_jsonl_round_trip_in_new_folders(tmp_path):
@@ -137,13 +154,16 @@ def test_write_replaces_the_whole_file_and_a_failed_write_keeps_the_old_one(tmp_
     assert rundir.read_json(path) == {"s": 1} and files(tmp_path) == ["f.json"]
 
 
-@pytest.mark.parametrize("reader,text", [
-    (rundir.read_json, '{"epoch": 1, "lo'),  # cut mid-write
-    (rundir.read_json, ""),
-    (rundir.read_jsonl, '{"epoch": 1}\n{"epoch": 2, "lo'),
-    (rundir.read_jsonl, '{"epoch": 1}\n[1, 2]\n'),  # valid JSON, but not a row
-    (rundir.read_jsonl, '{"epoch": 1}\n\n{"epoch": 2}\n'),
-])
+@pytest.mark.parametrize(
+    "reader,text",
+    [
+        (rundir.read_json, '{"epoch": 1, "lo'),  # cut mid-write
+        (rundir.read_json, ""),
+        (rundir.read_jsonl, '{"epoch": 1}\n{"epoch": 2, "lo'),
+        (rundir.read_jsonl, '{"epoch": 1}\n[1, 2]\n'),  # valid JSON, but not a row
+        (rundir.read_jsonl, '{"epoch": 1}\n\n{"epoch": 2}\n'),
+    ],
+)
 def test_damaged_or_missing_json_raises_corrupt_naming_the_file(tmp_path, reader, text):
     path = tmp_path / "bad.json"
     path.write_text(text)

@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from qsparse import masks as M
 from qsparse import cpu, models, pruning, train
+from qsparse import masks as M
 
 SPEC = train.EpochSpec(batch_size=20, steps=10, mean=(0.5,), std=(0.25,), augment=False)
 
@@ -44,14 +44,22 @@ def run_epochs(setup, tx, masks=None, epochs=2, opt_state=None):
     return rstate, metrics
 
 
-@pytest.mark.parametrize("tx", [train.make_optimizer("adam", 1e-2), train.make_optimizer("sgd", 1e-2),
-                                optax.chain(optax.adamw(1e-2, weight_decay=0.1), train.zero_pruned())])
+@pytest.mark.parametrize(
+    "tx",
+    [
+        train.make_optimizer("adam", 1e-2),
+        train.make_optimizer("sgd", 1e-2),
+        optax.chain(optax.adamw(1e-2, weight_decay=0.1), train.zero_pruned()),
+    ],
+)
 def test_pruned_weights_stay_exactly_zero(setup, tx):
     _, params, masks, _, _ = setup
     state, metrics = run_epochs(setup, tx)
     assert np.isfinite(metrics["train_loss"])
     moved = False
-    for p0, p, m in zip(jax.tree.leaves(params), jax.tree.leaves(state.params), jax.tree.leaves(masks)):
+    for p0, p, m in zip(
+        jax.tree.leaves(params), jax.tree.leaves(state.params), jax.tree.leaves(masks)
+    ):
         assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)
         moved |= bool(np.any(np.asarray(p)[np.asarray(m)] != np.asarray(p0)[np.asarray(m)]))
     assert moved
@@ -93,7 +101,10 @@ def test_split_epoch_equals_whole_epoch_and_same_key_same_result(setup):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
     assert int(part.step) == 10
-    assert not all(np.array_equal(a, d) for a, d in zip(jax.tree.leaves(whole.params), jax.tree.leaves(other.params)))
+    assert not all(
+        np.array_equal(a, d)
+        for a, d in zip(jax.tree.leaves(whole.params), jax.tree.leaves(other.params))
+    )
 
 
 def test_training_learns_and_evaluate_counts(setup):
@@ -101,13 +112,18 @@ def test_training_learns_and_evaluate_counts(setup):
     state, metrics = run_epochs(setup, train.make_optimizer("adam", 1e-2), epochs=6)
     images, labels = toy_data(130, seed=1)
     ev = trainer.evaluate(state, jnp.asarray(images), jnp.asarray(labels))
-    logits = model.apply({"params": M.apply(state.params, state.masks)}, (images.astype(np.float32) / 255 - 0.5) / 0.25)
+    logits = model.apply(
+        {"params": M.apply(state.params, state.masks)},
+        (images.astype(np.float32) / 255 - 0.5) / 0.25,
+    )
     np.testing.assert_allclose(ev["acc"], np.mean(np.argmax(logits, -1) == labels), rtol=1e-6)
     assert metrics["train_acc"] > 0.5
 
 
 def test_bad_batch_sizes():
-    ds = types.SimpleNamespace(train_images=np.zeros((50, 8, 8, 1)), mean=(0.0,), std=(1.0,), augment=False)
+    ds = types.SimpleNamespace(
+        train_images=np.zeros((50, 8, 8, 1)), mean=(0.0,), std=(1.0,), augment=False
+    )
     with pytest.raises(ValueError, match=r"batch size 60 must be in \[1, 50\]"):
         train.epoch_spec(ds, 60)
     with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
@@ -147,8 +163,14 @@ TWO_DEVICES = textwrap.dedent("""
 
 @pytest.mark.subprocess
 def test_two_cpu_devices_equal_one_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", TWO_DEVICES], env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", TWO_DEVICES], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
 
@@ -167,7 +189,9 @@ def test_dense_models_get_cpu_compiler_options_with_the_same_training():
             rstate, metrics = trainer.train_epoch(rstate, *data, jax.random.key(e), 0, 5 + e)
         out[options] = (rstate.params, metrics)
         assert trainer.trace_count == 1
-        assert trainer._options(rstate, data[0]) == (cpu.DENSE_COMPILER_OPTIONS if options else None)
+        assert trainer._options(rstate, data[0]) == (
+            cpu.DENSE_COMPILER_OPTIONS if options else None
+        )
     for a, b in zip(jax.tree.leaves(out["auto"][0]), jax.tree.leaves(out[None][0])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(out["auto"][1]["train_loss"], out[None][1]["train_loss"], rtol=1e-5)
@@ -177,5 +201,10 @@ def test_models_with_convolutions_keep_xla_defaults():
     model = models.create("conv2", "quat", num_classes=3, stages=((8,),), dense_features=(16,))
     params = models.init_params(model, jax.random.key(0), (8, 8, 1))
     trainer = train.Trainer(SPEC)
-    rstate = train.create_train_state(model, params, M.ones(params), train.make_optimizer("adam", 1e-2))
-    assert trainer.compiler_options == "auto" and trainer._options(rstate, trainer.put_data(*toy_data())[0]) is None
+    rstate = train.create_train_state(
+        model, params, M.ones(params), train.make_optimizer("adam", 1e-2)
+    )
+    assert (
+        trainer.compiler_options == "auto"
+        and trainer._options(rstate, trainer.put_data(*toy_data())[0]) is None
+    )

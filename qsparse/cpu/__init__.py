@@ -15,4 +15,11 @@ from qsparse.cpu import onednn
 from qsparse.cpu.conv import conv2d, conv_general_dilated
 from qsparse.cpu.options import DENSE_COMPILER_OPTIONS, compiler_options, has_conv
 
-__all__ = ["DENSE_COMPILER_OPTIONS", "compiler_options", "conv2d", "conv_general_dilated", "has_conv", "onednn"]
+__all__ = [
+    "DENSE_COMPILER_OPTIONS",
+    "compiler_options",
+    "conv2d",
+    "conv_general_dilated",
+    "has_conv",
+    "onednn",
+]

@@ -10,7 +10,7 @@ both gradients as canonical forward convolutions, or runs all three on oneDNN
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,9 @@ from jax import lax
 from qsparse.cpu import onednn
 
 _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
-_NHWC_SPECS = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+_NHWC_SPECS = lax.ConvDimensionNumbers(
+    lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2)
+)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -37,8 +39,15 @@ def conv2d(inputs, kernel, padding, precision=None, preferred_element_type=None)
     padding = tuple(map(tuple, padding))
     if onednn.applies(inputs, kernel, preferred_element_type):
         return onednn.forward(inputs, kernel, padding)
-    return lax.conv_general_dilated(inputs, kernel, (1, 1), padding, dimension_numbers=_NHWC_HWIO,
-                                    precision=precision, preferred_element_type=preferred_element_type)
+    return lax.conv_general_dilated(
+        inputs,
+        kernel,
+        (1, 1),
+        padding,
+        dimension_numbers=_NHWC_HWIO,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
 
 
 def _conv2d_fwd(inputs, kernel, padding, precision, preferred_element_type):
@@ -49,24 +58,39 @@ def _conv2d_bwd(padding, precision, preferred_element_type, residuals, dy):
     x, w = residuals
     padding = tuple(map(tuple, padding))
     if dy.dtype == jnp.float32 and onednn.applies(x, w, preferred_element_type):
-        return onednn.input_grad(dy, w, padding, x.shape), onednn.kernel_grad(x, dy, padding, w.shape)
+        return onednn.input_grad(dy, w, padding, x.shape), onednn.kernel_grad(
+            x, dy, padding, w.shape
+        )
     kh, kw = w.shape[:2]
     # dx[i] = sum_o dy[o] w[i - o + lo]: correlate dy with the flipped kernel, in/out swapped
     w_t = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2)).astype(dy.dtype)
     pads = [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), padding)]
-    dx = lax.conv_general_dilated(dy, w_t, (1, 1), pads, dimension_numbers=_NHWC_HWIO, precision=precision)
+    dx = lax.conv_general_dilated(
+        dy, w_t, (1, 1), pads, dimension_numbers=_NHWC_HWIO, precision=precision
+    )
     # dw[k, c, f] = sum_{n, o} x_pad[n, o + k, c] dy[n, o, f]: batch <- c, features <- n
     lhs = jnp.transpose(x, (3, 1, 2, 0)).astype(dy.dtype)
     rhs = jnp.transpose(dy, (1, 2, 0, 3))
-    dw = lax.conv_general_dilated(lhs, rhs, (1, 1), padding, dimension_numbers=_NHWC_HWIO, precision=precision)
+    dw = lax.conv_general_dilated(
+        lhs, rhs, (1, 1), padding, dimension_numbers=_NHWC_HWIO, precision=precision
+    )
     return dx.astype(x.dtype), jnp.transpose(dw, (1, 2, 0, 3)).astype(w.dtype)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def _plain_padding(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                   feature_group_count, batch_group_count):
+def _plain_padding(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+    feature_group_count,
+    batch_group_count,
+):
     """Explicit ``((lo, hi), (lo, hi))`` if the call is one :func:`conv2d` computes, else None."""
     if lhs.ndim != 4 or feature_group_count != 1 or batch_group_count != 1:
         return None
@@ -82,21 +106,52 @@ def _plain_padding(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation
     return padding
 
 
-def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
-                         precision=None, preferred_element_type=None) -> jax.Array:
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides: Sequence[int],
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+) -> jax.Array:
     """``lax.conv_general_dilated`` with :func:`conv2d` on CPU for plain 2-D convolutions.
 
     Same arguments and values. ``lax.platform_dependent`` picks the branch when the program is
     lowered, so a program lowered for GPU or TPU holds XLA's own convolution and gradients.
     """
-    xla = functools.partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding,
-                            lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                            feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-                            precision=precision, preferred_element_type=preferred_element_type)
-    pads = _plain_padding(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                          feature_group_count, batch_group_count)
+    xla = functools.partial(
+        lax.conv_general_dilated,
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    pads = _plain_padding(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        batch_group_count,
+    )
     if pads is None:
         return xla(lhs, rhs)
     return lax.platform_dependent(
-        lhs, rhs, cpu=lambda x, w: conv2d(x, w, pads, precision, preferred_element_type), default=xla)
+        lhs,
+        rhs,
+        cpu=lambda x, w: conv2d(x, w, pads, precision, preferred_element_type),
+        default=xla,
+    )

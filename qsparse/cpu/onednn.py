@@ -18,14 +18,18 @@ import contextlib
 import ctypes
 import importlib.util
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 CHOICES = ("auto", "onednn", "xla")
-_TARGETS = {"forward": "QsparseConvForward", "input_grad": "QsparseConvInputGrad", "kernel_grad": "QsparseConvKernelGrad"}
+_TARGETS = {
+    "forward": "QsparseConvForward",
+    "input_grad": "QsparseConvInputGrad",
+    "kernel_grad": "QsparseConvKernelGrad",
+}
 _PREFIX = "qsparse_onednn_conv_"
 
 _state: dict = {"loaded": None, "error": None, "choice": None}
@@ -36,13 +40,17 @@ def _load() -> bool:
         _state["loaded"] = False
         spec = importlib.util.find_spec("qsparse._onednn_conv")
         if spec is None or spec.origin is None:
-            _state["error"] = ("the extension qsparse._onednn_conv is not built (install oneDNN's headers, "
-                               "e.g. `apt-get install libdnnl-dev`, then reinstall qsparse)")
+            _state["error"] = (
+                "the extension qsparse._onednn_conv is not built (install oneDNN's headers, "
+                "e.g. `apt-get install libdnnl-dev`, then reinstall qsparse)"
+            )
             return False
         try:
             lib = ctypes.cdll.LoadLibrary(spec.origin)
             for name, symbol in _TARGETS.items():
-                jax.ffi.register_ffi_target(_PREFIX + name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+                jax.ffi.register_ffi_target(
+                    _PREFIX + name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+                )
         except (OSError, AttributeError) as e:  # e.g. libdnnl.so removed after the build
             _state["error"] = f"loading {spec.origin} failed: {e}"
             return False
@@ -90,16 +98,29 @@ def applies(inputs: jax.Array, kernel: jax.Array, preferred_element_type=None) -
     Float32 only. Any ``precision``: oneDNN's float32 convolution is exact float32 arithmetic,
     which is what every precision setting means for float32 on CPU.
     """
-    return (cpu_conv() == "onednn" and inputs.dtype == jnp.float32 and kernel.dtype == jnp.float32
-            and preferred_element_type in (None, jnp.float32, np.float32))
+    return (
+        cpu_conv() == "onednn"
+        and inputs.dtype == jnp.float32
+        and kernel.dtype == jnp.float32
+        and preferred_element_type in (None, jnp.float32, np.float32)
+    )
 
 
 def _call(name: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array, padding) -> jax.Array:
     (top, bottom), (left, right) = padding
-    call = jax.ffi.ffi_call(_PREFIX + name, jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32),
-                            vmap_method="sequential")
-    return call(a, b, pad_top=np.int64(top), pad_bottom=np.int64(bottom), pad_left=np.int64(left),
-                pad_right=np.int64(right))
+    call = jax.ffi.ffi_call(
+        _PREFIX + name,
+        jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32),
+        vmap_method="sequential",
+    )
+    return call(
+        a,
+        b,
+        pad_top=np.int64(top),
+        pad_bottom=np.int64(bottom),
+        pad_left=np.int64(left),
+        pad_right=np.int64(right),
+    )
 
 
 def forward(x: jax.Array, w: jax.Array, padding) -> jax.Array:
@@ -107,7 +128,9 @@ def forward(x: jax.Array, w: jax.Array, padding) -> jax.Array:
     (top, bottom), (left, right) = padding
     n, h, wd, _ = x.shape
     kh, kw, _, o = w.shape
-    return _call("forward", (n, h + top + bottom - kh + 1, wd + left + right - kw + 1, o), x, w, padding)
+    return _call(
+        "forward", (n, h + top + bottom - kh + 1, wd + left + right - kw + 1, o), x, w, padding
+    )
 
 
 def input_grad(dy: jax.Array, w: jax.Array, padding, x_shape: Sequence[int]) -> jax.Array:

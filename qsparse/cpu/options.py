@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +17,10 @@ _CONV_P = jex_core.primitives.conv_general_dilated_p
 
 
 def _has_conv(jaxpr) -> bool:
-    return any(e.primitive is _CONV_P or any(_has_conv(j) for j in jex_core.jaxprs_in_params(e.params))
-               for e in jaxpr.eqns)
+    return any(
+        e.primitive is _CONV_P or any(_has_conv(j) for j in jex_core.jaxprs_in_params(e.params))
+        for e in jaxpr.eqns
+    )
 
 
 def has_conv(apply_fn: Callable, params, image_shape: Sequence[int]) -> bool:
@@ -27,7 +29,9 @@ def has_conv(apply_fn: Callable, params, image_shape: Sequence[int]) -> bool:
     return _has_conv(jax.make_jaxpr(lambda p, x: apply_fn({"params": p}, x))(params, x).jaxpr)
 
 
-def compiler_options(platform: str, apply_fn: Callable, params, image_shape: Sequence[int]) -> dict | None:
+def compiler_options(
+    platform: str, apply_fn: Callable, params, image_shape: Sequence[int]
+) -> dict | None:
     """Options for compiling a model's epoch on ``platform``: :data:`DENSE_COMPILER_OPTIONS` for
     a model without convolutions on CPU, XLA's defaults (None) otherwise."""
     if platform != "cpu" or has_conv(apply_fn, params, image_shape):

@@ -34,17 +34,39 @@ jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftes
 from qsparse import data, lottery, report, results  # noqa: E402
 from qsparse.config import Config  # noqa: E402
 
-SMALL = dict(model="lenet12", rounds=2, epochs=2, train_subset=120, test_subset=60, validation_size=20,
-             batch_size=20)
+SMALL = dict(
+    model="lenet12",
+    rounds=2,
+    epochs=2,
+    train_subset=120,
+    test_subset=60,
+    validation_size=20,
+    batch_size=20,
+)
 CONFIGS = {
     # lottery protocol, late rewinding, quaternion, one replicate: the resumed fixture
     "quat_rewind": dict(SMALL, algebra="quat", hidden=(4,), rewind="1it", seed=3),
     # the paper's protocol, two replicates trained together, a carried optimizer
-    "real_paper": dict(SMALL, algebra="real", hidden=(8,), protocol="paper", replicates=2,
-                       optimizer_state="carry", seed=1),
+    "real_paper": dict(
+        SMALL,
+        algebra="real",
+        hidden=(8,),
+        protocol="paper",
+        replicates=2,
+        optimizer_state="carry",
+        seed=1,
+    ),
     # controls and groupings: shuffled masks, whole quaternions, output kept, sparse evaluation
-    "quat_shuffle": dict(SMALL, algebra="quat", hidden=(8,), control="shuffle", grouping="quaternion",
-                         prune_output=False, eval_every=2, seed=2),
+    "quat_shuffle": dict(
+        SMALL,
+        algebra="quat",
+        hidden=(8,),
+        control="shuffle",
+        grouping="quaternion",
+        prune_output=False,
+        eval_every=2,
+        seed=2,
+    ),
 }
 PARTIAL = "quat_rewind"
 FAULT = "epoch_end:4"  # round 0: epochs 1, 2; round 1: epoch 1, then killed after epoch 2's log
@@ -67,9 +89,13 @@ def layout(run_dir: Path) -> list[str]:
 
 def metrics(run_dir: Path) -> dict[str, list[dict]]:
     """Every metrics.jsonl of a run without its wall-clock fields."""
-    return {str(p.relative_to(run_dir)): [{k: v for k, v in json.loads(line).items() if k not in TIMINGS}
-                                          for line in p.read_text().splitlines()]
-            for p in sorted(run_dir.rglob("metrics.jsonl"))}
+    return {
+        str(p.relative_to(run_dir)): [
+            {k: v for k, v in json.loads(line).items() if k not in TIMINGS}
+            for line in p.read_text().splitlines()
+        ]
+        for p in sorted(run_dir.rglob("metrics.jsonl"))
+    }
 
 
 def reads(run_dir: Path) -> dict:
@@ -80,22 +106,32 @@ def reads(run_dir: Path) -> dict:
     density = results.layer_density(run_dir)
     return {
         "rows": rows,
-        "layer_density": {"rounds": density.rounds,
-                          **{f: {k: v.tolist() for k, v in getattr(density, f).items()}
-                             for f in ("density", "quat_full", "quat_alive")}},
+        "layer_density": {
+            "rounds": density.rounds,
+            **{
+                f: {k: v.tolist() for k, v in getattr(density, f).items()}
+                for f in ("density", "quat_full", "quat_alive")
+            },
+        },
         "mask_rounds": results.mask_rounds(run_dir),
-        "masks": {str(level): {k: v.astype(int).sum(axis=tuple(range(1, v.ndim))).tolist()
-                               for k, v in results.load_masks(run_dir, 0, level).items()}
-                  for level in results.mask_rounds(run_dir)},
+        "masks": {
+            str(level): {
+                k: v.astype(int).sum(axis=tuple(range(1, v.ndim))).tolist()
+                for k, v in results.load_masks(run_dir, 0, level).items()
+            }
+            for level in results.mask_rounds(run_dir)
+        },
         "quaternion_summary": results.quaternion_summary(run_dir),
-        "markdown_report": report.markdown_report(results.aggregate(results.read_rows(run_dir)))
-        .replace(str(run_dir), "RUN"),
+        "markdown_report": report.markdown_report(
+            results.aggregate(results.read_rows(run_dir))
+        ).replace(str(run_dir), "RUN"),
     }
 
 
 def flags(config: dict) -> list[str]:
     def show(v):
         return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
     return [f"--{k}={show(v)}" for k, v in config.items()]
 
 
@@ -107,15 +143,29 @@ def main() -> None:
     for name, fields in CONFIGS.items():
         config = Config(**fields, data_dir=str(tfds_dir))
         run_dir = lottery.run(config, tmp / "work", log=lambda s: None)
-        expected["runs"][name] = {"run_name": run_dir.name, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
-                                  "summary": json.loads((run_dir / "summary.json").read_text()),
-                                  "metrics": metrics(run_dir), "layout": layout(run_dir)}
+        expected["runs"][name] = {
+            "run_name": run_dir.name,
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
+            "summary": json.loads((run_dir / "summary.json").read_text()),
+            "metrics": metrics(run_dir),
+            "layout": layout(run_dir),
+        }
     partial = HERE / "partial_run"
     shutil.rmtree(partial, ignore_errors=True)
-    env = {**os.environ, "QSPARSE_FAULT": FAULT, "JAX_PLATFORMS": "cpu",
-           "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
-    cmd = [sys.executable, "-m", "experiments.imp", *flags(CONFIGS[PARTIAL]), f"--data_dir={tfds_dir}",
-           f"--run_dir={partial}"]
+    env = {
+        **os.environ,
+        "QSPARSE_FAULT": FAULT,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.imp",
+        *flags(CONFIGS[PARTIAL]),
+        f"--data_dir={tfds_dir}",
+        f"--run_dir={partial}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
     (partial / ".lock").unlink()
