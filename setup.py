@@ -1,7 +1,9 @@
-"""The optional oneDNN convolution extension (see qsparse/onednn.py); everything else is in pyproject.toml.
+"""The optional oneDNN convolution extension (see qsparse/cpu/onednn.py); everything else is in
+pyproject.toml.
 
 ``optional=True``: where oneDNN's headers are missing (``apt-get install libdnnl-dev`` provides
-them) the build warns (shown by `pip install -v`), skips the extension and installs the pure-Python package.
+them) the build warns (shown by `pip install -v`), skips the extension and installs the
+pure-Python package.
 """
 
 import os

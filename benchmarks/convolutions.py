@@ -42,8 +42,9 @@ def bench_layers(windows: int, log: Callable[[str], None]) -> list[dict[str, Any
 
                 fwd = jax.jit(conv)
                 grad = jax.jit(lambda x, w, dy: jax.vjp(conv, x, w)[1](dy))
-                dx = jax.jit(lambda x, w, dy: grad(x, w, dy)[0])
-                dw = jax.jit(lambda x, w, dy: grad(x, w, dy)[1])
+                # both used in this iteration only, so binding ``grad`` late is harmless
+                dx = jax.jit(lambda x, w, dy: grad(x, w, dy)[0])  # noqa: B023
+                dw = jax.jit(lambda x, w, dy: grad(x, w, dy)[1])  # noqa: B023
                 for op, f, args in zip(OPS, (fwd, dx, dw), ((x, w), (x, w, dy), (x, w, dy))):
                     sync(f(*args))  # compile now, under this backend
                     ops[backend, op] = (f, args, [])

@@ -55,7 +55,8 @@ def run_tests(platform: str) -> str:
     cmd = [sys.executable, "-m", "pytest", *FLAGS.pytest_args.split(), "tests"]
     result = subprocess.run(cmd, cwd=REPO, env=_env(platform), capture_output=True, text=True)
     lines = [line for line in result.stdout.strip().splitlines() if line.strip()]
-    return f"`{' '.join(cmd[2:])}` exited {result.returncode}: {lines[-1] if lines else result.stderr[-500:]}"
+    last = lines[-1] if lines else result.stderr[-500:]
+    return f"`{' '.join(cmd[2:])}` exited {result.returncode}: {last}"
 
 
 def run_bench(platform: str, json_path: Path) -> str:
@@ -78,7 +79,8 @@ def run_bench(platform: str, json_path: Path) -> str:
     ]
     result = subprocess.run(cmd, cwd=REPO, env=_env(platform), capture_output=True, text=True)
     if result.returncode:
-        return f"`{' '.join(cmd[2:])}` failed (exit {result.returncode}):\n\n```\n{result.stderr[-3000:]}\n```\n"
+        command, stderr = " ".join(cmd[2:]), result.stderr[-3000:]
+        return f"`{command}` failed (exit {result.returncode}):\n\n```\n{stderr}\n```\n"
     return md.read_text()
 
 

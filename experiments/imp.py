@@ -7,8 +7,10 @@ r"""Lottery-ticket iterative magnitude pruning of a real or quaternion model.
 Several processes, one per host (or several on one host), train one run together through JAX's
 multi-controller runtime; start the same command in each, with its own --process_id:
 
-    python -m experiments.imp --model=lenet12 --coordinator_address=host0:1234 --num_processes=2 --process_id=0
-    python -m experiments.imp --model=lenet12 --coordinator_address=host0:1234 --num_processes=2 --process_id=1
+    python -m experiments.imp --model=lenet12 --coordinator_address=host0:1234 \
+        --num_processes=2 --process_id=0
+    python -m experiments.imp --model=lenet12 --coordinator_address=host0:1234 \
+        --num_processes=2 --process_id=1
 
 (``--distributed`` instead lets SLURM, Open MPI, Kubernetes or Cloud TPU fill these in.) Every
 process loads the dataset and feeds its devices; only process 0 writes the run directory, which
@@ -161,7 +163,8 @@ def peer_stopped(error: Exception) -> NoReturn:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     sys.stdout.flush()
     sys.stderr.write(
-        f"error: process {jax.process_index()} of {jax.process_count()}: another process of this run "
+        f"error: process {jax.process_index()} of {jax.process_count()}: another process of this "
+        "run "
         f"stopped ({' '.join(first.split())}); rerun every process to resume\n"
     )
     sys.stderr.flush()

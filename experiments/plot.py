@@ -1,7 +1,8 @@
 r"""Figures like the paper's Fig. 4 from IMP run directories, plus layer densities per run.
 
     python -m experiments.plot --runs=runs --out=figures
-    python -m experiments.plot --runs=runs/lenet12_real_mnist_xxx,runs/lenet12_quat_mnist_yyy --out=figures
+    python -m experiments.plot --out=figures \
+        --runs=runs/lenet12_real_mnist_xxx,runs/lenet12_quat_mnist_yyy
 
 Writes accuracy_<model>_<dataset>_{own,real}.{png,svg} (x as % of the model's own weights, and
 as % of the real model's weights, the paper's convention; the paper's digitized curve dashed

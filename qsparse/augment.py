@@ -17,7 +17,8 @@ def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]
     """``(images / 255 - mean) / std`` in float32, per channel (last axis).
 
     ``images`` hold pixel values in ``[0, 255]`` (uint8 or float); ``mean``/``std`` are in
-    ``[0, 1]`` units as in :data:`qsparse.data.DATASETS`, matching torchvision's ``ToTensor`` + ``Normalize``.
+    ``[0, 1]`` units as in :data:`qsparse.data.DATASETS`, matching torchvision's ``ToTensor`` +
+    ``Normalize``.
     """
     x = jnp.asarray(images, jnp.float32) / 255.0
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
@@ -31,7 +32,8 @@ def sample_augmentation(keys: jax.Array, *, padding: int = 4) -> tuple[jax.Array
     """
     if not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) or keys.ndim != 1:
         raise TypeError(
-            f"keys must be a (B,) array of typed PRNG keys (jax.random.key), got {keys.dtype}{keys.shape}"
+            "keys must be a (B,) array of typed PRNG keys (jax.random.key), got "
+            f"{keys.dtype}{keys.shape}"
         )
 
     def one(key: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -88,11 +88,11 @@ def save_masks(path: Path, masks) -> None:
 
 
 def load_masks(path: Path, like) -> Any:
-    """Masks shaped like the pytree ``like``; checks names, shapes and dtype (the zip checks CRCs)."""
+    """Masks shaped like the pytree ``like``; names, shapes and dtype checked (the zip: CRCs)."""
     try:
         with np.load(path) as f:
             arrays = {k: f[k] for k in f.files}
-    except Exception as e:  # noqa: BLE001 - a damaged zip raises many types
+    except Exception as e:  # a damaged zip raises many types
         raise CorruptFileError(f"cannot read masks {path}: {type(e).__name__}: {e}") from e
     leaves = []
     for p, x in jax.tree_util.tree_leaves_with_path(like):
@@ -163,7 +163,7 @@ def load_tree_extra(path: Path, like) -> tuple[Any, Any]:
     try:
         with _checkpointer() as ckptr:
             tree = ckptr.restore(path, abstract(like))
-    except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged folder
+    except Exception as e:  # orbax raises many types for a damaged folder
         raise CorruptFileError(f"cannot restore checkpoint {path}: {type(e).__name__}: {e}") from e
     if meta is None:
         log.warning(

@@ -324,12 +324,14 @@ def _check_archives(name: str, manual: Path, root: Path) -> None:
             )
         elif path.stat().st_size != archive.size:
             problems.append(
-                f"  {archive.filename}  (has {path.stat().st_size:,} bytes, expected {archive.size:,};"
+                f"  {archive.filename}  (has {path.stat().st_size:,} bytes, expected "
+                f"{archive.size:,};"
                 f" sha256 {archive.sha256})"
             )
     if problems:
         raise DatasetUnavailableError(
-            f"Dataset {name!r} is not prepared in {root} and cannot be built offline: these original"
+            f"Dataset {name!r} is not prepared in {root} and cannot be built offline: these "
+            "original"
             f" archives are needed in {manual}:\n" + "\n".join(problems) + "\n"
             "Place them there, or point manual_dir=<folder> of qsparse.data.load (a script's"
             " --manual_dir flag) at the folder that holds them."

@@ -175,7 +175,8 @@ class Experiment:
         self.rule = qmasks.PruneRule(prune_output=config.prune_output)
 
     def _param_shapes(self):
-        """The parameters' shapes; a ConfigError naming the fitting encodings if the input does not fit."""
+        """The parameters' shapes; if the input does not fit, a ConfigError naming the encodings
+        that do."""
         cfg = self.config
         try:
             return _shapes(self.model, self.input_shape)
@@ -207,7 +208,8 @@ class Experiment:
         total = self.config.epochs * steps
         if step >= total:
             raise ConfigError(
-                f"rewind={self.config.rewind} is step {step}, not before the end of training ({total} steps)"
+                f"rewind={self.config.rewind} is step {step}, not before the end of training "
+                f"({total} steps)"
             )
         return step
 

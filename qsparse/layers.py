@@ -103,7 +103,8 @@ class QConv(nn.Module):
       feature_group_count: groups counted on quaternion channels; both quaternion channel
         counts must be divisible by it.
       conv_general_dilated: the convolution, as ``nn.Conv``'s hook of the same name (default
-        ``lax.conv_general_dilated``; qsparse's models pass :func:`qsparse.cpu.conv_general_dilated`).
+        ``lax.conv_general_dilated``; qsparse's models pass
+        :func:`qsparse.cpu.conv_general_dilated`).
     """
 
     features: int
@@ -126,7 +127,8 @@ class QConv(nn.Module):
         ndim = len(self.kernel_size)
         if inputs.ndim != ndim + 2:
             raise ValueError(
-                f"QConv: expected inputs of shape (batch, {ndim} spatial dims, channels), got {inputs.shape}"
+                f"QConv: expected inputs of shape (batch, {ndim} spatial dims, channels), got "
+                f"{inputs.shape}"
             )
         _check_multiple_of_4(self.features, "features", "QConv")
         _check_multiple_of_4(inputs.shape[-1], "the input channel count", "QConv")

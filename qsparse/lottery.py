@@ -137,7 +137,8 @@ class Lottery(Experiment):
             low_rounds = low_rounds + 1 if done["test_acc"] < cfg.stop_accuracy else 0
             if low_rounds >= 2:
                 self.log(
-                    f"replicate {r}: test accuracy below {cfg.stop_accuracy} twice; stopping (as the paper)"
+                    f"replicate {r}: test accuracy below {cfg.stop_accuracy} twice; stopping (as "
+                    "the paper)"
                 )
                 return
 
@@ -177,7 +178,7 @@ class Lottery(Experiment):
         return new
 
     def _start_params(self, rep: rundir.Replicate, theta0, init_key, level: int):
-        """Where round ``level``'s ticket starts: θ₀, the rewind point, or (control) fresh weights."""
+        """Where round ``level``'s ticket starts: θ₀, the rewind point or (control) new weights."""
         if self.config.control == "reinit" and level > 0:
             return models.init_params(
                 self.model, jax.random.fold_in(init_key, level), self.input_shape
@@ -264,5 +265,6 @@ def _silent(message: str) -> None:
 
 
 def replicate_keys(seed: int, replicate: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(init, data order, control) keys of a replicate: split once, so each stream is independent."""
+    """(init, data order, control) keys of a replicate: split once, so the streams are
+    independent."""
     return tuple(jax.random.split(jax.random.fold_in(jax.random.key(seed), replicate), 3))

@@ -38,8 +38,8 @@ def _real_dense(features: int, fan_in: int, name: str | None = None) -> nn.Dense
 class _Body(nn.Module):
     """Shared pieces: the layer for the algebra, the input encoding and the flatten.
 
-    ``conv_op`` computes every convolution (``nn.Conv``'s ``conv_general_dilated`` hook, also used by
-    ``QConv``): by default :func:`qsparse.cpu.conv_general_dilated`, XLA's own convolution except
+    ``conv_op`` computes every convolution (``nn.Conv``'s ``conv_general_dilated`` hook, also used
+    by ``QConv``): by default :func:`qsparse.cpu.conv_general_dilated`, XLA's own convolution except
     in programs lowered for the CPU; ``jax.lax.conv_general_dilated`` everywhere allows
     forward-mode autodiff.
     """
@@ -104,7 +104,8 @@ class LeNet(_Body):
             x = x.reshape(x.shape[0], -1)
             if x.shape[-1] % 4:
                 raise ValueError(
-                    f"quaternion LeNet with encoding 'flat' needs an input size divisible by 4, got "
+                    "quaternion LeNet with encoding 'flat' needs an input size divisible by 4, "
+                    "got "
                     f"{x.shape[-1]}; choose an encoding from {sorted(quaternion.ENCODINGS)}"
                 )
         else:
@@ -115,7 +116,8 @@ class LeNet(_Body):
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max-pool with stride 2 (VALID, as ``nn.max_pool(x, (2, 2), (2, 2))``) as a reshape and a max.
+    """2x2 max-pool with stride 2 (VALID, as ``nn.max_pool(x, (2, 2), (2, 2))``), as a reshape
+    and a max.
 
     Same values; the gradient is elementwise where ``nn.max_pool``'s is a select-and-scatter, which
     XLA:CPU runs far more slowly. Exact ties among a window's maxima share its gradient instead of
@@ -138,7 +140,8 @@ class ConvNet(_Body):
         smallest = 2 ** len(self.stages)
         if x.ndim != 4 or min(x.shape[1:3]) < smallest:
             raise ValueError(
-                f"a ConvNet with {len(self.stages)} pooling stages needs (batch, H, W, C) images with "
+                f"a ConvNet with {len(self.stages)} pooling stages needs (batch, H, W, C) images "
+                "with "
                 f"H, W >= {smallest}; got shape {x.shape}"
             )
         x = self.encode_image(x)
@@ -154,7 +157,7 @@ class ConvNet(_Body):
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """A named architecture, the dataset the paper trains it on, and its Table 1 hyper-parameters."""
+    """A named architecture, the dataset the paper trains it on, its Table 1 hyper-parameters."""
 
     module: type
     kwargs: dict
@@ -181,7 +184,7 @@ def spec(name: str) -> Spec:
 
 
 def create(name: str, algebra: str = "real", num_classes: int = 10, **overrides) -> nn.Module:
-    """Build model ``name`` for ``algebra``; ``overrides`` replace architecture fields (widths, init)."""
+    """Model ``name`` for ``algebra``; ``overrides`` replace architecture fields (widths, init)."""
     s = spec(name)
     if algebra not in ALGEBRAS:
         raise ValueError(f"unknown algebra {algebra!r}; valid: {list(ALGEBRAS)}")

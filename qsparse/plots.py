@@ -86,7 +86,8 @@ def accuracy_figure(
 
 
 def layer_density_figure(density: results.LayerDensity, title: str | None = None) -> Figure:
-    """Density of each prunable layer per round; dashed: quaternions with all four components alive."""
+    """Density of each prunable layer per round; dashed: quaternions with all four components
+    alive."""
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.add_subplot()
     for i, (name, d) in enumerate(density.density.items()):
@@ -120,7 +121,8 @@ def save(fig: Figure, stem: Path) -> list[Path]:
 
 
 def write_figures(runs: Iterable[str | os.PathLike], out: str | os.PathLike) -> list[Path]:
-    """Accuracy figures per (model, dataset), in both x conventions, and a layer-density figure per run."""
+    """Accuracy figures per (model, dataset), in both x conventions, and a layer-density figure
+    per run."""
     runs = results.find_runs(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -171,7 +171,8 @@ def shuffle(
             n_keep = int(unit(m).sum())
             if n_keep > candidates.size:
                 raise ValueError(
-                    f"{path_str(path)}: {n_keep} survivors requested from {candidates.size} alive units"
+                    f"{path_str(path)}: {n_keep} survivors requested from {candidates.size} alive "
+                    "units"
                 )
             perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, i), candidates.size))
             keep = np.zeros(pool.shape, bool)

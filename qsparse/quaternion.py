@@ -113,7 +113,7 @@ def from_components(q: jnp.ndarray) -> jnp.ndarray:
 
 
 def blocked_flatten(x: jnp.ndarray) -> jnp.ndarray:
-    """Flatten ``(batch, ..., 4 * c)`` activations to ``(batch, 4 * prod(...) * c)`` in block layout.
+    """Flatten ``(batch, ..., 4 * c)`` activations to ``(batch, 4 * prod(...) * c)``, block layout.
 
     A plain reshape would interleave components per pixel; a quaternion dense layer after a
     quaternion conv needs ``[all r | all i | all j | all k]`` (what NCHW flattening gives in
@@ -153,7 +153,8 @@ def _check_channels(x: jnp.ndarray, channels: int, name: str) -> None:
 
 
 def encode_rgb_gray(x: jnp.ndarray) -> jnp.ndarray:
-    """(R, G, B) -> r=R, i=G, j=B, k=gray: the paper's CIFAR encoding (gray of the normalised image)."""
+    """(R, G, B) -> r=R, i=G, j=B, k=gray: the paper's CIFAR encoding (gray of the normalised
+    image)."""
     _check_channels(x, 3, "rgb_gray")
     return jnp.concatenate([x, _gray(x)], axis=-1)
 

@@ -165,7 +165,8 @@ def by_pair(curves: Iterable[Curve]) -> dict[tuple[str, str], list[Curve]]:
 
 
 def labels(curves: Sequence[Curve]) -> list[str]:
-    """'R' / 'Q', plus the curve fields that differ among ``curves`` (e.g. 'Q (grouping=quaternion)')."""
+    """'R' / 'Q', plus the curve fields that differ among ``curves``, e.g.
+    'Q (grouping=quaternion)'."""
     fields = sorted({k for c in curves for k in c.config} - {"model", "dataset", "algebra"})
     varying = [k for k in fields if len({_hashable(c.config.get(k)) for c in curves}) > 1]
     out = []

@@ -239,8 +239,9 @@ def _evaluate(mean, std, batch: int, n_data: int, state: TrainState, images, lab
 
 
 def _squeezed(fn: Callable, stacked: tuple[int, ...]) -> Callable:
-    """``fn`` for a device group that holds one replicate: the replica axis (size 1) is dropped from
-    the ``stacked`` arguments and put back on every output, so the group runs the lone-run program."""
+    """``fn`` for a device group that holds one replicate: the replica axis (size 1) is dropped
+    from the ``stacked`` arguments and put back on every output, so the group runs the lone-run
+    program."""
 
     def wrapped(*args):
         args = [jax.tree.map(lambda x: x[0], a) if i in stacked else a for i, a in enumerate(args)]
@@ -319,7 +320,8 @@ class Trainer:
         if spec.batch_size % n_data:
             raise ValueError(
                 f"batch size {spec.batch_size} is not divisible by the {n_data} devices "
-                f"that train each replicate ({len(self.devices)} devices, {groups} replicate groups)"
+                f"that train each replicate ({len(self.devices)} devices, {groups} replicate "
+                "groups)"
             )
         self.platform = self.devices[0].platform
         self.replica_mode = (
@@ -405,7 +407,8 @@ class Trainer:
     def _keys(self, key) -> jax.Array:
         if self.replicas is not None and jnp.shape(key) != (self.replicas,):
             raise ValueError(
-                f"a trainer of {self.replicas} replicas needs {self.replicas} keys, got shape {jnp.shape(key)}"
+                f"a trainer of {self.replicas} replicas needs {self.replicas} keys, got shape "
+                f"{jnp.shape(key)}"
             )
         return self._put(jax.random.key_data(key), self._state_sharding)
 
@@ -436,7 +439,8 @@ class Trainer:
     def train_epoch(
         self, state: TrainState, images, labels, key, start: int = 0, stop: int | None = None
     ):
-        """Run steps [start, stop) of one epoch; metrics as floats (lists of floats with ``replicas``)."""
+        """Run steps [start, stop) of one epoch; metrics as floats (per-replica lists with
+        ``replicas``)."""
         stop = self.spec.steps if stop is None else stop
         keys = self._keys(key)
         state = self._put(state, self._state_sharding)
@@ -476,7 +480,8 @@ def _to_float(v):
 
 
 def epoch_spec(dataset, batch_size: int) -> EpochSpec:
-    """The epoch of a :class:`qsparse.data.Dataset` (or anything with its fields) at ``batch_size``."""
+    """The epoch of a :class:`qsparse.data.Dataset` (or anything with its fields) at
+    ``batch_size``."""
     n = dataset.train_images.shape[0]
     if not 0 < batch_size <= n:
         raise ValueError(f"batch size {batch_size} must be in [1, {n}] (training examples)")

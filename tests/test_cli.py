@@ -114,7 +114,8 @@ def snapshot(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def outcomes(mnist_dir, tmp_path_factory):
-    """Each case run in its own copy of a workdir holding a finished run: (result, before, after)."""
+    """Each case run in its own copy of a workdir holding a finished run: (result, before,
+    after)."""
     env = cli_env(tmp_path_factory)
     base = [*BASE, f"--data_dir={mnist_dir}"]
     workdir = tmp_path_factory.mktemp("existing")

@@ -58,9 +58,11 @@ def test_values_and_gradients_equal_lax(x_shape, w_shape, strides, padding, dila
 
 def _grad_of_loss(model):
     def grad(params, x, y):
-        loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-            model.apply({"params": p}, x), y
-        ).mean()  # noqa: E731
+        def loss(p):
+            return optax.softmax_cross_entropy_with_integer_labels(
+                model.apply({"params": p}, x), y
+            ).mean()
+
         return jax.grad(loss)(params)
 
     return grad
@@ -110,7 +112,8 @@ def test_gpu_and_tpu_programs_hold_xla_convolutions_and_gradients(algebra):
 
 
 def test_forward_mode_through_a_model_built_on_lax():
-    """jvp works (the CPU convolution is reverse-mode only) and agrees with vjp: <u, J t> = <J^T u, t>."""
+    """jvp works (the CPU convolution is reverse-mode only) and agrees with vjp:
+    <u, J t> = <J^T u, t>."""
     model = models.create(
         "conv2",
         "real",

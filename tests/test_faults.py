@@ -287,7 +287,7 @@ def test_replicates_trained_together_resume_bit_identical(imp, tmp_path_factory)
     )
     # the two train at different epochs of round 0 side by side; killed in round 1's first epoch
     killed("epoch_end:7")
-    # counted from this restart: rounds 1 of both, then replicate 0's round 2 done, replicate 1's not
+    # counted from this restart: rounds 1 of both, then replicate 0's round 2 done, not 1's
     r0, r1 = killed("round_end:3")
     assert (r0[2] / "done.json").exists() and not (r1[2] / "done.json").exists()
     result = imp(workdir, "--replicates=2")

@@ -1,8 +1,8 @@
 """qsparse's three import tiers, each importable without the tier above it.
 
 * core (layers, models, pruning, training): jax, flax, optax and numpy only;
-* run (config, data, checkpoints, run directory, loop, experiment setup, lottery): the core plus orbax and
-  tensorflow-datasets;
+* run (config, data, checkpoints, run directory, loop, experiment setup, lottery): the core
+  plus orbax and tensorflow-datasets;
 * analysis (results, paper figures, report, plots): numpy and matplotlib, no jax; it shares
   the run tier's two jax-free leaves, the config schema and the run-directory vocabulary.
 

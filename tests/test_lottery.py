@@ -216,9 +216,7 @@ def test_replicates_trained_together_equal_the_lone_run(quat_run, tmp_path):
         _, c, _ = load_round(together, config, level, rep=1)
         for x, y in zip(jax.tree.leaves(ma), jax.tree.leaves(mb)):
             np.testing.assert_array_equal(x, y)
-        for x, y, z in zip(
-            jax.tree.leaves(a.params), jax.tree.leaves(b.params), jax.tree.leaves(c.params)
-        ):
+        for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
             np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5)
         assert not np.allclose(jax.tree.leaves(a.params)[0], jax.tree.leaves(c.params)[0])
     lone_rows = json.loads((lone / "summary.json").read_text())

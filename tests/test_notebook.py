@@ -1,4 +1,5 @@
-"""notebooks/inspect_masks.ipynb runs top to bottom on two tiny real runs (element, quaternion grouping)."""
+"""notebooks/inspect_masks.ipynb runs top to bottom on two tiny real runs (element and quaternion
+grouping)."""
 
 from pathlib import Path
 

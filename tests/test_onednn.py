@@ -83,7 +83,7 @@ def test_inside_scan_and_vmap():
     w_end, losses = jax.jit(lambda w, xs: jax.lax.scan(body, w, xs))(w, xs)
     w_ref = w
     for x, loss in zip(xs, losses):
-        loss_ref, g = jax.value_and_grad(lambda w: jnp.sum(reference(x, w, pad) ** 2))(w_ref)
+        loss_ref, g = jax.value_and_grad(lambda w: jnp.sum(reference(x, w, pad) ** 2))(w_ref)  # noqa: B023
         np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
         w_ref = w_ref - 1e-3 * g
     np.testing.assert_allclose(w_end, w_ref, rtol=1e-5, atol=1e-6)
@@ -101,7 +101,7 @@ def test_precision_settings_use_onednn_and_other_dtypes_use_xla():
         ((x, w), {"precision": (jax.lax.Precision.DEFAULT,) * 2}, True),
         ((x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)), {}, False),
     ]:
-        text = jax.jit(lambda x, w: cpu.conv2d(x, w, pad, **kwargs)).lower(*args).as_text()
+        text = jax.jit(lambda x, w: cpu.conv2d(x, w, pad, **kwargs)).lower(*args).as_text()  # noqa: B023
         assert ("qsparse_onednn" in text) == expect and ("convolution" in text) != expect
 
 
@@ -162,8 +162,8 @@ def test_training_epoch_matches_xla_convolutions(choice):
 
 @needs_onednn
 def test_concurrent_calls_from_many_threads():
-    """XLA runs independent custom calls at the same time (devices of a mesh, both gradients of a layer);
-    the extension must give every caller its own correct result."""
+    """XLA runs independent custom calls at the same time (devices of a mesh, both gradients of a
+    layer); the extension must give every caller its own correct result."""
     import concurrent.futures
 
     rng = np.random.default_rng(2)

@@ -54,7 +54,7 @@ def test_rule_and_ones(quat_params):
 def test_exact_counts_monotone_masks_biases_kept(quat_params, method, grouping):
     masks = M.ones(quat_params)
     params = quat_params
-    for step in range(6):
+    for _ in range(6):
         before = alive_units(masks, grouping)
         new = pruning.prune(params, masks, 0.2, method=method, grouping=grouping)
         after = alive_units(new, grouping)

@@ -142,7 +142,8 @@ tx = train.make_optimizer("adam", 1e-2)
 states = []
 for r, fraction in enumerate([0.2, 0.6]):
     params = models.init_params(model, jax.random.key(10 + r), (8, 8, 1))
-    states.append(train.create_train_state(model, params, pruning.prune(params, M.ones(params), fraction), tx))
+    masks = pruning.prune(params, M.ones(params), fraction)
+    states.append(train.create_train_state(model, params, masks, tx))
 keys = [jax.random.key(100 + r) for r in range(2)]
 lone = train.Trainer(spec, devices=jax.devices()[:1])
 alone = [lone.train_epoch(s, images, labels, k) for s, k in zip(states, keys)]
@@ -150,7 +151,8 @@ both = train.Trainer(spec, replicas=2)  # one replicate per device: the lone pro
 assert both.mesh.devices.shape == (2, 1)
 together, metrics = both.train_epoch(train.stack_states(states), images, labels, jnp.stack(keys))
 for r, (state, m) in enumerate(alone):
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(train.unstack_states(together)[r].params)):
+    mine = train.unstack_states(together)[r].params
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(mine)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert metrics["train_loss"][r] == m["train_loss"]
 print("OK")

@@ -79,7 +79,7 @@ def test_one_compilation_serves_every_mask(setup):
     trainer = train.Trainer(SPEC)
     tx = train.make_optimizer("adam", 1e-3)
     m = masks
-    for level in range(3):
+    for _ in range(3):
         rstate = train.create_train_state(model, params, m, tx)
         for e in range(2):
             rstate, _ = trainer.train_epoch(rstate, *data, jax.random.key(e))
@@ -97,7 +97,7 @@ def test_split_epoch_equals_whole_epoch_and_same_key_same_result(setup):
     part, _ = trainer.train_epoch(start, *data, jax.random.key(5), 0, 4)
     part, _ = trainer.train_epoch(part, *data, jax.random.key(5), 4, 10)
     other, _ = trainer.train_epoch(start, *data, jax.random.key(6))
-    for a, b, c, d in zip(*(jax.tree.leaves(s.params) for s in (whole, again, part, other))):
+    for a, b, c, _ in zip(*(jax.tree.leaves(s.params) for s in (whole, again, part, other))):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
     assert int(part.step) == 10

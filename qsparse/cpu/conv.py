@@ -26,8 +26,9 @@ _NHWC_SPECS = lax.ConvDimensionNumbers(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv2d(inputs, kernel, padding, precision=None, preferred_element_type=None):
-    """Stride-1 2-D convolution for the CPU, ``(N, H, W, C_in) x (kh, kw, C_in, C_out) -> (N, H', W', C_out)``,
-    with explicit ``padding`` ``((lo, hi), (lo, hi))`` (each ``0 <= pad < kernel size``).
+    """Stride-1 2-D convolution for the CPU,
+    ``(N, H, W, C_in) x (kh, kw, C_in, C_out) -> (N, H', W', C_out)``, with explicit ``padding``
+    ``((lo, hi), (lo, hi))`` (each ``0 <= pad < kernel size``).
 
     Equal to ``lax.conv_general_dilated`` with the same arguments; only the kernels differ. Float32
     convolutions run on oneDNN when the extension is built; otherwise the gradients are forward

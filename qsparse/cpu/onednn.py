@@ -64,7 +64,8 @@ def available() -> bool:
 
 
 def set_cpu_conv(choice: str) -> None:
-    """``"auto"`` (oneDNN when available), ``"onednn"`` (required) or ``"xla"``, for later traces."""
+    """``"auto"`` (oneDNN when available), ``"onednn"`` (required) or ``"xla"``, for later
+    traces."""
     if choice not in CHOICES:
         raise ValueError(f"cpu convolution {choice!r} is not one of {CHOICES}")
     if choice == "onednn" and not available():
@@ -124,7 +125,8 @@ def _call(name: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array, paddi
 
 
 def forward(x: jax.Array, w: jax.Array, padding) -> jax.Array:
-    """``(N, H, W, C) x (KH, KW, C, O) -> (N, H', W', O)``, stride 1, explicit ``((lo, hi), (lo, hi))``."""
+    """``(N, H, W, C) x (KH, KW, C, O) -> (N, H', W', O)``, stride 1, padding
+    ``((lo, hi), (lo, hi))``."""
     (top, bottom), (left, right) = padding
     n, h, wd, _ = x.shape
     kh, kw, _, o = w.shape

@@ -24,7 +24,7 @@ def _has_conv(jaxpr) -> bool:
 
 
 def has_conv(apply_fn: Callable, params, image_shape: Sequence[int]) -> bool:
-    """Whether ``apply_fn`` (a flax ``apply``) runs a convolution on one image of ``image_shape``."""
+    """Whether ``apply_fn`` (a flax ``apply``) convolves one image of ``image_shape``."""
     x = jnp.zeros((1, *image_shape), jnp.float32)
     return _has_conv(jax.make_jaxpr(lambda p, x: apply_fn({"params": p}, x))(params, x).jaxpr)
 
