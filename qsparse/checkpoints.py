@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from qsparse.masks import path_str
-from qsparse.rundir import CorruptFileError, is_writer, read_json, write_json
+from qsparse.rundir import CorruptFileError, default_file_mode, is_writer, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ def save_masks(path: Path, masks) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    os.fchmod(fd, default_file_mode())
     os.close(fd)
     try:
         np.savez(tmp, **arrays)

@@ -219,6 +219,7 @@ def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -227,6 +228,14 @@ def write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def default_file_mode() -> int:
+    """The mode ``open`` gives a new file (0o666 less the umask); ``mkstemp``'s 0o600 would hide
+    a run's files from the other users of a shared filesystem."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_json(path: Path, obj: Any) -> None:

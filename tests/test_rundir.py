@@ -2,12 +2,14 @@
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from qsparse import checkpoints as ckpt
 from qsparse import masks, models, rundir
 
 GOLDEN_RUN = Path(__file__).parent / "golden" / "partial_run"
@@ -171,3 +173,17 @@ def test_damaged_or_missing_json_raises_corrupt_naming_the_file(tmp_path, reader
         reader(path)
     with pytest.raises(rundir.CorruptFileError, match=str(tmp_path / "missing.json")):
         reader(tmp_path / "missing.json")
+
+
+def test_files_are_created_with_the_usual_permissions(tmp_path):
+    """Readable by group and others as ``open`` would make them (umask 022), not mkstemp's 0600."""
+    old = os.umask(0o022)
+    try:
+        rundir.write_json(tmp_path / "a.json", {})
+        ckpt.save_masks(tmp_path / "m.npz", masks.ones({"w": np.zeros(3)}))
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {
+        "a.json": 0o644,
+        "m.npz": 0o644,
+    }
