@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 from jax.experimental import multihost_utils
@@ -109,6 +111,26 @@ def create_model(config: Config, num_classes: int, algebra: str | None = None, *
         widths = {name: config.hidden}
     quat = {"quat_init": config.quat_init, "encoding": config.encoding} if algebra == "quat" else {}
     return models.create(config.model, algebra, num_classes, **widths, **{**quat, **overrides})
+
+
+def check_writable(path: Path) -> None:
+    """Refuse a run directory that cannot be created or written, before anything is."""
+    parent = next(p for p in (path, *path.parents) if p.exists())
+    if not parent.is_dir():
+        raise ConfigError(f"cannot create the run directory {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create the run directory {path}: {parent} is not writable")
+
+
+def create_run_dir(run: rundir.Run) -> None:
+    """The run directory itself, the run's first write; a ConfigError if the system refuses it
+    (what :func:`check_writable` cannot foresee, e.g. a read-only filesystem for root)."""
+    if not rundir.is_writer():
+        return
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the run directory {run.path}: {e.strerror}") from None
 
 
 def check_run_dir(run: rundir.Run, config: Config) -> None:

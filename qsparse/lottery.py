@@ -39,7 +39,14 @@ from qsparse import checkpoints as ckpt
 from qsparse import loop, models, pruning, rundir, train
 from qsparse import masks as qmasks
 from qsparse.config import Config
-from qsparse.experiment import Experiment, check_run_dir, record_invocation, resolve
+from qsparse.experiment import (
+    Experiment,
+    check_run_dir,
+    check_writable,
+    create_run_dir,
+    record_invocation,
+    resolve,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +63,10 @@ def run(
     if not rundir.is_writer():
         log = _silent  # one voice per run: process 0's
     run = rundir.Run(Path(run_dir) if run_dir is not None else Path(workdir) / config.run_name())
+    check_writable(run.path)
     check_run_dir(run, config)
     experiment = Lottery(config, run, log)  # loads and validates everything; writes nothing
+    create_run_dir(run)
     with ckpt.RunLock(run.lock):
         check_run_dir(run, config)  # again, now that no other process can write it
         rundir.write_json(run.config, config.to_json())

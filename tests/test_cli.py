@@ -57,6 +57,14 @@ CASES = {
     ),
     "quat_width": (["--hidden=6"], ["hidden=[6]", "multiples of 4"]),
     "width_zero": (["--algebra=real", "--hidden=0"], ["hidden=[0]", "positive integer"]),
+    "workdir_is_a_file": (
+        ["--workdir={run}/config.json"],
+        ["cannot create the run directory", "config.json is not a directory"],
+    ),
+    "workdir_unwritable": (
+        ["--workdir=/sys/qsparse_runs"],
+        ["cannot create the run directory /sys/"],
+    ),
     "different_config": (
         ["--run_dir={run}", "--epochs=2"],
         ["holds a run with a different config", "'epochs': (1, 2)"],
