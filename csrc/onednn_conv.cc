@@ -1,5 +1,7 @@
 // Stride-1 NHWC x HWIO 2-D convolution (forward, input gradient, kernel gradient) as XLA FFI
-// handlers backed by oneDNN, for XLA:CPU. Loaded by qsparse/onednn.py; optional at build time.
+// handlers backed by oneDNN, for XLA:CPU. Loaded by qsparse/cpu/onednn.py; optional at build time.
+// Builds against oneDNN 2.x (Debian 12's libdnnl-dev 2.6) and 3.x (PyPI's onednn-devel-cpu-gomp
+// 3.2, what setup.py prefers).
 //
 // Why: on the CPU measured (results/bench_cpu.md) oneDNN's convolution kernels ran the Conv-4
 // layers 1.1-2.8x faster than XLA:CPU's. Activations stay in the caller's NHWC layout (oneDNN's
@@ -14,6 +16,7 @@
 #include <tuple>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "oneapi/dnnl/dnnl_version.h"  // DNNL_VERSION_MAJOR
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -49,9 +52,15 @@ struct Conv {
     w_user_md = memory::desc(w_dims, memory::data_type::f32, tag::hwio);
     const memory::desc w_any(w_dims, memory::data_type::f32, tag::any);
     const auto alg = dnnl::algorithm::convolution_direct;
+#if DNNL_VERSION_MAJOR >= 3  // 3.x: no operation descriptors; primitive descriptors take their arguments
+    fwd_pd = {Engine(), dnnl::prop_kind::forward_training, alg, x_md, w_any, y_md, strides, pad_lo, pad_hi};
+    bwd_data_pd = {Engine(), alg, x_md, w_any, y_md, strides, pad_lo, pad_hi, fwd_pd};
+    bwd_weights_pd = {Engine(), alg, x_md, w_any, y_md, strides, pad_lo, pad_hi, fwd_pd};
+#else  // 2.x (Debian 12's libdnnl-dev 2.6): primitive descriptors from operation descriptors
     fwd_pd = {{dnnl::prop_kind::forward_training, alg, x_md, w_any, y_md, strides, pad_lo, pad_hi}, Engine()};
     bwd_data_pd = {{alg, x_md, w_any, y_md, strides, pad_lo, pad_hi}, Engine(), fwd_pd};
     bwd_weights_pd = {{alg, x_md, w_any, y_md, strides, pad_lo, pad_hi}, Engine(), fwd_pd};
+#endif
     fwd = dnnl::convolution_forward(fwd_pd);
     bwd_data = dnnl::convolution_backward_data(bwd_data_pd);
     bwd_weights = dnnl::convolution_backward_weights(bwd_weights_pd);
