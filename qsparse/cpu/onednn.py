@@ -2,8 +2,10 @@
 
 oneDNN's kernels run Conv-2/4/6's convolutions and both their gradients faster than XLA:CPU's own
 (``python -m experiments.bench --layers`` measures both). The extension
-``qsparse._onednn_conv`` is built from ``csrc/onednn_conv.cc`` when the package is installed on a
-machine with oneDNN's headers (Debian/Ubuntu: ``apt-get install libdnnl-dev``); without them the
+``qsparse._onednn_conv`` is built from ``csrc/onednn_conv.cc`` when the package is installed: on
+Linux x86-64 against PyPI's oneDNN 3.2 (``onednn-devel-cpu-gomp``, a build requirement; its
+``libdnnl.so.3`` comes with the dependency ``onednn-cpu-gomp``), elsewhere against a system oneDNN
+(Debian/Ubuntu: ``apt-get install libdnnl-dev``) where there is one (setup.py). Without oneDNN the
 build skips it and everything runs on XLA's convolutions.
 
 :func:`qsparse.cpu.conv2d` uses these kernels for float32 convolutions; it runs only in programs
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.metadata
 import importlib.util
 import os
 from collections.abc import Iterator, Sequence
@@ -32,7 +35,43 @@ _TARGETS = {
 }
 _PREFIX = "qsparse_onednn_conv_"
 
-_state: dict = {"loaded": None, "error": None, "choice": None}
+_RUNTIME = "onednn-cpu-gomp"  # PyPI's oneDNN that setup.py builds against: libdnnl.so.3
+
+_state: dict = {"loaded": None, "error": None, "choice": None, "version": None, "preloaded": None}
+
+
+def _pip_library() -> str | None:
+    """The ``libdnnl.so.3`` of PyPI's ``onednn-cpu-gomp``, where it is installed."""
+    try:
+        files = importlib.metadata.distribution(_RUNTIME).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == "libdnnl.so.3":
+            path = os.path.realpath(f.locate())
+            if os.path.exists(path):
+                return path
+    return None
+
+
+def _open_extension(origin: str) -> ctypes.CDLL:
+    """The extension, with its ``libdnnl``: found through its rpath (an installed qsparse) or the
+    system's paths; failing those (an editable install, a moved environment), PyPI's library is
+    loaded first by its path, which the extension's ``libdnnl.so.3`` then resolves to (by soname).
+    RTLD_LOCAL: that library's symbols do not go into the global namespace, where they could stand
+    in for a different oneDNN's (an extension built against Debian's libdnnl.so.2)."""
+    try:
+        return ctypes.CDLL(origin)
+    except OSError as e:
+        pip = _pip_library()
+        if "libdnnl" not in str(e) or pip is None:
+            raise
+        _state["preloaded"] = ctypes.CDLL(pip, mode=os.RTLD_LOCAL)  # kept loaded
+        return ctypes.CDLL(origin)
+
+
+class _Version(ctypes.Structure):  # dnnl_version_t
+    _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("patch", ctypes.c_int)]
 
 
 def _load() -> bool:
@@ -41,12 +80,17 @@ def _load() -> bool:
         spec = importlib.util.find_spec("qsparse._onednn_conv")
         if spec is None or spec.origin is None:
             _state["error"] = (
-                "the extension qsparse._onednn_conv is not built (install oneDNN's headers, "
-                "e.g. `apt-get install libdnnl-dev`, then reinstall qsparse)"
+                "the extension qsparse._onednn_conv is not built (reinstall qsparse; it is built "
+                "against PyPI's onednn-devel-cpu-gomp on Linux x86-64, elsewhere against a "
+                "system oneDNN, e.g. `apt-get install libdnnl-dev`; `pip install -v` shows why not)"
             )
             return False
         try:
-            lib = ctypes.cdll.LoadLibrary(spec.origin)
+            lib = _open_extension(spec.origin)
+            dnnl_version = lib.dnnl_version  # from the libdnnl the extension loaded
+            dnnl_version.restype = ctypes.POINTER(_Version)
+            v = dnnl_version().contents
+            _state["version"] = f"{v.major}.{v.minor}.{v.patch}"
             for name, symbol in _TARGETS.items():
                 jax.ffi.register_ffi_target(
                     _PREFIX + name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
@@ -61,6 +105,11 @@ def _load() -> bool:
 def available() -> bool:
     """Whether the oneDNN extension is built and loads."""
     return _load()
+
+
+def version() -> str | None:
+    """The version of the oneDNN library that the extension runs on ("3.2.0"), or None."""
+    return _state["version"] if _load() else None
 
 
 def set_cpu_conv(choice: str) -> None:
