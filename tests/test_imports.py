@@ -24,6 +24,7 @@ CORE = [
     "augment",
     "train",
     "cpu",
+    "nnx",
 ]
 RUN = ["config", "data", "checkpoints", "rundir", "loop", "experiment", "lottery"]
 ANALYSIS = ["results", "paper", "report", "plots"]

@@ -1,0 +1,178 @@
+"""Quaternion dense and convolution layers as Flax NNX modules.
+
+The twins of :mod:`qsparse.layers`: same parameters (``qkernel`` with the component axis
+first, ``bias`` per real output unit), same initialisers, same arithmetic through
+:func:`qsparse.quaternion.left_matrix`. So linen params load with ``nnx.update(layer, params)``
+and qsparse's masks and pruning work unchanged on the pure pytree
+``nnx.to_pure_dict(nnx.state(model, nnx.Param))``.
+
+NNX creates parameters in the constructor, so the input width is an argument (``in_features``,
+in real units like ``out_features``) and width errors are raised there rather than at the first
+call. Argument names follow ``nnx.Linear`` / ``nnx.Conv``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.linen.dtypes import promote_dtype
+
+from qsparse import initializers
+from qsparse.layers import PaddingLike, _canonical_padding, _check_multiple_of_4, _tuple
+from qsparse.quaternion import left_matrix
+
+InitLike = initializers.Initializer | str
+
+
+def _initializer(init: InitLike) -> initializers.Initializer:
+    """A callable as is, or a name of :data:`qsparse.initializers.QUATERNION_INITS`."""
+    return initializers.get(init) if isinstance(init, str) else init
+
+
+def _check_input(inputs: jax.Array, in_features: int, layer: str) -> None:
+    if inputs.shape[-1] != in_features:
+        raise ValueError(
+            f"{layer}: built for {in_features} input features, got inputs of shape {inputs.shape}"
+        )
+
+
+def _bias(use_bias: bool, init, features: int, dtype, rngs: nnx.Rngs):
+    # nnx.data(None) marks "no bias" as pytree data, as nnx.Linear does.
+    return nnx.Param(init(rngs.params(), (features,), dtype)) if use_bias else nnx.data(None)
+
+
+class QDense(nnx.Module):
+    """Quaternion fully connected layer ``W ⊗ x + b`` on block-layout features.
+
+    ``in_features`` and ``out_features`` count real units (multiples of 4). ``kernel_init`` is an
+    initialiser or a name from :mod:`qsparse.initializers` (default ``htorch``, as linen).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: InitLike = "htorch",
+        bias_init: initializers.Initializer = jax.nn.initializers.zeros,
+        rngs: nnx.Rngs,
+    ) -> None:
+        _check_multiple_of_4(in_features, "in_features", "QDense")
+        _check_multiple_of_4(out_features, "out_features", "QDense")
+        shape = (4, in_features // 4, out_features // 4)
+        self.qkernel = nnx.Param(_initializer(kernel_init)(rngs.params(), shape, param_dtype))
+        self.bias = _bias(use_bias, bias_init, out_features, param_dtype, rngs)
+        self.in_features, self.out_features = in_features, out_features
+        self.use_bias, self.dtype, self.param_dtype = use_bias, dtype, param_dtype
+        self.precision = precision
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        _check_input(inputs, self.in_features, "QDense")
+        bias = None if self.bias is None else self.bias[...]
+        inputs, qkernel, bias = promote_dtype(inputs, self.qkernel[...], bias, dtype=self.dtype)
+        y = jnp.dot(inputs, left_matrix(qkernel), precision=self.precision)
+        return y if bias is None else y + bias
+
+
+class QConv(nnx.Module):
+    """Quaternion convolution (channels last, N-d like ``nnx.Conv``) on block-layout channels.
+
+    Channels count real units (multiples of 4); ``feature_group_count`` counts quaternion
+    channels and must divide both quaternion channel counts. ``conv_general_dilated`` is the
+    convolution hook of linen ``QConv`` (default ``lax.conv_general_dilated``).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Sequence[int],
+        strides: int | Sequence[int] = 1,
+        *,
+        padding: PaddingLike = "SAME",
+        input_dilation: int | Sequence[int] = 1,
+        kernel_dilation: int | Sequence[int] = 1,
+        feature_group_count: int = 1,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: InitLike = "htorch",
+        bias_init: initializers.Initializer = jax.nn.initializers.zeros,
+        conv_general_dilated: Callable[..., jax.Array] | None = None,
+        rngs: nnx.Rngs,
+    ) -> None:
+        _check_multiple_of_4(in_features, "in_features", "QConv")
+        _check_multiple_of_4(out_features, "out_features", "QConv")
+        groups = feature_group_count
+        q_in, q_out = in_features // 4, out_features // 4
+        if q_in % groups or q_out % groups:
+            raise ValueError(
+                f"QConv: feature_group_count={groups} must divide the quaternion channel counts "
+                f"(in {q_in}, out {q_out})"
+            )
+        ndim = len(kernel_size)
+        self.kernel_size = tuple(kernel_size)
+        shape = (4, *self.kernel_size, q_in // groups, q_out)
+        self.qkernel = nnx.Param(_initializer(kernel_init)(rngs.params(), shape, param_dtype))
+        self.bias = _bias(use_bias, bias_init, out_features, param_dtype, rngs)
+        self.in_features, self.out_features = in_features, out_features
+        # Canonical (hashable) forms: NNX keeps these in the static graph definition.
+        pads = _canonical_padding(padding, ndim)
+        self.padding = pads if isinstance(pads, str) else tuple(map(tuple, pads))
+        self.strides = _tuple(strides, ndim)
+        self.input_dilation = _tuple(input_dilation, ndim)
+        self.kernel_dilation = _tuple(kernel_dilation, ndim)
+        self.feature_group_count = groups
+        self.use_bias, self.dtype, self.param_dtype = use_bias, dtype, param_dtype
+        self.precision = precision
+        self.conv_general_dilated = conv_general_dilated
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        ndim = len(self.kernel_size)
+        if inputs.ndim != ndim + 2:
+            raise ValueError(
+                f"QConv: expected inputs of shape (batch, {ndim} spatial dims, channels), got "
+                f"{inputs.shape}"
+            )
+        _check_input(inputs, self.in_features, "QConv")
+        groups = self.feature_group_count
+        q_in, q_out = self.in_features // 4, self.out_features // 4
+        bias = None if self.bias is None else self.bias[...]
+        inputs, qkernel, bias = promote_dtype(inputs, self.qkernel[...], bias, dtype=self.dtype)
+
+        if groups > 1:  # block layout (4, groups, c) -> group-major (groups, 4, c), as linen
+            lead = inputs.shape[:-1]
+            inputs = inputs.reshape(*lead, 4, groups, q_in // groups)
+            inputs = jnp.swapaxes(inputs, -3, -2).reshape(*lead, 4 * q_in)
+        conv = self.conv_general_dilated or jax.lax.conv_general_dilated
+        spatial = "HWD"[:ndim]
+        y = conv(
+            inputs,
+            left_matrix(qkernel, groups),
+            window_strides=self.strides,
+            padding=self.padding if isinstance(self.padding, str) else list(self.padding),
+            lhs_dilation=self.input_dilation,
+            rhs_dilation=self.kernel_dilation,
+            dimension_numbers=jax.lax.conv_dimension_numbers(
+                inputs.shape,
+                (*self.kernel_size, 1, 1),
+                ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"),
+            ),
+            feature_group_count=groups,
+            precision=self.precision,
+        )
+        if groups > 1:  # back to block layout
+            lead = y.shape[:-1]
+            y = jnp.swapaxes(y.reshape(*lead, groups, 4, q_out // groups), -3, -2).reshape(
+                *lead, self.out_features
+            )
+        return y if bias is None else y + bias
