@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qsparse import checkpoints as ckpt
-from qsparse import rundir, train
+from qsparse import rundir, summaries, train
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,73 @@ class Slots:
         return tree[r] if isinstance(tree, list) else jax.tree.map(lambda x: x[r], tree)
 
 
+class RunProgress:
+    """How far a whole run is: rounds finished of all, time spent, an estimate of the time left.
+
+    Counted in epochs of every training (rounds' tickets and protocol 'paper''s searches), the
+    estimate from this invocation's pace. With a terminal on stderr, a tqdm bar over those epochs
+    (log lines printed above it); otherwise plain ``| rounds 3/21 | 0:04:12 elapsed, ~0:15:30
+    left`` after each epoch's line.
+    """
+
+    def __init__(
+        self, rounds: int, trainings: int, epochs: int, done_rounds: int, done: int, bar: bool
+    ):
+        self.rounds, self.done_rounds, self.epochs = rounds, done_rounds, epochs
+        self.total, self.done = trainings * epochs, done * epochs
+        self.start, self.this_run = time.monotonic(), 0
+        self.bar = None
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.done, unit="epoch", dynamic_ncols=True)
+
+    def trained(self, epochs: int) -> None:
+        self.done += epochs
+        self.this_run += epochs
+        if self.bar is not None:
+            self.bar.update(epochs)
+
+    def finished(self, tag: str, untrained: int) -> None:
+        """A training ended; ``untrained``: its epochs that will never run (a non-finite stop)."""
+        self.total -= untrained
+        self.done_rounds += tag == "round"
+        self._refresh()
+
+    def dropped(self, rounds: int, trainings: int) -> None:
+        """A replicate stopped early: these rounds (and trainings) will not run."""
+        self.rounds -= rounds
+        self.total -= trainings * self.epochs
+        self._refresh()
+
+    def suffix(self) -> str:
+        elapsed = time.monotonic() - self.start
+        left = (self.total - self.done) * elapsed / self.this_run if self.this_run else math.nan
+        eta = f"~{_clock(left)} left" if math.isfinite(left) else "time left unknown"
+        return f" | rounds {self.done_rounds}/{self.rounds} | {_clock(elapsed)} elapsed, {eta}"
+
+    def log(self, line: str, log: Callable[[str], None]) -> None:
+        if self.bar is None:
+            log(line)
+        else:
+            self.bar.write(line)
+            self.bar.set_postfix_str(f"rounds {self.done_rounds}/{self.rounds}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def _refresh(self) -> None:
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.set_postfix_str(f"rounds {self.done_rounds}/{self.rounds}")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 @dataclasses.dataclass
 class Loop:
     """Trains jobs to the end of their rounds: ``epochs`` epochs each, on ``train_data``, evaluated
@@ -91,16 +158,27 @@ class Loop:
     checkpoint_every_secs: float = 0.0
     rewind_step: int = 0  # the step whose weights a capturing job saves
     log: Callable[[str], None] = print
+    run_progress: RunProgress | None = None  # how far the whole run is, for the log
 
     def run(self, jobs: dict[int, Job]) -> dict[int, tuple[train.TrainState, list[dict]]]:
         """Train every job (at most one per replicate) to its end, together, each resuming from
         its own latest checkpoint; returns (final state, metrics history) per job."""
-        trainer, spec, slots = self.trainer, self.trainer.spec, Slots(self.replicates)
+        slots = Slots(self.replicates)
         progress = {r: self._restore(r, job) for r, job in sorted(jobs.items())}
         live = [r for r in sorted(jobs) if not progress[r].finished]
         if not live:
             return {r: (p.saved, p.history) for r, p in progress.items()}
         state = slots.stack([progress[s if s in live else live[0]].saved for s in range(slots.n)])
+        boards = {r: summaries.Writer(jobs[r].files.path, progress[r].epoch + 1) for r in live}
+        try:
+            return self._train(jobs, progress, live, state, slots, boards)
+        finally:
+            for board in boards.values():
+                board.close()
+
+    def _train(self, jobs, progress, live, state, slots, boards):
+        """The epochs of :meth:`run`, until every live job has finished."""
+        trainer, spec, run_progress = self.trainer, self.trainer.spec, self.run_progress
         last_save = time.monotonic()
         while live:
             t0 = time.perf_counter()
@@ -144,12 +222,19 @@ class Loop:
                         rows[r].update(
                             {f"{split}_{k}": slots.part(v, r) for k, v in result.items()}
                         )
+            if run_progress is not None:
+                run_progress.trained(len(live))
             for r in live:
                 job, p, row = jobs[r], progress[r], rows[r]
                 p.history.append(row)
                 rundir.write_jsonl(job.files.metrics, p.history)
+                summaries.epoch(boards[r], row)
                 if row["epoch"] % self.log_every == 0 or "nonfinite" in row:
-                    self.log(_progress_line(r, job.tag, job.level, self.epochs, row))
+                    line = _progress_line(r, job.tag, job.level, self.epochs, row)
+                    if run_progress is None:
+                        self.log(line)
+                    else:
+                        run_progress.log(line + run_progress.suffix(), self.log)
                 ckpt.fault_point("epoch_end")
             now = time.monotonic()
             savers = [
@@ -180,6 +265,9 @@ class Loop:
                     )
                 if "nonfinite" in rows[r] or progress[r].epoch == self.epochs:
                     live.remove(r)
+                    boards.pop(r).close()
+                    if run_progress is not None:
+                        run_progress.finished(jobs[r].tag, self.epochs - progress[r].epoch)
         return {r: (p.saved, p.history) for r, p in progress.items()}
 
     def _restore(self, r: int, job: Job) -> _Progress:

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Generator
 from pathlib import Path
 
 import jax
 
 from qsparse import checkpoints as ckpt
-from qsparse import loop, models, pruning, rundir, train
+from qsparse import loop, models, pruning, rundir, summaries, train
 from qsparse import masks as qmasks
 from qsparse.config import Config
 from qsparse.experiment import (
@@ -70,6 +71,7 @@ def run(
     with ckpt.RunLock(run.lock):
         check_run_dir(run, config)  # again, now that no other process can write it
         rundir.write_json(run.config, config.to_json())
+        summaries.config(run, config.to_json())
         info = record_invocation(run)
         log(
             f"run: {run.path} on {info['device_count']} {info['platform']} device(s)"
@@ -95,14 +97,50 @@ class Lottery(Experiment):
     def replicates(self) -> None:
         """Every replicate's protocol (:meth:`_protocol`), in lockstep: the trainings they ask for
         next are trained together, in one compiled epoch (:meth:`qsparse.loop.Loop.run`)."""
-        protocols = {r: self._protocol(r) for r in range(self.config.replicates)}
-        jobs: dict[int, loop.Job] = {}
-        for r in protocols:
-            _advance(protocols, jobs, r, None)
-        while jobs:
-            results = self.loop.run(jobs)
-            for r in sorted(results):
-                _advance(protocols, jobs, r, results[r])
+        self.loop.run_progress = self._run_progress()
+        self._boards: dict[Path, summaries.Writer] = {}
+        try:
+            protocols = {r: self._protocol(r) for r in range(self.config.replicates)}
+            jobs: dict[int, loop.Job] = {}
+            for r in protocols:
+                _advance(protocols, jobs, r, None)
+            while jobs:
+                results = self.loop.run(jobs)
+                for r in sorted(results):
+                    _advance(protocols, jobs, r, results[r])
+        finally:
+            self.loop.run_progress.close()
+            for board in self._boards.values():
+                board.close()
+
+    def _run_progress(self) -> loop.RunProgress:
+        """The whole run's progress, counting what earlier invocations finished."""
+        cfg = self.config
+        searches = cfg.rounds if cfg.protocol == "paper" else 0
+        rounds = [rd for rep in self.run.replicates() for rd in rep.rounds()]
+        done_rounds = sum(rd.done.exists() for rd in rounds)
+        done_searches = sum(rd.search.final.exists() for rd in rounds)
+        return loop.RunProgress(
+            rounds=cfg.replicates * (cfg.rounds + 1),
+            trainings=cfg.replicates * (cfg.rounds + 1 + searches),
+            epochs=cfg.epochs,
+            done_rounds=done_rounds,
+            done=done_rounds + done_searches,
+            bar=self.log is not _silent and sys.stderr.isatty(),
+        )
+
+    def _stopped(self, first: int) -> None:
+        """Replicate stopped early: rounds ``first``.. (and their searches) will not run."""
+        rounds = self.config.rounds + 1 - first
+        searches = rounds - (first == 0) if self.config.protocol == "paper" else 0
+        self.loop.run_progress.dropped(rounds, rounds + searches)
+
+    def _board(self, rd: rundir.Round) -> summaries.Writer:
+        """The TensorBoard events of ``rd``'s replicate: its curves against the round."""
+        path = rd.path.parent
+        if path not in self._boards:
+            self._boards[path] = summaries.Writer(path)
+        return self._boards[path]
 
     def _protocol(self, r: int) -> Generator[loop.Job, tuple, None]:
         """Replicate r's rounds, top to bottom; each ``yield`` hands a training to the loop and
@@ -122,6 +160,7 @@ class Lottery(Experiment):
             except pruning.LayerCollapseError as e:
                 self.log(f"replicate {r}: stopping before round {level}: {e}")
                 rundir.write_json(rep.stopped, {"round": level, "reason": str(e)})
+                self._stopped(level)
                 return
             start = self._start_params(rep, theta0, init_key, level)
             opt_state = (
@@ -142,6 +181,7 @@ class Lottery(Experiment):
                     level,
                     done["status"],
                 )
+                self._stopped(level + 1)
                 return
             low_rounds = low_rounds + 1 if done["test_acc"] < cfg.stop_accuracy else 0
             if low_rounds >= 2:
@@ -149,6 +189,7 @@ class Lottery(Experiment):
                     f"replicate {r}: test accuracy below {cfg.stop_accuracy} twice; stopping (as "
                     "the paper)"
                 )
+                self._stopped(level + 1)
                 return
 
     def _theta0(self, path: Path, key):
@@ -212,6 +253,8 @@ class Lottery(Experiment):
         ckpt.save_tree(rd.final, state)
         done = self._done(history, report)
         rundir.write_json(rd.done, done)
+        summaries.round_start(self._board(rd), rd.level, report)
+        summaries.round_done(self._board(rd), rd.level, done)
         ckpt.fault_point("round_end")
         return state, done
 

@@ -11,6 +11,8 @@ notebooks) that read them; jax-free, so run directories can be read anywhere. La
     <run>/replicate_<r>/round_<L>/    masks.npz, sparsity.json, metrics.jsonl, ckpt/epoch_<n>/
                                       (checkpoints with the metrics so far), final/ (trained
                                       state), search/ (protocol 'paper'), done.json (written last)
+    events.out.tfevents.*             TensorBoard events (:mod:`qsparse.summaries`) in the run,
+                                      replicate, round and search folders
 
 Every write is atomic (a temporary file, then a rename), so a process killed at any instant
 leaves the old file or the new one, never half of one; a file that fails to read back raises

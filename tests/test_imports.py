@@ -26,7 +26,7 @@ CORE = [
     "cpu",
     "nnx",
 ]
-RUN = ["config", "data", "checkpoints", "rundir", "loop", "experiment", "lottery"]
+RUN = ["config", "data", "checkpoints", "rundir", "summaries", "loop", "experiment", "lottery"]
 ANALYSIS = ["results", "paper", "report", "plots"]
 JAX_FREE = ["config", "rundir"]  # run-tier modules the analysis tier reads with
 TIERS = {
@@ -37,6 +37,7 @@ TIERS = {
             "tensorflow_datasets",
             "orbax",
             "matplotlib",
+            "tensorboardX",
             *(f"qsparse.{m}" for m in RUN + ANALYSIS),
         ],
     ),

@@ -71,10 +71,15 @@ CONFIGS = {
 PARTIAL = "quat_rewind"
 FAULT = "epoch_end:4"  # round 0: epochs 1, 2; round 1: epoch 1, then killed after epoch 2's log
 TIMINGS = ("seconds", "images_per_sec")
+EVENTS = "events.out.tfevents."
 
 
 def layout(run_dir: Path) -> list[str]:
-    """Relative paths of a run's files; a checkpoint folder (Orbax's files inside) counts as one."""
+    """Relative paths of a run's files; a checkpoint folder (Orbax's files inside) counts as one.
+
+    TensorBoard event files (qsparse.summaries, added after the fixture was made: their names
+    hold a time and a pid) are left out, so the layout compared is the one the fixture has.
+    """
     out = []
     for root, dirs, files in os.walk(run_dir):
         rel = Path(root).relative_to(run_dir)
@@ -83,7 +88,7 @@ def layout(run_dir: Path) -> list[str]:
             dirs.clear()
             continue
         dirs.sort()
-        out += [str(rel / f) for f in sorted(files) if f != ".lock"]
+        out += [str(rel / f) for f in sorted(files) if f != ".lock" and not f.startswith(EVENTS)]
     return sorted(out)
 
 
