@@ -53,7 +53,7 @@ SUMMARY_FIELDS = (
 )
 DONE_FIELDS = SUMMARY_FIELDS[2:]  # done.json: a finished round's row, without its coordinates
 PACKAGES = (
-    "qsparse",
+    "qsparse-jax",
     "jax",
     "jaxlib",
     "flax",
