@@ -15,13 +15,11 @@ line on stderr naming the value and the valid choices.
 
 from __future__ import annotations
 
-import sys
-from typing import NoReturn
-
 from absl import app, flags, logging
 
 from benchmarks import OptionError, Options, run, save
 from benchmarks.references import TorchReferenceError
+from experiments.cli import fail, parse
 
 _D = Options()
 flags.DEFINE_list(
@@ -66,12 +64,6 @@ flags.DEFINE_string("markdown", None, "write the Markdown tables here")
 FLAGS = flags.FLAGS
 
 
-def fail(message: str, status: int = 2) -> NoReturn:
-    """Exit with ``error: <message>`` as exactly one line on stderr."""
-    sys.stderr.write(f"error: {' '.join(message.split())}\n")
-    sys.exit(status)
-
-
 def options_from_flags() -> Options:
     """The flags as :class:`benchmarks.Options`; empty list items are dropped (``--models=``)."""
 
@@ -114,14 +106,5 @@ def main(argv: list[str]) -> None:
     print("\n" + table)
 
 
-def _parse(argv: list[str]) -> list[str]:
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        fail(str(e))
-    except SystemExit:  # absl's --help/--helpfull print the usage, then exit with 1
-        sys.exit(0)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse)
+    app.run(main, flags_parser=parse)

@@ -34,6 +34,7 @@ from typing import NoReturn
 import jax
 from absl import app, flags, logging
 
+from experiments.cli import fail, parse
 from qsparse import config as config_schema
 from qsparse import lottery
 from qsparse.checkpoints import RunLockedError
@@ -97,12 +98,6 @@ def config_from_flags() -> Config:
     return Config(**values, layer_fractions=tuple(overrides), hidden=hidden)
 
 
-def fail(message: str, status: int = 2) -> NoReturn:
-    """Exit with ``error: <message>`` as exactly one line on stderr."""
-    sys.stderr.write(f"error: {' '.join(message.split())}\n")
-    sys.exit(status)
-
-
 def distributed_args() -> dict | None:
     """``jax.distributed.initialize`` arguments from the flags; None for a single-process run."""
     given = {
@@ -163,22 +158,12 @@ def peer_stopped(error: Exception) -> NoReturn:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     sys.stdout.flush()
     sys.stderr.write(
-        f"error: process {jax.process_index()} of {jax.process_count()}: another process of this "
-        "run "
-        f"stopped ({' '.join(first.split())}); rerun every process to resume\n"
+        f"error: process {jax.process_index()} of {jax.process_count()}: another process of "
+        f"this run stopped ({' '.join(first.split())}); rerun every process to resume\n"
     )
     sys.stderr.flush()
     os._exit(1)
 
 
-def _parse(argv: list[str]) -> list[str]:
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        fail(str(e))
-    except SystemExit:  # absl's --help/--helpfull print the usage, then exit with 1
-        sys.exit(0)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse)
+    app.run(main, flags_parser=parse)

@@ -330,9 +330,8 @@ def _check_archives(name: str, manual: Path, root: Path) -> None:
             )
     if problems:
         raise DatasetUnavailableError(
-            f"Dataset {name!r} is not prepared in {root} and cannot be built offline: these "
-            "original"
-            f" archives are needed in {manual}:\n" + "\n".join(problems) + "\n"
+            f"Dataset {name!r} is not prepared in {root} and cannot be built offline: "
+            f"these original archives are needed in {manual}:\n" + "\n".join(problems) + "\n"
             "Place them there, or point manual_dir=<folder> of qsparse.data.load (a script's"
             " --manual_dir flag) at the folder that holds them."
         )

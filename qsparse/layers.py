@@ -148,29 +148,62 @@ class QConv(nn.Module):
         )
         inputs, qkernel, bias = promote_dtype(inputs, qkernel, bias, dtype=self.dtype)
 
-        if groups > 1:  # block layout (4, groups, c) -> group-major (groups, 4, c)
-            lead = inputs.shape[:-1]
-            inputs = inputs.reshape(*lead, 4, groups, q_in // groups)
-            inputs = jnp.swapaxes(inputs, -3, -2).reshape(*lead, 4 * q_in)
-        conv = self.conv_general_dilated or jax.lax.conv_general_dilated
-        y = conv(
+        y = quaternion_conv(
             inputs,
-            left_matrix(qkernel, groups),
-            window_strides=_tuple(self.strides, ndim),
-            padding=_canonical_padding(self.padding, ndim),
-            lhs_dilation=_tuple(self.input_dilation, ndim),
-            rhs_dilation=_tuple(self.kernel_dilation, ndim),
-            dimension_numbers=jax.lax.conv_dimension_numbers(
-                inputs.shape,
-                (*self.kernel_size, 1, 1),
-                ("N" + "HWD"[:ndim] + "C", "HWD"[:ndim] + "IO", "N" + "HWD"[:ndim] + "C"),
-            ),
+            qkernel,
+            strides=self.strides,
+            padding=self.padding,
+            input_dilation=self.input_dilation,
+            kernel_dilation=self.kernel_dilation,
             feature_group_count=groups,
             precision=self.precision,
+            conv_general_dilated=self.conv_general_dilated,
         )
-        if groups > 1:  # back to block layout
-            lead = y.shape[:-1]
-            y = jnp.swapaxes(y.reshape(*lead, groups, 4, q_out // groups), -3, -2).reshape(
-                *lead, self.features
-            )
         return y if bias is None else y + bias
+
+
+def quaternion_conv(
+    inputs: jax.Array,
+    qkernel: jax.Array,
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: PaddingLike = "SAME",
+    input_dilation: int | Sequence[int] = 1,
+    kernel_dilation: int | Sequence[int] = 1,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    conv_general_dilated: Callable[..., jax.Array] | None = None,
+) -> jax.Array:
+    """The convolution of :class:`QConv` (linen) and :class:`qsparse.nnx.QConv`, bias aside:
+    block-layout channels in and out, the component kernel ``qkernel`` expanded by
+    :func:`qsparse.quaternion.left_matrix`. Groups are counted on quaternion channels."""
+    ndim = qkernel.ndim - 3
+    kernel_size = qkernel.shape[1:-2]
+    groups = feature_group_count
+    q_in, q_out = inputs.shape[-1] // 4, qkernel.shape[-1]
+    if groups > 1:  # block layout (4, groups, c) -> group-major (groups, 4, c)
+        lead = inputs.shape[:-1]
+        inputs = inputs.reshape(*lead, 4, groups, q_in // groups)
+        inputs = jnp.swapaxes(inputs, -3, -2).reshape(*lead, 4 * q_in)
+    conv = conv_general_dilated or jax.lax.conv_general_dilated
+    spatial = "HWD"[:ndim]
+    y = conv(
+        inputs,
+        left_matrix(qkernel, groups),
+        window_strides=_tuple(strides, ndim),
+        padding=_canonical_padding(padding, ndim),
+        lhs_dilation=_tuple(input_dilation, ndim),
+        rhs_dilation=_tuple(kernel_dilation, ndim),
+        dimension_numbers=jax.lax.conv_dimension_numbers(
+            inputs.shape,
+            (*kernel_size, 1, 1),
+            ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"),
+        ),
+        feature_group_count=groups,
+        precision=precision,
+    )
+    if groups > 1:  # back to block layout
+        lead = y.shape[:-1]
+        y = jnp.swapaxes(y.reshape(*lead, groups, 4, q_out // groups), -3, -2)
+        y = y.reshape(*lead, 4 * q_out)
+    return y

@@ -256,8 +256,8 @@ class Loop:
                 progress[r].epoch += 1
                 if "nonfinite" in rows[r]:
                     logger.warning(
-                        "replicate %d %s %d: non-finite loss or weights in epoch %d; the round "
-                        "stops",
+                        "replicate %d %s %d: non-finite loss or weights in epoch %d; "
+                        "the round stops",
                         r,
                         jobs[r].tag,
                         jobs[r].level,

@@ -186,8 +186,8 @@ class Lottery(Experiment):
             low_rounds = low_rounds + 1 if done["test_acc"] < cfg.stop_accuracy else 0
             if low_rounds >= 2:
                 self.log(
-                    f"replicate {r}: test accuracy below {cfg.stop_accuracy} twice; stopping (as "
-                    "the paper)"
+                    f"replicate {r}: test accuracy below {cfg.stop_accuracy} twice; "
+                    "stopping (as the paper)"
                 )
                 self._stopped(level + 1)
                 return

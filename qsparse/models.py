@@ -105,8 +105,7 @@ class LeNet(_Body):
             if x.shape[-1] % 4:
                 raise ValueError(
                     "quaternion LeNet with encoding 'flat' needs an input size divisible by 4, "
-                    "got "
-                    f"{x.shape[-1]}; choose an encoding from {sorted(quaternion.ENCODINGS)}"
+                    f"got {x.shape[-1]}; choose an encoding from {sorted(quaternion.ENCODINGS)}"
                 )
         else:
             x = self.flatten(self.encode_image(x))
@@ -141,8 +140,7 @@ class ConvNet(_Body):
         if x.ndim != 4 or min(x.shape[1:3]) < smallest:
             raise ValueError(
                 f"a ConvNet with {len(self.stages)} pooling stages needs (batch, H, W, C) images "
-                "with "
-                f"H, W >= {smallest}; got shape {x.shape}"
+                f"with H, W >= {smallest}; got shape {x.shape}"
             )
         x = self.encode_image(x)
         for stage in self.stages:

@@ -22,7 +22,13 @@ from flax import nnx
 from flax.linen.dtypes import promote_dtype
 
 from qsparse import initializers
-from qsparse.layers import PaddingLike, _canonical_padding, _check_multiple_of_4, _tuple
+from qsparse.layers import (
+    PaddingLike,
+    _canonical_padding,
+    _check_multiple_of_4,
+    _tuple,
+    quaternion_conv,
+)
 from qsparse.quaternion import left_matrix
 
 InitLike = initializers.Initializer | str
@@ -145,34 +151,18 @@ class QConv(nnx.Module):
             )
         _check_input(inputs, self.in_features, "QConv")
         groups = self.feature_group_count
-        q_in, q_out = self.in_features // 4, self.out_features // 4
         bias = None if self.bias is None else self.bias[...]
         inputs, qkernel, bias = promote_dtype(inputs, self.qkernel[...], bias, dtype=self.dtype)
 
-        if groups > 1:  # block layout (4, groups, c) -> group-major (groups, 4, c), as linen
-            lead = inputs.shape[:-1]
-            inputs = inputs.reshape(*lead, 4, groups, q_in // groups)
-            inputs = jnp.swapaxes(inputs, -3, -2).reshape(*lead, 4 * q_in)
-        conv = self.conv_general_dilated or jax.lax.conv_general_dilated
-        spatial = "HWD"[:ndim]
-        y = conv(
+        y = quaternion_conv(
             inputs,
-            left_matrix(qkernel, groups),
-            window_strides=self.strides,
-            padding=self.padding if isinstance(self.padding, str) else list(self.padding),
-            lhs_dilation=self.input_dilation,
-            rhs_dilation=self.kernel_dilation,
-            dimension_numbers=jax.lax.conv_dimension_numbers(
-                inputs.shape,
-                (*self.kernel_size, 1, 1),
-                ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"),
-            ),
+            qkernel,
+            strides=self.strides,
+            padding=self.padding,
+            input_dilation=self.input_dilation,
+            kernel_dilation=self.kernel_dilation,
             feature_group_count=groups,
             precision=self.precision,
+            conv_general_dilated=self.conv_general_dilated,
         )
-        if groups > 1:  # back to block layout
-            lead = y.shape[:-1]
-            y = jnp.swapaxes(y.reshape(*lead, groups, 4, q_out // groups), -3, -2).reshape(
-                *lead, self.out_features
-            )
         return y if bias is None else y + bias

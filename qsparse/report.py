@@ -24,12 +24,9 @@ def markdown_report(curves: Sequence[Curve]) -> str:
     parts = [
         "# Accuracy vs weights remaining",
         "Test accuracy (%) as mean ± std (ddof=1) over replicates; `(n=k)` marks a round with "
-        "fewer "
-        "replicates than the curve. '% left' counts biases; Q's '% of R' is its count as a "
-        "percentage "
-        "of the real model's parameters (the paper's x axis). Paper values are digitized (±0.3 "
-        "pp); "
-        "'—' = no point in the paper.",
+        "fewer replicates than the curve. '% left' counts biases; Q's '% of R' is its count as "
+        "a percentage of the real model's parameters (the paper's x axis). Paper values are "
+        "digitized (±0.3 pp); '—' = no point in the paper.",
     ]
     for (model, dataset), group in by_pair(curves).items():
         paper = PAPER.get((model, dataset))
