@@ -1,0 +1,444 @@
+"""Export of pruned models (experiments.export) and their numpy runtime (qsparse.deploy).
+
+Every paper architecture, real and quaternion, both groupings, at small widths: the exported
+file's predict on raw uint8 images gives the JAX model's logits (float32: within 1e-5 of the
+largest logit), sparse and dense; float16/bfloat16 files are smaller and close; the storage
+chooser takes the smallest layout and counts its bytes exactly; damaged files are refused by
+name; the command exports a real (tiny) run's last round, reproduces its test accuracy, and
+refuses bad input with one line, status 2 and nothing written.
+"""
+
+import functools
+import json
+import math
+import shutil
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+
+from experiments import cli, export
+from qsparse import augment, data, deploy, lottery, models, pruning, quaternion, rundir
+from qsparse import masks as M
+from qsparse.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST, CIFAR = data.DATASETS["mnist"], data.DATASETS["cifar10"]
+SMALL = {  # widths small enough for a fast test; the paper's layer structure
+    "lenet300_100": dict(features=(16, 8)),
+    "lenet12": {},
+    "conv2": dict(stages=((8, 8),), dense_features=(16, 16)),
+    "conv4": dict(stages=((8, 8), (8, 8)), dense_features=(16, 16)),
+    "conv6": dict(stages=((8, 8), (8, 8), (8, 8)), dense_features=(16, 16)),
+}
+CASES = [(n, a, g) for n in SMALL for a in models.ALGEBRAS for g in pruning.GROUPINGS]
+
+
+def assert_close(out, ref, rtol=1e-5):
+    """Within ``rtol`` of the largest logit: float32 sums of thousands of terms cancel, so a
+    logit near 0 has no relative accuracy of its own (in JAX either)."""
+    assert out.dtype == np.float32 and out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=rtol, atol=rtol * float(np.abs(ref).max()))
+
+
+@functools.cache
+def jax_model(name: str, algebra: str):
+    """(model, random params: kernels ~ N(0, 1/fan_in), biases ~ N(0, 0.01), spec, jitted apply).
+
+    Drawn with numpy from the parameter shapes: the models' own initialisers would compile for
+    seconds per model, and any values do.
+    """
+    model = models.create(name, algebra, 10, **SMALL[name])
+    spec = MNIST if name.startswith("lenet") else CIFAR
+    shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), spec.image_shape))
+    rng = np.random.default_rng(len(name) + len(algebra))
+
+    def draw(path, s):
+        if M.path_str(path).endswith("bias"):
+            return 0.1 * rng.standard_normal(s.shape, np.float32)
+        fan_in = math.prod(s.shape[1:-1]) * 4 if M.is_quaternion(path) else math.prod(s.shape[:-1])
+        return rng.standard_normal(s.shape, np.float32) / np.float32(math.sqrt(fan_in))
+
+    params = jax.tree_util.tree_map_with_path(draw, shapes)
+    return model, params, spec, jax.jit(model.apply)
+
+
+def pruned(name: str, algebra: str, grouping: str, fraction: float = 0.8):
+    model, params, spec, apply = jax_model(name, algebra)
+    masks = pruning.prune(params, M.ones(params), fraction, method="layerwise", grouping=grouping)
+    return model, M.apply(params, masks), masks, spec, apply
+
+
+def images(spec, n: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *spec.image_shape), np.uint8)
+
+
+def jax_logits(apply, params, spec, x: np.ndarray) -> np.ndarray:
+    return np.asarray(apply({"params": params}, augment.normalize(x, spec.mean, spec.std)))
+
+
+def write(path: Path, model, params, masks, spec, dtype="float32") -> Path:
+    entries = export.export_entries(
+        model,
+        params,
+        masks,
+        input_shape=spec.image_shape,
+        mean=spec.mean,
+        std=spec.std,
+        dtype=dtype,
+        check_images=0,
+    )
+    deploy.save(path, entries)
+    return path
+
+
+def layer_ops(header: dict) -> list[dict]:
+    return [op for op in header["ops"] if "storage" in op]
+
+
+# -- the runtime against JAX ---------------------------------------------------------------------
+
+
+def test_hamilton_table_and_left_matrix_are_qsparse_quaternions():
+    np.testing.assert_array_equal(deploy.HAMILTON, quaternion.HAMILTON)
+    rng = np.random.default_rng(0)
+    for shape in [(4, 5, 3), (4, 3, 3, 2, 5)]:
+        w = rng.normal(size=shape).astype(np.float32)
+        np.testing.assert_array_equal(deploy.left_matrix(w), quaternion.left_matrix(jnp.asarray(w)))
+
+
+@pytest.mark.parametrize("name,algebra,grouping", CASES)
+def test_predict_equals_the_jax_model(tmp_path, name, algebra, grouping):
+    model, params, masks, spec, apply = pruned(name, algebra, grouping)
+    alive, total = M.count(masks)
+    assert 0.1 <= alive / total <= 0.3
+    path = write(tmp_path / "m.npz", model, params, masks, spec)
+    x = images(spec)
+    ref = jax_logits(apply, params, spec, x)
+    for sparse in (True, False):
+        model_np = deploy.load(path, sparse=sparse)
+        assert_close(model_np.predict(x), ref)
+    assert_close(model_np.predict(x, batch_size=3), ref)  # batches are independent
+    header, arrays = deploy.read(path)
+    for op in layer_ops(header):
+        stored = sum(a.nbytes for k, a in arrays.items() if k.startswith(op["name"] + "/"))
+        assert stored - arrays[op["name"] + "/bias"].nbytes == op["storage"]["bytes"]
+        if op["kind"] == "quat":  # whole quaternions pruned -> quaternion blocks
+            assert op["storage"]["layout"] == ("qblock" if grouping == "quaternion" else "element")
+    assert {op["op"] for op in header["ops"]} >= {"dense", "relu"}
+
+
+def test_predict_takes_grayscale_without_channel_axis_and_checks_shapes(tmp_path):
+    model, params, masks, spec, apply = pruned("lenet12", "quat", "quaternion")
+    m = deploy.load(write(tmp_path / "m.npz", model, params, masks, spec))
+    x = images(spec, 4)
+    np.testing.assert_array_equal(m.predict(x[..., 0]), m.predict(x))
+    assert m.predict(x[:0]).shape == (0, 10)
+    with pytest.raises(ValueError, match=r"\(N, \(28, 28, 1\)\)"):
+        m.predict(np.zeros((2, 32, 32, 3), np.uint8))
+
+
+def test_low_precision_exports_are_smaller_and_close(tmp_path):
+    for name, algebra, grouping in [
+        ("lenet300_100", "quat", "quaternion"),
+        ("conv2", "real", "element"),
+    ]:
+        model, params, masks, spec, apply = pruned(name, algebra, grouping)
+        x = images(spec)
+        ref = jax_logits(apply, params, spec, x)
+        sizes = {}
+        for dtype, rtol in [("float32", 1e-5), ("float16", 3e-3), ("bfloat16", 3e-2)]:
+            path = write(tmp_path / f"{name}_{dtype}.npz", model, params, masks, spec, dtype)
+            assert_close(deploy.load(path).predict(x), ref, rtol)
+            header, _ = deploy.read(path)
+            sizes[dtype] = (header["bytes"]["kernels"], path.stat().st_size)
+        for dtype in ("float16", "bfloat16"):
+            assert sizes[dtype][1] < sizes["float32"][1]
+            assert sizes[dtype][0] < 0.7 * sizes["float32"][0]
+
+
+def test_bfloat16_rounds_to_nearest_even_as_jax():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=1000), [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8)]])
+    x = x.astype(np.float32)
+    bits = deploy.encode_values(x, "bfloat16")
+    np.testing.assert_array_equal(bits, np.asarray(jnp.asarray(x, jnp.bfloat16)).view(np.uint16))
+    np.testing.assert_array_equal(
+        deploy.decode_values(bits, "bfloat16"), np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32)
+    )
+
+
+# -- storage -----------------------------------------------------------------------------------
+
+
+def test_storage_chooser_takes_the_smallest_and_counts_bytes_exactly():
+    rng = np.random.default_rng(0)
+    k = rng.normal(size=(300, 100)).astype(np.float32)  # 30,000 positions: uint16 indices
+    n = k.size
+    for density, want in [(1.0, "dense"), (0.5, "bitmask"), (0.1, "bitmask"), (0.02, "indices")]:
+        mask = rng.random(k.shape) < density
+        alive = int(mask.sum())
+        storage, parts = deploy.encode_kernel(k, mask, False)
+        bitmask, indices = 4 * alive + math.ceil(n / 8), 4 * alive + 2 * alive
+        assert storage["positions"] == want
+        assert storage["bytes"] == sum(a.nbytes for a in parts.values())
+        assert storage["bytes"] == min(bitmask, indices, 4 * n)
+        positions, values = deploy.decode_kernel(storage, k.shape, parts, "float32")
+        np.testing.assert_array_equal(
+            deploy.dense_kernel(storage, k.shape, positions, values), np.where(mask, k, 0)
+        )
+
+
+def test_quaternion_storage_blocks_when_whole_quaternions_are_pruned():
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(4, 200, 50)).astype(np.float32)
+    shared = np.broadcast_to(rng.random((200, 50)) < 0.2, q.shape)
+    independent = rng.random(q.shape) < 0.2
+    nearly = shared & (rng.random(q.shape) > 0.02)  # a few components of live blocks pruned
+    for mask, layout in [(shared, "qblock"), (independent, "element"), (nearly, "qblock")]:
+        storage, parts = deploy.encode_kernel(q, mask, True)
+        assert storage["layout"] == layout
+        candidates = deploy.storage_candidates(mask, True, 4)
+        assert storage["bytes"] == min(c["bytes"] for c in candidates)
+        assert storage["bytes"] == sum(a.nbytes for a in parts.values())
+        positions, values = deploy.decode_kernel(storage, q.shape, parts, "float32")
+        np.testing.assert_array_equal(
+            deploy.dense_kernel(storage, q.shape, positions, values), np.where(mask, q, 0)
+        )
+    blocks = int(shared[0].sum())
+    storage, _ = deploy.encode_kernel(q, shared, True)
+    assert storage["count"] == blocks and storage["bytes"] == 16 * blocks + math.ceil(10_000 / 8)
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good_file(tmp_path_factory):
+    model, params, masks, spec, _ = pruned("lenet300_100", "quat", "element")
+    return write(tmp_path_factory.mktemp("good") / "m.npz", model, params, masks, spec)
+
+
+def entry_data_offset(path: Path, name: str) -> tuple[int, int]:
+    """(offset, size) of a zip entry's stored bytes, from its local header."""
+    info = zipfile.ZipFile(path).getinfo(name)
+    raw = path.read_bytes()
+    fn_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
+    return info.header_offset + 30 + fn_len + extra_len, info.compress_size
+
+
+def damaged(good: Path, tmp_path: Path) -> dict[str, Path]:
+    raw = good.read_bytes()
+    out = {}
+
+    def put(name, content):
+        out[name] = tmp_path / f"{name}.npz"
+        out[name].write_bytes(content)
+
+    put("truncated", raw[: len(raw) // 2])
+    put("empty", b"")
+    put("not_a_zip", b"PK\x03\x04" + bytes(range(256)) * 4)
+    start, size = entry_data_offset(good, "QDense_0/values.npy")
+    flipped = bytearray(raw)
+    flipped[start + size - 3] ^= 0x10  # a weight's bits: the zip's CRC-32 catches it
+    put("flipped_byte", bytes(flipped))
+    with np.load(good) as f:
+        entries = {k: f[k] for k in f.files}
+    header = json.loads(entries["header.json"].tobytes())
+    tampered = dict(entries, **{"QDense_0/values": entries["QDense_0/values"] * 2})
+    np.savez(tmp_path / "tampered.npz", **tampered)  # consistent zip, content not the header's
+    out["tampered"] = tmp_path / "tampered.npz"
+    newer = dict(
+        entries,
+        **{"header.json": np.frombuffer(json.dumps({**header, "version": 99}).encode(), np.uint8)},
+    )
+    np.savez(tmp_path / "newer.npz", **newer)
+    out["newer"] = tmp_path / "newer.npz"
+    np.savez(tmp_path / "no_header.npz", a=np.zeros(3))
+    out["no_header"] = tmp_path / "no_header.npz"
+    out["missing"] = tmp_path / "missing.npz"
+    return out
+
+
+MESSAGES = {
+    "truncated": "damaged or truncated",
+    "empty": "damaged or truncated",
+    "not_a_zip": "damaged or truncated",
+    "flipped_byte": "damaged",
+    "tampered": "fails its SHA-256",
+    "newer": "format version 99",
+    "no_header": "not a qsparse export file",
+    "missing": "does not exist",
+}
+
+
+def test_damaged_files_are_refused_by_name(good_file, tmp_path, capsys):
+    deploy.load(good_file)
+    for name, path in damaged(good_file, tmp_path).items():
+        with pytest.raises(deploy.ExportFileError) as e:
+            deploy.load(path)
+        assert str(path) in str(e.value) and MESSAGES[name] in str(e.value), (name, e.value)
+        assert deploy.main([str(path)]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and str(path) in err[0], err
+    assert deploy.main([str(good_file)]) == 0
+    assert "QDense_0" in capsys.readouterr().out
+
+
+def test_save_is_atomic_and_refuses_to_overwrite(good_file, tmp_path):
+    path = tmp_path / "m.npz"
+    shutil.copy(good_file, path)
+    before = path.read_bytes()
+    with np.load(good_file) as f:
+        entries = {k: f[k] for k in f.files}
+    with pytest.raises(FileExistsError):
+        deploy.save(path, entries)
+    assert path.read_bytes() == before
+    assert deploy.save(path, entries, overwrite=True) == path.stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]  # no temporary file left
+
+
+# -- the command, on a tiny real run ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(mnist_dir, tmp_path_factory):
+    config = Config(
+        model="lenet12",
+        algebra="quat",
+        data_dir=str(mnist_dir),
+        rounds=1,
+        epochs=1,
+        train_subset=600,
+        test_subset=200,
+        batch_size=60,
+    )
+    return lottery.run(config, tmp_path_factory.mktemp("work"), log=lambda s: None)
+
+
+def test_export_reproduces_the_runs_test_accuracy(tiny_run, mnist_dir, tmp_path):
+    header = export.export_round(tiny_run, tmp_path / "m.npz")
+    prov = header["provenance"]
+    assert (prov["replicate"], prov["round"], prov["run"]) == (0, 1, tiny_run.name)
+    done = rundir.read_json(tiny_run / "replicate_0" / "round_01" / "done.json")
+    assert prov["test_acc"] == done["test_acc"] and header["check"]["max_rel_diff"] < 1e-5
+    config = Config.from_json(rundir.read_json(tiny_run / "config.json"))
+    ds = data.load(
+        "mnist",
+        data_dir=mnist_dir,
+        seed=config.seed,
+        validation_size=config.validation_size,
+        train_subset=config.train_subset,
+        test_subset=config.test_subset,
+    )
+    run = rundir.Run(tiny_run)
+    _, model, params, _, _ = export.load_round(run, run.replicate(0).round(1))
+    ref = np.asarray(
+        model.apply({"params": params}, augment.normalize(ds.test_images, ds.mean, ds.std))
+    )
+    logits = deploy.load(tmp_path / "m.npz").predict(ds.test_images)
+    assert_close(logits, ref)
+    accuracy = float(np.mean(logits.argmax(1) == ds.test_labels))
+    assert abs(accuracy - done["test_acc"]) <= 1 / len(ds.test_labels)  # an exact tie at most
+    for dtype in ("float16", "bfloat16"):  # the accuracy change of smaller values, measured
+        h = export.export_round(tiny_run, tmp_path / f"{dtype}.npz", dtype=dtype)
+        low = deploy.load(tmp_path / f"{dtype}.npz").predict(ds.test_images)
+        assert abs(float(np.mean(low.argmax(1) == ds.test_labels)) - accuracy) <= 0.02
+        assert h["file_bytes"] < header["file_bytes"]
+    h0 = export.export_round(tiny_run, tmp_path / "m.npz", round=0, overwrite=True)
+    assert h0["provenance"]["round"] == 0 and h0["provenance"]["density_prunable"] == 1.0
+
+
+def run_cli(args: list[str]) -> int:
+    """experiments.export's command in this process: its exit status."""
+    flags.FLAGS.unparse_flags()
+    try:
+        export.main(cli.parse(["export", *args]))
+    except SystemExit as e:
+        return e.code
+    finally:
+        flags.FLAGS.unparse_flags()
+    return 0
+
+
+def snapshot(*roots: Path) -> dict:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for r in roots for p in r.rglob("*")}
+
+
+BAD = {  # name: (flags, substring of the error line, status)
+    "no_finished_round": (["--run_dir={empty}", "--out={tmp}/m.npz"], "has no finished round", 2),
+    "round_missing": (["--run_dir={run}", "--round=7", "--out={tmp}/m.npz"], "round 7 of", 2),
+    "replicate_missing": (
+        ["--run_dir={run}", "--replicate=3", "--out={tmp}/m.npz"],
+        "no replicate 3",
+        2,
+    ),
+    "not_a_run": (["--run_dir={tmp}", "--out={tmp}/m.npz"], "is not a run directory", 2),
+    "no_run_dir": (["--run_dir={tmp}/nothing", "--out={tmp}/m.npz"], "does not exist", 2),
+    "out_exists": (["--run_dir={run}", "--out={tmp}/existing.npz"], "exists; pass --overwrite", 2),
+    "out_is_dir": (["--run_dir={run}", "--out={tmp}"], "is a directory", 2),
+    "out_under_file": (
+        ["--run_dir={run}", "--out={tmp}/existing.npz/m.npz"],
+        "is not a directory",
+        2,
+    ),
+    "out_unwritable": (
+        ["--run_dir={run}", "--out=/proc/m.npz"],
+        "cannot write --out=/proc/m.npz",
+        2,
+    ),
+    "missing_out": (["--run_dir={run}"], "--out is required", 2),
+    "bad_dtype": (["--run_dir={run}", "--out={tmp}/m.npz", "--dtype=int8"], "int8", 2),
+    "damaged_run": (["--run_dir={broken}", "--out={tmp}/m.npz"], "fails its checksum", 1),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_one_line_nothing_written(tiny_run, tmp_path, capsys, name):
+    empty = tmp_path / "empty_run"
+    (empty / "replicate_0" / "round_00").mkdir(parents=True)
+    shutil.copy(tiny_run / "config.json", empty / "config.json")
+    (tmp_path / "existing.npz").write_bytes(b"keep me")
+    broken = tmp_path / "broken"
+    if name == "damaged_run":
+        shutil.copytree(tiny_run, broken)
+        meta = broken / "replicate_0" / "round_01" / "final" / "qsparse.json"
+        meta.write_text(meta.read_text().replace('"sha256": "', '"sha256": "0'))
+    before = snapshot(tmp_path, tiny_run)
+    args, message, status = BAD[name]
+    args = [a.format(run=tiny_run, tmp=tmp_path, empty=empty, broken=broken) for a in args]
+    assert run_cli(args) == status
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert out == "" and snapshot(tmp_path, tiny_run) == before
+
+
+@pytest.mark.subprocess
+def test_command_exports_and_the_file_runs_without_jax(tiny_run, tmp_path):
+    env = {"JAX_PLATFORMS": "cpu", "PATH": ""}
+    out = tmp_path / "m.npz"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.export", f"--run_dir={tiny_run}", f"--out={out}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out}" in result.stdout and "round 1" in result.stdout
+    block = "import sys; sys.modules.update(jax=None, jaxlib=None, flax=None, tensorflow=None); "
+    run = "from qsparse import deploy; import numpy as np; "
+    run += f"print(deploy.load({str(out)!r}).predict(np.zeros((2, 28, 28), np.uint8)).shape)"
+    result = subprocess.run(
+        [sys.executable, "-c", block + run], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "(2, 10)", result.stderr
