@@ -49,6 +49,10 @@ class ExportError(ValueError):
     """Bad input to the exporter: the message names it."""
 
 
+class CheckError(RuntimeError):
+    """The file's model does not compute what the JAX model computes (a bug, never bad input)."""
+
+
 # -- a model and its params -> the file's entries --------------------------------------------------
 
 
@@ -156,7 +160,7 @@ def export_entries(
     if check_images:
         header["check"] = check(model, params, header, arrays, check_images)
         if dtype == "float32" and header["check"]["max_rel_diff"] > FLOAT32_TOLERANCE:
-            raise RuntimeError(f"the exported model differs from the JAX model: {header['check']}")
+            raise CheckError(f"the exported model differs from the JAX model: {header['check']}")
     return deploy.pack(header, arrays)
 
 
@@ -312,7 +316,7 @@ def main(argv: list[str]) -> None:
         )
     except ExportError as e:
         fail(str(e))
-    except rundir.CorruptFileError as e:
+    except (rundir.CorruptFileError, CheckError) as e:
         fail(str(e), status=1)
     prov, chk = header["provenance"], header["check"]
     print(

@@ -55,11 +55,12 @@ smallest in bytes (:func:`choose_storage`) of:
 Values are ``dtype`` (header): ``float32`` (``<f4``), ``float16`` (``<f2``) or ``bfloat16``
 (``<u2``: the upper 16 bits of the float32, rounded to nearest even). Biases are always float32.
 
-**Runtime.** Dense layers run sparse by default (``load(..., sparse=True)``): a real kernel as
-CSR (scipy), a quaternion kernel stored as ``qblock`` as BSR with 4x4 blocks, each block the
-Hamilton left matrix of its four stored values (features reordered quaternion by quaternion), a
-quaternion kernel stored per element as CSR of its real block matrix (4 signed copies of each
-value). Convolutions run dense (their kernels rebuilt from the stored values), as 9 shifted
+**Runtime.** Dense layers run sparse by default (``load(..., kernels="csr")``, scipy): a real
+kernel as CSR, a quaternion kernel as CSR of its real block matrix (each stored component placed
+4 times, signed by the Hamilton table). ``kernels="bsr"`` runs a quaternion kernel stored as
+``qblock`` as BSR instead, one 4x4 block per stored quaternion (the Hamilton left matrix of its
+four values; features reordered quaternion by quaternion); ``kernels="dense"`` rebuilds every
+kernel whole. Convolutions run dense (kernels rebuilt from the stored values), as 9 shifted
 matrix products. All arithmetic is float32.
 """
 
@@ -81,6 +82,7 @@ VERSION = 1
 HEADER = "header.json"
 DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
 ENCODINGS = ("rgb_gray", "rgb_pure", "gray_pure", "none")
+KERNELS = ("csr", "bsr", "dense")
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's Grayscale weights, as qsparse.quaternion
 
 # HAMILTON[c, a, b]: the coefficient of w_c * x_b in (w ⊗ x)_a (qsparse.quaternion.HAMILTON,
@@ -371,12 +373,19 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     return header, entries
 
 
-def load(path: str | os.PathLike, *, sparse: bool = True) -> Model:
-    """The model of an export file, ready to :meth:`Model.predict`; ``sparse=False`` runs the
-    dense layers as dense matrix products instead of CSR/BSR."""
+def load(path: str | os.PathLike, *, kernels: str = "csr") -> Model:
+    """The model of an export file, ready to :meth:`Model.predict`.
+
+    ``kernels`` says how dense layers compute (convolutions are always dense): ``csr`` (sparse
+    real matrices, a quaternion kernel as its real block matrix), ``bsr`` (as ``csr``, but a
+    quaternion kernel stored as quaternion blocks as 4x4 Hamilton blocks) or ``dense`` (the
+    kernels rebuilt whole, BLAS matrix products).
+    """
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels={kernels!r} is not valid; choose one of {list(KERNELS)}")
     header, arrays = read(path)
     try:
-        return Model(header, arrays, sparse=sparse)
+        return Model(header, arrays, kernels=kernels)
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise ExportFileError(f"export file {path}: {type(e).__name__}: {e}") from None
 
@@ -431,7 +440,7 @@ def _encode(name: str):
 class _Layer:
     """A conv or dense op: its kernel decoded, its bias, and how it computes."""
 
-    def __init__(self, op: dict, arrays: dict[str, np.ndarray], dtype: str, sparse: bool):
+    def __init__(self, op: dict, arrays: dict[str, np.ndarray], dtype: str, kernels: str):
         name, kind = op["name"], op["kind"]
         if kind not in ("real", "quat"):
             raise ValueError(f"{name}: unknown kind {kind!r}")
@@ -463,9 +472,11 @@ class _Layer:
         elif self.op == "dense":
             if len(shape) != (3 if kind == "quat" else 2):
                 raise ValueError(f"layer {name}: dense kernel of shape {shape}")
-            self.forward = self._sparse_setup(positions, values) if sparse else self._matmul
-            if not sparse:
+            if kernels == "dense":
                 self.kernel = left_matrix(dense) if kind == "quat" else dense
+                self.forward = self._matmul
+            else:
+                self.forward = self._sparse_setup(positions, values, kernels == "bsr")
         else:
             raise ValueError(f"unknown layer op {self.op!r}")
 
@@ -474,22 +485,28 @@ class _Layer:
     def _matmul(self, x):
         return x @ self.kernel + self.bias
 
-    def _sparse_setup(self, positions, values):
-        """The sparse product for this dense layer: CSR (real kernels, quaternion kernels stored
-        per element) or 4x4-block BSR (quaternion kernels stored as quaternion blocks)."""
+    def _sparse_setup(self, positions, values, blocks: bool):
+        """The sparse product of this dense layer: CSR of the real kernel, or of a quaternion
+        kernel's real block matrix; with ``blocks``, a quaternion kernel stored as quaternion
+        blocks runs as a BSR matrix of 4x4 Hamilton blocks instead."""
         from scipy import sparse
 
         shape = self.shape
+        layout = self.storage["layout"]
         if positions is None:  # stored dense: every position
-            grid = shape[1:] if self.storage["layout"] == "qblock" else shape
+            grid = shape[1:] if layout == "qblock" else shape
             positions = np.arange(int(np.prod(grid)))
+        if layout == "qblock" and not blocks:  # the blocks' components as elements
+            n = int(np.prod(shape[1:]))
+            positions = np.concatenate([c * n + positions for c in range(4)])
+            values, layout = values.T.ravel(), "element"
         if self.kind == "real":
             n_in, n_out = shape
             i, o = np.divmod(positions, n_out)
             wt = sparse.csr_array((values, (o, i)), shape=(n_out, n_in), dtype=np.float32)
             return lambda x: (wt @ x.T).T + self.bias
         _, q_in, q_out = shape
-        if self.storage["layout"] == "element":
+        if layout == "element":
             # every stored component c at (i, o) appears 4 times in the real block matrix
             c, rest = np.divmod(positions, q_in * q_out)
             i, o = np.divmod(rest, q_out)
@@ -546,7 +563,9 @@ class _Layer:
 class Model:
     """An exported model: :meth:`predict` maps raw images to logits with numpy (and scipy)."""
 
-    def __init__(self, header: dict, arrays: dict[str, np.ndarray], *, sparse: bool = True):
+    def __init__(self, header: dict, arrays: dict[str, np.ndarray], *, kernels: str = "csr"):
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels={kernels!r} is not valid; choose one of {list(KERNELS)}")
         self.header = header
         self.dtype = header["dtype"]
         if self.dtype not in DTYPES:
@@ -564,7 +583,7 @@ class Model:
         for op in header["ops"]:
             kind = op["op"]
             if kind in ("conv", "dense"):
-                layer = _Layer(op, arrays, self.dtype, sparse)
+                layer = _Layer(op, arrays, self.dtype, kernels)
                 self.layers.append(layer)
                 self._steps.append(layer.forward)
             elif kind == "relu":

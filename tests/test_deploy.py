@@ -122,8 +122,8 @@ def test_predict_equals_the_jax_model(tmp_path, name, algebra, grouping):
     path = write(tmp_path / "m.npz", model, params, masks, spec)
     x = images(spec)
     ref = jax_logits(apply, params, spec, x)
-    for sparse in (True, False):
-        model_np = deploy.load(path, sparse=sparse)
+    for kernels in deploy.KERNELS:
+        model_np = deploy.load(path, kernels=kernels)
         assert_close(model_np.predict(x), ref)
     assert_close(model_np.predict(x, batch_size=3), ref)  # batches are independent
     header, arrays = deploy.read(path)
