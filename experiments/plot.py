@@ -3,10 +3,15 @@ r"""Figures like the paper's Fig. 4 from IMP run directories, plus layer densiti
     python -m experiments.plot --runs=runs --out=figures
     python -m experiments.plot --out=figures \
         --runs=runs/lenet12_real_mnist_xxx,runs/lenet12_quat_mnist_yyy
+    python -m experiments.plot --deployment=deploy --out=figures   # deployment figures only
 
 Writes accuracy_<model>_<dataset>_{own,real}.{png,svg} (x as % of the model's own weights, and
 as % of the real model's weights, the paper's convention; the paper's digitized curve dashed
-where it has one) and density_<run>.{png,svg}.
+where it has one) and density_<run>.{png,svg}. ``--deployment`` (folders holding the
+deployment.json files of ``python -m experiments.deployment``) adds
+deployment_{bytes,latency}_<model>_<dataset>.{png,svg}: test accuracy against the exported
+file's bytes and against the sparse runtime's batch-1 latency (log x), every curve (real,
+quaternion, each grouping) on one axis; given alone (without ``--runs``), only those.
 """
 
 from __future__ import annotations
@@ -15,20 +20,30 @@ import sys
 
 from absl import app, flags
 
-from qsparse import plots
+from qsparse import accounting, plots
 
 flags.DEFINE_list("runs", ["runs"], "run directories, or folders holding run directories")
 flags.DEFINE_string("out", "figures", "folder for the PNG and SVG files")
+flags.DEFINE_list(
+    "deployment",
+    [],
+    "folders holding deployment.json files (python -m experiments.deployment): their figures",
+)
 FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    written = []
     try:
-        written = plots.write_figures(FLAGS.runs, FLAGS.out)
-    except FileNotFoundError as e:
-        sys.stderr.write(f"error: {e}\n")
+        deployments = accounting.load(FLAGS.deployment) if FLAGS.deployment else []
+        if FLAGS["runs"].present or not FLAGS.deployment:
+            written += plots.write_figures(FLAGS.runs, FLAGS.out)
+        if deployments:
+            written += plots.write_deployment_figures(deployments, FLAGS.out)
+    except (FileNotFoundError, accounting.DeploymentFileError) as e:
+        sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
         sys.exit(2)
     print("\n".join(map(str, written)))
 

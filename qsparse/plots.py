@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
 
-from qsparse import results
+from qsparse import accounting, results
 from qsparse.paper import PAPER, PaperCurve
 
 # Halvings of 100 % (the paper speaks of the 25 %, 12.5 % and 3.12 % marks).
@@ -110,6 +110,60 @@ def layer_density_figure(density: results.LayerDensity, title: str | None = None
     if title:
         ax.set_title(title)
     return fig
+
+
+DEPLOYMENT_X = {
+    "bytes": "exported file (float32), bytes",
+    "latency": "sparse runtime latency at batch 1 (ms, CPU)",
+}
+
+
+def deployment_figure(
+    deployments: Sequence[accounting.Deployment], x: str = "bytes", title: str | None = None
+) -> Figure:
+    """Test accuracy (%) of every round against its exported file's bytes (``x='bytes'``) or
+    the sparse runtime's median batch-1 latency (``x='latency'``), log x; one curve per
+    deployment (real, quaternion, each grouping), labelled as :func:`qsparse.accounting.labels`.
+    """
+    if x not in DEPLOYMENT_X:
+        raise ValueError(f"x={x!r}; valid: {list(DEPLOYMENT_X)}")
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    for name, d in zip(accounting.labels(deployments), deployments):
+        if x == "bytes":
+            xs = d.column("file_bytes")
+        else:
+            xs = 1e3 * d.column(accounting.latency_field("sparse", 1))
+        ax.plot(
+            xs,
+            100 * d.column("test_acc"),
+            marker="o" if d.algebra == "real" else "s",
+            ms=4,
+            label=name,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel(DEPLOYMENT_X[x])
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def write_deployment_figures(
+    deployments: Sequence[accounting.Deployment], out: str | os.PathLike
+) -> list[Path]:
+    """deployment_{bytes,latency}_<model>_<dataset>.{png,svg}: :func:`deployment_figure` per
+    (model, dataset)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for (model, dataset), group in results.by_pair(deployments).items():
+        for x in DEPLOYMENT_X:
+            fig = deployment_figure(group, x, title=f"{model} / {dataset}")
+            written += save(fig, out / f"deployment_{x}_{model}_{dataset}")
+    return written
 
 
 def save(fig: Figure, stem: Path) -> list[Path]:

@@ -27,7 +27,7 @@ CORE = [
     "nnx",
 ]
 RUN = ["config", "data", "checkpoints", "rundir", "summaries", "loop", "experiment", "lottery"]
-ANALYSIS = ["results", "paper", "report", "plots", "deploy"]
+ANALYSIS = ["results", "paper", "report", "plots", "deploy", "accounting"]
 JAX_FREE = ["config", "rundir"]  # run-tier modules the analysis tier reads with
 TIERS = {
     "core": (

@@ -1,0 +1,286 @@
+"""What every finished round of a run costs deployed: bytes, FLOPs and CPU latency.
+
+:func:`account_run` goes over the finished rounds of one replicate of a run directory, exports
+each (:func:`experiments.export.export_round`, float32) and records per round (the fields of
+:data:`qsparse.accounting.ROUND_FIELDS`):
+
+* weights alive (kernel values, real components) and parameters alive (biases too), from the
+  round's masks.npz;
+* ``file_bytes``: the exported file's size on disk; ``kernel_bytes``: its kernels' payload;
+  ``dense_file_bytes``: the size on disk of a dense float32 export of the same round: the same
+  exporter with every weight kept (an all-ones mask, so every kernel is stored ``dense``),
+  written, measured and deleted;
+* ``flops_dense``: :func:`benchmarks.flops.forward_flops` of the model (per image);
+  ``flops_sparse``: the surviving weights' multiply-adds x 2
+  (:func:`qsparse.accounting.header_flops`, which must give ``flops_dense`` when counting every
+  weight);
+* latencies at each batch size (default 1 and 256) of the jit-compiled dense JAX model on the
+  CPU (uint8 images in, normalisation included, ``block_until_ready``) and of the sparse numpy
+  runtime (``qsparse.deploy.load(file).predict``, the same uint8 images): one warm-up call, then
+  ``repeats`` timed calls; the median is ``latency_<jax|sparse>_b<batch>_s``, every timing is
+  in ``timings_s``. One process, one run: the numbers describe this machine under its load then;
+* the round's status and test accuracy, from its done.json. A finished round whose status is
+  not ``ok`` (a non-finite loss: the replicate's last round) is not exported; it is listed in
+  the record's ``skipped``.
+
+Output, under the output folder: ``<run>/replicate_<r>/deployment.json`` (the record),
+``deployment.md`` (its table) and ``round_<LL>.npz`` (the exported files), written to a
+temporary folder first and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy
+
+from benchmarks.flops import forward_flops
+from benchmarks.harness import environment, load_average
+from experiments import export
+from qsparse import accounting, deploy, rundir
+from qsparse import masks as qmasks
+from qsparse.data import DATASETS
+
+BATCHES = (1, 256)
+REPEATS = 7
+DENSE_FILE = "float32, every weight kept: the same exporter with an all-ones mask, measured on disk"
+
+Log = Callable[[str], None]
+
+
+class AccountingError(ValueError):
+    """Bad input (a run without finished rounds, an output that exists ...): the message names
+    it."""
+
+
+def target(out: str | os.PathLike, run_dir: str | os.PathLike, replicate: int = 0) -> Path:
+    """The folder the record of ``run_dir``'s replicate goes to, under ``out``."""
+    return Path(out) / Path(run_dir).name / f"replicate_{replicate}"
+
+
+def check(
+    run_dir: str | os.PathLike, out: str | os.PathLike, replicate: int = 0, overwrite: bool = False
+) -> list[int]:
+    """The finished rounds to account for; :class:`AccountingError` for bad input (nothing
+    written): a run or replicate without finished rounds, an output folder that exists (without
+    ``overwrite``) or cannot be written."""
+    run = rundir.Run(Path(run_dir))
+    try:
+        export.find_round(run, replicate, None)
+    except export.ExportError as e:
+        raise AccountingError(str(e)) from None
+    dest = target(out, run_dir, replicate)
+    if dest.exists() and not dest.is_dir():
+        raise AccountingError(f"cannot write {dest}: it is a file")
+    if dest.exists() and not overwrite:
+        raise AccountingError(f"{dest} exists; pass --overwrite to replace it")
+    parent = next(p for p in dest.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise AccountingError(f"cannot write {dest}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AccountingError(f"cannot write {dest}: {parent} is not writable")
+    return [rd.level for rd in run.replicate(replicate).rounds() if rd.done.exists()]
+
+
+def median_time(fn: Callable[[], Any], repeats: int) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn`` after one warm-up call (each call's result is
+    waited for: ``fn`` must block until it is computed)."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: at least one timed call")
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def _dense_jax(model, spec) -> Callable:
+    """The JAX model from uint8 images to logits, jit-compiled (on the device of its params)."""
+    mean, std = jnp.asarray(spec.mean, jnp.float32), jnp.asarray(spec.std, jnp.float32)
+
+    @jax.jit
+    def forward(params, images):
+        x = (images.astype(jnp.float32) / 255.0 - mean) / std  # qsparse.augment.normalize
+        return model.apply({"params": params}, x)
+
+    return forward
+
+
+def account_round(
+    run: rundir.Run,
+    level: int,
+    folder: Path,
+    *,
+    replicate: int,
+    images: dict[int, np.ndarray],
+    repeats: int,
+    cache: dict,
+) -> dict[str, Any]:
+    """One round's row (see the module docstring); its export written to ``folder``."""
+    rd = run.replicate(replicate).round(level)
+    name = f"round_{level:02d}.npz"
+    header = export.export_round(run.path, folder / name, replicate=replicate, round=level)
+    config, model, params, masks, done = export.load_round(run, rd)
+    spec = DATASETS[config.dataset]
+    row: dict[str, Any] = {"round": level, "file": name}
+    row.update({k: done[k] for k in accounting.ROUND_FIELDS if k in done})
+    row["file_bytes"] = (folder / name).stat().st_size
+    row["kernel_bytes"] = header["bytes"]["kernels"]
+    dense = folder / f".dense_{name}"
+    entries = export.export_entries(
+        model,
+        params,
+        qmasks.ones(params),
+        input_shape=spec.image_shape,
+        mean=spec.mean,
+        std=spec.std,
+        provenance=header["provenance"],
+        check_images=0,
+    )
+    try:
+        deploy.save(dense, entries)
+        row["dense_file_bytes"] = dense.stat().st_size
+    finally:
+        dense.unlink(missing_ok=True)
+    row.update(accounting.mask_counts(rundir.load_masks(rd)))
+    if "flops_dense" not in cache:
+        cache["flops_dense"] = forward_flops(model, params, spec.image_shape)
+        cache["forward"] = _dense_jax(model, spec)
+    flops = accounting.header_flops(header)
+    if flops["dense"] != cache["flops_dense"]:
+        raise RuntimeError(
+            f"FLOPs counted from the export header ({flops['dense']}) differ from the model's "
+            f"jaxpr ({cache['flops_dense']}): the sparse count cannot be trusted"
+        )
+    row["flops_dense"], row["flops_sparse"] = cache["flops_dense"], flops["sparse"]
+    cpu = jax.devices("cpu")[0]
+    on_cpu = jax.device_put(params, cpu)  # committed: the jit runs on the CPU
+    forward = cache["forward"]
+    sparse = deploy.load(folder / name)
+    timings = {}
+    for b, x in images.items():
+        timings[accounting.latency_field("jax", b)] = median_time(
+            lambda x=x: forward(on_cpu, x).block_until_ready(), repeats
+        )
+        timings[accounting.latency_field("sparse", b)] = median_time(
+            lambda x=x: sparse.predict(x, batch_size=len(x)), repeats
+        )
+    row.update({k: statistics.median(v) for k, v in timings.items()})
+    row["timings_s"] = timings
+    return row
+
+
+def account_run(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    replicate: int = 0,
+    repeats: int = REPEATS,
+    batches: Sequence[int] = BATCHES,
+    overwrite: bool = False,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Account for every finished round of ``run_dir``'s replicate; write the record, its table
+    and the exported files to :func:`target` (``out/<run>/replicate_<r>``); return the record.
+
+    Raises :class:`AccountingError` for bad input, before anything is written, and
+    :class:`qsparse.rundir.CorruptFileError` for a damaged run file.
+    """
+    if repeats < 1:
+        raise AccountingError(f"repeats={repeats}: at least one timed call")
+    if not batches or any(int(b) < 1 for b in batches):
+        raise AccountingError(f"batches={list(batches)}: positive batch sizes")
+    levels = check(run_dir, out, replicate, overwrite)
+    run = rundir.Run(Path(run_dir))
+    config = rundir.read_json(run.config)
+    spec = DATASETS[config["dataset"]]
+    rng = np.random.default_rng(0)
+    images = {int(b): rng.integers(0, 256, (int(b), *spec.image_shape), np.uint8) for b in batches}
+    dest = target(out, run_dir, replicate)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    try:
+        os.chmod(staging, 0o777 & ~_umask())
+        machine = environment()
+        cache: dict = {}
+        rows, skipped = [], []
+        for level in levels:
+            status = rundir.read_json(run.replicate(replicate).round(level).done).get("status")
+            if status != "ok":  # a non-finite loss: the replicate's last round, nothing to deploy
+                skipped.append({"round": level, "status": status})
+                log(f"{run.path.name} r{replicate} round {level}: skipped (status {status!r})")
+                continue
+            row = account_round(
+                run,
+                level,
+                staging,
+                replicate=replicate,
+                images=images,
+                repeats=repeats,
+                cache=cache,
+            )
+            rows.append(row)
+            log(_line(run.path.name, replicate, row, batches))
+        machine.update(
+            load_after=load_average(), numpy=np.__version__, scipy=scipy.__version__, device="cpu"
+        )
+        record = {
+            "format": accounting.FORMAT,
+            "version": accounting.VERSION,
+            "run": run.path.name,
+            "run_dir": str(run.path.absolute()),
+            "replicate": replicate,
+            "config": config,
+            "batches": [int(b) for b in batches],
+            "repeats": repeats,
+            "dense_file": DENSE_FILE,
+            "machine": machine,
+            "qsparse_commit": rundir.provenance()["git_commit"],
+            "rounds": rows,
+            "skipped": skipped,
+        }
+        rundir.write_json(staging / accounting.FILE, record)
+        table = accounting.markdown([accounting.read(staging / accounting.FILE)])
+        rundir.write_text(staging / accounting.TABLE, table)
+        if dest.exists():  # overwrite: the old folder out of the way, then the new one in
+            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".old"))
+            os.replace(dest, old / dest.name)
+            os.replace(staging, dest)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return record
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _line(run: str, replicate: int, row: dict, batches: Sequence[int]) -> str:
+    lat = ", ".join(
+        f"b{b} {1e3 * row[accounting.latency_field('jax', b)]:.3g}/"
+        f"{1e3 * row[accounting.latency_field('sparse', b)]:.3g} ms"
+        for b in batches
+    )
+    return (
+        f"{run} r{replicate} round {row['round']}: {row['weights_remaining_pct']:.2f}% left, "
+        f"test_acc {row['test_acc']:.4f}, {row['file_bytes']:,} B "
+        f"(dense {row['dense_file_bytes']:,} B), "
+        f"{row['flops_sparse']:,}/{row['flops_dense']:,} FLOPs, JAX/sparse {lat}"
+    )

@@ -1,0 +1,80 @@
+r"""What every finished round of a run costs deployed: bytes, FLOPs, CPU latency.
+
+    python -m experiments.deployment --runs=runs/lenet300_100_quat_mnist_0a1b2c3d --out=deploy
+    python -m experiments.deployment --runs=runs --out=deploy --replicate=1 --repeats=7
+
+For each run directory (``--runs``: runs, or folders holding runs) exports every finished round
+of the replicate and measures it (:mod:`benchmarks.deployment`): weights and parameters alive,
+the exported file's bytes on disk and a dense float32 file's, dense and sparse-effective FLOPs
+per image, and the median latency of the dense JAX model and of the sparse numpy runtime at
+batch 1 and 256 on the CPU. Writes ``<out>/<run>/replicate_<r>/deployment.json``,
+``deployment.md`` and the exported ``round_<LL>.npz`` files, and prints the table of them all.
+``python -m experiments.report --deployment=<out>`` and ``python -m experiments.plot
+--deployment=<out>`` read them back.
+
+Bad input (no run found, a replicate without finished rounds, an output that exists without
+--overwrite or cannot be written) exits with status 2 and one ``error:`` line, before anything
+is written; a damaged run file exits with status 1.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+
+from benchmarks import deployment  # imports experiments.export, which defines its own flags
+from experiments.cli import fail, parse
+from qsparse import accounting, results, rundir
+
+# --out, --replicate and --overwrite are also experiments.export's flags (defined when it is
+# imported, above); these replace them (same types) with this command's meaning.
+flags.DEFINE_list("runs", None, "run directories, or folders holding run directories")
+flags.DEFINE_string(
+    "out", None, "folder for <run>/replicate_<r>/deployment.json", allow_override=True
+)
+flags.DEFINE_integer("replicate", 0, "the replicate to account for", allow_override=True)
+flags.DEFINE_integer(
+    "repeats", deployment.REPEATS, "timed calls per latency (median; after one warm-up call)"
+)
+flags.DEFINE_bool("overwrite", False, "replace a run's existing record", allow_override=True)
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; every setting is a --flag (see --help)")
+    for name in ("runs", "out"):
+        if not FLAGS[name].value:
+            fail(f"--{name} is required")
+    if FLAGS.repeats < 1:
+        fail(f"--repeats={FLAGS.repeats}: at least one timed call")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
+    try:
+        runs = results.find_runs(FLAGS.runs)
+    except FileNotFoundError as e:
+        fail(str(e))
+    names = [run.name for run in runs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        fail(f"runs of the same name in different folders would share an output: {twice}")
+    try:
+        for run in runs:  # every run checked before anything is written
+            deployment.check(run, FLAGS.out, FLAGS.replicate, FLAGS.overwrite)
+        written = []
+        for run in runs:
+            deployment.account_run(
+                run,
+                FLAGS.out,
+                replicate=FLAGS.replicate,
+                repeats=FLAGS.repeats,
+                overwrite=FLAGS.overwrite,
+            )
+            written.append(deployment.target(FLAGS.out, run, FLAGS.replicate) / accounting.FILE)
+    except deployment.AccountingError as e:
+        fail(str(e))
+    except (rundir.CorruptFileError, RuntimeError) as e:
+        fail(str(e), status=1)
+    print(accounting.markdown(accounting.load(written)), end="")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse)

@@ -1,0 +1,312 @@
+"""What every round of a run costs deployed: the ``deployment.json`` files, read and tabulated.
+
+``python -m experiments.deployment`` (the measuring side, :mod:`benchmarks.deployment`) writes,
+per run and replicate, ``<out>/<run>/replicate_<r>/deployment.json``: per finished round its
+weights and parameters alive, the bytes of its exported file and of a dense float32 file, its
+inference FLOPs (dense and sparse-effective) and the CPU latency of the dense JAX model and of
+the sparse numpy runtime. This module reads those files back with numpy alone (no jax, no
+matplotlib), counts FLOPs from an export file's header, and writes the Markdown table;
+:func:`qsparse.plots.deployment_figure` draws them.
+
+FLOPs are 2 x multiply-adds of the dots and convolutions of one image's forward pass (biases,
+ReLUs and pooling are not counted, as :func:`benchmarks.flops.forward_flops`). Dense: every
+weight. Sparse-effective: only the surviving weights' multiply-adds; a surviving quaternion
+component is 4 real multiply-adds (it appears 4 times in the real block matrix the layer
+multiplies by), a convolution weight one per output position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qsparse import report, results
+
+FILE = "deployment.json"
+TABLE = "deployment.md"
+FORMAT = "qsparse-deployment"
+VERSION = 1
+# Per-round fields every deployment.json row has (latencies: ``latency_<impl>_b<batch>_s``).
+ROUND_FIELDS = (
+    "round",
+    "status",
+    "density_prunable",
+    "weights_remaining_pct",
+    "weights_remaining_pct_of_real",
+    "test_acc",
+    "file",
+    "file_bytes",
+    "kernel_bytes",
+    "dense_file_bytes",
+    "weights_alive",
+    "weights_total",
+    "params_alive",
+    "params_total",
+    "flops_dense",
+    "flops_sparse",
+)
+IMPLEMENTATIONS = {"jax": "dense JAX", "sparse": "sparse runtime"}
+
+PathLike = str | os.PathLike
+
+
+class DeploymentFileError(ValueError):
+    """A deployment.json that cannot be read back; the message names it."""
+
+
+def latency_field(impl: str, batch: int) -> str:
+    """The row field of the median latency (seconds) of ``impl`` (jax | sparse) at ``batch``."""
+    return f"latency_{impl}_b{batch}_s"
+
+
+# -- counting ------------------------------------------------------------------------------------
+
+
+def is_kernel(name: str) -> bool:
+    """Whether masks.npz entry ``name`` is a (prunable) kernel, real or quaternion."""
+    return name.split("/")[-1] in ("kernel", "qkernel")
+
+
+def mask_counts(masks: dict[str, np.ndarray]) -> dict[str, int]:
+    """Weights (kernel values, real components) and parameters (biases too) alive and in all."""
+    kernels = [np.asarray(m, bool) for k, m in masks.items() if is_kernel(k)]
+    every = [np.asarray(m, bool) for m in masks.values()]
+    return {
+        "weights_alive": int(sum(np.count_nonzero(m) for m in kernels)),
+        "weights_total": int(sum(m.size for m in kernels)),
+        "params_alive": int(sum(np.count_nonzero(m) for m in every)),
+        "params_total": int(sum(m.size for m in every)),
+    }
+
+
+def header_flops(header: dict) -> dict[str, Any]:
+    """Dense and sparse-effective FLOPs of one image through an export file's model.
+
+    Walks the header's ``ops`` from its input shape: a convolution (SAME, stride 1) has
+    H x W output positions, ``maxpool2x2`` halves H and W, ``flatten`` leaves one position. A
+    layer's real matrix has ``prod(kernel_shape)`` entries (a quaternion kernel's block matrix
+    ``4 prod(kernel_shape)``: each component appears 4 times, signed), of which
+    ``storage['alive']`` (times 4) survive. Returns ``dense``, ``sparse`` and per layer
+    ``layers``: name, positions, dense, sparse.
+    """
+    h, w, _ = header["input"]["shape"]
+    layers, dense, sparse = [], 0, 0
+    for op in header["ops"]:
+        kind = op["op"]
+        if kind == "maxpool2x2":
+            h, w = h // 2, w // 2
+        elif kind == "flatten":
+            h = w = 1
+        elif kind in ("conv", "dense"):
+            if kind == "conv" and tuple(op.get("strides", (1, 1))) != (1, 1):
+                raise ValueError(f"layer {op['name']}: only stride 1 is counted")
+            positions = h * w if kind == "conv" else 1
+            copies = 4 if op["kind"] == "quat" else 1
+            total = copies * math.prod(op["kernel_shape"])
+            alive = copies * int(op["storage"]["alive"])
+            layer = {"name": op["name"], "positions": positions}
+            layer.update(dense=2 * positions * total, sparse=2 * positions * alive)
+            layers.append(layer)
+            dense += layer["dense"]
+            sparse += layer["sparse"]
+    return {"dense": dense, "sparse": sparse, "layers": layers}
+
+
+# -- reading deployment.json files -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class Deployment:
+    """One deployment.json: a run's replicate, per finished round what it costs deployed.
+
+    ``config`` holds the run's curve fields (as :class:`qsparse.results.Curve`), so
+    :func:`qsparse.results.labels` and :func:`qsparse.results.by_pair` work on deployments.
+    """
+
+    path: Path
+    record: dict[str, Any]
+    config: dict[str, Any]
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.record["rounds"]
+
+    @property
+    def run(self) -> str:
+        return self.record["run"]
+
+    @property
+    def replicate(self) -> int:
+        return self.record["replicate"]
+
+    @property
+    def model(self) -> str:
+        return self.config["model"]
+
+    @property
+    def dataset(self) -> str:
+        return self.config["dataset"]
+
+    @property
+    def algebra(self) -> str:
+        return self.config["algebra"]
+
+    @property
+    def batches(self) -> list[int]:
+        return list(self.record["batches"])
+
+    def column(self, field: str) -> np.ndarray:
+        """One field over the rounds, as floats (NaN where a row lacks it)."""
+        return np.array([float(r.get(field, math.nan)) for r in self.rows], dtype=float)
+
+
+def find_files(paths: Iterable[PathLike]) -> list[Path]:
+    """deployment.json files among ``paths``: each is such a file or a folder holding them at
+    any depth. FileNotFoundError naming a path that is neither or holds none."""
+    found: list[Path] = []
+    for top in map(Path, paths):
+        if top.is_file():
+            found.append(top)
+            continue
+        if not top.is_dir():
+            raise FileNotFoundError(f"{top} is not a directory or a {FILE} file")
+        files = sorted(top.rglob(FILE))
+        if not files:
+            raise FileNotFoundError(f"no {FILE} under {top} (python -m experiments.deployment)")
+        found += files
+    return list(dict.fromkeys(found))
+
+
+def read(path: PathLike) -> Deployment:
+    """One deployment.json, checked; :class:`DeploymentFileError` naming it otherwise."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DeploymentFileError(f"cannot read {path}: {e}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise DeploymentFileError(f"{path} is not a {FILE} (format {FORMAT!r})")
+    if record.get("version") != VERSION:
+        raise DeploymentFileError(f"{path} has version {record.get('version')!r}, not {VERSION}")
+    rounds, config = record.get("rounds"), record.get("config")
+    if not isinstance(rounds, list) or not isinstance(config, dict):
+        raise DeploymentFileError(f"{path} lacks its rounds or config")
+    for row in rounds:
+        missing = set(ROUND_FIELDS) - set(row) if isinstance(row, dict) else ROUND_FIELDS
+        if missing:
+            raise DeploymentFileError(f"{path}: a round lacks {sorted(missing)}")
+    curve = {k: v for k, v in config.items() if k not in results.NOT_CURVE_FIELDS}
+    return Deployment(path=path, record=record, config=curve)
+
+
+def load(paths: Iterable[PathLike]) -> list[Deployment]:
+    """Every deployment.json under ``paths``, ordered as :func:`qsparse.results.aggregate`
+    orders curves (model, dataset, real first, config), then replicate."""
+    deployments = [read(p) for p in find_files(paths)]
+    return sorted(
+        deployments,
+        key=lambda d: (
+            d.model,
+            d.dataset,
+            d.algebra != "real",
+            sorted((k, json.dumps(v)) for k, v in d.config.items()),
+            d.run,
+            d.replicate,
+        ),
+    )
+
+
+def labels(deployments: Sequence[Deployment]) -> list[str]:
+    """:func:`qsparse.results.labels` ('R', 'Q (grouping=quaternion)', ...); deployments of
+    the same curve (replicates, seeds) get their run and replicate appended."""
+    names = results.labels(deployments)  # duck-typed: .config and .algebra
+    return [
+        f"{n} [{d.run} r{d.replicate}]" if names.count(n) > 1 else n
+        for n, d in zip(names, deployments)
+    ]
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+
+def _int(v: float) -> str:
+    return f"{int(v):,}"
+
+
+def _ms(v: float) -> str:
+    return "—" if not math.isfinite(v) else f"{1e3 * v:.3g}"
+
+
+def _describe(name: str, d: Deployment) -> str:
+    line = (
+        f"- **{name}**: {d.run} replicate {d.replicate}, {d.record['repeats']} timed repeats, "
+        f"{d.record.get('machine', {}).get('cpu', '?')}"
+    )
+    skipped = d.record.get("skipped") or []
+    if skipped:
+        line += "; not exported: " + ", ".join(
+            f"round {s['round']} (status {s['status']})" for s in skipped
+        )
+    return line
+
+
+def markdown(deployments: Sequence[Deployment]) -> str:
+    """One table per (model, dataset): per curve and round, accuracy, weights, bytes, FLOPs and
+    latencies (milliseconds, median of the file's repeats)."""
+    parts = [
+        "# Deployment: every round's size, FLOPs and CPU latency",
+        "Per finished round: test accuracy (from the round's done.json), kernel weights alive "
+        "(real components), parameters alive (biases included), the exported float32 file's "
+        "bytes on disk and those of a dense float32 export of the same round (every weight kept), "
+        "FLOPs per image (2 x multiply-adds; sparse: surviving weights only), and the median "
+        "latency of one call at batch b of the jit-compiled dense JAX model and of the sparse "
+        "numpy runtime (`qsparse.deploy`), in ms, on the CPU named below.",
+    ]
+    for (model, dataset), group in results.by_pair(deployments).items():
+        names = labels(group)
+        batches = sorted({b for d in group for b in d.batches})
+        parts.append(f"## {model} / {dataset}")
+        parts.append("\n".join(_describe(name, d) for name, d in zip(names, group)))
+        header = [
+            "curve",
+            "round",
+            "% left",
+            "test acc",
+            "weights alive",
+            "params alive",
+            "file B",
+            "dense file B",
+            "FLOPs dense",
+            "FLOPs sparse",
+        ]
+        for b in batches:
+            header += [f"JAX b{b} ms", f"sparse b{b} ms"]
+        rows = []
+        for name, d in zip(names, group):
+            for r in d.rows:
+                row = [
+                    name,
+                    r["round"],
+                    f"{r['weights_remaining_pct']:.2f}",
+                    f"{100 * r['test_acc']:.2f}",
+                    _int(r["weights_alive"]),
+                    _int(r["params_alive"]),
+                    _int(r["file_bytes"]),
+                    _int(r["dense_file_bytes"]),
+                    _int(r["flops_dense"]),
+                    _int(r["flops_sparse"]),
+                ]
+                for b in batches:
+                    row += [
+                        _ms(float(r.get(latency_field(i, b), math.nan))) for i in IMPLEMENTATIONS
+                    ]
+                rows.append(row)
+        parts.append(report.markdown_table(header, rows))
+    return "\n\n".join(parts) + "\n"
