@@ -1,4 +1,5 @@
-"""Training-throughput benchmarks of qsparse's masked train step (``python -m experiments.bench``).
+"""Benchmarks: training throughput of qsparse's masked train step (``python -m experiments.bench``)
+and what a pruned model costs deployed (``python -m experiments.deployment``).
 
 Timings only mean something against a yardstick taken in the same process, so every run measures
 the machine's own matmul peak and, optionally, plain Flax and PyTorch train steps beside
@@ -11,6 +12,7 @@ qsparse's. Modules:
 * :mod:`benchmarks.references`: same-run yardsticks (plain Flax, PyTorch eager).
 * :mod:`benchmarks.tables`: the Markdown report of a result.
 * :mod:`benchmarks.suite`: :class:`Options` and :func:`run`, everything in one process.
+* :mod:`benchmarks.deployment`: every round of a run exported, its bytes, FLOPs and latency.
 """
 
 from benchmarks.suite import OptionError, Options, run, save

@@ -1,7 +1,7 @@
 """What every finished round of a run costs deployed: bytes, FLOPs and CPU latency.
 
 :func:`account_run` goes over the finished rounds of one replicate of a run directory, exports
-each (:func:`experiments.export.export_round`, float32) and records per round (the fields of
+each (:func:`qsparse.export.export_round`, float32) and records per round (the fields of
 :data:`qsparse.accounting.ROUND_FIELDS`):
 
 * weights alive (kernel values, real components) and parameters alive (biases too), from the
@@ -46,8 +46,7 @@ import scipy
 
 from benchmarks.flops import forward_flops
 from benchmarks.harness import environment, load_average
-from experiments import export
-from qsparse import accounting, deploy, rundir
+from qsparse import accounting, deploy, export, rundir
 from qsparse import masks as qmasks
 from qsparse.data import DATASETS
 

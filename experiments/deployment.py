@@ -25,8 +25,8 @@ from benchmarks import deployment  # imports experiments.export, which defines i
 from experiments.cli import fail, parse
 from qsparse import accounting, results, rundir
 
-# --out, --replicate and --overwrite are also experiments.export's flags (defined when it is
-# imported, above); these replace them (same types) with this command's meaning.
+# --out, --replicate and --overwrite are also experiments.export's flags; allow_override lets both
+# commands be imported into one process (the tests do), each meaning its own.
 flags.DEFINE_list("runs", None, "run directories, or folders holding run directories")
 flags.DEFINE_string(
     "out", None, "folder for <run>/replicate_<r>/deployment.json", allow_override=True

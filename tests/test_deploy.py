@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 from absl import flags
 
-from experiments import cli, export
-from qsparse import augment, data, deploy, lottery, models, pruning, quaternion, rundir
+from experiments import cli
+from experiments import export as export_cli
+from qsparse import augment, data, deploy, export, lottery, models, pruning, quaternion, rundir
 from qsparse import masks as M
 from qsparse.config import Config
 
@@ -360,7 +361,7 @@ def run_cli(args: list[str]) -> int:
     """experiments.export's command in this process: its exit status."""
     flags.FLAGS.unparse_flags()
     try:
-        export.main(cli.parse(["export", *args]))
+        export_cli.main(cli.parse(["export", *args]))
     except SystemExit as e:
         return e.code
     finally:

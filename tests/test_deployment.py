@@ -26,9 +26,9 @@ from absl import flags
 
 from benchmarks import deployment
 from benchmarks.flops import forward_flops
-from experiments import cli, export
+from experiments import cli
 from experiments import deployment as command
-from qsparse import accounting, deploy, lottery, models, pruning, rundir
+from qsparse import accounting, deploy, export, lottery, models, pruning, rundir
 from qsparse import masks as M
 from qsparse.config import Config
 from qsparse.data import DATASETS

@@ -1,10 +1,11 @@
 """qsparse's three import tiers, each importable without the tier above it.
 
 * core (layers, models, pruning, training): jax, flax, optax and numpy only;
-* run (config, data, checkpoints, run directory, loop, experiment setup, lottery): the core
-  plus orbax and tensorflow-datasets;
-* analysis (results, paper figures, report, plots): numpy and matplotlib, no jax; it shares
-  the run tier's two jax-free leaves, the config schema and the run-directory vocabulary.
+* run (config, data, checkpoints, run directory, summaries, loop, experiment setup, lottery,
+  deployment runtime and export): the core plus orbax, tensorflow-datasets and tensorboardX;
+* analysis (results, paper figures, report, plots, deployment accounting): numpy and
+  matplotlib, no jax; it shares the run tier's jax-free leaves: the config schema, the
+  run-directory vocabulary and the numpy deployment runtime.
 
 Each tier is imported in a fresh interpreter in which importing anything outside it fails.
 """
@@ -26,9 +27,20 @@ CORE = [
     "cpu",
     "nnx",
 ]
-RUN = ["config", "data", "checkpoints", "rundir", "summaries", "loop", "experiment", "lottery"]
-ANALYSIS = ["results", "paper", "report", "plots", "deploy", "accounting"]
-JAX_FREE = ["config", "rundir"]  # run-tier modules the analysis tier reads with
+RUN = [
+    "config",
+    "data",
+    "checkpoints",
+    "rundir",
+    "summaries",
+    "loop",
+    "experiment",
+    "lottery",
+    "deploy",
+    "export",
+]
+ANALYSIS = ["results", "paper", "report", "plots", "accounting"]
+JAX_FREE = ["config", "rundir", "deploy"]  # run-tier modules that are numpy only
 TIERS = {
     "core": (
         CORE,

@@ -1,0 +1,280 @@
+"""Export a trained round as one file that numpy alone can run (format: :mod:`qsparse.deploy`).
+
+The file holds each layer's surviving weights and their positions (a bitmask or indices,
+whichever is smaller; quaternion kernels as quaternion blocks when whole quaternions are
+pruned), the biases, the architecture as a list of ops, the input preprocessing and where it
+came from (run, replicate, round, density, test accuracy). Before writing, the exporter runs the
+file's model and the JAX model on a few random images and records the largest logit difference
+in the header (``check``); a float32 export that differs by more than 1e-4 (relative) is
+refused. The command line is ``experiments/export.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from qsparse import augment, deploy, experiment, models, quaternion, rundir, train
+from qsparse import checkpoints as ckpt
+from qsparse import masks as qmasks
+from qsparse.config import Config
+from qsparse.data import DATASETS
+
+CHECK_IMAGES = 16  # random images the exported model is compared with the JAX model on
+FLOAT32_TOLERANCE = 1e-4  # largest relative logit difference a float32 export may have
+
+
+class ExportError(ValueError):
+    """Bad input to the exporter: the message names it."""
+
+
+class CheckError(RuntimeError):
+    """The file's model does not compute what the JAX model computes (a bug, never bad input)."""
+
+
+# -- a model and its params -> the file's entries --------------------------------------------------
+
+
+def architecture(model, input_shape) -> list[dict]:
+    """The ops of a :mod:`qsparse.models` LeNet or ConvNet (layer ops without kernel shapes)."""
+    quat = model.algebra == "quat"
+    kind, prefix = ("quat", "Q") if quat else ("real", "")
+    encoding = model.encoding
+    if quat and encoding == "auto":
+        encoding = quaternion.default_encoding(input_shape[-1])
+    ops: list[dict] = []
+
+    def layer(op: str, name: str, kind: str = kind) -> None:
+        ops.append({"op": op, "kind": kind, "name": name})
+        if op == "conv":
+            ops[-1].update(padding="SAME", strides=[1, 1])
+
+    if isinstance(model, models.LeNet):
+        if quat and model.encoding in ("auto", "flat"):
+            ops.append({"op": "flatten", "layout": "flat"})  # the flat image as block layout
+        elif quat:
+            ops += [{"op": "encode", "encoding": encoding}, {"op": "flatten", "layout": "blocked"}]
+        else:
+            ops.append({"op": "flatten", "layout": "flat"})
+        for k in range(len(model.features)):
+            layer("dense", f"{prefix}Dense_{k}")
+            ops.append({"op": "relu"})
+    elif isinstance(model, models.ConvNet):
+        if quat:
+            ops.append({"op": "encode", "encoding": encoding})
+        k = 0
+        for stage in model.stages:
+            for _ in stage:
+                layer("conv", f"{prefix}Conv_{k}")
+                ops.append({"op": "relu"})
+                k += 1
+            ops.append({"op": "maxpool2x2"})
+        ops.append({"op": "flatten", "layout": "blocked" if quat else "flat"})
+        for k in range(len(model.dense_features)):
+            layer("dense", f"{prefix}Dense_{k}")
+            ops.append({"op": "relu"})
+    else:
+        raise ValueError(
+            f"cannot export a {type(model).__name__}: only qsparse.models' LeNet/ConvNet"
+        )
+    layer("dense", "output", "real")
+    return ops
+
+
+def export_entries(
+    model,
+    params,
+    masks,
+    *,
+    input_shape: tuple[int, int, int],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    dtype: str = "float32",
+    provenance: dict | None = None,
+    check_images: int = CHECK_IMAGES,
+) -> dict[str, np.ndarray]:
+    """The file's entries (:func:`qsparse.deploy.pack`) for a model, its params and masks.
+
+    With ``check_images``, the packed model is run (numpy) beside ``model`` (JAX) on that many
+    random images; the largest differences go into the header's ``check``.
+    """
+    if dtype not in deploy.DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not valid; choose one of {list(deploy.DTYPES)}")
+    flat_params = {qmasks.path_str(p): np.asarray(x) for p, x in _leaves(params)}
+    flat_masks = {qmasks.path_str(p): np.asarray(m, bool) for p, m in _leaves(masks)}
+    ops = architecture(model, input_shape)
+    layers = [op for op in ops if "name" in op]
+    expected = {f"{op['name']}/{'qkernel' if op['kind'] == 'quat' else 'kernel'}" for op in layers}
+    expected |= {f"{op['name']}/bias" for op in layers}
+    if expected != set(flat_params) or set(flat_masks) != set(flat_params):
+        raise ValueError(
+            f"params {sorted(flat_params)} (masks {sorted(flat_masks)}) do not fit the "
+            f"architecture's {sorted(expected)}"
+        )
+    arrays = {}
+    for op in layers:
+        key = f"{op['name']}/{'qkernel' if op['kind'] == 'quat' else 'kernel'}"
+        kernel, mask = flat_params[key], flat_masks[key]
+        storage, parts = deploy.encode_kernel(kernel, mask, op["kind"] == "quat", dtype)
+        op.update(kernel_shape=list(kernel.shape), storage=storage)
+        arrays.update({f"{op['name']}/{k}": v for k, v in parts.items()})
+        arrays[f"{op['name']}/bias"] = flat_params[f"{op['name']}/bias"].astype("<f4")
+    header = {
+        "dtype": dtype,
+        "input": {
+            "shape": list(input_shape),
+            "dtype": "uint8",
+            "scale": 255.0,
+            "mean": list(mean),
+            "std": list(std),
+        },
+        "num_classes": int(model.num_classes),
+        "ops": ops,
+        "bytes": {
+            "kernels": sum(op["storage"]["bytes"] for op in layers),
+            "biases": sum(4 * flat_params[f"{op['name']}/bias"].size for op in layers),
+        },
+        "provenance": provenance or {},
+    }
+    if check_images:
+        header["check"] = check(model, params, header, arrays, check_images)
+        if dtype == "float32" and header["check"]["max_rel_diff"] > FLOAT32_TOLERANCE:
+            raise CheckError(f"the exported model differs from the JAX model: {header['check']}")
+    return deploy.pack(header, arrays)
+
+
+def _leaves(tree):
+    return jax.tree_util.tree_leaves_with_path(tree)
+
+
+def check(model, params, header: dict, arrays: dict, n: int, seed: int = 0) -> dict:
+    """The file's model (numpy) against the JAX model on ``n`` random uint8 images: the largest
+    logit difference, absolute and relative to the largest logit, and argmax agreement."""
+    images = np.random.default_rng(seed).integers(0, 256, (n, *header["input"]["shape"]), np.uint8)
+    ours = deploy.Model(header, arrays).predict(images)
+    x = augment.normalize(images, header["input"]["mean"], header["input"]["std"])
+    theirs = np.asarray(jax.jit(model.apply)({"params": params}, x))
+    diff = float(np.max(np.abs(ours - theirs)))
+    return {
+        "images": n,
+        "max_abs_diff": diff,
+        "max_rel_diff": diff / max(float(np.max(np.abs(theirs))), 1e-30),
+        "argmax_agree": float(np.mean(ours.argmax(1) == theirs.argmax(1))),
+    }
+
+
+# -- a run directory's round -> a file ---------------------------------------------------------
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output that exists (without ``overwrite``) or cannot be written."""
+    if out.is_dir():
+        raise ExportError(f"--out={out} is a directory")
+    if out.exists() and not overwrite:
+        raise ExportError(f"--out={out} exists; pass --overwrite to replace it")
+    parent = next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise ExportError(f"cannot write --out={out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write --out={out}: {parent} is not writable")
+
+
+def find_round(run: rundir.Run, replicate: int, level: int | None) -> rundir.Round:
+    """The round to export: ``level``, or the replicate's last finished one."""
+    if not run.path.is_dir():
+        raise ExportError(f"run directory {run.path} does not exist")
+    if not run.config.exists():
+        raise ExportError(f"{run.path} is not a run directory (it has no config.json)")
+    rep = run.replicate(replicate)
+    if not rep.path.is_dir():
+        have = [r.index for r in run.replicates()]
+        raise ExportError(f"{run.path} has no replicate {replicate} (replicates: {have})")
+    finished = [rd.level for rd in rep.rounds() if rd.done.exists()]
+    if not finished:
+        raise ExportError(f"{rep.path} has no finished round (no done.json)")
+    if level is None:
+        level = finished[-1]
+    if level not in finished:
+        state = "is not finished" if rep.round(level).path.exists() else "does not exist"
+        raise ExportError(f"round {level} of {rep.path} {state}; finished rounds: {finished}")
+    return rep.round(level)
+
+
+def load_round(run: rundir.Run, rd: rundir.Round):
+    """(config, model, trained params, masks, done.json) of a finished round."""
+    try:
+        config = Config.from_json(rundir.read_json(run.config))
+    except (TypeError, ValueError) as e:
+        raise rundir.CorruptFileError(f"{run.config} does not hold a config: {e}") from None
+    spec = DATASETS[config.dataset]
+    model = experiment.create_model(config, spec.num_classes)
+    shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), spec.image_shape))
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)  # what is restored into
+    masks = ckpt.load_masks(rd.masks, qmasks.ones(params))
+    like = train.create_train_state(
+        model, params, masks, train.make_optimizer(config.optimizer, config.lr)
+    )
+    final = ckpt.load_tree(rd.final, like)
+    return config, model, final.params, masks, rundir.read_done(rd)
+
+
+def export_round(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    replicate: int = 0,
+    round: int | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> dict:
+    """Export round ``round`` (default: the last finished) of a replicate to ``out``; returns
+    the header written. Raises ExportError for bad input (before writing anything) and
+    :class:`qsparse.rundir.CorruptFileError` for a damaged run file."""
+    out = Path(out)
+    if dtype not in deploy.DTYPES:
+        raise ExportError(f"dtype={dtype!r} is not valid; choose one of {list(deploy.DTYPES)}")
+    check_out(out, overwrite)
+    run = rundir.Run(Path(run_dir))
+    rd = find_round(run, replicate, round)
+    config, model, params, masks, done = load_round(run, rd)
+    spec = DATASETS[config.dataset]
+    provenance = {
+        "run": run.path.name,
+        "replicate": replicate,
+        "round": rd.level,
+        "model": config.model,
+        "algebra": config.algebra,
+        "dataset": config.dataset,
+        "grouping": config.grouping,
+        "density_prunable": done["density_prunable"],
+        "weights_remaining_pct": done["weights_remaining_pct"],
+        "weights_remaining_pct_of_real": done["weights_remaining_pct_of_real"],
+        "test_acc": done["test_acc"],
+        "test_subset": config.test_subset,
+        "seed": config.seed,
+        "status": done["status"],
+        "config": config.to_json(),
+        "qsparse_commit": rundir.provenance()["git_commit"],
+    }
+    entries = export_entries(
+        model,
+        params,
+        masks,
+        input_shape=spec.image_shape,
+        mean=spec.mean,
+        std=spec.std,
+        dtype=dtype,
+        provenance=provenance,
+    )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        size = deploy.save(out, entries, overwrite=overwrite)
+    except FileExistsError as e:
+        raise ExportError(f"--out={out} exists; pass --overwrite to replace it") from e
+    except OSError as e:
+        raise ExportError(f"cannot write --out={out}: {e.strerror or e}") from None
+    header, _ = deploy.read(out)
+    return {**header, "file_bytes": size}
