@@ -309,4 +309,104 @@ def markdown(deployments: Sequence[Deployment]) -> str:
                     ]
                 rows.append(row)
         parts.append(report.markdown_table(header, rows))
+        parts.append(
+            f"Within 1 and 5 pp of dense accuracy (replicates pooled round by round): the smallest "
+            f"file and the lowest batch-{min(batches)} latency of the sparse runtime."
+        )
+        parts.append(best_within_markdown(best_within(group, batch=min(batches)), min(batches)))
     return "\n\n".join(parts) + "\n"
+
+
+# -- the answer: how small and how fast, at a given accuracy --------------------------------------
+
+
+def best_within(
+    deployments: Sequence[Deployment], points: Sequence[float] = (1.0, 5.0), batch: int = 1
+) -> list[dict[str, Any]]:
+    """Per curve and per ``points`` (percentage points of test accuracy below its dense round 0):
+    the round with the smallest file and the round with the lowest sparse-runtime latency at
+    ``batch`` among the rounds whose accuracy is within that many points of dense.
+
+    A curve's replicates are pooled round by round (means; rounds every replicate finished),
+    as the accuracy curves of :mod:`qsparse.results` are.
+    """
+    names = results.labels(deployments)
+    curves: dict[str, list[Deployment]] = {}
+    for name, d in zip(names, deployments):
+        curves.setdefault(name, []).append(d)
+    sparse, jax_dense = latency_field("sparse", batch), latency_field("jax", batch)
+    out = []
+    for name, group in curves.items():
+        rounds = sorted(set.intersection(*({r["round"] for r in d.rows} for d in group)))
+
+        def mean(field: str, level: int, group=group) -> float:
+            values = [float(r[field]) for d in group for r in d.rows if r["round"] == level]
+            return float(np.mean(values))
+
+        table = {
+            level: {
+                "round": level,
+                "test_acc": 100 * mean("test_acc", level),
+                "weights_remaining_pct_of_real": mean("weights_remaining_pct_of_real", level),
+                "file_bytes": mean("file_bytes", level),
+                sparse: mean(sparse, level),
+            }
+            for level in rounds
+        }
+        dense = table[rounds[0]]
+        for pp in points:
+            ok = [t for t in table.values() if t["test_acc"] >= dense["test_acc"] - pp]
+            out.append(
+                {
+                    "curve": name,
+                    "model": group[0].model,
+                    "dataset": group[0].dataset,
+                    "replicates": len(group),
+                    "within_pp": pp,
+                    "dense": dense,
+                    "dense_file_bytes": mean("dense_file_bytes", rounds[0]),
+                    "dense_jax_latency_s": mean(jax_dense, rounds[0]),
+                    "smallest": min(ok, key=lambda t: t["file_bytes"]),
+                    "fastest": min(ok, key=lambda t: t[sparse]),
+                }
+            )
+    return out
+
+
+def best_within_markdown(best: Sequence[dict[str, Any]], batch: int = 1) -> str:
+    """:func:`best_within` as one table."""
+    header = [
+        "curve",
+        "within",
+        "dense acc",
+        "smallest file: round",
+        "% of R",
+        "acc",
+        "bytes",
+        "x dense file",
+        "fastest: round",
+        "acc",
+        f"sparse b{batch} ms",
+        f"dense JAX b{batch} ms",
+    ]
+    sparse = latency_field("sparse", batch)
+    rows = []
+    for b in best:
+        s, f = b["smallest"], b["fastest"]
+        rows.append(
+            [
+                f"{b['curve']} ({b['model']}, n={b['replicates']})",
+                f"{b['within_pp']:g} pp",
+                f"{b['dense']['test_acc']:.2f}",
+                s["round"],
+                f"{s['weights_remaining_pct_of_real']:.2f}",
+                f"{s['test_acc']:.2f}",
+                _int(s["file_bytes"]),
+                f"{b['dense_file_bytes'] / s['file_bytes']:.1f}",
+                f["round"],
+                f"{f['test_acc']:.2f}",
+                _ms(f[sparse]),
+                _ms(b["dense_jax_latency_s"]),
+            ]
+        )
+    return report.markdown_table(header, rows)

@@ -363,3 +363,35 @@ def test_rounds_that_did_not_end_ok_are_skipped(tiny_runs, tmp_path):
     assert rec["batches"] == [3] and all(len(r["timings_s"]) == 2 for r in rec["rounds"])
     table = (tmp_path / "out" / run.name / "replicate_0" / accounting.TABLE).read_text()
     assert "not exported: round 2 (status nonfinite)" in table and "| JAX b3 ms |" in table
+
+
+def test_best_within_pools_replicates_and_picks_the_smallest_and_fastest():
+    def deployment(replicate, rows, algebra="real"):
+        record = {"run": "r", "replicate": replicate, "rounds": rows, "batches": [1]}
+        config = {"model": "lenet12", "dataset": "mnist", "algebra": algebra}
+        return accounting.Deployment(path=Path("x"), record=record, config=config)
+
+    def row(level, acc, size, ms):
+        return {
+            "round": level,
+            "test_acc": acc,
+            "weights_remaining_pct_of_real": 100 * 0.8**level,
+            "file_bytes": size,
+            "dense_file_bytes": 1000,
+            "latency_sparse_b1_s": ms / 1e3,
+            "latency_jax_b1_s": 0.5e-3,
+        }
+
+    # accuracies in %, means over two replicates: 98, 97.5, 96, 90; sizes fall; round 1 fastest
+    a = deployment(
+        0,
+        [row(0, 0.98, 1000, 2), row(1, 0.975, 800, 1), row(2, 0.96, 600, 3), row(3, 0.90, 400, 4)],
+    )
+    b = deployment(1, [row(0, 0.98, 1000, 2), row(1, 0.975, 800, 1), row(2, 0.96, 640, 3)])
+    (one, five) = accounting.best_within([a, b], points=(1.0, 5.0))
+    assert one["replicates"] == 2 and one["dense"]["test_acc"] == pytest.approx(98.0)
+    assert one["smallest"]["round"] == 1 and one["fastest"]["round"] == 1  # round 2: -2 pp
+    assert five["smallest"]["round"] == 2 and five["smallest"]["file_bytes"] == 620  # mean
+    assert five["fastest"]["round"] == 1  # round 3 is not in every replicate
+    text = accounting.best_within_markdown([one, five])
+    assert "| R (lenet12, n=2) | 5 pp | 98.00 | 2 |" in text and "1.6 |" in text
