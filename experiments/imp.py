@@ -37,7 +37,7 @@ from absl import app, flags, logging
 from experiments.cli import fail, parse
 from qsparse import config as config_schema
 from qsparse import lottery
-from qsparse.checkpoints import RunLockedError
+from qsparse.checkpoints import CheckpointMismatchError, RunLockedError
 from qsparse.config import Config, ConfigError
 from qsparse.data import DatasetUnavailableError
 from qsparse.rundir import CorruptFileError
@@ -144,7 +144,7 @@ def main(argv: list[str]) -> None:
         lottery.run(config, FLAGS.workdir, run_dir=FLAGS.run_dir)
     except (ConfigError, DatasetUnavailableError) as e:
         fail(str(e))
-    except (RunLockedError, CorruptFileError) as e:
+    except (RunLockedError, CorruptFileError, CheckpointMismatchError) as e:
         fail(str(e), status=1)
     except jax.errors.JaxRuntimeError as e:
         if distributed is None:

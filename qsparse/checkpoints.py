@@ -40,6 +40,11 @@ META = "qsparse.json"  # beside Orbax's files in every checkpoint folder: checks
 _fault_counts: dict[str, int] = {}
 
 
+class CheckpointMismatchError(RuntimeError):
+    """A readable checkpoint holds arrays of other shapes or dtypes than the model asks for:
+    another model or qsparse version wrote it. Not damage, so nothing is deleted or recomputed."""
+
+
 class RunLockedError(RuntimeError):
     """Another live process holds the run directory."""
 
@@ -163,6 +168,12 @@ def load_tree_extra(path: Path, like) -> tuple[Any, Any]:
     meta = read_json(meta_path) if meta_path.exists() else None
     try:
         with _checkpointer() as ckptr:
+            stored = ckptr.metadata(path)
+    except Exception as e:  # orbax raises many types for a damaged folder
+        raise CorruptFileError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    _check_arrays(path, stored, like)
+    try:
+        with _checkpointer() as ckptr:
             tree = ckptr.restore(path, abstract(like))
     except Exception as e:  # orbax raises many types for a damaged folder
         raise CorruptFileError(f"cannot restore checkpoint {path}: {type(e).__name__}: {e}") from e
@@ -174,6 +185,24 @@ def load_tree_extra(path: Path, like) -> tuple[Any, Any]:
     if not isinstance(meta, dict) or meta.get("sha256") != _digest(tree, meta.get("extra")):
         raise CorruptFileError(f"checkpoint {path} fails its checksum ({meta_path})")
     return tree, meta["extra"]
+
+
+def _check_arrays(path: Path, stored, like) -> None:
+    """CheckpointMismatchError unless the checkpoint's arrays (Orbax's metadata) have the shapes
+    and dtypes of ``like``'s leaves, as multisets (containers may be spelled differently)."""
+    tree = getattr(getattr(stored, "item_metadata", None), "tree", None)
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    if tree is None or not all(hasattr(x, "shape") for x in leaves):
+        raise CorruptFileError(f"cannot read checkpoint {path}: no array metadata")
+    saved = sorted((tuple(x.shape), np.dtype(x.dtype).name) for x in leaves)
+    wanted = sorted((x.shape, x.dtype.name) for x in jax.tree.leaves(abstract(like)))
+    if saved != wanted:
+        only = sorted(set(saved) ^ set(wanted))[:4]
+        raise CheckpointMismatchError(
+            f"checkpoint {path} holds {len(saved)} arrays where this model has {len(wanted)}, "
+            f"differing in (shape, dtype) {only}: another model or qsparse version wrote it; "
+            "use another run directory"
+        )
 
 
 def load_tree(path: Path, like) -> Any:
@@ -205,7 +234,8 @@ class EpochCheckpoints:
             _remove(self._path(old))
 
     def restore_latest(self, like) -> tuple[int, Any, list[dict]] | None:
-        """The newest readable checkpoint; damaged ones are reported, deleted and skipped."""
+        """The newest readable checkpoint; damaged ones are reported, deleted and skipped (one
+        written for another model raises :class:`CheckpointMismatchError`, deleting nothing)."""
         for epoch in reversed(self.epochs()):
             try:
                 state, extra = load_tree_extra(self._path(epoch), like)

@@ -155,9 +155,13 @@ def test_checksum_covers_the_extra_and_the_arrays(tmp_path):
 def test_load_tree_into_another_structure_fails_naming_the_folder(tmp_path):
     ckpt.save_tree(tmp_path / "t", small_tree())
     fewer = {"w": small_tree()["w"]}
-    for like in (fewer, [small_tree()["w"], small_tree()["b"]]):
-        with pytest.raises(rundir.CorruptFileError, match=f"{tmp_path / 't'}.*do not match"):
+    wider = {**small_tree(), "w": np.zeros((3, 5), np.float32)}
+    for like in (fewer, wider):  # other arrays: another model wrote it, not damage
+        with pytest.raises(ckpt.CheckpointMismatchError, match=f"{tmp_path / 't'} holds 3 arrays"):
             ckpt.load_tree(tmp_path / "t", like)
+    # the same arrays in another container: Orbax cannot restore it
+    with pytest.raises(rundir.CorruptFileError, match=f"{tmp_path / 't'}.*do not match"):
+        ckpt.load_tree(tmp_path / "t", [small_tree()["w"], small_tree()["b"]])
     with pytest.raises(rundir.CorruptFileError, match=str(tmp_path / "missing")):
         ckpt.load_tree(tmp_path / "missing", small_tree())
     assert same_bits(ckpt.load_tree(tmp_path / "t", small_tree()), small_tree())  # unharmed
@@ -187,6 +191,18 @@ def test_epoch_checkpoints_keep_the_newest_and_restore_the_latest(tmp_path):
         "epoch_0004",
         "epoch_0005",
     ]
+
+
+def test_restore_latest_for_another_model_raises_and_deletes_nothing(tmp_path):
+    manager = ckpt.EpochCheckpoints(tmp_path / "ckpt")
+    for epoch in (1, 2):
+        manager.save(epoch, small_tree(epoch), history(epoch))
+    other = {**small_tree(), "w": np.zeros((4, 4), np.float32)}
+    with pytest.raises(ckpt.CheckpointMismatchError, match="epoch_0002 holds 3 arrays"):
+        manager.restore_latest(other)
+    assert manager.epochs() == [1, 2]
+    epoch, state, _ = manager.restore_latest(small_tree())
+    assert epoch == 2 and same_bits(state, small_tree(2))
 
 
 def test_restore_latest_falls_back_past_damaged_checkpoints_and_deletes_them(tmp_path, caplog):

@@ -332,6 +332,21 @@ def test_damaged_config_stops_the_run_naming_it(imp, reference, tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_checkpoints_of_another_model_stop_the_run_and_stay(imp, reference, tmp_path):
+    """A run whose θ₀ another model wrote (another qsparse version, say) is not damage: the run
+    stops with one line naming the checkpoint and no file is recomputed or deleted."""
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    init = run_dir(tmp_path) / "replicate_0" / "init"
+    ckpt.save_tree(init, {"Dense_0": {"kernel": np.zeros((784, 8), np.float32)}})
+    replicate = init.parent
+    before = snapshot(replicate)
+    result = imp(tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith(f"error: checkpoint {init} holds 1 arrays where this model")
+    assert snapshot(replicate) == before  # the invocation itself is recorded (runs.jsonl)
+
+
 def test_nonfinite_loss_stops_the_round_and_is_reported(imp, tmp_path):
     result = imp(tmp_path, "--lr=1e30")
     assert result.returncode == 0, result.stderr
