@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from qsparse import report, results
+from qsparse import report, results, rundir
 
 FILE = "deployment.json"
 TABLE = "deployment.md"
@@ -69,14 +69,9 @@ def latency_field(impl: str, batch: int) -> str:
 # -- counting ------------------------------------------------------------------------------------
 
 
-def is_kernel(name: str) -> bool:
-    """Whether masks.npz entry ``name`` is a (prunable) kernel, real or quaternion."""
-    return name.split("/")[-1] in ("kernel", "qkernel")
-
-
 def mask_counts(masks: dict[str, np.ndarray]) -> dict[str, int]:
     """Weights (kernel values, real components) and parameters (biases too) alive and in all."""
-    kernels = [np.asarray(m, bool) for k, m in masks.items() if is_kernel(k)]
+    kernels = [np.asarray(m, bool) for k, m in masks.items() if rundir.is_kernel(k)]
     every = [np.asarray(m, bool) for m in masks.values()]
     return {
         "weights_alive": int(sum(np.count_nonzero(m) for m in kernels)),

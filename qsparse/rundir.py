@@ -306,6 +306,12 @@ def load_masks(rd: Round) -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
+def is_kernel(name: str) -> bool:
+    """Whether masks.npz entry ``name`` is a kernel, real or quaternion (the prunable kind of
+    leaf, as :data:`qsparse.masks.KERNEL_NAMES`)."""
+    return name.split("/")[-1] in ("kernel", "qkernel")
+
+
 def is_quaternion_kernel(name: str) -> bool:
     """Whether masks.npz entry ``name`` is a quaternion kernel: a ``qkernel`` leaf, its four
     components (r, i, j, k) on axis 0 (what :func:`qsparse.masks.is_quaternion` decides in JAX)."""

@@ -115,6 +115,10 @@ def test_quaternion_kernels_by_name_agree_with_the_masks_module():
     model = models.create("lenet300_100", "quat", 10, features=(8, 4))
     params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), (28, 28, 1)))
     paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    names = [masks.path_str(p) for p in paths]
+    assert [rundir.is_kernel(n) for n in names] == [
+        n.split("/")[-1] in masks.KERNEL_NAMES for n in names
+    ]
     assert [rundir.is_quaternion_kernel(masks.path_str(p)) for p in paths] == [
         masks.is_quaternion(p) for p in paths
     ]
