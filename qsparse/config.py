@@ -93,7 +93,9 @@ class Config:
     lr: float | None = _field(None, "learning rate (default: the paper's per-model Adam rate)")
     optimizer: str = _field("adam", "adam | sgd (momentum 0.9)")
     quat_init: str = _field(
-        "htorch", "htorch (paper) | parcollet_he | parcollet_glorot | isotropic"
+        "htorch",
+        "htorch (the paper's: a kxk conv kernel's fan-in counts k, as hTorch did) | "
+        "htorch_consistent (fan-in counts k*k) | parcollet_he | parcollet_glorot | isotropic",
     )
     encoding: str = _field(
         "auto", "quaternion input encoding: auto | flat | rgb_gray | rgb_pure | gray_pure | none"

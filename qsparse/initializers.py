@@ -3,13 +3,20 @@
 Every initialiser here has the Flax signature ``init(key, shape, dtype) -> array`` for a
 component kernel of shape ``(4, *receptive_field, n_in, n_out)``. Fans are counted in
 quaternion units times the receptive field, as hTorch and Parcollet et al. do:
-``fan_in = n_in * prod(receptive_field)``.
+``fan_in = n_in * prod(receptive_field)``, with one exception that the paper inherited (below).
 
 The three families differ by the law of one quaternion weight ``w``:
 
 * ``htorch`` (what the paper used): polar form ``w = m (cos θ + u sin θ)`` with modulus
   ``m ~ σ·chi(4)``, phase ``θ ~ U(-π, π)`` and axis ``u`` a pure unit quaternion, with
-  ``σ = 1/sqrt(8 fan_in)``. So ``E|w|² = 4σ² = 1 / (2 fan_in)``.
+  ``σ = 1/sqrt(8 fan_in)``. So ``E|w|² = 4σ² = 1 / (2 fan_in)``. The paper's conv models pass
+  hTorch ``kernel_size=3``, an int, and hTorch takes the receptive field as
+  ``np.prod(kernel_size) = 3``: a k×k (or k×k×k) kernel counts as k, not k², so the paper's
+  quaternion conv weights are sqrt(k) larger than the formula says (sqrt(3) for 3×3).
+  ``htorch`` reproduces that, so tickets start where the paper's did; ``htorch_consistent`` is
+  the same law with the full receptive field. Dense kernels and 1-d convolutions are the same
+  under both; a kernel whose sides differ (hTorch would have been given a tuple) counts its area
+  under both.
 * ``parcollet``: the same polar law with ``σ = 1/sqrt(2 fan_in)`` ("he", ``E|w|² = 2/fan_in``,
   He-consistent for every real output component) or ``σ = 1/sqrt(2 (fan_in + fan_out))``
   ("glorot"). Note the factor 4 in variance between ``htorch`` and ``parcollet_he``.
@@ -41,15 +48,30 @@ def fans(shape: tuple) -> tuple[int, int]:
     return shape[-2] * receptive, shape[-1] * receptive
 
 
+def htorch_fan_in(shape: tuple) -> int:
+    """hTorch's fan-in for a kernel built with an int ``kernel_size``: the side, not the area."""
+    fan_in, _ = fans(shape)
+    sides = shape[1:-2]
+    if len(sides) > 1 and len(set(sides)) == 1:
+        return shape[-2] * sides[0]
+    return fan_in
+
+
+CRITERIA = ("glorot", "he", "htorch", "htorch_consistent")
+
+
 def sigma(shape: tuple, criterion: str) -> float:
+    """The σ of the polar (or isotropic) law under ``criterion`` (one of :data:`CRITERIA`)."""
     fan_in, fan_out = fans(shape)
     if criterion == "he":
         return 1.0 / math.sqrt(2.0 * fan_in)
     if criterion == "glorot":
         return 1.0 / math.sqrt(2.0 * (fan_in + fan_out))
     if criterion == "htorch":
+        return 1.0 / math.sqrt(8.0 * htorch_fan_in(shape))
+    if criterion == "htorch_consistent":
         return 1.0 / math.sqrt(8.0 * fan_in)
-    raise ValueError(f"unknown criterion {criterion!r}; valid: ['glorot', 'he', 'htorch']")
+    raise ValueError(f"unknown criterion {criterion!r}; valid: {list(CRITERIA)}")
 
 
 def _polar(key: jax.Array, shape: tuple, dtype, scale: float) -> jax.Array:
@@ -68,9 +90,15 @@ def _polar(key: jax.Array, shape: tuple, dtype, scale: float) -> jax.Array:
     return jnp.concatenate([real[None], imag], axis=0).astype(dtype)
 
 
-def htorch() -> Initializer:
-    """hTorch's default ("he" mode) polar initialiser, σ = 1/sqrt(8 fan_in)."""
-    return lambda key, shape, dtype=jnp.float32: _polar(key, shape, dtype, sigma(shape, "htorch"))
+def htorch(criterion: str = "htorch") -> Initializer:
+    """hTorch's default ("he" mode) polar initialiser, σ = 1/sqrt(8 fan_in).
+
+    ``criterion="htorch"`` counts fan-in as the paper's models got it (kernel side, see the module
+    docstring); ``"htorch_consistent"`` counts the whole receptive field.
+    """
+    if criterion not in ("htorch", "htorch_consistent"):
+        raise ValueError(f"unknown criterion {criterion!r}; valid: ['htorch', 'htorch_consistent']")
+    return lambda key, shape, dtype=jnp.float32: _polar(key, shape, dtype, sigma(shape, criterion))
 
 
 def parcollet(criterion: str = "he") -> Initializer:
@@ -91,6 +119,7 @@ def isotropic(criterion: str = "he") -> Initializer:
 
 QUATERNION_INITS = {
     "htorch": htorch,
+    "htorch_consistent": lambda: htorch("htorch_consistent"),
     "parcollet_he": lambda: parcollet("he"),
     "parcollet_glorot": lambda: parcollet("glorot"),
     "isotropic": lambda: isotropic("he"),
@@ -110,6 +139,7 @@ def expected_sq_norm(name: str, shape: tuple) -> float:
     """E|w|² of one quaternion weight under initialiser ``name`` (documented law, used by tests)."""
     criterion = {
         "htorch": "htorch",
+        "htorch_consistent": "htorch_consistent",
         "parcollet_he": "he",
         "parcollet_glorot": "glorot",
         "isotropic": "he",
