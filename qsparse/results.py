@@ -172,7 +172,7 @@ def labels(curves: Sequence[Curve]) -> list[str]:
     out = []
     for c in curves:
         name = "R" if c.algebra == "real" else "Q"
-        extra = ", ".join(f"{k}={_show(c.config.get(k))}" for k in varying)
+        extra = ", ".join(f"{k}={config_text(c.config.get(k))}" for k in varying)
         out.append(f"{name} ({extra})" if extra else name)
     return out
 
@@ -185,12 +185,13 @@ def _hashable(v: Any) -> Any:
     return tuple(_hashable(x) for x in v) if isinstance(v, list | tuple) else v
 
 
-def _show(v: Any) -> str:
+def config_text(v: Any) -> str:
+    """A config value as text: JSON for lists (as a flag takes them), ``str`` otherwise."""
     return json.dumps(v) if isinstance(v, list | tuple) else str(v)
 
 
 def _sort_key(config: dict) -> list[tuple[str, str]]:
-    return sorted((k, _show(v)) for k, v in config.items())
+    return sorted((k, config_text(v)) for k, v in config.items())
 
 
 # -- layers and masks -----------------------------------------------------------------------

@@ -3,7 +3,7 @@
 * core (layers, models, pruning, training): jax, flax, optax and numpy only;
 * run (config, data, checkpoints, run directory, summaries, loop, experiment setup, lottery,
   deployment runtime and export): the core plus orbax, tensorflow-datasets and tensorboardX;
-* analysis (results, paper figures, report, plots, deployment accounting): numpy and
+* analysis (results, paper figures, report, plots, deployment accounting, comparisons): numpy and
   matplotlib, no jax; it shares the run tier's jax-free leaves: the config schema, the
   run-directory vocabulary and the numpy deployment runtime.
 
@@ -39,7 +39,7 @@ RUN = [
     "deploy",
     "export",
 ]
-ANALYSIS = ["results", "paper", "report", "plots", "accounting"]
+ANALYSIS = ["results", "paper", "report", "plots", "accounting", "compare"]
 JAX_FREE = ["config", "rundir", "deploy"]  # run-tier modules that are numpy only
 TIERS = {
     "core": (

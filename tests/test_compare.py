@@ -1,0 +1,144 @@
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qsparse import compare, results
+
+
+def _rows(algebra, xs, accs, **config):
+    """Tidy rows of one run: ``accs[replicate][round]`` (fractions) at x_real ``xs[round]``."""
+    return [
+        {
+            "run": f"{algebra}_{config}",
+            "model": "lenet12",
+            "dataset": "mnist",
+            "algebra": algebra,
+            **config,
+            "replicate": rep,
+            "round": level,
+            "weights_remaining_pct": x,
+            "weights_remaining_pct_of_real": x,
+            "test_acc": acc,
+        }
+        for rep, per_round in enumerate(accs)
+        for level, (x, acc) in enumerate(zip(xs, per_round))
+    ]
+
+
+def _curve(algebra, xs, accs, **config):
+    (curve,) = results.aggregate(_rows(algebra, xs, accs, **config))
+    return curve
+
+
+REAL = _curve("real", [100.0, 80.0, 64.0, 51.2], [[0.9, 0.9, 0.8, 0.7], [0.9, 0.92, 0.8, 0.5]])
+QUAT = _curve("quat", [26.0, 20.8, 16.6, 66.0], [[0.9, 0.8, 0.7, 0.6], [0.9, 0.82, 0.72, 0.6]])
+
+
+def test_each_round_of_b_meets_the_nearest_round_of_a_within_the_ratio():
+    far = _curve("quat", [26.0, 61.0, 90.0], [[0.5, 0.6, 0.7]] * 2)
+    matches = compare.matched(REAL, far)
+    # 26 % has no real round within 1.15x; 61 % meets 64 %, 90 % meets 100 % (ratio 1.11).
+    assert [(m.b.round, m.a.round) for m in matches] == [(1, 2), (2, 0)]
+    assert [(m.b.round, m.a.round) for m in compare.matched(REAL, far, max_ratio=2.0)] == [
+        (0, 3),
+        (1, 2),
+        (2, 0),
+    ]
+    with pytest.raises(ValueError, match="max_ratio must be >= 1, got 0.5"):
+        compare.matched(REAL, far, max_ratio=0.5)
+
+
+def test_difference_standard_error_and_verdict_by_hand():
+    (match,) = [m for m in compare.matched(REAL, QUAT) if m.b.round == 3]  # 66 % meets 64 %
+    assert (match.a.round, match.a.x_real, match.b.x_real) == (2, 64.0, 66.0)
+    # a: 80, 80 (std 0); b: 60, 60: the difference is exact and so called.
+    assert match.diff == pytest.approx(-20.0)
+    assert match.se == 0 and match.verdict == "a"
+    mixed = _curve("quat", [51.2], [[0.75], [0.45]])
+    (m,) = compare.matched(REAL, mixed)
+    s_a, s_b = np.std([70, 50], ddof=1), np.std([75, 45], ddof=1)
+    assert m.se == pytest.approx(math.sqrt(s_a**2 / 2 + s_b**2 / 2))
+    assert m.diff == pytest.approx(0.0) and m.verdict == "="
+
+
+def test_more_than_two_standard_errors_is_called_for_either_side():
+    a = _curve("real", [10.0], [[0.80], [0.82], [0.81]])
+    ahead = _curve("quat", [10.0], [[0.85], [0.86], [0.84]])
+    (m,) = compare.matched(a, ahead)
+    assert m.diff > 2 * m.se and m.verdict == "b"
+    (m,) = compare.matched(ahead, a)
+    assert m.verdict == "a"
+
+
+def test_single_replicates_are_never_called():
+    one = _curve("quat", [10.0], [[0.99]])
+    (m,) = compare.matched(_curve("real", [10.0], [[0.10], [0.12]]), one)
+    assert math.isnan(m.se) and m.verdict == "?"
+    assert "n < 2" in compare.markdown([m], "R", "Q")
+
+
+def test_select_by_config_and_markdown_rows():
+    curves = results.aggregate(
+        _rows("quat", [10.0], [[0.5], [0.6]], prune_output=True)
+        + _rows("quat", [10.0], [[0.7], [0.8]], prune_output=False)
+    )
+    (kept,) = compare.select(curves, {"algebra": "quat", "prune_output": "False"})
+    assert kept.acc_mean[0] == pytest.approx(75.0)
+    assert compare.select(curves, {"algebra": "real"}) == []
+    table = compare.markdown(compare.matched(REAL, QUAT), "R", "Q").splitlines()
+    assert table[0].startswith("| Q: % of R | round | Q acc | R: % of R |")
+    assert len(table) == 2 + len(compare.matched(REAL, QUAT))
+    assert "| 66.00 | 3 | 60.0 ± 0.0 (2) | 64.00 | 2 | 80.0 ± 0.0 (2) | -20.0 | 0.0 |" in (
+        "\n".join(table)
+    )
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.compare", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.subprocess
+def test_cli_tables_the_committed_paper_runs(tmp_path):
+    out = tmp_path / "cmp.md"
+    run = "--runs=results/paper_mnist"
+    done = _cli(run, "--a=algebra=real", "--b=algebra=quat", "--label_a=R", f"--out={out}")
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == done.stdout
+    curves = {(c.model, c.algebra): c for c in results.load([REPO / "results/paper_mnist"])}
+    for model in ("lenet12", "lenet300_100"):
+        want = compare.matched(curves[model, "real"], curves[model, "quat"])
+        section = done.stdout.split(f"## {model} / mnist: b vs R")[1].split("##")[0]
+        rows = [
+            line for line in section.splitlines() if line.startswith("| ") and "round" not in line
+        ]
+        assert len(rows) == len(want) > 10
+        assert rows[-1].startswith(f"| {want[-1].b.x_real:.2f} | {want[-1].b.round} |")
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--a=algebra", "--b=algebra=quat"], "--a=algebra: expected key=value pairs"),
+        (["--a=algebra=real", "--b=algebra=octonion"], "no model under"),
+        (["--a=dataset=mnist", "--b=algebra=quat"], "--a matches 2 curves of lenet12/mnist"),
+        (["--a=algebra=real", "--b=algebra=quat", "--max_ratio=0.9"], "--max_ratio=0.9"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2(args, message):
+    done = _cli("--runs=results/paper_mnist", *args)
+    assert done.returncode == 2 and done.stdout == ""
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
