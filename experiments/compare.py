@@ -8,8 +8,9 @@ r"""Two curves of the same model and dataset at matched real-weight counts (2-SE
 ``--runs``, by ``key=value`` pairs of their config (what ``python -m experiments.report`` shows
 as curve fields). Each round of ``b`` meets the round of ``a`` nearest in % of the real model's
 weights (at most ``--max_ratio`` apart); a difference is called only where it exceeds two
-standard errors (:mod:`qsparse.compare`). Prints one Markdown table per (model, dataset);
-``--out`` also writes it to a file.
+standard errors (:mod:`qsparse.compare`). ``--layer=output/kernel`` adds that layer's weights
+alive (mean over replicates, from sparsity.json) on each side. Prints one Markdown table per
+(model, dataset); ``--out`` also writes it to a file.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ flags.DEFINE_list("b", None, "key=value config pairs picking the compared curve,
 flags.DEFINE_string("label_a", "a", "name of curve a in the table")
 flags.DEFINE_string("label_b", "b", "name of curve b in the table")
 flags.DEFINE_list("model", [], "only these models (default: every model with both curves)")
+flags.DEFINE_string(
+    "layer", None, "also show this layer's weights alive per round, e.g. output/kernel"
+)
 flags.DEFINE_float("max_ratio", compare.MAX_RATIO, "largest x ratio of a matched pair")
 flags.DEFINE_string("out", None, "also write the tables to this file")
 FLAGS = flags.FLAGS
@@ -69,10 +73,18 @@ def main(argv: list[str]) -> None:
                     f"{results.labels(group)}; add key=value pairs to pick one"
                 )
         matches = compare.matched(a[0], b[0], max_ratio=FLAGS.max_ratio)
+        try:
+            alive = FLAGS.layer and (
+                FLAGS.layer,
+                compare.alive(a[0], FLAGS.layer),
+                compare.alive(b[0], FLAGS.layer),
+            )
+        except KeyError as e:
+            fail(e.args[0])
         parts.append(
             f"## {model} / {dataset}: {FLAGS.label_b} vs {FLAGS.label_a}\n\n"
             f"- {FLAGS.label_a}: {', '.join(a[0].runs)}\n- {FLAGS.label_b}: {', '.join(b[0].runs)}"
-            f"\n\n{compare.markdown(matches, FLAGS.label_a, FLAGS.label_b)}"
+            f"\n\n{compare.markdown(matches, FLAGS.label_a, FLAGS.label_b, alive or None)}"
         )
     if not parts:
         fail(f"no model under {FLAGS.runs} has both a curve with {where_a} and one with {where_b}")

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from qsparse import rundir
 from qsparse.report import markdown_table
 from qsparse.results import Curve, config_text
 
@@ -98,6 +99,26 @@ def matched(a: Curve, b: Curve, *, max_ratio: float = MAX_RATIO) -> list[Match]:
     return out
 
 
+def alive(curve: Curve, layer: str) -> dict[int, float]:
+    """Mean real weights alive in ``layer`` per round over the curve's replicates (sparsity.json).
+
+    How many output weights survive is what separates the two protocols' curves, so the tables
+    can show it beside the accuracies. Rounds without a sparsity.json are left out.
+    """
+    counts: dict[int, list[int]] = {}
+    for run in curve.runs:
+        for replicate in rundir.Run(run).replicates():
+            for rd in replicate.rounds():
+                if rd.sparsity.exists():
+                    leaves = rundir.read_json(rd.sparsity)["leaves"]
+                    if layer not in leaves:
+                        raise KeyError(
+                            f"no layer {layer!r} in {rd.sparsity}; layers: {sorted(leaves)}"
+                        )
+                    counts.setdefault(rd.level, []).append(leaves[layer]["alive"])
+    return {level: float(np.mean(c)) for level, c in sorted(counts.items())}
+
+
 def select(curves: Sequence[Curve], where: Mapping[str, Any]) -> list[Curve]:
     """The curves whose config has every ``key=value`` of ``where`` (values compared as text)."""
     return [
@@ -105,8 +126,17 @@ def select(curves: Sequence[Curve], where: Mapping[str, Any]) -> list[Curve]:
     ]
 
 
-def markdown(matches: Sequence[Match], label_a: str, label_b: str) -> str:
-    """A table of matched rounds: x, accuracy ± std (n) of each, the difference, 2 SE, verdict."""
+def markdown(
+    matches: Sequence[Match],
+    label_a: str,
+    label_b: str,
+    alive: tuple[str, Mapping[int, float], Mapping[int, float]] | None = None,
+) -> str:
+    """A table of matched rounds: x, accuracy ± std (n) of each, the difference, 2 SE, verdict.
+
+    ``alive``: (layer, a's and b's mean weights alive per round, see :func:`alive`) adds the
+    layer's survivors of each side.
+    """
     name = {"a": f"{label_a} ahead", "b": f"{label_b} ahead", "=": "within 2 SE", "?": "n < 2"}
     rows = [
         [
@@ -122,6 +152,11 @@ def markdown(matches: Sequence[Match], label_a: str, label_b: str) -> str:
         ]
         for m in matches
     ]
+    if alive is not None:
+        layer, alive_a, alive_b = alive
+        for row, m in zip(rows, matches):
+            row.insert(3, _count(alive_b.get(m.b.round)))
+            row.insert(7, _count(alive_a.get(m.a.round)))
     header = [
         f"{label_b}: % of R",
         "round",
@@ -133,4 +168,11 @@ def markdown(matches: Sequence[Match], label_a: str, label_b: str) -> str:
         "2 SE",
         "verdict",
     ]
+    if alive is not None:
+        header.insert(3, f"{label_b}: {layer} alive")
+        header.insert(7, f"{label_a}: {layer} alive")
     return markdown_table(header, rows) + "\n"
+
+
+def _count(v: float | None) -> str:
+    return "—" if v is None else f"{v:,.0f}" if v == round(v) else f"{v:,.1f}"

@@ -1,3 +1,4 @@
+import json
 import math
 import subprocess
 import sys
@@ -142,3 +143,24 @@ def test_cli_bad_input_is_one_line_exit_2(args, message):
     done = _cli("--runs=results/paper_mnist", *args)
     assert done.returncode == 2 and done.stdout == ""
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_alive_is_the_replicate_mean_of_each_rounds_sparsity_json():
+    (curve,) = [c for c in results.load([REPO / "results/paper_mnist"]) if c.model == "lenet12"][
+        1:
+    ]  # the quaternion curve
+    got = compare.alive(curve, "output/kernel")
+    files = sorted(Path(curve.runs[0]).glob("replicate_*/round_*/sparsity.json"))
+    by_round: dict[int, list[int]] = {}
+    for f in files:
+        alive = json.loads(f.read_text())["leaves"]["output/kernel"]["alive"]
+        by_round.setdefault(int(f.parent.name.split("_")[1]), []).append(alive)
+    assert got == {r: pytest.approx(np.mean(v)) for r, v in by_round.items()}
+    assert got[0] == 120  # dense: 12 x 10
+    with pytest.raises(KeyError, match="no layer 'nope'"):
+        compare.alive(curve, "nope")
+    table = compare.markdown(
+        compare.matched(curve, curve), "a", "b", ("output/kernel", got, got)
+    ).splitlines()
+    assert table[0].split(" | ")[3] == "b: output/kernel alive"
+    assert table[2].split(" | ")[3] == table[2].split(" | ")[7] == "120"
