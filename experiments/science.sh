@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The runs behind results/findings.md: is the quaternion advantage the quaternion weights, the
+# output layer or the mask search? Every arm is R and Q, 3 replicates, the paper's epochs, batch
+# and Adam rate, 20 rounds of 20 %, stopping after two rounds below 30 %. The lottery protocol with
+# the output layer pruned is results/paper_mnist (MNIST); everything else is here, LeNet-12 first
+# (minutes per round on a CPU), LeNet-300-100 for the arms that decide the question.
+#
+#   bash experiments/science.sh [WORKDIR] [ARM...]     # ARM: protocol output controls layerwise
+#                                                      #      fashion grouping lenet300 (default: all)
+#
+# Rerunning resumes every run; python -m experiments.compare reads the results (findings.md names
+# each table's command).
+set -euo pipefail
+WORKDIR=${1:-runs/science}
+shift || true
+ARMS=${*:-protocol output controls layerwise fashion grouping lenet300}
+imp() { python -m experiments.imp --replicates=3 --stop_accuracy=0.3 --checkpoint_every_secs=300 --workdir="$WORKDIR" "$@"; }
+for arm in $ARMS; do
+  case $arm in
+    protocol) # Q1: LeNet-12 under the paper's mask search (one model pruned and trained on)
+      for a in real quat; do imp --model=lenet12 --algebra=$a --protocol=paper; done ;;
+    output) # Q2: the output layer kept out of pruning, both protocols
+      for p in paper lottery; do for a in real quat; do
+        imp --model=lenet12 --algebra=$a --protocol=$p --noprune_output
+      done; done ;;
+    controls) # Q3: the ticket's mask with new weights; random masks of the same layer densities
+      for c in reinit shuffle; do for a in real quat; do imp --model=lenet12 --algebra=$a --control=$c; done; done ;;
+    layerwise) # Q2: every layer pruned by the same fraction, both protocols
+      for p in lottery paper; do for a in real quat; do
+        imp --model=lenet12 --algebra=$a --protocol=$p --pruning=layerwise
+      done; done ;;
+    fashion) # Q4: a second real dataset (Debian's dataset-fashion-mnist), both protocols
+      for m in lenet12 lenet300_100; do for p in lottery paper; do for a in real quat; do
+        imp --model=$m --algebra=$a --dataset=fashion_mnist --protocol=$p
+      done; done; done ;;
+    grouping) # Q5: whole quaternions pruned, the form a deployed quaternion network would use
+      for m in lenet12 lenet300_100; do imp --model=$m --algebra=quat --grouping=quaternion; done ;;
+    lenet300) # Q2 on LeNet-300-100, whose paper-protocol curves collapse: output kept, both protocols
+      for a in real quat; do
+        imp --model=lenet300_100 --algebra=$a --protocol=paper
+        for p in paper lottery; do imp --model=lenet300_100 --algebra=$a --protocol=$p --noprune_output; done
+      done ;;
+    *) echo "error: unknown arm '$arm'; valid: protocol output controls layerwise fashion grouping lenet300" >&2; exit 2 ;;
+  esac
+done
