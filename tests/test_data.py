@@ -66,16 +66,21 @@ def no_network(monkeypatch):
     block_network(monkeypatch)
 
 
-@pytest.fixture(scope="module")
-def mnist(tmp_path_factory):
-    """Build real MNIST once from the shipped archives into a fresh data_dir, offline."""
+def build_offline(name, tmp_path_factory):
+    """Build a real dataset once into a fresh data_dir with the network blocked, timed."""
     data_dir = tmp_path_factory.mktemp("tfds")
     with pytest.MonkeyPatch.context() as mp:
         block_network(mp)
         start = time.perf_counter()
-        ds = data.load("mnist", data_dir=data_dir)
+        ds = data.load(name, data_dir=data_dir)
         seconds = time.perf_counter() - start
     return types.SimpleNamespace(data_dir=data_dir, ds=ds, seconds=seconds)
+
+
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory):
+    """Real MNIST, from the shipped archives."""
+    return build_offline("mnist", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +102,8 @@ def debian_fashion_mnist():
 
 @pytest.fixture(scope="module")
 def fashion_mnist(debian_fashion_mnist, tmp_path_factory):
-    """Build real Fashion-MNIST once from Debian's files into a fresh data_dir, offline."""
-    data_dir = tmp_path_factory.mktemp("tfds")
-    with pytest.MonkeyPatch.context() as mp:
-        block_network(mp)
-        start = time.perf_counter()
-        ds = data.load("fashion_mnist", data_dir=data_dir)
-        seconds = time.perf_counter() - start
-    return types.SimpleNamespace(data_dir=data_dir, ds=ds, seconds=seconds)
+    """Real Fashion-MNIST, from Debian's files."""
+    return build_offline("fashion_mnist", tmp_path_factory)
 
 
 # --- archives ---------------------------------------------------------------------------------
