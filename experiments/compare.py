@@ -73,18 +73,16 @@ def main(argv: list[str]) -> None:
                     f"{results.labels(group)}; add key=value pairs to pick one"
                 )
         matches = compare.matched(a[0], b[0], max_ratio=FLAGS.max_ratio)
-        try:
-            alive = FLAGS.layer and (
-                FLAGS.layer,
-                compare.alive(a[0], FLAGS.layer),
-                compare.alive(b[0], FLAGS.layer),
-            )
-        except KeyError as e:
-            fail(e.args[0])
+        alive = None
+        if FLAGS.layer:
+            try:
+                alive = (FLAGS.layer, *(compare.alive(c[0], FLAGS.layer) for c in (a, b)))
+            except KeyError as e:
+                fail(e.args[0])
         parts.append(
             f"## {model} / {dataset}: {FLAGS.label_b} vs {FLAGS.label_a}\n\n"
             f"- {FLAGS.label_a}: {', '.join(a[0].runs)}\n- {FLAGS.label_b}: {', '.join(b[0].runs)}"
-            f"\n\n{compare.markdown(matches, FLAGS.label_a, FLAGS.label_b, alive or None)}"
+            f"\n\n{compare.markdown(matches, FLAGS.label_a, FLAGS.label_b, alive)}"
         )
     if not parts:
         fail(f"no model under {FLAGS.runs} has both a curve with {where_a} and one with {where_b}")
