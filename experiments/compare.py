@@ -10,17 +10,19 @@ as curve fields). Each round of ``b`` meets the round of ``a`` nearest in % of t
 weights (at most ``--max_ratio`` apart); a difference is called only where it exceeds two
 standard errors (:mod:`qsparse.compare`). ``--layer=output/kernel`` adds that layer's weights
 alive (mean over replicates, from sparsity.json) on each side. Prints one Markdown table per
-(model, dataset); ``--out`` also writes it to a file.
+(model, dataset); ``--out`` also writes it to a file, and ``--figure=DIR/STEM`` draws both curves
+(and the layer's survivors) to STEM_<model>_<dataset>.{png,svg}.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from absl import app, flags
 
 from experiments.cli import fail, parse
-from qsparse import compare, results
+from qsparse import compare, plots, results
 
 flags.DEFINE_list("runs", None, "run directories, or folders holding run directories")
 flags.DEFINE_list(
@@ -35,6 +37,9 @@ flags.DEFINE_string(
 )
 flags.DEFINE_float("max_ratio", compare.MAX_RATIO, "largest x ratio of a matched pair")
 flags.DEFINE_string("out", None, "also write the tables to this file")
+flags.DEFINE_string(
+    "figure", None, "also draw each compared pair to FIGURE_<model>_<dataset>.{png,svg}"
+)
 FLAGS = flags.FLAGS
 
 
@@ -59,7 +64,7 @@ def main(argv: list[str]) -> None:
         curves = results.load(FLAGS.runs)
     except FileNotFoundError as e:
         fail(str(e))
-    parts = []
+    parts, figures = [], []
     for (model, dataset), group in results.by_pair(curves).items():
         if FLAGS.model and model not in FLAGS.model:
             continue
@@ -79,6 +84,12 @@ def main(argv: list[str]) -> None:
                 alive = (FLAGS.layer, *(compare.alive(c[0], FLAGS.layer) for c in (a, b)))
             except KeyError as e:
                 fail(e.args[0])
+        if FLAGS.figure:
+            stem = Path(f"{FLAGS.figure}_{model}_{dataset}")
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            labels = (FLAGS.label_a, FLAGS.label_b)
+            fig = plots.comparison_figure(a[0], b[0], labels, alive, f"{model} / {dataset}")
+            figures += plots.save(fig, stem)
         parts.append(
             f"## {model} / {dataset}: {FLAGS.label_b} vs {FLAGS.label_a}\n\n"
             f"- {FLAGS.label_a}: {', '.join(a[0].runs)}\n- {FLAGS.label_b}: {', '.join(b[0].runs)}"
@@ -91,6 +102,8 @@ def main(argv: list[str]) -> None:
     if FLAGS.out:
         Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
         Path(FLAGS.out).write_text(text)
+    for path in figures:  # on stderr: stdout stays the Markdown tables
+        print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ which does not need matplotlib.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +82,61 @@ def accuracy_figure(
     ax.legend(fontsize="small")
     if title:
         ax.set_title(title)
+    return fig
+
+
+def comparison_figure(
+    a: results.Curve,
+    b: results.Curve,
+    labels: tuple[str, str] = ("a", "b"),
+    alive: tuple[str, Mapping[int, float], Mapping[int, float]] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Two curves against % of the real model's weights (mean ± std), as compared in tables.
+
+    ``alive`` (layer, a's and b's mean weights alive per round, :func:`qsparse.compare.alive`)
+    adds a lower panel of that layer's survivors on the same x: where the accuracies part, the
+    reader sees whether the output layer parted first.
+    """
+    fig = Figure(figsize=(6.4, 6.4 if alive else 4.4), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1]) if alive else [fig.add_subplot()]
+    for c, label, marker in zip((a, b), labels, "os"):
+        keep = c.n > 0
+        axes[0].errorbar(
+            c.x_real[keep],
+            c.acc_mean[keep],
+            yerr=np.nan_to_num(c.acc_std[keep]),
+            marker=marker,
+            ms=4,
+            capsize=2,
+            label=label,
+        )
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].legend(fontsize="small")
+    if alive:
+        layer, *counts = alive
+        for c, label, marker, per_round in zip((a, b), labels, "os", counts):
+            x_of = dict(zip(c.rounds.tolist(), c.x_real.tolist()))
+            rounds = [r for r in per_round if r in x_of]
+            axes[1].plot(
+                [x_of[r] for r in rounds],
+                [per_round[r] for r in rounds],
+                marker=marker,
+                ms=4,
+                label=label,
+            )
+        axes[1].set_yscale("log")
+        axes[1].set_ylabel(f"{layer}\nweights alive")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].invert_xaxis()
+    axes[-1].xaxis.set_major_locator(FixedLocator(X_TICKS))
+    axes[-1].xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    axes[-1].xaxis.set_minor_formatter(NullFormatter())
+    axes[-1].set_xlabel(X_LABELS["real"])
+    if title:
+        axes[0].set_title(title)
     return fig
 
 

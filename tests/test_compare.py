@@ -164,3 +164,37 @@ def test_alive_is_the_replicate_mean_of_each_rounds_sparsity_json():
     ).splitlines()
     assert table[0].split(" | ")[3] == "b: output/kernel alive"
     assert table[2].split(" | ")[3] == table[2].split(" | ")[7] == "120"
+
+
+def test_figure_draws_both_curves_and_the_layer_survivors_at_their_weight_counts():
+    from qsparse import plots
+
+    alive_a, alive_b = {0: 120.0, 1: 90.0, 9: 1.0}, {0: 120.0, 3: 40.0}  # round 9: not in REAL
+    fig = plots.comparison_figure(REAL, QUAT, ("R", "Q"), ("output/kernel", alive_a, alive_b))
+    accuracy, survivors = fig.axes
+    drawn = [line.get_xydata().tolist() for line in accuracy.lines if line.get_marker() in "os"]
+    assert drawn == [np.c_[c.x_real, c.acc_mean].tolist() for c in (REAL, QUAT)]
+    assert [line.get_xydata().tolist() for line in survivors.lines] == [
+        [[100.0, 120.0], [80.0, 90.0]],
+        [[26.0, 120.0], [66.0, 40.0]],
+    ]
+    assert accuracy.xaxis_inverted() and survivors.get_yscale() == "log"
+    assert len(plots.comparison_figure(REAL, QUAT).axes) == 1
+
+
+@pytest.mark.subprocess
+def test_cli_figure_is_written_beside_an_unchanged_table(tmp_path):
+    args = [
+        "--runs=results/paper_protocol",
+        "--a=algebra=real",
+        "--b=algebra=quat",
+        "--layer=output/kernel",
+    ]
+    plain = _cli(*args)
+    drawn = _cli(*args, f"--figure={tmp_path}/fig/pp")
+    assert drawn.returncode == 0, drawn.stderr
+    stem = tmp_path / "fig" / "pp_lenet300_100_mnist"
+    written = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    assert drawn.stderr.split() == [w for p in written for w in ("wrote", str(p))]
+    assert all(p.stat().st_size > 10_000 for p in written)
+    assert drawn.stdout == plain.stdout and "| +29.0 |" in drawn.stdout  # the table, unchanged
