@@ -16,8 +16,8 @@ WORKDIR=${1:-runs/science}
 shift || true
 ARMS=${*:-protocol output controls layerwise fashion grouping lenet300 lenet300_controls}
 imp() { python -m experiments.imp --replicates=3 --stop_accuracy=0.3 --checkpoint_every_secs=300 --workdir="$WORKDIR" "$@"; }
-# LeNet-300-100 (40-100 minutes a run here): Q stops after 14 rounds, 4.4 % of its own weights =
-# 1.1 % of R's, where R's 20th round is.
+# LeNet-300-100 (1-2 hours a run here): Q stops after 14 rounds, 4.4 % of its own weights, about
+# 1.3 % of R's (1.6 % with the output kept), next to R's 20th round.
 imp300() { local r=20; [ "$1" = quat ] && r=14; imp --model=lenet300_100 --algebra="$1" --rounds=$r "${@:2}"; }
 for arm in $ARMS; do
   case $arm in
