@@ -71,12 +71,7 @@ def accuracy_figure(
                 label=f"paper {name} (Fig. {paper.figure})",
                 **style,
             )
-    ax.set_xscale("log")
-    ax.invert_xaxis()
-    ax.xaxis.set_major_locator(FixedLocator(X_TICKS))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel(X_LABELS[x])
+    _weights_axis(ax, x)
     ax.set_ylabel("test accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
@@ -127,17 +122,22 @@ def comparison_figure(
             )
         axes[1].set_yscale("log")
         axes[1].set_ylabel(f"{layer}\nweights alive")
+    _weights_axis(axes[-1], "real")  # shared: the upper panel follows
     for ax in axes:
-        ax.set_xscale("log")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].invert_xaxis()
-    axes[-1].xaxis.set_major_locator(FixedLocator(X_TICKS))
-    axes[-1].xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
-    axes[-1].xaxis.set_minor_formatter(NullFormatter())
-    axes[-1].set_xlabel(X_LABELS["real"])
     if title:
         axes[0].set_title(title)
     return fig
+
+
+def _weights_axis(ax, x: str) -> None:
+    """Log x of weights remaining, inverted (100 → small), ticked at the halvings of 100 %."""
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.xaxis.set_major_locator(FixedLocator(X_TICKS))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(X_LABELS[x])
 
 
 def layer_density_figure(density: results.LayerDensity, title: str | None = None) -> Figure:
