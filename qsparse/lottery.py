@@ -9,8 +9,9 @@ Protocols (the paper, §4; :attr:`Config.protocol`):
   ``optimizer_state='carry'``.
 * ``paper`` (what the paper's code did): masks come from a *search* trajectory that never
   rewinds: prune, then keep training the same weights with one optimizer carried across
-  rounds. The reported accuracy of round L is a ticket trained from θ₀ with that mask. Unlike
-  the paper's code, the tickets get their own optimizer (``optimizer_state`` applies).
+  rounds (after every round but the last, which nothing prunes). The reported accuracy of
+  round L is a ticket trained from θ₀ with that mask. Unlike the paper's code, the tickets get
+  their own optimizer (``optimizer_state`` applies).
 
 Each replicate's protocol (:meth:`Experiment._protocol`) is a generator that yields the
 trainings it needs; :class:`qsparse.loop.Loop` trains those of all replicates together. Files
@@ -116,10 +117,11 @@ class Lottery(Experiment):
     def _run_progress(self) -> loop.RunProgress:
         """The whole run's progress, counting what earlier invocations finished."""
         cfg = self.config
-        searches = cfg.rounds if cfg.protocol == "paper" else 0
+        searches = self._searches(0)
         rounds = [rd for rep in self.run.replicates() for rd in rep.rounds()]
         done_rounds = sum(rd.done.exists() for rd in rounds)
-        done_searches = sum(rd.search.final.exists() for rd in rounds)
+        # a run of an earlier qsparse may hold a search of its last round too, which is not counted
+        done_searches = sum(rd.search.final.exists() for rd in rounds if rd.level < cfg.rounds)
         return loop.RunProgress(
             rounds=cfg.replicates * (cfg.rounds + 1),
             trainings=cfg.replicates * (cfg.rounds + 1 + searches),
@@ -129,11 +131,18 @@ class Lottery(Experiment):
             bar=self.log is not _silent and sys.stderr.isatty(),
         )
 
-    def _stopped(self, first: int) -> None:
-        """Replicate stopped early: rounds ``first``.. (and their searches) will not run."""
+    def _searches(self, first: int) -> int:
+        """How many searches protocol 'paper' trains from round ``first`` on: one after each
+        round's ticket but the dense one (its own start) and the last (no round prunes it)."""
+        if self.config.protocol != "paper":
+            return 0
+        return max(self.config.rounds - max(first, 1), 0)
+
+    def _stopped(self, first: int, first_search: int) -> None:
+        """Replicate stopped early: rounds ``first``.. and searches ``first_search``.. will not
+        run."""
         rounds = self.config.rounds + 1 - first
-        searches = rounds - (first == 0) if self.config.protocol == "paper" else 0
-        self.loop.run_progress.dropped(rounds, rounds + searches)
+        self.loop.run_progress.dropped(rounds, rounds + self._searches(first_search))
 
     def _board(self, rd: rundir.Round) -> summaries.Writer:
         """The TensorBoard events of ``rd``'s replicate: its curves against the round."""
@@ -160,7 +169,7 @@ class Lottery(Experiment):
             except pruning.LayerCollapseError as e:
                 self.log(f"replicate {r}: stopping before round {level}: {e}")
                 rundir.write_json(rep.stopped, {"round": level, "reason": str(e)})
-                self._stopped(level)
+                self._stopped(level, level)
                 return
             start = self._start_params(rep, theta0, init_key, level)
             opt_state = (
@@ -170,8 +179,6 @@ class Lottery(Experiment):
             )
             capture = rep.rewind if (level == 0 and self.loop.rewind_step) else None
             state, done = yield from self._ticket(rd, start, masks, data_key, opt_state, capture)
-            if cfg.protocol == "paper":
-                prev_search = yield from self._search(rd, state, prev_search, masks, data_key)
             prev_state = state
             if done["status"] != "ok":
                 logger.warning(
@@ -181,7 +188,7 @@ class Lottery(Experiment):
                     level,
                     done["status"],
                 )
-                self._stopped(level + 1)
+                self._stopped(level + 1, level)
                 return
             low_rounds = low_rounds + 1 if done["test_acc"] < cfg.stop_accuracy else 0
             if low_rounds >= 2:
@@ -189,8 +196,10 @@ class Lottery(Experiment):
                     f"replicate {r}: test accuracy below {cfg.stop_accuracy} twice; "
                     "stopping (as the paper)"
                 )
-                self._stopped(level + 1)
+                self._stopped(level + 1, level)
                 return
+            if cfg.protocol == "paper" and level < cfg.rounds:
+                prev_search = yield from self._search(rd, state, prev_search, masks, data_key)
 
     def _theta0(self, path: Path, key):
         """θ₀, read back or (again, if damaged) computed from the replicate's init key."""

@@ -10,7 +10,8 @@ notebooks) that read them; jax-free, so run directories can be read anywhere. La
     <run>/replicate_<r>/stopped.json  why a replicate stopped before its last round
     <run>/replicate_<r>/round_<L>/    masks.npz, sparsity.json, metrics.jsonl, ckpt/epoch_<n>/
                                       (checkpoints with the metrics so far), final/ (trained
-                                      state), search/ (protocol 'paper'), done.json (written last)
+                                      state), search/ (protocol 'paper', not the last round),
+                                      done.json (written last)
     events.out.tfevents.*             TensorBoard events (:mod:`qsparse.summaries`) in the run,
                                       replicate, round and search folders
 

@@ -180,11 +180,34 @@ def test_paper_protocol_writes_search_trajectory(mnist_dir, tmp_path):
         test_subset=100,
         batch_size=60,
     )
-    run_dir = lottery.run(config, tmp_path, log=lambda s: None)
-    for level in (1, 2):
-        assert (run_dir / "replicate_0" / f"round_{level:02d}" / "search" / "final").exists()
+    lines = []
+    run_dir = lottery.run(config, tmp_path, log=lines.append)
+    rounds = run_dir / "replicate_0"
+    assert (rounds / "round_01" / "search" / "final").exists()
+    assert not (rounds / "round_02" / "search").exists()  # no round prunes the last one
     rows = rundir.summary_rows(rundir.Run(run_dir))
     assert [r["round"] for r in rows] == [0, 1, 2]
+    progress = [line for line in lines if " left" in line]
+    assert progress[-1].endswith("~0:00:00 left")  # the last training was counted last
+
+
+def test_paper_protocol_stopped_replicate_trains_no_further_search(mnist_dir, tmp_path):
+    config = Config(
+        model="lenet12",
+        algebra="quat",
+        protocol="paper",
+        data_dir=str(mnist_dir),
+        rounds=3,
+        epochs=1,
+        train_subset=300,
+        test_subset=100,
+        batch_size=60,
+        stop_accuracy=0.999,  # out of reach: rounds 0 and 1 fall short; the replicate stops
+    )
+    run_dir = lottery.run(config, tmp_path, log=lambda s: None)
+    rounds = run_dir / "replicate_0"
+    assert sorted(p.name for p in rounds.glob("round_*")) == ["round_00", "round_01"]
+    assert not (rounds / "round_01" / "search").exists()
 
 
 def test_config_errors_that_need_data(mnist_dir, tmp_path):
