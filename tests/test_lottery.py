@@ -168,20 +168,21 @@ def test_late_rewind_and_controls(mnist_dir, tmp_path):
     assert not np.array_equal(a["Dense_0/kernel"], b["Dense_0/kernel"])
 
 
-def test_paper_protocol_writes_search_trajectory(mnist_dir, tmp_path):
-    config = Config(
+def paper_config(mnist_dir, **overrides) -> Config:
+    """A tiny quaternion LeNet-12 under the paper's protocol."""
+    fields = dict(rounds=2, epochs=1, train_subset=300, test_subset=100, batch_size=60)
+    return Config(
         model="lenet12",
         algebra="quat",
         protocol="paper",
         data_dir=str(mnist_dir),
-        rounds=2,
-        epochs=1,
-        train_subset=300,
-        test_subset=100,
-        batch_size=60,
+        **{**fields, **overrides},
     )
+
+
+def test_paper_protocol_writes_search_trajectory(mnist_dir, tmp_path):
     lines = []
-    run_dir = lottery.run(config, tmp_path, log=lines.append)
+    run_dir = lottery.run(paper_config(mnist_dir), tmp_path, log=lines.append)
     rounds = run_dir / "replicate_0"
     assert (rounds / "round_01" / "search" / "final").exists()
     assert not (rounds / "round_02" / "search").exists()  # no round prunes the last one
@@ -192,18 +193,8 @@ def test_paper_protocol_writes_search_trajectory(mnist_dir, tmp_path):
 
 
 def test_paper_protocol_stopped_replicate_trains_no_further_search(mnist_dir, tmp_path):
-    config = Config(
-        model="lenet12",
-        algebra="quat",
-        protocol="paper",
-        data_dir=str(mnist_dir),
-        rounds=3,
-        epochs=1,
-        train_subset=300,
-        test_subset=100,
-        batch_size=60,
-        stop_accuracy=0.999,  # out of reach: rounds 0 and 1 fall short; the replicate stops
-    )
+    # stop_accuracy out of reach: rounds 0 and 1 fall short, and the replicate stops
+    config = paper_config(mnist_dir, rounds=3, stop_accuracy=0.999)
     run_dir = lottery.run(config, tmp_path, log=lambda s: None)
     rounds = run_dir / "replicate_0"
     assert sorted(p.name for p in rounds.glob("round_*")) == ["round_00", "round_01"]
