@@ -7,14 +7,15 @@
 #
 #   bash experiments/science.sh [WORKDIR] [ARM...]     # ARM: protocol output controls layerwise
 #                                                      #      fashion grouping lenet300
-#                                                      #      lenet300_controls (default: all)
+#                                                      #      lenet300_controls lenet300_layerwise
+#                                                      #      lenet300_fashion (default: all)
 #
 # Rerunning resumes every run; python -m experiments.compare reads the results (findings.md names
 # each table's command).
 set -euo pipefail
 WORKDIR=${1:-runs/science}
 shift || true
-ARMS=${*:-protocol output controls layerwise fashion grouping lenet300 lenet300_controls}
+ARMS=${*:-protocol output controls layerwise fashion grouping lenet300 lenet300_controls lenet300_layerwise lenet300_fashion}
 imp() { python -m experiments.imp --replicates=3 --stop_accuracy=0.3 --checkpoint_every_secs=300 --workdir="$WORKDIR" "$@"; }
 # LeNet-300-100 (1-2 hours a run here): Q stops after 14 rounds, 4.4 % of its own weights, about
 # 1.3 % of R's (1.6 % with the output kept), next to R's 20th round.
@@ -34,9 +35,9 @@ for arm in $ARMS; do
         imp --model=lenet12 --algebra=$a --protocol=$p --pruning=layerwise
       done; done ;;
     fashion) # Q4: a second real dataset (Debian's dataset-fashion-mnist), both protocols
-      for m in lenet12 lenet300_100; do for p in lottery paper; do for a in real quat; do
-        imp --model=$m --algebra=$a --dataset=fashion_mnist --protocol=$p
-      done; done; done ;;
+      for p in lottery paper; do for a in real quat; do
+        imp --model=lenet12 --algebra=$a --dataset=fashion_mnist --protocol=$p
+      done; done ;;
     grouping) # Q5: whole quaternions pruned, the form a deployed quaternion network would use
       for m in lenet12 lenet300_100; do imp --model=$m --algebra=quat --grouping=quaternion; done ;;
     lenet300) # Q2 on LeNet-300-100, whose paper-protocol curves collapse: output kept, both protocols
@@ -46,6 +47,10 @@ for arm in $ARMS; do
       done ;;
     lenet300_controls) # Q3 on LeNet-300-100
       for c in reinit shuffle; do for a in real quat; do imp300 $a --control=$c; done; done ;;
-    *) echo "error: unknown arm '$arm'; valid: protocol output controls layerwise fashion grouping lenet300 lenet300_controls" >&2; exit 2 ;;
+    lenet300_layerwise) # Q2 on LeNet-300-100: every layer pruned by the same fraction
+      for p in lottery paper; do for a in real quat; do imp300 $a --protocol=$p --pruning=layerwise; done; done ;;
+    lenet300_fashion) # Q4 on LeNet-300-100
+      for p in lottery paper; do for a in real quat; do imp300 $a --dataset=fashion_mnist --protocol=$p; done; done ;;
+    *) echo "error: unknown arm '$arm'; valid: protocol output controls layerwise fashion grouping lenet300 lenet300_controls lenet300_layerwise lenet300_fashion" >&2; exit 2 ;;
   esac
 done
