@@ -40,7 +40,7 @@ for arm in $ARMS; do
       done; done ;;
     grouping) # Q5: whole quaternions pruned, the form a deployed quaternion network would use
       for m in lenet12 lenet300_100; do imp --model=$m --algebra=quat --grouping=quaternion; done ;;
-    lenet300) # Q2 on LeNet-300-100, whose paper-protocol curves collapse: output kept, both protocols
+    lenet300) # Q1-Q2 on LeNet-300-100: the output kept under both protocols, then the paper's protocol
       for a in real quat; do
         for p in paper lottery; do imp300 $a --protocol=$p --noprune_output; done
         imp300 $a --protocol=paper
