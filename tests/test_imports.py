@@ -28,6 +28,7 @@ CORE = [
     "nnx",
 ]
 RUN = [
+    "files",
     "config",
     "data",
     "checkpoints",
@@ -40,7 +41,7 @@ RUN = [
     "export",
 ]
 ANALYSIS = ["results", "paper", "report", "plots", "accounting", "compare"]
-JAX_FREE = ["config", "rundir", "deploy"]  # run-tier modules that are numpy only
+JAX_FREE = ["files", "config", "rundir", "deploy"]  # run-tier modules that are numpy only
 TIERS = {
     "core": (
         CORE,
