@@ -28,7 +28,8 @@ from qsparse.quaternion import left_matrix
 PaddingLike = str | int | Sequence[int | tuple[int, int]]
 
 
-def _check_multiple_of_4(value: int, what: str, layer: str) -> None:
+def check_multiple_of_4(value: int, what: str, layer: str) -> None:
+    """Refuse a real width that is not a whole number of quaternions (shared by linen and NNX)."""
     if value % 4:
         raise ValueError(
             f"{layer}: {what} must be a multiple of 4 (component-blocked [r|i|j|k]), got {value}"
@@ -53,8 +54,8 @@ class QDense(nn.Module):
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        _check_multiple_of_4(self.features, "features", "QDense")
-        _check_multiple_of_4(inputs.shape[-1], "the input feature size", "QDense")
+        check_multiple_of_4(self.features, "features", "QDense")
+        check_multiple_of_4(inputs.shape[-1], "the input feature size", "QDense")
         qkernel = self.param(
             "qkernel",
             self.kernel_init,
@@ -71,7 +72,8 @@ class QDense(nn.Module):
         return y if bias is None else y + bias
 
 
-def _canonical_padding(padding: PaddingLike, ndim: int):
+def canonical_padding(padding: PaddingLike, ndim: int) -> str | list[tuple[int, int]]:
+    """``padding`` as ``lax.conv_general_dilated`` takes it: 'SAME'/'VALID' or one pair per dim."""
     if isinstance(padding, str):
         if padding.upper() not in ("SAME", "VALID"):
             raise ValueError(
@@ -88,7 +90,8 @@ def _canonical_padding(padding: PaddingLike, ndim: int):
     return pads
 
 
-def _tuple(value: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
+def as_tuple(value: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
+    """A stride or dilation given as one int, a sequence or None (1) as one entry per dim."""
     if value is None:
         return (1,) * ndim
     return (value,) * ndim if isinstance(value, int) else tuple(value)
@@ -130,8 +133,8 @@ class QConv(nn.Module):
                 f"QConv: expected inputs of shape (batch, {ndim} spatial dims, channels), got "
                 f"{inputs.shape}"
             )
-        _check_multiple_of_4(self.features, "features", "QConv")
-        _check_multiple_of_4(inputs.shape[-1], "the input channel count", "QConv")
+        check_multiple_of_4(self.features, "features", "QConv")
+        check_multiple_of_4(inputs.shape[-1], "the input channel count", "QConv")
         groups = self.feature_group_count
         q_in, q_out = inputs.shape[-1] // 4, self.features // 4
         if q_in % groups or q_out % groups:
@@ -190,10 +193,10 @@ def quaternion_conv(
     y = conv(
         inputs,
         left_matrix(qkernel, groups),
-        window_strides=_tuple(strides, ndim),
-        padding=_canonical_padding(padding, ndim),
-        lhs_dilation=_tuple(input_dilation, ndim),
-        rhs_dilation=_tuple(kernel_dilation, ndim),
+        window_strides=as_tuple(strides, ndim),
+        padding=canonical_padding(padding, ndim),
+        lhs_dilation=as_tuple(input_dilation, ndim),
+        rhs_dilation=as_tuple(kernel_dilation, ndim),
         dimension_numbers=jax.lax.conv_dimension_numbers(
             inputs.shape,
             (*kernel_size, 1, 1),

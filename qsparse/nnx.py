@@ -24,9 +24,9 @@ from flax.linen.dtypes import promote_dtype
 from qsparse import initializers
 from qsparse.layers import (
     PaddingLike,
-    _canonical_padding,
-    _check_multiple_of_4,
-    _tuple,
+    as_tuple,
+    canonical_padding,
+    check_multiple_of_4,
     quaternion_conv,
 )
 from qsparse.quaternion import left_matrix
@@ -71,8 +71,8 @@ class QDense(nnx.Module):
         bias_init: initializers.Initializer = jax.nn.initializers.zeros,
         rngs: nnx.Rngs,
     ) -> None:
-        _check_multiple_of_4(in_features, "in_features", "QDense")
-        _check_multiple_of_4(out_features, "out_features", "QDense")
+        check_multiple_of_4(in_features, "in_features", "QDense")
+        check_multiple_of_4(out_features, "out_features", "QDense")
         shape = (4, in_features // 4, out_features // 4)
         self.qkernel = nnx.Param(_initializer(kernel_init)(rngs.params(), shape, param_dtype))
         self.bias = _bias(use_bias, bias_init, out_features, param_dtype, rngs)
@@ -116,8 +116,8 @@ class QConv(nnx.Module):
         conv_general_dilated: Callable[..., jax.Array] | None = None,
         rngs: nnx.Rngs,
     ) -> None:
-        _check_multiple_of_4(in_features, "in_features", "QConv")
-        _check_multiple_of_4(out_features, "out_features", "QConv")
+        check_multiple_of_4(in_features, "in_features", "QConv")
+        check_multiple_of_4(out_features, "out_features", "QConv")
         groups = feature_group_count
         q_in, q_out = in_features // 4, out_features // 4
         if q_in % groups or q_out % groups:
@@ -132,11 +132,11 @@ class QConv(nnx.Module):
         self.bias = _bias(use_bias, bias_init, out_features, param_dtype, rngs)
         self.in_features, self.out_features = in_features, out_features
         # Canonical (hashable) forms: NNX keeps these in the static graph definition.
-        pads = _canonical_padding(padding, ndim)
+        pads = canonical_padding(padding, ndim)
         self.padding = pads if isinstance(pads, str) else tuple(map(tuple, pads))
-        self.strides = _tuple(strides, ndim)
-        self.input_dilation = _tuple(input_dilation, ndim)
-        self.kernel_dilation = _tuple(kernel_dilation, ndim)
+        self.strides = as_tuple(strides, ndim)
+        self.input_dilation = as_tuple(input_dilation, ndim)
+        self.kernel_dilation = as_tuple(kernel_dilation, ndim)
         self.feature_group_count = groups
         self.use_bias, self.dtype, self.param_dtype = use_bias, dtype, param_dtype
         self.precision = precision
