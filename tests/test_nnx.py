@@ -14,7 +14,7 @@ from qsparse import initializers, layers, masks, pruning
 from qsparse import nnx as qnnx
 from qsparse import quaternion as Q
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+LAYERS_DOC = Path(__file__).resolve().parent.parent / "docs" / "layers.md"
 
 
 def linen_params(layer: nn.Module, x: jax.Array, seed: int = 1) -> dict:
@@ -246,19 +246,19 @@ def test_pruning_an_nnx_model_with_qsparse_masks():
     assert not np.allclose(model(x), unpruned @ params["output"]["kernel"] + model.output.bias[...])
 
 
-def readme_nnx_example() -> str:
-    text = README.read_text()
+def docs_nnx_example() -> str:
+    text = LAYERS_DOC.read_text()
     section = text.split("\n## Quaternion layers in NNX\n", 1)
-    assert len(section) == 2, "README has no '## Quaternion layers in NNX' section"
+    assert len(section) == 2, "docs/layers.md has no '## Quaternion layers in NNX' section"
     block = re.search(r"```python\n(.*?)```", section[1].split("\n## ", 1)[0], re.S)
-    assert block, "no python block in the README's NNX section"
+    assert block, "no python block in the NNX section of docs/layers.md"
     return block.group(1)
 
 
-def test_readme_nnx_example():
-    code = readme_nnx_example()
+def test_docs_nnx_example():
+    code = docs_nnx_example()
     assert "qsparse.nnx" in code and "pruning.prune" in code
     namespace: dict = {}
-    exec(compile(code, str(README), "exec"), namespace)  # its own asserts check the sparsity
+    exec(compile(code, str(LAYERS_DOC), "exec"), namespace)  # its own asserts check the sparsity
     alive, total = masks.count(namespace["m"])
     assert alive == total // 2 > 0
