@@ -97,33 +97,15 @@ def prune(
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     mask_leaves = [np.asarray(m, bool) for m in jax.tree.leaves(masks)]
-    if len(mask_leaves) != len(flat):
-        raise ValueError("masks and params have different tree structures")
-    entries = []  # (index, path, values, alive) for the prunable leaves
-    for i, ((path, p), m) in enumerate(zip(flat, mask_leaves)):
-        if p.shape != m.shape:
-            raise ValueError(f"mask for {path_str(path)} has shape {m.shape}, param {p.shape}")
-        if rule(path):
-            values, alive = _units(path, np.asarray(p, np.float32), m, grouping)
-            if score == "random":
-                values = np.asarray(jax.random.uniform(jax.random.fold_in(key, i), values.shape))
-            entries.append((i, path, values, alive))
-    if not entries:
-        raise ValueError("no prunable parameters under this rule")
-
-    new = list(mask_leaves)
+    entries = _scored_units(flat, mask_leaves, rule, grouping, key if score == "random" else None)
     if method == "global":
-        scores = np.concatenate([e[2] for e in entries])
-        alive = np.concatenate([e[3] for e in entries])
-        keep = _select(scores, alive, int(round(fraction * alive.sum())))
-        offsets = np.cumsum([0] + [e[2].size for e in entries])
-        keeps = [keep[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        keeps = _keep_global(entries, fraction)
     else:
         keeps = []
         for _, path, values, alive in entries:
             f = _layer_fraction(path_str(path), fraction, layer_fractions or {})
             keeps.append(_select(values, alive, int(round(f * alive.sum()))))
-
+    new = list(mask_leaves)
     for (i, path, _, alive), keep in zip(entries, keeps):
         if alive.any() and not (keep & alive).any() and not allow_empty:
             raise LayerCollapseError(
@@ -132,6 +114,35 @@ def prune(
             )
         new[i] = _expand(keep, path, mask_leaves[i], grouping)
     return jax.tree.unflatten(treedef, [jnp.asarray(m) for m in new])
+
+
+def _scored_units(flat, mask_leaves, rule: PruneRule, grouping: str, random_key) -> list[tuple]:
+    """(index, path, scores, alive) for each prunable leaf; random scores when given a key."""
+    if len(mask_leaves) != len(flat):
+        raise ValueError("masks and params have different tree structures")
+    entries = []
+    for i, ((path, p), m) in enumerate(zip(flat, mask_leaves)):
+        if p.shape != m.shape:
+            raise ValueError(f"mask for {path_str(path)} has shape {m.shape}, param {p.shape}")
+        if rule(path):
+            values, alive = _units(path, np.asarray(p, np.float32), m, grouping)
+            if random_key is not None:
+                values = np.asarray(
+                    jax.random.uniform(jax.random.fold_in(random_key, i), values.shape)
+                )
+            entries.append((i, path, values, alive))
+    if not entries:
+        raise ValueError("no prunable parameters under this rule")
+    return entries
+
+
+def _keep_global(entries: list[tuple], fraction: float) -> list[np.ndarray]:
+    """One threshold over every prunable unit, split back into per-leaf keep-flags."""
+    scores = np.concatenate([e[2] for e in entries])
+    alive = np.concatenate([e[3] for e in entries])
+    keep = _select(scores, alive, int(round(fraction * alive.sum())))
+    offsets = np.cumsum([0] + [e[2].size for e in entries])
+    return [keep[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def _layer_fraction(path: str, default: float, overrides: Mapping[str, float]) -> float:
