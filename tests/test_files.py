@@ -1,4 +1,5 @@
-"""qsparse.files: atomic writes keep the old file on failure, and new files get open()'s mode."""
+"""qsparse.files: atomic writes keep the old file on failure, new files get open()'s mode, and a
+run, every file of which is written through it, stops on a full disk with one line and resumes."""
 
 import collections
 import contextlib
@@ -85,15 +86,7 @@ def test_check_writable(tmp_path):
 
 # -- every file of a run, under a umask; a run whose disk fills up --------------------------------
 
-TINY = dict(
-    model="lenet12",
-    algebra="quat",
-    rounds=2,
-    epochs=2,
-    train_subset=300,
-    test_subset=100,
-    batch_size=60,
-)
+SIZE = dict(rounds=2, epochs=2, train_subset=300, test_subset=100, batch_size=60)
 
 
 @contextlib.contextmanager
@@ -124,7 +117,7 @@ def contents(root):
 @pytest.fixture(scope="module")
 def tiny(mnist_dir, tmp_path_factory):
     """An uninterrupted tiny run made under umask 0o027: ``(config, workdir)``."""
-    config = Config(data_dir=str(mnist_dir), **TINY)
+    config = Config(model="lenet12", algebra="quat", data_dir=str(mnist_dir), **SIZE)
     workdir = tmp_path_factory.mktemp("uninterrupted")
     with umask_set(0o027):
         lottery.run(config, workdir, log=lambda s: None)
