@@ -2,9 +2,10 @@
 
 The text files of a run and the names of all its files are :mod:`qsparse.rundir`'s. Every
 write is atomic (a temporary file or folder, then a rename), so a process killed at any instant
-leaves either the old file or the new one, never half of one. Orbax cannot tell a
-flipped byte in its array data from the real thing, so every checkpoint folder also holds the
-SHA-256 of its arrays (``qsparse.json``); a file that fails to read back raises
+leaves either the old file or the new one, never half of one; a write the system refuses (a full
+disk) raises :class:`qsparse.files.WriteError` naming the file or checkpoint folder. Orbax cannot
+tell a flipped byte in its array data from the real thing, so every checkpoint folder also holds
+the SHA-256 of its arrays (``qsparse.json``); a file that fails to read back raises
 :class:`CorruptFileError` naming it, so the caller can fall back to an earlier state.
 
 In a multi-process run only process 0 writes (:func:`is_writer`): every write below is skipped
@@ -15,14 +16,17 @@ For tests, :func:`fault_point` lets the environment kill the process at named pl
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +34,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from qsparse import files
 from qsparse.masks import path_str
-from qsparse.rundir import CorruptFileError, default_file_mode, is_writer, read_json, write_json
+from qsparse.rundir import CorruptFileError, is_writer, read_json, write_json
 
 log = logging.getLogger(__name__)
 
 FAULT_ENV = "QSPARSE_FAULT"
 META = "qsparse.json"  # beside Orbax's files in every checkpoint folder: checksum and extras
 _fault_counts: dict[str, int] = {}
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # in TensorStore's messages
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -80,17 +86,7 @@ def save_masks(path: Path, masks) -> None:
     if not is_writer():
         return
     arrays = {path_str(p): np.asarray(m) for p, m in jax.tree_util.tree_leaves_with_path(masks)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.fchmod(fd, default_file_mode())
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_masks(path: Path, like) -> Any:
@@ -141,20 +137,64 @@ def _remove(path: Path) -> None:
 
 
 def save_tree(path: Path, tree, extra: Any = None) -> None:
-    """A pytree (plus JSON ``extra``) as one checkpoint folder, replacing ``path`` if it exists."""
+    """A pytree (plus JSON ``extra``) as one checkpoint folder, replacing ``path`` if it exists.
+
+    A write the system refuses (a full disk) raises :class:`qsparse.files.WriteError` naming
+    ``path``, whose old contents stay as they were.
+    """
     if not is_writer():
         return
     path = Path(path).absolute()
     tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _clear(tmp)
     tree = _host(tree)
-    with _checkpointer() as ckptr:
-        ckptr.save(tmp, tree)
-        ckptr.wait_until_finished()
-    write_json(tmp / META, {"sha256": _digest(tree, extra), "extra": extra})
-    fault_point("checkpoint_write")
-    _remove(path)
-    os.replace(tmp, path)
+    try:
+        with _checkpointer() as ckptr, _quiet_orbax():
+            ckptr.save(tmp, tree)
+            ckptr.wait_until_finished()
+        write_json(tmp / META, {"sha256": _digest(tree, extra), "extra": extra})
+        fault_point("checkpoint_write")
+        _remove(path)
+        os.replace(tmp, path)
+    except (OSError, ValueError, files.WriteError) as e:
+        _clear(tmp)
+        error = _refused(path, e)
+        if error is None:
+            raise
+        raise error from e
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Orbax logs each failed write of a save with its traceback before it raises; the error
+    it raises (chained to the WriteError) says the same, so the logs are dropped meanwhile."""
+    absl = logging.getLogger("absl")
+    only_others = logging.Filter()
+    only_others.filter = lambda record: f"{os.sep}orbax{os.sep}" not in record.pathname
+    absl.addFilter(only_others)
+    try:
+        yield
+    finally:
+        absl.removeFilter(only_others)
+
+
+def _clear(tmp: Path) -> None:
+    """A checkpoint's temporary folder and Orbax's own beside it (``<tmp>.orbax-checkpoint-tmp``),
+    left by a save that failed or was killed."""
+    for leftover in (tmp, *tmp.parent.glob(f"{glob.escape(tmp.name)}.orbax-checkpoint-tmp*")):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _refused(path: Path, e: Exception) -> files.WriteError | None:
+    """The WriteError naming checkpoint ``path`` for an error that says the system refused a
+    write: an OSError, or the ValueError in which Orbax's array store (TensorStore, C++) reports
+    one ('... No space left on device [os_error_code=28]'); None for any other error."""
+    if isinstance(e, files.WriteError) and isinstance(e.__cause__, OSError):
+        e = e.__cause__
+    if isinstance(e, OSError):
+        return files.WriteError.at(path, e)
+    code = _OS_ERROR_CODE.search(str(e))
+    return files.WriteError.at(path, os.strerror(int(code[1]))) if code else None
 
 
 def load_tree_extra(path: Path, like) -> tuple[Any, Any]:
@@ -250,9 +290,6 @@ class EpochCheckpoints:
                 _remove(self._path(epoch))
         return None
 
-    def close(self) -> None:
-        """Nothing to release (kept so callers can treat it like an Orbax manager)."""
-
 
 class RunLock:
     """An exclusive ``flock`` on a run's lock file: the kernel drops it when the process dies,
@@ -266,8 +303,11 @@ class RunLock:
     def __enter__(self) -> RunLock:
         if not is_writer():
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # open()'s mode, as files
+        except OSError as e:
+            raise files.WriteError.at(self.path, e) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -277,9 +317,13 @@ class RunLock:
                 f"run directory {self.path.parent} is in use by another process (pid {owner}); "
                 "wait for it to finish or stop it"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError as e:
+            self.__exit__()
+            raise files.WriteError.at(self.path, e) from e
         return self
 
     def __exit__(self, *exc) -> None:

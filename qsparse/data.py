@@ -22,14 +22,14 @@ import dataclasses
 import hashlib
 import os
 import shutil
-import tempfile
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from qsparse import files
 
 __all__ = [
     "DATASETS",
@@ -230,9 +230,8 @@ def rebuild_from_debian(src: str | os.PathLike[str], dst: str | os.PathLike[str]
                 f"{archive.sha256}; the Debian file is damaged or not the original Fashion-MNIST"
             )
         rebuilt[dst / archive.filename] = blob
-    dst.mkdir(parents=True, exist_ok=True)
     for path, blob in rebuilt.items():
-        _write_atomically(path, lambda f, blob=blob: f.write(blob))
+        files.write_bytes(path, blob)
     return list(rebuilt)
 
 
@@ -377,7 +376,7 @@ def _load_splits(
 
     splits = _read_split(builder, "train") + _read_split(builder, "test")
     arrays = dict(zip(_SPLIT_KEYS, splits, strict=True))
-    _write_atomically(cache, lambda f: np.savez(f, **arrays))  # readers never see a partial cache
+    files.atomic_write(cache, lambda f: np.savez(f, **arrays))  # readers never see a partial cache
     return splits
 
 
@@ -435,17 +434,3 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarr
         builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
     )
     return images.astype(np.uint8), labels.astype(np.int32)
-
-
-def _write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write ``path`` through a temporary file beside it, renamed into place once complete."""
-    with tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    ) as f:
-        tmp = Path(f.name)
-        try:
-            write(f)
-        except BaseException:
-            tmp.unlink()
-            raise
-    os.replace(tmp, path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from qsparse import data as qdata
-from qsparse import initializers, loop, models, pruning, quaternion, rundir, train
+from qsparse import files, initializers, loop, models, pruning, quaternion, rundir, train
 from qsparse import masks as qmasks
 from qsparse.config import (
     CONTROLS,
@@ -115,11 +114,7 @@ def create_model(config: Config, num_classes: int, algebra: str | None = None, *
 
 def check_writable(path: Path) -> None:
     """Refuse a run directory that cannot be created or written, before anything is."""
-    parent = next(p for p in (path, *path.parents) if p.exists())
-    if not parent.is_dir():
-        raise ConfigError(f"cannot create the run directory {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot create the run directory {path}: {parent} is not writable")
+    files.check_writable(path, ConfigError, f"the run directory {path}", action="create")
 
 
 def create_run_dir(run: rundir.Run) -> None:

@@ -21,9 +21,13 @@ from typing import IO, Any
 class WriteError(Exception):
     """A file or folder could not be written; the message names it and says why, on one line."""
 
-
-def _failed(path: Path, e: OSError) -> WriteError:
-    return WriteError(f"cannot write {path}: {e.strerror or e}")
+    @classmethod
+    def at(cls, path: Path | str, why: OSError | str) -> WriteError:
+        """``cannot write <path>: <why>``, ``why`` an OSError's reason ('No space left on
+        device') or a reason in words."""
+        if isinstance(why, OSError):
+            why = why.strerror or str(why)
+        return cls(f"cannot write {path}: {' '.join(why.split())}")
 
 
 def _umask() -> int:
@@ -52,7 +56,7 @@ def atomic_write(path: Path | str, write: Callable[[IO[Any]], object], binary: b
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise _failed(path, e) from e
+        raise WriteError.at(path, e) from e
     finally:
         if tmp is not None and os.path.lexists(tmp):
             os.unlink(tmp)
@@ -79,7 +83,7 @@ def atomic_dir(dest: Path | str) -> Iterator[Path]:
         staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
         os.chmod(staging, 0o777 & ~_umask())
     except OSError as e:
-        raise _failed(dest, e) from e
+        raise WriteError.at(dest, e) from e
     try:
         yield staging
         old = dest.with_name(f".{dest.name}.old")
@@ -89,20 +93,23 @@ def atomic_dir(dest: Path | str) -> Iterator[Path]:
         os.replace(staging, dest)
         shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
-        raise _failed(dest, e) from e
+        raise WriteError.at(dest, e) from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def check_writable(path: Path | str, error: type[Exception] = WriteError, what: str = "") -> None:
-    """Raise ``error`` unless ``path`` can be created or replaced: its nearest existing ancestor
-    must be a writable folder. Checked before a long job starts, so it fails before any work."""
+def check_writable(
+    path: Path | str, error: type[Exception] = WriteError, what: str = "", action: str = "write"
+) -> None:
+    """Raise ``error`` ("cannot <action> <what>: <why>") unless ``path`` can be created or
+    replaced: its nearest existing ancestor must be a writable folder. Checked before a long job
+    starts, so it fails before any work."""
     path = Path(path).absolute()
     what = what or str(path)
     parent = next(p for p in (path, *path.parents) if p.exists())
     if parent == path and not path.is_dir():
         parent = path.parent
     if not parent.is_dir():
-        raise error(f"cannot write {what}: {parent} is not a directory")
+        raise error(f"cannot {action} {what}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise error(f"cannot write {what}: {parent} is not writable")
+        raise error(f"cannot {action} {what}: {parent} is not writable")

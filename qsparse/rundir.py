@@ -15,8 +15,9 @@ notebooks) that read them; jax-free, so run directories can be read anywhere. La
     events.out.tfevents.*             TensorBoard events (:mod:`qsparse.summaries`) in the run,
                                       replicate, round and search folders
 
-Every write is atomic (a temporary file, then a rename), so a process killed at any instant
-leaves the old file or the new one, never half of one; a file that fails to read back raises
+Every write goes through :mod:`qsparse.files`: atomic (a process killed at any instant leaves the
+old file or the new one, never half of one), and a write the system refuses (a full disk) raises
+:class:`qsparse.files.WriteError` naming the file; a file that fails to read back raises
 :class:`CorruptFileError` naming it. In a multi-process run only process 0 writes
 (:func:`is_writer`).
 """
@@ -31,13 +32,14 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from qsparse import files
 
 SUMMARY_FIELDS = (
     "replicate",
@@ -216,29 +218,9 @@ def is_writer() -> bool:
 
 
 def write_text(path: Path, text: str) -> None:
-    if not is_writer():
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, default_file_mode())
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def default_file_mode() -> int:
-    """The mode ``open`` gives a new file (0o666 less the umask); ``mkstemp``'s 0o600 would hide
-    a run's files from the other users of a shared filesystem."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    """A run file, written atomically by process 0 (:func:`qsparse.files.write_text`)."""
+    if is_writer():
+        files.write_text(path, text)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -16,13 +16,14 @@ import itertools
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from tensorboardX import SummaryWriter
 from tensorboardX.summary import hparams as hparams_summary
 
-from qsparse import rundir
+from qsparse import files, rundir
 
 SKIPPED = ("epoch", "seconds", "nonfinite")  # a row's fields that are not curves
 _files = itertools.count()
@@ -44,8 +45,12 @@ class Writer:
 
     def __init__(self, logdir: Path, purge_step: int | None = None):
         self._writer = None
+        self._logdir = logdir
         if rundir.is_writer():
-            self._writer = _writer(logdir, purge_step)
+            try:
+                self._writer = _writer(logdir, purge_step)
+            except OSError as e:
+                raise files.WriteError.at(e.filename or logdir, e) from e
 
     def scalars(self, values: dict[str, Any], step: int) -> None:
         if self._writer is None:
@@ -56,9 +61,18 @@ class Writer:
                 self._writer.add_scalar(tag, value, step)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        """Flush and close the event file; a write the system refuses raises WriteError naming
+        its folder, unless an error is already on its way up (closed in a ``finally``): that one
+        came first and is the one to report."""
+        if self._writer is None:
+            return
+        pending = sys.exc_info()[1]
+        writer, self._writer = self._writer, None
+        try:
+            writer.close()
+        except OSError as e:
+            if pending is None:
+                raise files.WriteError.at(self._logdir, e) from e
 
 
 def epoch(writer: Writer, row: dict) -> None:
@@ -97,7 +111,10 @@ def config(run: rundir.Run, config_json: dict) -> None:
         for k, v in config_json.items()
         if not (isinstance(v, float) and math.isnan(v))
     }
-    with _writer(run.path) as writer:
-        for summary in hparams_summary(hparams, {}):
-            writer.file_writer.add_summary(summary)
-        writer.add_text("config", f"```\n{json.dumps(config_json, indent=1)}\n```")
+    try:
+        with _writer(run.path) as writer:
+            for summary in hparams_summary(hparams, {}):
+                writer.file_writer.add_summary(summary)
+            writer.add_text("config", f"```\n{json.dumps(config_json, indent=1)}\n```")
+    except OSError as e:
+        raise files.WriteError.at(run.path, e) from e

@@ -2,6 +2,8 @@
 Orbax trees, per-epoch checkpoints with fallback, the run lock, the writer-only rule and the
 fault hook (with ``os.kill`` replaced: nothing is really killed)."""
 
+import builtins
+import errno
 import json
 import os
 import signal
@@ -16,6 +18,7 @@ import pytest
 from qsparse import checkpoints as ckpt
 from qsparse import masks as M
 from qsparse import models, rundir, train
+from qsparse.files import WriteError
 
 # Orbax's event loop may report an exception after a failed read (as in tests/test_faults.py)
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -323,3 +326,24 @@ def test_fault_point_fires_only_at_its_name_and_count(monkeypatch):
     monkeypatch.setenv(ckpt.FAULT_ENV, "round_end:1:STOP")
     ckpt.fault_point("round_end")
     assert kills == [(os.getpid(), signal.SIGSTOP)]
+
+
+def test_a_refused_orbax_write_names_the_checkpoint_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """ENOSPC on the files Orbax writes through Python (its metadata) comes out as a one-line
+    WriteError naming the checkpoint folder; the previous checkpoint and no temporary remain."""
+    path = tmp_path / "t"
+    ckpt.save_tree(path, small_tree(1.0))
+    real_open = builtins.open
+
+    def full(file, mode="r", *args, **kwargs):
+        if str(tmp_path) in str(file) and any(c in mode for c in "wax"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full)
+    with pytest.raises(WriteError) as e:
+        ckpt.save_tree(path, small_tree(2.0))
+    monkeypatch.undo()
+    assert str(e.value) == f"cannot write {path}: No space left on device"
+    assert same_bits(ckpt.load_tree(path, small_tree()), small_tree(1.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["t"]

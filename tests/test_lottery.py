@@ -112,7 +112,6 @@ def test_masks_shrink_and_saved_weights_are_exactly_sparse(quat_run):
             assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)
         ckpts = ckpt.EpochCheckpoints(run_dir / "replicate_0" / f"round_{level:02d}" / "ckpt")
         epoch, state, history = ckpts.restore_latest(final)
-        ckpts.close()
         assert epoch == 2 and len(history) == 2
         for p, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(masks)):
             assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)
