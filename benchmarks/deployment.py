@@ -31,22 +31,19 @@ temporary folder first and renamed into place when complete.
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import scipy
 
 from benchmarks.flops import forward_flops
 from benchmarks.harness import environment, load_average
-from qsparse import accounting, deploy, export, rundir
+from qsparse import accounting, augment, deploy, export, files, rundir
 from qsparse import masks as qmasks
 from qsparse.data import DATASETS
 
@@ -83,11 +80,7 @@ def check(
         raise AccountingError(f"cannot write {dest}: it is a file")
     if dest.exists() and not overwrite:
         raise AccountingError(f"{dest} exists; pass --overwrite to replace it")
-    parent = next(p for p in dest.absolute().parents if p.exists())
-    if not parent.is_dir():
-        raise AccountingError(f"cannot write {dest}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise AccountingError(f"cannot write {dest}: {parent} is not writable")
+    files.check_writable(dest, AccountingError, str(dest))
     return [rd.level for rd in run.replicate(replicate).rounds() if rd.done.exists()]
 
 
@@ -107,14 +100,30 @@ def median_time(fn: Callable[[], Any], repeats: int) -> list[float]:
 
 def _dense_jax(model, spec) -> Callable:
     """The JAX model from uint8 images to logits, jit-compiled (on the device of its params)."""
-    mean, std = jnp.asarray(spec.mean, jnp.float32), jnp.asarray(spec.std, jnp.float32)
 
     @jax.jit
     def forward(params, images):
-        x = (images.astype(jnp.float32) / 255.0 - mean) / std  # qsparse.augment.normalize
-        return model.apply({"params": params}, x)
+        return model.apply({"params": params}, augment.normalize(images, spec.mean, spec.std))
 
     return forward
+
+
+def _dense_file_bytes(path: Path, model, params, spec, provenance: dict) -> int:
+    """Bytes on disk of a float32 export of ``params`` with every weight kept (deleted after)."""
+    entries = export.export_entries(
+        model,
+        params,
+        qmasks.ones(params),
+        input_shape=spec.image_shape,
+        mean=spec.mean,
+        std=spec.std,
+        provenance=provenance,
+        check_images=0,
+    )
+    try:
+        return deploy.save(path, entries)
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def account_round(
@@ -137,22 +146,9 @@ def account_round(
     row.update({k: done[k] for k in accounting.ROUND_FIELDS if k in done})
     row["file_bytes"] = (folder / name).stat().st_size
     row["kernel_bytes"] = header["bytes"]["kernels"]
-    dense = folder / f".dense_{name}"
-    entries = export.export_entries(
-        model,
-        params,
-        qmasks.ones(params),
-        input_shape=spec.image_shape,
-        mean=spec.mean,
-        std=spec.std,
-        provenance=header["provenance"],
-        check_images=0,
+    row["dense_file_bytes"] = _dense_file_bytes(
+        folder / f".dense_{name}", model, params, spec, header["provenance"]
     )
-    try:
-        deploy.save(dense, entries)
-        row["dense_file_bytes"] = dense.stat().st_size
-    finally:
-        dense.unlink(missing_ok=True)
     row.update(accounting.mask_counts(rundir.load_masks(rd)))
     if "flops_dense" not in cache:
         cache["flops_dense"] = forward_flops(model, params, spec.image_shape)
@@ -207,31 +203,9 @@ def account_run(
     spec = DATASETS[config["dataset"]]
     rng = np.random.default_rng(0)
     images = {int(b): rng.integers(0, 256, (int(b), *spec.image_shape), np.uint8) for b in batches}
-    dest = target(out, run_dir, replicate)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
-    try:
-        os.chmod(staging, 0o777 & ~_umask())
+    with files.atomic_dir(target(out, run_dir, replicate)) as staging:
         machine = environment()
-        cache: dict = {}
-        rows, skipped = [], []
-        for level in levels:
-            status = rundir.read_json(run.replicate(replicate).round(level).done).get("status")
-            if status != "ok":  # a non-finite loss: the replicate's last round, nothing to deploy
-                skipped.append({"round": level, "status": status})
-                log(f"{run.path.name} r{replicate} round {level}: skipped (status {status!r})")
-                continue
-            row = account_round(
-                run,
-                level,
-                staging,
-                replicate=replicate,
-                images=images,
-                repeats=repeats,
-                cache=cache,
-            )
-            rows.append(row)
-            log(_line(run.path.name, replicate, row, batches))
+        rows, skipped = _account_rounds(run, levels, staging, replicate, images, repeats, log)
         machine.update(
             load_after=load_average(), numpy=np.__version__, scipy=scipy.__version__, device="cpu"
         )
@@ -253,22 +227,33 @@ def account_run(
         rundir.write_json(staging / accounting.FILE, record)
         table = accounting.markdown([accounting.read(staging / accounting.FILE)])
         rundir.write_text(staging / accounting.TABLE, table)
-        if dest.exists():  # overwrite: the old folder out of the way, then the new one in
-            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".old"))
-            os.replace(dest, old / dest.name)
-            os.replace(staging, dest)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return record
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+def _account_rounds(
+    run: rundir.Run,
+    levels: Sequence[int],
+    folder: Path,
+    replicate: int,
+    images: dict[int, np.ndarray],
+    repeats: int,
+    log: Log,
+) -> tuple[list[dict], list[dict]]:
+    """(rows, skipped): :func:`account_round` of each round whose status is ``ok``; the others (a
+    non-finite loss: the replicate's last round, nothing to deploy) with their status."""
+    rows, skipped, cache = [], [], {}
+    for level in levels:
+        status = rundir.read_json(run.replicate(replicate).round(level).done).get("status")
+        if status != "ok":
+            skipped.append({"round": level, "status": status})
+            log(f"{run.path.name} r{replicate} round {level}: skipped (status {status!r})")
+            continue
+        row = account_round(
+            run, level, folder, replicate=replicate, images=images, repeats=repeats, cache=cache
+        )
+        rows.append(row)
+        log(_line(run.path.name, replicate, row, [int(b) for b in images]))
+    return rows, skipped
 
 
 def _line(run: str, replicate: int, row: dict, batches: Sequence[int]) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from qsparse import report, results, rundir
+from qsparse import ops, report, results, rundir
 
 FILE = "deployment.json"
 TABLE = "deployment.md"
@@ -93,20 +93,20 @@ def header_flops(header: dict) -> dict[str, Any]:
     """
     h, w, _ = header["input"]["shape"]
     layers, dense, sparse = [], 0, 0
-    for op in header["ops"]:
-        kind = op["op"]
-        if kind == "maxpool2x2":
+    for entry in header["ops"]:
+        op = ops.from_json(entry)
+        if isinstance(op, ops.MaxPool2x2):
             h, w = h // 2, w // 2
-        elif kind == "flatten":
+        elif isinstance(op, ops.Flatten):
             h = w = 1
-        elif kind in ("conv", "dense"):
-            if kind == "conv" and tuple(op.get("strides", (1, 1))) != (1, 1):
-                raise ValueError(f"layer {op['name']}: only stride 1 is counted")
-            positions = h * w if kind == "conv" else 1
-            copies = 4 if op["kind"] == "quat" else 1
-            total = copies * math.prod(op["kernel_shape"])
-            alive = copies * int(op["storage"]["alive"])
-            layer = {"name": op["name"], "positions": positions}
+        elif isinstance(op, ops.Dense | ops.Conv):
+            if isinstance(op, ops.Conv) and op.strides != (1, 1):
+                raise ValueError(f"layer {op.name}: only stride 1 is counted")
+            positions = h * w if isinstance(op, ops.Conv) else 1
+            copies = 4 if op.kind == "quat" else 1
+            total = copies * math.prod(entry["kernel_shape"])
+            alive = copies * int(entry["storage"]["alive"])
+            layer = {"name": op.name, "positions": positions}
             layer.update(dense=2 * positions * total, sparse=2 * positions * alive)
             layers.append(layer)
             dense += layer["dense"]

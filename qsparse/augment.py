@@ -12,16 +12,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qsparse import ops
+
 
 def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
-    """``(images / 255 - mean) / std`` in float32, per channel (last axis).
+    """``(images / 255 - mean) / std`` in float32, per channel (last axis), as a jax array.
 
     ``images`` hold pixel values in ``[0, 255]`` (uint8 or float); ``mean``/``std`` are in
     ``[0, 1]`` units as in :data:`qsparse.data.DATASETS`, matching torchvision's ``ToTensor`` +
-    ``Normalize``.
+    ``Normalize``. The numpy runtime runs the same code (:func:`qsparse.ops.normalize`).
     """
-    x = jnp.asarray(images, jnp.float32) / 255.0
-    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    return ops.normalize(images, mean, std, xp=jnp)
 
 
 def sample_augmentation(keys: jax.Array, *, padding: int = 4) -> tuple[jax.Array, jax.Array]:

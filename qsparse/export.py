@@ -1,4 +1,4 @@
-"""Export a trained round as one file that numpy alone can run (format: :mod:`qsparse.deploy`).
+"""Export a trained round as one file that numpy alone can run (format: docs/deployment.md).
 
 The file holds each layer's surviving weights and their positions (a bitmask or indices,
 whichever is smaller; quaternion kernels as quaternion blocks when whole quaternions are
@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from qsparse import augment, deploy, experiment, models, quaternion, rundir, train
+from qsparse import augment, deploy, experiment, files, models, ops, rundir, train
 from qsparse import checkpoints as ckpt
 from qsparse import masks as qmasks
 from qsparse.config import Config
@@ -38,50 +38,15 @@ class CheckError(RuntimeError):
 # -- a model and its params -> the file's entries --------------------------------------------------
 
 
-def architecture(model, input_shape) -> list[dict]:
-    """The ops of a :mod:`qsparse.models` LeNet or ConvNet (layer ops without kernel shapes)."""
-    quat = model.algebra == "quat"
-    kind, prefix = ("quat", "Q") if quat else ("real", "")
-    encoding = model.encoding
-    if quat and encoding == "auto":
-        encoding = quaternion.default_encoding(input_shape[-1])
-    ops: list[dict] = []
-
-    def layer(op: str, name: str, kind: str = kind) -> None:
-        ops.append({"op": op, "kind": kind, "name": name})
-        if op == "conv":
-            ops[-1].update(padding="SAME", strides=[1, 1])
-
-    if isinstance(model, models.LeNet):
-        if quat and model.encoding in ("auto", "flat"):
-            ops.append({"op": "flatten", "layout": "flat"})  # the flat image as block layout
-        elif quat:
-            ops += [{"op": "encode", "encoding": encoding}, {"op": "flatten", "layout": "blocked"}]
-        else:
-            ops.append({"op": "flatten", "layout": "flat"})
-        for k in range(len(model.features)):
-            layer("dense", f"{prefix}Dense_{k}")
-            ops.append({"op": "relu"})
-    elif isinstance(model, models.ConvNet):
-        if quat:
-            ops.append({"op": "encode", "encoding": encoding})
-        k = 0
-        for stage in model.stages:
-            for _ in stage:
-                layer("conv", f"{prefix}Conv_{k}")
-                ops.append({"op": "relu"})
-                k += 1
-            ops.append({"op": "maxpool2x2"})
-        ops.append({"op": "flatten", "layout": "blocked" if quat else "flat"})
-        for k in range(len(model.dense_features)):
-            layer("dense", f"{prefix}Dense_{k}")
-            ops.append({"op": "relu"})
-    else:
+def architecture(model, input_shape: tuple[int, ...]) -> list[dict]:
+    """The header's ops of a model: its ``deploy_ops`` (:mod:`qsparse.ops`, stated beside its
+    forward pass by :mod:`qsparse.models`' LeNet and ConvNet), without kernel shapes."""
+    if not hasattr(model, "deploy_ops"):
         raise ValueError(
-            f"cannot export a {type(model).__name__}: only qsparse.models' LeNet/ConvNet"
+            f"cannot export a {type(model).__name__}: it states no deploy_ops (qsparse.models' "
+            "LeNet and ConvNet do)"
         )
-    layer("dense", "output", "real")
-    return ops
+    return [ops.to_json(op) for op in model.deploy_ops(input_shape)]
 
 
 def export_entries(
@@ -105,8 +70,8 @@ def export_entries(
         raise ValueError(f"dtype={dtype!r} is not valid; choose one of {list(deploy.DTYPES)}")
     flat_params = {qmasks.path_str(p): np.asarray(x) for p, x in _leaves(params)}
     flat_masks = {qmasks.path_str(p): np.asarray(m, bool) for p, m in _leaves(masks)}
-    ops = architecture(model, input_shape)
-    layers = [op for op in ops if "name" in op]
+    steps = architecture(model, input_shape)
+    layers = [op for op in steps if "name" in op]
     expected = {f"{op['name']}/{'qkernel' if op['kind'] == 'quat' else 'kernel'}" for op in layers}
     expected |= {f"{op['name']}/bias" for op in layers}
     if expected != set(flat_params) or set(flat_masks) != set(flat_params):
@@ -132,7 +97,7 @@ def export_entries(
             "std": list(std),
         },
         "num_classes": int(model.num_classes),
-        "ops": ops,
+        "ops": steps,
         "bytes": {
             "kernels": sum(op["storage"]["bytes"] for op in layers),
             "biases": sum(4 * flat_params[f"{op['name']}/bias"].size for op in layers),
@@ -175,11 +140,7 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise ExportError(f"--out={out} is a directory")
     if out.exists() and not overwrite:
         raise ExportError(f"--out={out} exists; pass --overwrite to replace it")
-    parent = next(p for p in out.absolute().parents if p.exists())
-    if not parent.is_dir():
-        raise ExportError(f"cannot write --out={out}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write --out={out}: {parent} is not writable")
+    files.check_writable(out, ExportError, str(out))
 
 
 def find_round(run: rundir.Run, replicate: int, level: int | None) -> rundir.Round:
@@ -270,11 +231,10 @@ def export_round(
         provenance=provenance,
     )
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         size = deploy.save(out, entries, overwrite=overwrite)
     except FileExistsError as e:
         raise ExportError(f"--out={out} exists; pass --overwrite to replace it") from e
-    except OSError as e:
-        raise ExportError(f"cannot write --out={out}: {e.strerror or e}") from None
+    except files.WriteError as e:
+        raise ExportError(str(e)) from None
     header, _ = deploy.read(out)
     return {**header, "file_bytes": size}

@@ -20,8 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qsparse import cpu, initializers, quaternion
+from qsparse import cpu, initializers, ops, quaternion
 from qsparse.layers import QConv, QDense
+from qsparse.ops import max_pool_2x2
 
 ALGEBRAS = ("real", "quat")
 
@@ -71,22 +72,42 @@ class _Body(nn.Module):
             conv_general_dilated=self.conv_op,
         )(x)
 
+    def encoding_for(self, channels: int) -> str:
+        """The input encoding of a quaternion model for images of ``channels`` channels."""
+        return quaternion.default_encoding(channels) if self.encoding == "auto" else self.encoding
+
     def encode_image(self, x: jax.Array) -> jax.Array:
         """Real models see the image; quaternion conv models see component-blocked channels."""
         if self.algebra == "real":
             return x
-        name = (
-            quaternion.default_encoding(x.shape[-1]) if self.encoding == "auto" else self.encoding
-        )
-        return quaternion.get_encoding(name)(x)
+        return quaternion.get_encoding(self.encoding_for(x.shape[-1]))(x)
+
+    def flatten_layout(self) -> str:
+        """Quaternion features flatten component-blocked, real ones as a plain reshape."""
+        return "blocked" if self.algebra == "quat" else "flat"
 
     def flatten(self, x: jax.Array) -> jax.Array:
-        if self.algebra == "quat":
-            return quaternion.blocked_flatten(x)
-        return x.reshape(x.shape[0], -1)
+        return ops.flatten(x, self.flatten_layout(), xp=jnp)
 
     def output(self, x: jax.Array, num_classes: int) -> jax.Array:
         return _real_dense(num_classes, x.shape[-1], name="output")(x)
+
+    # The deploy ops (qsparse.ops) of the layers above, named as linen names their modules.
+
+    def _layer_op(self, op: type, index: int) -> ops.Dense | ops.Conv:
+        quat = self.algebra == "quat"
+        module = {ops.Dense: QDense if quat else nn.Dense, ops.Conv: QConv if quat else nn.Conv}
+        return op(f"{module[op].__name__}_{index}", self.algebra)
+
+    def _encode_ops(self, channels: int) -> list[ops.Op]:
+        return [] if self.algebra == "real" else [ops.Encode(self.encoding_for(channels))]
+
+    def _head_ops(self, hidden: int) -> list[ops.Op]:
+        """``hidden`` dense layers with ReLU, then the real output layer."""
+        out: list[ops.Op] = []
+        for k in range(hidden):
+            out += [self._layer_op(ops.Dense, k), ops.RELU]
+        return [*out, ops.Dense("output", "real")]
 
 
 class LeNet(_Body):
@@ -95,9 +116,12 @@ class LeNet(_Body):
     features: Sequence[int] = (300, 100)
     num_classes: int = 10
 
+    def _reads_flat_image(self) -> bool:
+        return self.algebra == "quat" and self.encoding in ("auto", "flat")
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.algebra == "quat" and self.encoding in ("auto", "flat"):
+        if self._reads_flat_image():
             # The paper (§4) feeds "each set of four pixels" of the flattened image to a
             # quaternion neuron; its code reads the flat image as block-layout features, so
             # quaternion n is made of pixels (n, n + P/4, n + P/2, n + 3P/4) for P pixels.
@@ -113,18 +137,13 @@ class LeNet(_Body):
             x = nn.relu(self.dense(x, width))
         return self.output(x, self.num_classes)
 
-
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max-pool with stride 2 (VALID, as ``nn.max_pool(x, (2, 2), (2, 2))``), as a reshape
-    and a max.
-
-    Same values; the gradient is elementwise where ``nn.max_pool``'s is a select-and-scatter, which
-    XLA:CPU runs far more slowly. Exact ties among a window's maxima share its gradient instead of
-    the first taking it.
-    """
-    n, h, w, c = x.shape
-    x = x[:, : h - h % 2, : w - w % 2]
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    def deploy_ops(self, input_shape: Sequence[int]) -> list[ops.Op]:
+        """:meth:`__call__` as :mod:`qsparse.ops`, for images of ``input_shape`` (H, W, C)."""
+        if self._reads_flat_image():
+            head: list[ops.Op] = [ops.Flatten("flat")]  # the flat image read as block layout
+        else:
+            head = [*self._encode_ops(input_shape[-1]), ops.Flatten(self.flatten_layout())]
+        return head + self._head_ops(len(self.features))
 
 
 class ConvNet(_Body):
@@ -151,6 +170,18 @@ class ConvNet(_Body):
         for width in self.dense_features:
             x = nn.relu(self.dense(x, width))
         return self.output(x, self.num_classes)
+
+    def deploy_ops(self, input_shape: Sequence[int]) -> list[ops.Op]:
+        """:meth:`__call__` as :mod:`qsparse.ops`, for images of ``input_shape`` (H, W, C)."""
+        out = self._encode_ops(input_shape[-1])
+        k = 0
+        for stage in self.stages:
+            for _ in stage:
+                out += [self._layer_op(ops.Conv, k), ops.RELU]
+                k += 1
+            out.append(ops.MAXPOOL2X2)
+        out.append(ops.Flatten(self.flatten_layout()))
+        return out + self._head_ops(len(self.dense_features))
 
 
 @dataclasses.dataclass(frozen=True)

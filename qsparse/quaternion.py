@@ -16,37 +16,26 @@ Conventions used across qsparse:
        [k, -j,  i,  r]]
 
   whose rows are output components and columns input components.
+
+The tables live in :mod:`qsparse.algebras` and the array code shared with the numpy runtime in
+:mod:`qsparse.ops` (both importable without jax); this module applies them to jax arrays.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 
-COMPONENTS = ("r", "i", "j", "k")
+from qsparse import ops
+from qsparse.algebras import QUATERNION
 
-# HAMILTON[c, a, b] is the coefficient of p_c * q_b in (p ⊗ q)_a. It is the whole
-# multiplication table, so every other operation below is derived from it.
-HAMILTON = np.zeros((4, 4, 4), np.float32)
-for _c, _a, _b, _s in [
-    (0, 0, 0, 1),
-    (1, 0, 1, -1),
-    (2, 0, 2, -1),
-    (3, 0, 3, -1),
-    (1, 1, 0, 1),
-    (0, 1, 1, 1),
-    (3, 1, 2, -1),
-    (2, 1, 3, 1),
-    (2, 2, 0, 1),
-    (3, 2, 1, 1),
-    (0, 2, 2, 1),
-    (1, 2, 3, -1),
-    (3, 3, 0, 1),
-    (2, 3, 1, -1),
-    (1, 3, 2, 1),
-    (0, 3, 3, 1),
-]:
-    HAMILTON[_c, _a, _b] = _s
+COMPONENTS = QUATERNION.components
+
+# HAMILTON[c, a, b] is the coefficient of p_c * q_b in (p ⊗ q)_a: the structure constants of
+# qsparse.algebras.QUATERNION (A[c, b, a]) with the output axis second.
+HAMILTON = np.ascontiguousarray(QUATERNION.table.transpose(0, 2, 1))
 
 
 def hamilton_product(p: jnp.ndarray, q: jnp.ndarray) -> jnp.ndarray:
@@ -63,16 +52,6 @@ def norm(q: jnp.ndarray) -> jnp.ndarray:
     return jnp.sqrt(jnp.sum(jnp.square(q), axis=0))
 
 
-# _LEFT_BLOCKS[b][a] = (c, sign): block (input component b, output component a) of the real
-# kernel is sign * w[c], read off HAMILTON (exactly one c per (a, b)).
-_LEFT_BLOCKS = tuple(
-    tuple(
-        next((c, int(HAMILTON[c, a, b])) for c in range(4) if HAMILTON[c, a, b]) for a in range(4)
-    )
-    for b in range(4)
-)
-
-
 def left_matrix(kernel: jnp.ndarray, groups: int = 1) -> jnp.ndarray:
     """Expand a component kernel ``(4, ..., n_in, n_out)`` to the real block kernel
     ``(..., 4 * n_in, 4 * n_out)`` acting on component-blocked features.
@@ -86,42 +65,22 @@ def left_matrix(kernel: jnp.ndarray, groups: int = 1) -> jnp.ndarray:
     loop (indexing ``w[c]`` would transpose to 16 separate pads), which makes it cheaper than the
     equivalent einsum with :data:`HAMILTON`.
     """
-    *lead, n_in, n_out = kernel.shape[1:]
-    w = kernel.reshape(4, *lead, n_in, groups, n_out // groups)
-    comps = [part.reshape(w.shape[1:]) for part in jnp.split(w, 4, axis=0)]
-    block = lambda c, sign: comps[c] if sign > 0 else -comps[c]  # noqa: E731
-    # real[..., b, i, g, a, o] = sign(a, b) * w[c(a, b), ..., i, g, o]
-    real = jnp.stack(
-        [jnp.stack([block(*_LEFT_BLOCKS[b][a]) for a in range(4)], axis=-2) for b in range(4)],
-        axis=-5,
-    )
-    return real.reshape(*lead, 4 * n_in, 4 * n_out)
+    return QUATERNION.left_matrix(kernel, groups, xp=jnp)
 
 
 def to_components(x: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
     """Split a component-blocked feature axis into a leading component axis of size 4."""
-    x = jnp.moveaxis(x, axis, -1)
-    if x.shape[-1] % 4:
-        raise ValueError(f"feature axis of size {x.shape[-1]} is not a multiple of 4")
-    x = x.reshape(*x.shape[:-1], 4, x.shape[-1] // 4)
-    return jnp.moveaxis(x, -2, 0)
+    return ops.to_components(x, axis, xp=jnp)
 
 
 def from_components(q: jnp.ndarray) -> jnp.ndarray:
     """Inverse of :func:`to_components` for ``axis=-1``."""
-    return jnp.moveaxis(q, 0, -2).reshape(*q.shape[1:-1], 4 * q.shape[-1])
+    return ops.from_components(q, xp=jnp)
 
 
 def blocked_flatten(x: jnp.ndarray) -> jnp.ndarray:
-    """Flatten ``(batch, ..., 4 * c)`` activations to ``(batch, 4 * prod(...) * c)``, block layout.
-
-    A plain reshape would interleave components per pixel; a quaternion dense layer after a
-    quaternion conv needs ``[all r | all i | all j | all k]`` (what NCHW flattening gives in
-    the paper's PyTorch code).
-    """
-    q = to_components(x)  # (4, batch, ..., c)
-    q = q.reshape(4, q.shape[1], -1)
-    return jnp.moveaxis(q, 0, 1).reshape(q.shape[1], -1)
+    """:func:`qsparse.ops.blocked_flatten`: ``[all r | all i | all j | all k]`` per example."""
+    return ops.blocked_flatten(x, xp=jnp)
 
 
 def split_activation(fn, x: jnp.ndarray) -> jnp.ndarray:
@@ -135,58 +94,10 @@ def split_activation(fn, x: jnp.ndarray) -> jnp.ndarray:
     return from_components(jnp.stack([fn(q[c]) for c in range(4)]))
 
 
-# ---------------------------------------------------------------------------
-# Input encodings: real images (..., H, W, C) -> component-blocked channels.
-# ---------------------------------------------------------------------------
-
-# torchvision's Grayscale weights (ITU-R 601-2 luma), as used by the paper's code.
-_LUMA = (0.2989, 0.587, 0.114)
-
-
-def _gray(rgb: jnp.ndarray) -> jnp.ndarray:
-    return sum(w * rgb[..., c : c + 1] for c, w in enumerate(_LUMA))
-
-
-def _check_channels(x: jnp.ndarray, channels: int, name: str) -> None:
-    if x.shape[-1] != channels:
-        raise ValueError(f"encoding '{name}' needs {channels} input channel(s), got {x.shape[-1]}")
-
-
-def encode_rgb_gray(x: jnp.ndarray) -> jnp.ndarray:
-    """(R, G, B) -> r=R, i=G, j=B, k=gray: the paper's CIFAR encoding (gray of the normalised
-    image)."""
-    _check_channels(x, 3, "rgb_gray")
-    return jnp.concatenate([x, _gray(x)], axis=-1)
-
-
-def encode_rgb_pure(x: jnp.ndarray) -> jnp.ndarray:
-    """(R, G, B) -> the pure quaternion 0 + R i + G j + B k."""
-    _check_channels(x, 3, "rgb_pure")
-    return jnp.concatenate([jnp.zeros_like(x[..., :1]), x], axis=-1)
-
-
-def encode_gray_pure(x: jnp.ndarray) -> jnp.ndarray:
-    """Grayscale x -> 0 + x i + x j + x k (Parcollet's advice for one-channel images)."""
-    _check_channels(x, 1, "gray_pure")
-    return jnp.concatenate([jnp.zeros_like(x), x, x, x], axis=-1)
-
-
-def encode_none(x: jnp.ndarray) -> jnp.ndarray:
-    """Channels are already component-blocked (their count must be a multiple of 4)."""
-    if x.shape[-1] % 4:
-        raise ValueError(
-            f"encoding 'none' needs a channel count divisible by 4, got {x.shape[-1]}; "
-            f"choose one of {sorted(ENCODINGS)}"
-        )
-    return x
-
-
-ENCODINGS = {
-    "rgb_gray": encode_rgb_gray,
-    "rgb_pure": encode_rgb_pure,
-    "gray_pure": encode_gray_pure,
-    "none": encode_none,
-}
+# Input encodings, real images (..., H, W, C) -> component-blocked channels: those of
+# qsparse.ops on jax arrays.
+ENCODINGS = {name: functools.partial(fn, xp=jnp) for name, fn in ops.ENCODINGS.items()}
+encode_rgb_gray, encode_rgb_pure, encode_gray_pure, encode_none = ENCODINGS.values()
 
 
 def get_encoding(name: str):

@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 
 from qsparse import rundir
+from qsparse.algebras import COMPONENTS
 from qsparse.config import NON_SEMANTIC
-
-COMPONENTS = ("r", "i", "j", "k")  # qsparse.quaternion.COMPONENTS, without importing jax
 
 # Config fields that do not define a curve: replicates of one experiment (seed, replicates),
 # how far or how often it ran, and bookkeeping. Every other config field does.

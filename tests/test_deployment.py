@@ -129,16 +129,9 @@ def test_bytes_are_the_files_on_disk(tiny_runs, accounted, tmp_path):
         _, model, params, _, _ = export.load_round(rundir.Run(run), rd)
         header, _ = deploy.read(folder / row["file"])
         spec = DATASETS["mnist"]
-        entries = export.export_entries(
-            model,
-            params,
-            M.ones(params),
-            input_shape=spec.image_shape,
-            mean=spec.mean,
-            std=spec.std,
-            provenance=header["provenance"],
-            check_images=0,
-        )
+        inputs = {"input_shape": spec.image_shape, "mean": spec.mean, "std": spec.std}
+        inputs.update(provenance=header["provenance"], check_images=0)
+        entries = export.export_entries(model, params, M.ones(params), **inputs)
         assert deploy.save(tmp_path / f"{run.name}.npz", entries) == row["dense_file_bytes"]
 
 

@@ -1,5 +1,7 @@
-"""qsparse's three import tiers, each importable without the tier above it.
+"""qsparse's three import tiers, each importable without the tier above it, over numpy leaves.
 
+* leaves (the algebras' tables, the deploy ops and their array code): numpy only, and no other
+  qsparse module; every tier may import them;
 * core (layers, models, pruning, training): jax, flax, optax and numpy only;
 * run (config, data, checkpoints, run directory, summaries, loop, experiment setup, lottery,
   deployment runtime and export): the core plus orbax, tensorflow-datasets and tensorboardX;
@@ -15,6 +17,7 @@ import sys
 
 import pytest
 
+LEAVES = ["algebras", "ops"]
 CORE = [
     "quaternion",
     "initializers",
@@ -43,6 +46,20 @@ RUN = [
 ANALYSIS = ["results", "paper", "report", "plots", "accounting", "compare"]
 JAX_FREE = ["files", "config", "rundir", "deploy"]  # run-tier modules that are numpy only
 TIERS = {
+    "leaves": (
+        LEAVES,
+        [
+            "jax",
+            "jaxlib",
+            "flax",
+            "optax",
+            "orbax",
+            "scipy",
+            "tensorflow",
+            "matplotlib",
+            *(f"qsparse.{m}" for m in CORE + RUN + ANALYSIS),
+        ],
+    ),
     "core": (
         CORE,
         [
@@ -117,4 +134,4 @@ def test_every_module_belongs_to_a_tier():
     found |= {
         p.name for p in Path(qsparse.__file__).parent.iterdir() if (p / "__init__.py").exists()
     }
-    assert found == set(CORE + RUN + ANALYSIS)
+    assert found == set(LEAVES + CORE + RUN + ANALYSIS)

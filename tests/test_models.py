@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qsparse import models
+from qsparse import models, ops
 
 # Exact parameter counts (weights + biases) of the paper's models; rounded, they are the counts
 # in the paper's Table 1.
@@ -100,3 +100,32 @@ def test_max_pool_2x2_equals_flax_max_pool_values_and_gradients(shape):
     g_ref = jax.vjp(lambda x: nn.max_pool(x, (2, 2), (2, 2)), x)[1](ct)[0]
     np.testing.assert_array_equal(g, g_ref)
     assert np.count_nonzero(np.asarray(g)) == ct.size  # one maximum per window takes the gradient
+
+
+@pytest.mark.parametrize("name", sorted(models.REGISTRY))
+@pytest.mark.parametrize("algebra", models.ALGEBRAS)
+def test_deploy_ops_name_the_models_layers_in_order(name, algebra):
+    input_shape = (28, 28, 1) if models.spec(name).dataset == "mnist" else (32, 32, 3)
+    steps = models.create(name, algebra).deploy_ops(input_shape)
+    params = shapes(name, algebra)
+    layers = [op for op in steps if isinstance(op, ops.Dense | ops.Conv)]
+    assert [op.name for op in layers] == list(params)  # the order linen created them in
+    for op in layers:
+        assert op.kind == ("real" if op.name == "output" else algebra)
+        kernel = params[op.name]["qkernel" if op.kind == "quat" else "kernel"]
+        assert kernel.ndim == (4 if isinstance(op, ops.Conv) else 2) + (op.kind == "quat")
+    hidden = [i for i, op in enumerate(steps) if op in layers[:-1]]
+    assert all(steps[i + 1] == ops.RELU for i in hidden) and steps[-1] == layers[-1]
+    stages = models.spec(name).kwargs.get("stages", ())
+    assert steps.count(ops.MAXPOOL2X2) == len(stages)
+    assert sum(isinstance(op, ops.Flatten) for op in steps) == 1
+
+
+def test_deploy_ops_follow_the_input_encoding():
+    lenet = models.create("lenet12", "quat")
+    assert lenet.deploy_ops((28, 28, 1))[0] == ops.Flatten("flat")  # the flat image, as blocks
+    gray = models.create("lenet12", "quat", encoding="gray_pure").deploy_ops((28, 28, 1))
+    assert gray[:2] == [ops.Encode("gray_pure"), ops.Flatten("blocked")]
+    conv = models.create("conv2", "quat").deploy_ops((32, 32, 3))
+    assert conv[0] == ops.Encode("rgb_gray") and ops.Flatten("blocked") in conv
+    assert models.create("conv2", "real").deploy_ops((32, 32, 3))[0] == ops.Conv("Conv_0", "real")

@@ -1,0 +1,209 @@
+"""The deploy ops: a model's forward pass as steps the numpy runtime runs, and their array code.
+
+Each model of :mod:`qsparse.models` states its ops (``deploy_ops``) beside its ``__call__``;
+:mod:`qsparse.export` writes them into an export file's header (as :func:`to_json`) and
+:mod:`qsparse.deploy` runs them. The array functions below take the array module as ``xp``
+(numpy, the default, or jax.numpy), so that the JAX models and the numpy runtime run the same
+code: input normalisation, the quaternion input encodings, the component-blocked layout and
+2x2 max-pooling. Numpy only (importable without jax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import ModuleType
+from typing import ClassVar
+
+import numpy as np
+
+from qsparse.algebras import LUMA
+
+KINDS = ("real", "quat")  # a layer's kernel: real, or quaternion components (4, ..., in, out)
+LAYOUTS = ("flat", "blocked")
+
+
+@dataclasses.dataclass(frozen=True)
+class Encode:
+    """Real image channels -> component-blocked quaternion channels (:data:`ENCODINGS`)."""
+
+    encoding: str
+    op: ClassVar[str] = "encode"
+
+
+@dataclasses.dataclass(frozen=True)
+class Flatten:
+    """``flat``: a reshape in (H, W, C) order; ``blocked``: ``[all r | all i | all j | all k]``."""
+
+    layout: str
+    op: ClassVar[str] = "flatten"
+
+
+@dataclasses.dataclass(frozen=True)
+class Relu:
+    op: ClassVar[str] = "relu"
+
+
+@dataclasses.dataclass(frozen=True)
+class MaxPool2x2:
+    op: ClassVar[str] = "maxpool2x2"
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """``x @ W + b``; the params ``<name>/kernel`` (real) or ``<name>/qkernel`` (quat), bias."""
+
+    name: str
+    kind: str
+    op: ClassVar[str] = "dense"
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    """A convolution plus bias; kernels HWIO (real) or ``(4, kh, kw, in/4, out/4)`` (quat)."""
+
+    name: str
+    kind: str
+    padding: str = "SAME"
+    strides: tuple[int, int] = (1, 1)
+    op: ClassVar[str] = "conv"
+
+
+Op = Encode | Flatten | Relu | MaxPool2x2 | Dense | Conv
+OPS: dict[str, type] = {cls.op: cls for cls in (Encode, Flatten, Relu, MaxPool2x2, Dense, Conv)}
+RELU, MAXPOOL2X2 = Relu(), MaxPool2x2()
+
+
+def to_json(op: Op) -> dict:
+    """The op as an export header holds it: ``{"op": name, **fields}`` (tuples as lists)."""
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(op).items()}
+    return {"op": op.op, **fields}
+
+
+def from_json(entry: dict) -> Op:
+    """The op of a header entry (keys beyond its fields, such as a layer's storage, are left);
+    ValueError naming an unknown op or a bad field."""
+    cls = OPS.get(entry.get("op"))
+    if cls is None:
+        raise ValueError(f"unknown op {entry.get('op')!r}; valid: {list(OPS)}")
+    fields = {f.name: entry[f.name] for f in dataclasses.fields(cls) if f.name in entry}
+    if "strides" in fields:
+        fields["strides"] = tuple(fields["strides"])
+    op = cls(**fields)
+    if isinstance(op, Dense | Conv) and op.kind not in KINDS:
+        raise ValueError(f"{op.name}: unknown kind {op.kind!r}; valid: {list(KINDS)}")
+    if isinstance(op, Flatten) and op.layout not in LAYOUTS:
+        raise ValueError(f"unknown flatten layout {op.layout!r}; valid: {list(LAYOUTS)}")
+    if isinstance(op, Encode) and op.encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {op.encoding!r}; valid: {list(ENCODINGS)}")
+    return op
+
+
+# -- preprocessing -------------------------------------------------------------------------------
+
+
+def normalize(images, mean, std, scale: float = 255.0, *, xp: ModuleType = np):
+    """``(images / scale - mean) / std`` in float32, per channel (last axis).
+
+    ``images`` hold pixel values in ``[0, scale]`` (uint8 or float); ``mean``/``std`` are in
+    ``[0, 1]`` units, as torchvision's ``ToTensor`` + ``Normalize``.
+    """
+    x = xp.asarray(images, xp.float32) / scale
+    return (x - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)
+
+
+# -- input encodings: real images (..., H, W, C) -> component-blocked channels ---------------------
+
+
+def _check_channels(x, channels: int, name: str) -> None:
+    if x.shape[-1] != channels:
+        raise ValueError(f"encoding '{name}' needs {channels} input channel(s), got {x.shape[-1]}")
+
+
+def _gray(rgb):
+    return sum(w * rgb[..., c : c + 1] for c, w in enumerate(LUMA))
+
+
+def encode_rgb_gray(x, *, xp: ModuleType = np):
+    """(R, G, B) -> r=R, i=G, j=B, k=gray: the paper's CIFAR encoding (gray of the normalised
+    image)."""
+    _check_channels(x, 3, "rgb_gray")
+    return xp.concatenate([x, _gray(x)], axis=-1)
+
+
+def encode_rgb_pure(x, *, xp: ModuleType = np):
+    """(R, G, B) -> the pure quaternion 0 + R i + G j + B k."""
+    _check_channels(x, 3, "rgb_pure")
+    return xp.concatenate([xp.zeros_like(x[..., :1]), x], axis=-1)
+
+
+def encode_gray_pure(x, *, xp: ModuleType = np):
+    """Grayscale x -> 0 + x i + x j + x k (Parcollet's advice for one-channel images)."""
+    _check_channels(x, 1, "gray_pure")
+    return xp.concatenate([xp.zeros_like(x), x, x, x], axis=-1)
+
+
+def encode_none(x, *, xp: ModuleType = np):
+    """Channels are already component-blocked (their count must be a multiple of 4)."""
+    if x.shape[-1] % 4:
+        raise ValueError(
+            f"encoding 'none' needs a channel count divisible by 4, got {x.shape[-1]}; "
+            f"choose one of {sorted(ENCODINGS)}"
+        )
+    return x
+
+
+ENCODINGS = {
+    "rgb_gray": encode_rgb_gray,
+    "rgb_pure": encode_rgb_pure,
+    "gray_pure": encode_gray_pure,
+    "none": encode_none,
+}
+
+
+# -- the component-blocked layout, pooling ---------------------------------------------------------
+
+
+def to_components(x, axis: int = -1, *, xp: ModuleType = np):
+    """Split a component-blocked feature axis into a leading component axis of size 4."""
+    x = xp.moveaxis(x, axis, -1)
+    if x.shape[-1] % 4:
+        raise ValueError(f"feature axis of size {x.shape[-1]} is not a multiple of 4")
+    x = x.reshape(*x.shape[:-1], 4, x.shape[-1] // 4)
+    return xp.moveaxis(x, -2, 0)
+
+
+def from_components(q, *, xp: ModuleType = np):
+    """Inverse of :func:`to_components` for ``axis=-1``."""
+    return xp.moveaxis(q, 0, -2).reshape(*q.shape[1:-1], 4 * q.shape[-1])
+
+
+def blocked_flatten(x, *, xp: ModuleType = np):
+    """Flatten ``(batch, ..., 4 * c)`` activations to ``(batch, 4 * prod(...) * c)``, block layout.
+
+    A plain reshape would interleave components per pixel; a quaternion dense layer after a
+    quaternion conv needs ``[all r | all i | all j | all k]`` (what NCHW flattening gives in
+    the paper's PyTorch code).
+    """
+    q = to_components(x, xp=xp)  # (4, batch, ..., c)
+    q = q.reshape(4, q.shape[1], -1)
+    return xp.moveaxis(q, 0, 1).reshape(q.shape[1], -1)
+
+
+def flatten(x, layout: str, *, xp: ModuleType = np):
+    """The :class:`Flatten` op: ``flat`` or ``blocked``."""
+    if layout == "blocked":
+        return blocked_flatten(x, xp=xp)
+    return x.reshape(x.shape[0], -1)
+
+
+def max_pool_2x2(x):
+    """2x2 max-pool with stride 2 (VALID, as ``nn.max_pool(x, (2, 2), (2, 2))``), as a reshape
+    and a max (numpy or jax arrays).
+
+    Same values; the gradient is elementwise where ``nn.max_pool``'s is a select-and-scatter, which
+    XLA:CPU runs far more slowly. Exact ties among a window's maxima share its gradient instead of
+    the first taking it.
+    """
+    n, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
