@@ -37,6 +37,7 @@ RUN = [
     "loop",
     "experiment",
     "lottery",
+    "distributed",
     "deploy",
     "export",
 ]
