@@ -104,6 +104,7 @@ def main(argv: list[str]) -> None:
             _env(platform),
         )
     out = Path(FLAGS.out or REPO / "results" / f"accelerator_{platform}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)  # the benchmark's JSON goes beside it
     devices = jax.devices()
     parts = [
         f"# qsparse on {devices[0].device_kind} ({len(devices)} x {platform})\n",
