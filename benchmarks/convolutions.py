@@ -7,13 +7,12 @@ shows which of them a convolution backend wins or loses, at the shapes the train
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
-from benchmarks.harness import sync
+from benchmarks.harness import timed
 from qsparse import cpu
 from qsparse.cpu import onednn
 
@@ -46,16 +45,11 @@ def bench_layers(windows: int, log: Callable[[str], None]) -> list[dict[str, Any
                 dx = jax.jit(lambda x, w, dy: grad(x, w, dy)[0])  # noqa: B023
                 dw = jax.jit(lambda x, w, dy: grad(x, w, dy)[1])  # noqa: B023
                 for op, f, args in zip(OPS, (fwd, dx, dw), ((x, w), (x, w, dy), (x, w, dy))):
-                    sync(f(*args))  # compile now, under this backend
-                    ops[backend, op] = (f, args, [])
-        for _ in range(max(windows, 5)):
-            for f, args, times in ops.values():
-                t = time.perf_counter()
-                sync(f(*args))
-                times.append(time.perf_counter() - t)
+                    # the warm-up call compiles, under this backend
+                    ops[backend, op] = timed(lambda f=f, args=args: f(*args), max(windows, 5))
         flops = 2 * 60 * size * size * c_in * c_out * 9
         row = {"layer": f"{size}x{size}x{c_in}->{c_out}", "gflop": flops / 1e9}
-        for (backend, op), (_, _, times) in ops.items():
+        for (backend, op), times in ops.items():
             row[f"{backend}_{op}_ms"] = 1e3 * statistics.median(times)
             row[f"{backend}_{op}_gflops"] = flops / statistics.median(times) / 1e9
         out.append(row)

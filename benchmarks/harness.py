@@ -10,6 +10,8 @@ import os
 import platform
 import statistics
 import time
+import timeit
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
@@ -31,6 +33,14 @@ def sync(tree: T) -> T:
     return tree
 
 
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (compiling,
+    filling caches); every result is waited for (:func:`sync`). Take the median of them."""
+    for _ in range(warmup):
+        sync(fn())
+    return timeit.Timer(lambda: sync(fn())).repeat(repeats, number=1)
+
+
 def dataset_of(model: str) -> DatasetSpec:
     """Shape and normalisation of the dataset the paper trains ``model`` on."""
     return DATASETS[models.spec(model).dataset]
@@ -41,12 +51,7 @@ def matmul_peak(n: int, repeats: int) -> dict[str, Any]:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     f = jax.jit(jnp.dot)
-    sync(f(a, b))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sync(f(a, b))
-        times.append(time.perf_counter() - t)
+    times = timed(lambda: f(a, b), repeats)
     seconds = statistics.median(times)
     return {"n": n, "seconds": seconds, "gflops": 2 * n**3 / seconds / 1e9, "times": times}
 

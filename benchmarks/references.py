@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.harness import sync
+from benchmarks.harness import timed
 
 TORCH_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "torch_reference.py"
 
@@ -78,19 +77,15 @@ def bench_references(windows: int, log: Callable[[str], None]) -> dict[str, Any]
     p = model.init(jax.random.key(1), x)["params"]
     o = tx.init(p)
     step = jax.jit(_make_step(model, tx), donate_argnums=(0, 1))
-    for _ in range(3):
-        p, o, loss = sync(step(p, o, x, y))
-    times = []
-    for _ in range(windows):
-        t = time.perf_counter()
+
+    def five_steps():
+        nonlocal p, o
         for _ in range(5):
             p, o, loss = step(p, o, x, y)
-        sync(loss)
-        times.append((time.perf_counter() - t) / 5)
-    out["plain_flax_conv4_step"] = {
-        "step_ms": 1e3 * statistics.median(times),
-        "images_per_s": 60 / statistics.median(times),
-    }
+        return loss
+
+    seconds = statistics.median(timed(five_steps, windows)) / 5
+    out["plain_flax_conv4_step"] = {"step_ms": 1e3 * seconds, "images_per_s": 60 / seconds}
 
     model, tx = MLP(), optax.adam(1.2e-3)
     rng = np.random.default_rng(0)
@@ -108,16 +103,13 @@ def bench_references(windows: int, log: Callable[[str], None]) -> dict[str, Any]
 
         return jax.lax.scan(body, (p, o), (xs, ys))[0]
 
-    p, o = sync(epoch(p, o, xs, ys))
-    times = []
-    for _ in range(max(3, windows // 2)):
-        t = time.perf_counter()
-        p, o = sync(epoch(p, o, xs, ys))
-        times.append(time.perf_counter() - t)
-    out["bare_mlp_epoch"] = {
-        "epoch_s": statistics.median(times),
-        "images_per_s": 60000 / statistics.median(times),
-    }
+    def one_epoch():
+        nonlocal p, o
+        p, o = epoch(p, o, xs, ys)
+        return p, o
+
+    seconds = statistics.median(timed(one_epoch, max(3, windows // 2)))
+    out["bare_mlp_epoch"] = {"epoch_s": seconds, "images_per_s": 60000 / seconds}
     log(
         f"  plain Flax Conv-4 jit step: {out['plain_flax_conv4_step']['images_per_s']:.0f} img/s; "
         f"bare scanned MLP epoch: {out['bare_mlp_epoch']['images_per_s']:,.0f} img/s"

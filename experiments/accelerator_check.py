@@ -9,8 +9,8 @@ Three parts, each in a fresh process on the machine's default backend:
    R = 1 against R = ``--replicas`` replicates in one compiled epoch, replicates sharing a device
    run both unrolled and vmapped (the faster one should be the backend's default);
 3. a Conv-4 lottery-ticket run of ``--rounds`` pruning rounds on synthetic CIFAR-shaped data
-   through the library (``Trainer``, ``pruning``), timed per epoch, with the compiled epoch traced
-   once and round 0's first epoch computed twice to check that it is bit-for-bit repeatable.
+   through the library's IMP (:mod:`benchmarks.accelerator`), timed per epoch, with the compiled
+   epoch traced once and round 0 trained twice to check that it is bit-for-bit repeatable.
 
 On GPU, XLA's determinism flag (``--xla_gpu_deterministic_ops``) is set for every part:
 qsparse promises identical results when a run resumes. The report (Markdown) holds the pytest
@@ -22,10 +22,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
+
+from experiments.cli import fail, require, run
 
 DETERMINISM = "--xla_gpu_deterministic_ops=true"
 PARTS = ("tests", "bench", "imp")
@@ -84,89 +85,15 @@ def run_bench(platform: str, json_path: Path) -> str:
     return md.read_text()
 
 
-def imp_table(rounds: int, epochs: int, n_images: int) -> str:
-    """A Conv-4 IMP (prune 20 % globally per round, rewind to θ₀) on synthetic 32x32x3 data."""
-    import jax
-    import numpy as np
-
-    from qsparse import masks as qmasks
-    from qsparse import models, pruning, train
-
-    spec = models.spec("conv4")
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (n_images, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, n_images).astype(np.int32)
-    seen = (images[:1000], labels[:1000])
-    epoch = train.EpochSpec(
-        spec.batch_size, n_images // spec.batch_size, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), True
-    )
-    rows = []
-    for algebra in ("real", "quat"):
-        model = models.create("conv4", algebra)
-        theta0 = models.init_params(model, jax.random.key(0), (32, 32, 3))
-        trainer = train.Trainer(epoch)
-        data = trainer.put_data(images, labels)
-        tx = train.make_optimizer("adam", spec.lr)
-        masks = qmasks.ones(theta0)
-        for level in range(rounds + 1):
-            state = train.create_train_state(model, theta0, masks, tx)
-            if level == 0:  # the same epoch twice: bit-for-bit the same
-                twice = [
-                    trainer.fetch(trainer.train_epoch(state, *data, jax.random.key(0))[0].params)
-                    for _ in range(2)
-                ]
-                repeatable = all(np.array_equal(a, b) for a, b in zip(*map(jax.tree.leaves, twice)))
-            seconds = []
-            for e in range(epochs):
-                t = time.perf_counter()
-                state, metrics = trainer.train_epoch(
-                    state, *data, jax.random.fold_in(jax.random.key(level), e)
-                )
-                seconds.append(time.perf_counter() - t)
-            acc = trainer.evaluate(state, *seen)["acc"]
-            density = qmasks.density_report(masks)["total"]["density_prunable"]
-            rows.append(
-                (
-                    algebra,
-                    level,
-                    f"{100 * density:.1f}",
-                    f"{min(seconds):.2f}",
-                    f"{n_images / min(seconds):,.0f}",
-                    f"{metrics['train_loss']:.3f}",
-                    f"{acc:.3f}",
-                    trainer.trace_count,
-                    "yes" if repeatable else "**no**",
-                )
-            )
-            masks = pruning.prune(trainer.fetch(state.params), masks, 0.2)
-    from qsparse.report import markdown_table
-
-    header = (
-        "algebra",
-        "round",
-        "density (%)",
-        "fastest epoch (s)",
-        "images/s",
-        "train loss",
-        "acc, 1,000 train images",
-        "epoch traces",
-        "epoch repeatable",
-    )
-    return (
-        f"Conv-4 IMP on {n_images:,} synthetic CIFAR-shaped images, {epochs} epochs per round "
-        f"(accuracy is chance: the labels are random):\n\n" + markdown_table(header, rows)
-    )
-
-
 def main(argv: list[str]) -> None:
-    del argv
+    require(argv)
     bad = sorted(set(FLAGS.parts) - set(PARTS))
     if bad:
-        sys.stderr.write(
-            f"error: --parts={','.join(FLAGS.parts)}: unknown {bad}; valid: {list(PARTS)}\n"
-        )
-        sys.exit(2)
+        fail(f"--parts={','.join(FLAGS.parts)}: unknown {bad}; valid: {list(PARTS)}")
     import jax
+
+    from benchmarks.accelerator import imp_table
+    from qsparse import files
 
     platform = jax.default_backend()
     if platform == "gpu" and DETERMINISM not in os.environ.get("XLA_FLAGS", ""):
@@ -177,7 +104,7 @@ def main(argv: list[str]) -> None:
             _env(platform),
         )
     out = Path(FLAGS.out or REPO / "results" / f"accelerator_{platform}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the benchmark's JSON goes beside it
     devices = jax.devices()
     parts = [
         f"# qsparse on {devices[0].device_kind} ({len(devices)} x {platform})\n",
@@ -193,9 +120,13 @@ def main(argv: list[str]) -> None:
     if "imp" in FLAGS.parts:
         print("Conv-4 IMP ...", flush=True)
         parts += ["## Conv-4 IMP\n", imp_table(FLAGS.rounds, FLAGS.epochs, FLAGS.images) + "\n"]
-    out.write_text("\n".join(parts))
-    print(out.read_text())
+    report = "\n".join(parts)
+    try:
+        files.write_text(out, report)
+    except files.WriteError as e:
+        fail(str(e), status=1)
+    print(report)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -19,10 +19,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
-from experiments.cli import fail, parse
-from qsparse import compare, plots, results
+from experiments.cli import fail, require, run
+from qsparse import compare, files, plots, results
+from qsparse.results import Curve
 
 flags.DEFINE_list("runs", None, "run directories, or folders holding run directories")
 flags.DEFINE_list(
@@ -52,59 +53,53 @@ def _pairs(name: str, items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        fail(f"unexpected arguments {argv[1:]}; every setting is a --flag (see --help)")
-    for name in ("runs", "a", "b"):
-        if not FLAGS[name].value:
-            fail(f"--{name} is required")
+    require(argv, "runs", "a", "b")
     if FLAGS.max_ratio < 1:
         fail(f"--max_ratio={FLAGS.max_ratio}: must be at least 1")
-    where_a, where_b = _pairs("a", FLAGS.a), _pairs("b", FLAGS.b)
+    where = {"--a": _pairs("a", FLAGS.a), "--b": _pairs("b", FLAGS.b)}
     try:
-        curves = results.load(FLAGS.runs)
-    except FileNotFoundError as e:
+        pairs = compare.pick(results.load(FLAGS.runs), where, FLAGS.model)
+    except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+    if not pairs:
+        a, b = where.values()
+        fail(f"no model under {FLAGS.runs} has both a curve with {a} and one with {b}")
     parts, figures = [], []
-    for (model, dataset), group in results.by_pair(curves).items():
-        if FLAGS.model and model not in FLAGS.model:
-            continue
-        a, b = compare.select(group, where_a), compare.select(group, where_b)
-        if not a or not b:
-            continue
-        for name, chosen in (("a", a), ("b", b)):
-            if len(chosen) > 1:
-                fail(
-                    f"--{name} matches {len(chosen)} curves of {model}/{dataset}: "
-                    f"{results.labels(group)}; add key=value pairs to pick one"
-                )
-        matches = compare.matched(a[0], b[0], max_ratio=FLAGS.max_ratio)
-        alive = None
-        if FLAGS.layer:
-            try:
-                alive = (FLAGS.layer, *(compare.alive(c[0], FLAGS.layer) for c in (a, b)))
-            except KeyError as e:
-                fail(e.args[0])
-        if FLAGS.figure:
-            stem = Path(f"{FLAGS.figure}_{model}_{dataset}")
-            stem.parent.mkdir(parents=True, exist_ok=True)
-            labels = (FLAGS.label_a, FLAGS.label_b)
-            fig = plots.comparison_figure(a[0], b[0], labels, alive, f"{model} / {dataset}")
-            figures += plots.save(fig, stem)
-        parts.append(
-            f"## {model} / {dataset}: {FLAGS.label_b} vs {FLAGS.label_a}\n\n"
-            f"- {FLAGS.label_a}: {', '.join(a[0].runs)}\n- {FLAGS.label_b}: {', '.join(b[0].runs)}"
-            f"\n\n{compare.markdown(matches, FLAGS.label_a, FLAGS.label_b, alive)}"
-        )
-    if not parts:
-        fail(f"no model under {FLAGS.runs} has both a curve with {where_a} and one with {where_b}")
-    text = "\n".join(parts)
+    try:
+        for (model, dataset), chosen in pairs.items():
+            parts.append(_section(model, dataset, chosen["--a"], chosen["--b"], figures))
+        text = "\n".join(parts)
+        if FLAGS.out:
+            files.write_text(FLAGS.out, text)
+    except files.WriteError as e:
+        fail(str(e), status=1)
     print(text, end="")
-    if FLAGS.out:
-        Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(FLAGS.out).write_text(text)
     for path in figures:  # on stderr: stdout stays the Markdown tables
         print(f"wrote {path}", file=sys.stderr)
 
 
+def _section(model: str, dataset: str, a: Curve, b: Curve, figures: list[Path]) -> str:
+    """The table of one (model, dataset); its figure added to ``figures`` if asked for."""
+    alive = None
+    if FLAGS.layer:
+        try:
+            alive = (FLAGS.layer, compare.alive(a, FLAGS.layer), compare.alive(b, FLAGS.layer))
+        except KeyError as e:
+            fail(e.args[0])
+    if FLAGS.figure:
+        stem = Path(f"{FLAGS.figure}_{model}_{dataset}")
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        labels = (FLAGS.label_a, FLAGS.label_b)
+        figures += plots.save(
+            plots.comparison_figure(a, b, labels, alive, f"{model} / {dataset}"), stem
+        )
+    matches = compare.matched(a, b, max_ratio=FLAGS.max_ratio)
+    return (
+        f"## {model} / {dataset}: {FLAGS.label_b} vs {FLAGS.label_a}\n\n"
+        f"- {FLAGS.label_a}: {', '.join(a.runs)}\n- {FLAGS.label_b}: {', '.join(b.runs)}"
+        f"\n\n{compare.markdown(matches, FLAGS.label_a, FLAGS.label_b, alive)}"
+    )
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse)
+    run(main)

@@ -14,16 +14,18 @@ batch 1 and 256 on the CPU. Writes ``<out>/<run>/replicate_<r>/deployment.json``
 
 Bad input (no run found, a replicate without finished rounds, an output that exists without
 --overwrite or cannot be written) exits with status 2 and one ``error:`` line, before anything
-is written; a damaged run file exits with status 1.
+is written; a damaged run file, or a write that fails (a full disk), exits with status 1: the
+runs accounted before it keep their records, its own previous record is left intact.
 """
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from benchmarks import deployment  # imports experiments.export, which defines its own flags
-from experiments.cli import fail, parse
+from benchmarks import deployment
+from experiments.cli import fail, require, run
 from qsparse import accounting, results, rundir
+from qsparse.files import WriteError
 
 # --out, --replicate and --overwrite are also experiments.export's flags; allow_override lets both
 # commands be imported into one process (the tests do), each meaning its own.
@@ -40,11 +42,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        fail(f"unexpected arguments {argv[1:]}; every setting is a --flag (see --help)")
-    for name in ("runs", "out"):
-        if not FLAGS[name].value:
-            fail(f"--{name} is required")
+    require(argv, "runs", "out")
     if FLAGS.repeats < 1:
         fail(f"--repeats={FLAGS.repeats}: at least one timed call")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
@@ -73,8 +71,10 @@ def main(argv: list[str]) -> None:
         fail(str(e))
     except (rundir.CorruptFileError, RuntimeError) as e:
         fail(str(e), status=1)
+    except WriteError as e:
+        fail(f"{e}; nothing of this run was written: its previous record is intact", status=1)
     print(accounting.markdown(accounting.load(written)), end="")
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse)
+    run(main)

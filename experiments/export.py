@@ -14,16 +14,18 @@ model on a few random images and records the largest logit difference in the hea
 Default round: the replicate's last finished one (its done.json written). Bad input (a run
 directory without finished rounds, a round that does not exist, an output that exists without
 --overwrite or cannot be written) exits with status 2 and one ``error:`` line naming it, before
-anything is written; a damaged run file exits with status 1.
+anything is written; a damaged run file, or a write that fails (a full disk; the previous file,
+if any, is left intact), exits with status 1.
 """
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from experiments.cli import fail, parse
+from experiments.cli import fail, require, run
 from qsparse import deploy, rundir
 from qsparse.export import CheckError, ExportError, export_round
+from qsparse.files import WriteError
 
 flags.DEFINE_string("run_dir", None, "the run directory to export from")
 flags.DEFINE_integer("replicate", 0, "the replicate to export")
@@ -35,11 +37,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        fail(f"unexpected arguments {argv[1:]}; every setting is a --flag (see --help)")
-    for name in ("run_dir", "out"):
-        if not FLAGS[name].value:
-            fail(f"--{name} is required")
+    require(argv, "run_dir", "out")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
     try:
         header = export_round(
@@ -54,6 +52,8 @@ def main(argv: list[str]) -> None:
         fail(str(e))
     except (rundir.CorruptFileError, CheckError) as e:
         fail(str(e), status=1)
+    except WriteError as e:
+        fail(f"{e}; nothing was written: the previous {FLAGS.out}, if any, is intact", status=1)
     prov, chk = header["provenance"], header["check"]
     print(
         f"wrote {FLAGS.out}: {header['file_bytes']} bytes ({header['bytes']['kernels']} of "
@@ -65,4 +65,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse)
+    run(main)

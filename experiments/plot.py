@@ -16,37 +16,32 @@ quaternion, each grouping) on one axis; given alone (without ``--runs``), only t
 
 from __future__ import annotations
 
-import sys
+from absl import flags
 
-from absl import app, flags
-
+from experiments import cli
 from qsparse import accounting, plots
+from qsparse.files import WriteError
 
-flags.DEFINE_list("runs", ["runs"], "run directories, or folders holding run directories")
+cli.define_sources("figures")
 flags.DEFINE_string("out", "figures", "folder for the PNG and SVG files")
-flags.DEFINE_list(
-    "deployment",
-    [],
-    "folders holding deployment.json files (python -m experiments.deployment): their figures",
-)
 FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.require(argv)
     written = []
     try:
         deployments = accounting.load(FLAGS.deployment) if FLAGS.deployment else []
-        if FLAGS["runs"].present or not FLAGS.deployment:
+        if cli.reads_runs():
             written += plots.write_figures(FLAGS.runs, FLAGS.out)
         if deployments:
             written += plots.write_deployment_figures(deployments, FLAGS.out)
     except (FileNotFoundError, accounting.DeploymentFileError) as e:
-        sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
-        sys.exit(2)
+        cli.fail(str(e))
+    except WriteError as e:
+        cli.fail(str(e), status=1)
     print("\n".join(map(str, written)))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

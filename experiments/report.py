@@ -12,40 +12,35 @@ latency; given alone (without ``--runs``), the report is those tables only.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
-from qsparse import accounting, report, results
+from experiments import cli
+from qsparse import accounting, files, report, results
 
-flags.DEFINE_list("runs", ["runs"], "run directories, or folders holding run directories")
+cli.define_sources("tables")
 flags.DEFINE_string("out", None, "also write the report to this file")
-flags.DEFINE_list(
-    "deployment",
-    [],
-    "folders holding deployment.json files (python -m experiments.deployment): their tables",
-)
 FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.require(argv)
     parts = []
     try:
-        if FLAGS["runs"].present or not FLAGS.deployment:
+        if cli.reads_runs():
             parts.append(report.markdown_report(results.load(FLAGS.runs)))
         if FLAGS.deployment:
             parts.append(accounting.markdown(accounting.load(FLAGS.deployment)))
     except (FileNotFoundError, accounting.DeploymentFileError) as e:
-        sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
-        sys.exit(2)
+        cli.fail(str(e))
     text = "\n".join(parts)
     sys.stdout.write(text)
     if FLAGS.out:
-        Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(FLAGS.out).write_text(text)
+        try:
+            files.write_text(FLAGS.out, text)
+        except files.WriteError as e:
+            cli.fail(str(e), status=1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from qsparse import rundir
 from qsparse.report import markdown_table
-from qsparse.results import Curve, config_text
+from qsparse.results import Curve, by_pair, config_text, labels
 
 #: A matched pair more than this factor apart in x_real is not a match (R's rounds are 1.25x apart).
 MAX_RATIO = 1.15
@@ -124,6 +124,34 @@ def select(curves: Sequence[Curve], where: Mapping[str, Any]) -> list[Curve]:
     return [
         c for c in curves if all(config_text(c.config.get(k)) == str(v) for k, v in where.items())
     ]
+
+
+def pick(
+    curves: Iterable[Curve],
+    where: Mapping[str, Mapping[str, Any]],
+    models: Collection[str] = (),
+) -> dict[tuple[str, str], dict[str, Curve]]:
+    """Per (model, dataset), the one curve that each side ``where[name]`` selects (:func:`select`).
+
+    A (model, dataset) where a side selects nothing is left out, as is a model not in ``models``
+    (when given). A side that selects several curves is ambiguous: a ValueError names the side,
+    the (model, dataset) and the labels of its curves, so that the caller can narrow ``where``.
+    """
+    out = {}
+    for (model, dataset), group in by_pair(curves).items():
+        if models and model not in models:
+            continue
+        chosen = {name: select(group, w) for name, w in where.items()}
+        if not all(chosen.values()):
+            continue
+        for name, found in chosen.items():
+            if len(found) > 1:
+                raise ValueError(
+                    f"{name} matches {len(found)} curves of {model}/{dataset}: "
+                    f"{labels(group)}; add key=value pairs to pick one"
+                )
+        out[model, dataset] = {name: found[0] for name, found in chosen.items()}
+    return out
 
 
 def markdown(

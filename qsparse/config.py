@@ -1,7 +1,8 @@
 """The schema of an IMP experiment: every field with its type, default and help text.
 
 Library functions take a :class:`Config`; only ``experiments/imp.py`` reads flags, one per field
-(flag type from the field type, help from the field's metadata). Fields left ``None`` take the
+(flag type from the field type, help from the field's metadata; a tuple field's items are read by
+:func:`parse_field`). Fields left ``None`` take the
 paper's value for the model (Table 1 of the paper) when :func:`qsparse.experiment.resolve` fills
 and validates them. Jax-free and importing nothing from qsparse, so the readers of run
 directories share this vocabulary with the driver.
@@ -164,6 +165,40 @@ def field_types() -> dict[str, type]:
             (hint,) = (a for a in typing.get_args(hint) if a is not type(None))
         out[name] = tuple if typing.get_origin(hint) is tuple else hint
     return out
+
+
+def parse_field(name: str, items: typing.Sequence[str]) -> tuple:
+    """A tuple-valued field from the text of its items, as a comma-separated flag gives them."""
+    if name not in _ITEM_PARSERS:
+        raise ConfigError(f"{name} is not a tuple field; tuple fields: {sorted(_ITEM_PARSERS)}")
+    return tuple(_ITEM_PARSERS[name](item) for item in items)
+
+
+def _width(item: str) -> int:
+    try:
+        return int(item)
+    except ValueError:
+        raise ConfigError(
+            f"hidden entry {item!r} is not an integer width, e.g. --hidden=300,100"
+        ) from None
+
+
+def _layer_fraction(item: str) -> tuple[str, float]:
+    pattern, _, fraction = item.rpartition("=")
+    try:
+        if pattern:
+            return pattern, float(fraction)
+    except ValueError:
+        pass
+    raise ConfigError(
+        f"layer_fractions entry {item!r} is not glob=fraction, e.g. --layer_fractions=output/*=0.1"
+    )
+
+
+_ITEM_PARSERS: dict[str, typing.Callable[[str], typing.Any]] = {
+    "hidden": _width,
+    "layer_fractions": _layer_fraction,
+}
 
 
 def _tuples(v: typing.Any) -> typing.Any:

@@ -1,6 +1,12 @@
-"""Shared test settings: CPU only, float32 matmuls at full precision for exact comparisons."""
+"""Shared test settings (CPU only, float32 matmuls at full precision for exact comparisons) and
+the runners of the commands: in a subprocess (:class:`Modules`) or in this process (``run_main``).
+"""
 
 import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -20,3 +26,75 @@ def mnist_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tfds")
     data.load("mnist", data_dir=root)
     return root
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Modules:
+    """``python -m <module>`` from the repository root, in a CPU environment without a fault
+    armed; every process shares one persistent compilation cache, so only the first compiles."""
+
+    def __init__(self, cache: Path):
+        self.cache = cache
+
+    def env(self, *, cache: bool = True, fault: str | None = None, **extra: str) -> dict:
+        from qsparse.checkpoints import FAULT_ENV
+
+        env = {k: v for k, v in os.environ.items() if k not in (FAULT_ENV, "XLA_FLAGS")}
+        env.update(JAX_PLATFORMS="cpu", **extra)
+        if cache:
+            env.update(
+                JAX_COMPILATION_CACHE_DIR=str(self.cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+            )
+        if fault:
+            env[FAULT_ENV] = fault
+        return env
+
+    def start(self, module: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=REPO,
+            env=self.env() if env is None else env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(
+        self, module: str, *args: str, env: dict | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess:
+        proc = self.start(module, *args, env=env)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            proc.kill()
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.fixture(scope="session")
+def modules(tmp_path_factory) -> Modules:
+    return Modules(tmp_path_factory.getbasetemp() / "jax_cache")
+
+
+def _run_main(main: Callable[[list[str]], None], args: list[str]) -> int:
+    from absl import flags
+
+    from experiments import cli
+
+    flags.FLAGS.unparse_flags()
+    try:
+        main(cli.parse([main.__module__, *args]))
+    except SystemExit as e:
+        return e.code
+    finally:
+        flags.FLAGS.unparse_flags()
+    return 0
+
+
+@pytest.fixture(scope="session")
+def run_main() -> Callable[[Callable[[list[str]], None], list[str]], int]:
+    """An experiments command's ``main`` run in this process on ``args``: its exit status."""
+    return _run_main

@@ -8,12 +8,11 @@ import concurrent.futures
 import dataclasses
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from qsparse import rundir
 from qsparse.config import Config
 
 pytestmark = (
@@ -91,29 +90,6 @@ CASES = {
 }
 
 
-def cli_env(tmp_path_factory) -> dict:
-    """CPU, and one persistent compilation cache for the whole session's subprocesses."""
-    cache = tmp_path_factory.getbasetemp() / "jax_cache"
-    return {
-        **{k: v for k, v in os.environ.items() if k != "QSPARSE_FAULT"},
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
-
-
-def imp(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.imp", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def snapshot(root: Path) -> dict:
     return {
         str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
@@ -121,13 +97,16 @@ def snapshot(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def outcomes(mnist_dir, tmp_path_factory):
+def outcomes(mnist_dir, tmp_path_factory, modules):
     """Each case run in its own copy of a workdir holding a finished run: (result, before,
     after)."""
-    env = cli_env(tmp_path_factory)
+
+    def imp(args):
+        return modules.run("experiments.imp", *args)
+
     base = [*BASE, f"--data_dir={mnist_dir}"]
     workdir = tmp_path_factory.mktemp("existing")
-    done = imp([*base, "--rounds=0", "--epochs=1", f"--workdir={workdir}"], env)
+    done = imp([*base, "--rounds=0", "--epochs=1", f"--workdir={workdir}"])
     assert done.returncode == 0, done.stderr
     (run,) = workdir.iterdir()
 
@@ -136,7 +115,7 @@ def outcomes(mnist_dir, tmp_path_factory):
         shutil.copytree(workdir, copy)
         before = snapshot(copy)
         extra = [a.format(run=copy / run.name) for a in CASES[name][0]]
-        result = imp([*base, "--rounds=0", "--epochs=1", f"--workdir={copy}", *extra], env)
+        result = imp([*base, "--rounds=0", "--epochs=1", f"--workdir={copy}", *extra])
         return result, before, snapshot(copy)
 
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
@@ -155,8 +134,8 @@ def test_bad_input_one_line_exit_2_nothing_changed(outcomes, name):
     assert after == before
 
 
-def test_help_lists_every_flag_and_exits_0(tmp_path_factory):
-    result = imp(["--help"], cli_env(tmp_path_factory))
+def test_help_lists_every_flag_and_exits_0(modules):
+    result = modules.run("experiments.imp", "--help")
     assert result.returncode == 0, result.stderr
     flags = [
         f"--[no]{f.name}" if f.type == "bool" else f"--{f.name}:"
@@ -164,3 +143,45 @@ def test_help_lists_every_flag_and_exits_0(tmp_path_factory):
     ]
     for flag in flags + ["--workdir:", "--run_dir:"]:
         assert flag in result.stdout, flag
+
+
+# Run in the command's interpreter at start-up: the disk fills while the run writes the file whose
+# path ends with $FULL_DISK_AT; qsparse's own writer meets the error.
+FULL_DISK = """
+import errno, os
+from qsparse import files, rundir
+
+def _full(f):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+def _write_json(path, obj, _write=rundir.write_json):
+    if str(path).endswith(os.environ["FULL_DISK_AT"]):
+        files.atomic_write(path, _full)
+    _write(path, obj)
+
+rundir.write_json = _write_json
+"""
+
+
+def test_full_disk_is_one_line_exit_1_and_a_rerun_resumes(mnist_dir, tmp_path, modules):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FULL_DISK)
+    target = "replicate_0/round_01/done.json"
+    full = modules.env(FULL_DISK_AT=target, PYTHONPATH=os.pathsep.join([str(site), str(REPO)]))
+    args = [*BASE, f"--data_dir={mnist_dir}", "--rounds=1", "--epochs=1", f"--workdir={tmp_path}"]
+    failed = modules.run("experiments.imp", *args, env=full)
+    (run,) = tmp_path.glob("lenet12_*")
+    assert failed.returncode == 1, failed.stderr
+    assert failed.stderr.splitlines() == [
+        f"error: cannot write {run / target}: No space left on device; nothing written before it "
+        "is lost: free space and rerun the same command to resume"
+    ]
+    assert not (run / target).exists() and not list(run.rglob(".*.tmp"))
+    round_0 = snapshot(run / "replicate_0" / "round_00")
+    assert (run / "replicate_0" / "round_00" / "done.json").exists()
+    resumed = modules.run("experiments.imp", *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert snapshot(run / "replicate_0" / "round_00") == round_0  # round 0 was not trained again
+    summary = rundir.read_json(run / "summary.json")
+    assert [(row["round"], row["status"]) for row in summary] == [(0, "ok"), (1, "ok")]

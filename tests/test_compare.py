@@ -98,6 +98,32 @@ def test_select_by_config_and_markdown_rows():
     )
 
 
+def test_pick_takes_one_curve_per_side_for_each_model_that_has_both():
+    def rows(model, algebra, accs, **config):
+        return [
+            {**row, "model": model, "run": f"{model}_{row['run']}"}
+            for row in _rows(algebra, [100.0], accs, **config)
+        ]
+
+    curves = results.aggregate(
+        rows("lenet12", "real", [[0.5]])
+        + rows("lenet12", "quat", [[0.6]], prune_output=True)
+        + rows("lenet12", "quat", [[0.7]], prune_output=False)
+        + rows("conv2", "real", [[0.8]])  # no quaternion curve: left out
+    )
+    sides = {"R": {"algebra": "real"}, "Q": {"algebra": "quat", "prune_output": "False"}}
+    picked = compare.pick(curves, sides)
+    assert list(picked) == [("lenet12", "mnist")]
+    (chosen,) = picked.values()
+    assert list(chosen) == ["R", "Q"]
+    assert (chosen["R"].algebra, chosen["R"].acc_mean[0]) == ("real", pytest.approx(50.0))
+    assert (chosen["Q"].algebra, chosen["Q"].acc_mean[0]) == ("quat", pytest.approx(70.0))
+    assert chosen["Q"] in compare.select(curves, sides["Q"])
+    assert compare.pick(curves, sides, models=["conv2"]) == {}
+    with pytest.raises(ValueError, match=r"^Q matches 2 curves of lenet12/mnist: \[.*pick one$"):
+        compare.pick(curves, {"R": {"algebra": "real"}, "Q": {"algebra": "quat"}})
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

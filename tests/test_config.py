@@ -6,7 +6,14 @@ import json
 import pytest
 
 from qsparse import experiment, models
-from qsparse.config import NON_SEMANTIC, Config, ConfigError, field_types, parse_rewind
+from qsparse.config import (
+    NON_SEMANTIC,
+    Config,
+    ConfigError,
+    field_types,
+    parse_field,
+    parse_rewind,
+)
 
 
 def test_every_field_has_help_and_a_flag_type():
@@ -54,6 +61,35 @@ def test_run_name_hashes_only_fields_that_change_results():
 )
 def test_parse_rewind(text, parsed):
     assert parse_rewind(text) == parsed
+
+
+def test_parse_field_reads_every_tuple_field_from_its_items():
+    tuple_fields = sorted(name for name, kind in field_types().items() if kind is tuple)
+    assert tuple_fields == ["hidden", "layer_fractions"]
+    assert parse_field("hidden", ["300", "100"]) == (300, 100)
+    assert parse_field("hidden", []) == ()
+    # the glob may hold '=' itself: the fraction is what follows the last one
+    assert parse_field("layer_fractions", ["output/*=0.1", "a=b/*=.5"]) == (
+        ("output/*", 0.1),
+        ("a=b/*", 0.5),
+    )
+    config = Config(**{name: parse_field(name, []) for name in tuple_fields})
+    assert Config.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize(
+    "name,items,message",
+    [
+        ("hidden", ["300", "1e2"], r"hidden entry '1e2' is not an integer width"),
+        ("layer_fractions", ["output/*"], r"entry 'output/\*' is not glob=fraction"),
+        ("layer_fractions", ["=0.1"], r"entry '=0.1' is not glob=fraction"),
+        ("layer_fractions", ["out=x"], r"entry 'out=x' is not glob=fraction"),
+        ("model", ["conv4"], r"model is not a tuple field; tuple fields: \['hidden', 'layer_f"),
+    ],
+)
+def test_parse_field_names_the_bad_item(name, items, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_field(name, items)
 
 
 def test_resolve_fills_the_papers_values_for_the_model():

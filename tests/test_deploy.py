@@ -22,9 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
 
-from experiments import cli
 from experiments import export as export_cli
 from qsparse import augment, data, deploy, export, lottery, models, pruning, rundir
 from qsparse import masks as M
@@ -394,18 +392,6 @@ def test_export_reproduces_the_runs_test_accuracy(tiny_run, mnist_dir, tmp_path)
     assert h0["provenance"]["round"] == 0 and h0["provenance"]["density_prunable"] == 1.0
 
 
-def run_cli(args: list[str]) -> int:
-    """experiments.export's command in this process: its exit status."""
-    flags.FLAGS.unparse_flags()
-    try:
-        export_cli.main(cli.parse(["export", *args]))
-    except SystemExit as e:
-        return e.code
-    finally:
-        flags.FLAGS.unparse_flags()
-    return 0
-
-
 def snapshot(*roots: Path) -> dict:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for r in roots for p in r.rglob("*")}
 
@@ -439,7 +425,7 @@ BAD = {  # name: (flags, substring of the error line, status)
 
 
 @pytest.mark.parametrize("name", list(BAD))
-def test_bad_input_one_line_nothing_written(tiny_run, tmp_path, capsys, name):
+def test_bad_input_one_line_nothing_written(tiny_run, tmp_path, capsys, run_main, name):
     empty = tmp_path / "empty_run"
     (empty / "replicate_0" / "round_00").mkdir(parents=True)
     shutil.copy(tiny_run / "config.json", empty / "config.json")
@@ -452,7 +438,7 @@ def test_bad_input_one_line_nothing_written(tiny_run, tmp_path, capsys, name):
     before = snapshot(tmp_path, tiny_run)
     args, message, status = BAD[name]
     args = [a.format(run=tiny_run, tmp=tmp_path, empty=empty, broken=broken) for a in args]
-    assert run_cli(args) == status
+    assert run_main(export_cli.main, args) == status
     out, err = capsys.readouterr()
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err

@@ -15,39 +15,22 @@ import json
 import math
 import shutil
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from absl import flags
 
 from benchmarks import deployment
 from benchmarks.flops import forward_flops
-from experiments import cli
 from experiments import deployment as command
 from qsparse import accounting, deploy, export, lottery, models, pruning, rundir
 from qsparse import masks as M
 from qsparse.config import Config
 from qsparse.data import DATASETS
 
-REPO = Path(__file__).resolve().parents[1]
 RUNS = [("real", "element"), ("quat", "element"), ("quat", "quaternion")]
 REPEATS = 2
-
-
-def run_cli(args: list[str]) -> int:
-    """experiments.deployment's command in this process: its exit status."""
-    flags.FLAGS.unparse_flags()
-    try:
-        command.main(cli.parse(["deployment", *args]))
-    except SystemExit as e:
-        return e.code
-    finally:
-        flags.FLAGS.unparse_flags()
-    return 0
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +54,13 @@ def tiny_runs(mnist_dir, tmp_path_factory) -> tuple[Path, dict[tuple[str, str], 
 
 
 @pytest.fixture(scope="module")
-def accounted(tiny_runs, tmp_path_factory) -> tuple[Path, str]:
+def accounted(tiny_runs, tmp_path_factory, run_main) -> tuple[Path, str]:
     """(output folder, printed table) of the command over every tiny run."""
     work, _ = tiny_runs
     out = tmp_path_factory.mktemp("deployment")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        status = run_cli([f"--runs={work}", f"--out={out}", f"--repeats={REPEATS}"])
+        status = run_main(command.main, [f"--runs={work}", f"--out={out}", f"--repeats={REPEATS}"])
     assert status == 0
     return out, printed.getvalue()
 
@@ -226,28 +209,22 @@ def test_command_prints_the_table_and_writes_one_per_run(tiny_runs, accounted):
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temporary left
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-
-
 @pytest.mark.subprocess
-def test_report_and_plot_commands_take_the_records(tiny_runs, accounted, tmp_path):
+def test_report_and_plot_commands_take_the_records(tiny_runs, accounted, tmp_path, modules):
     work, _ = tiny_runs
     out, printed = accounted
-    proc = run_script("experiments.report", f"--deployment={out}")
+    proc = modules.run("experiments.report", f"--deployment={out}")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == printed[printed.index("# Deployment") :]
     both = tmp_path / "report.md"
-    proc = run_script(
+    proc = modules.run(
         "experiments.report", f"--runs={work}", f"--deployment={out}", f"--out={both}"
     )
     assert proc.returncode == 0, proc.stderr
     text = both.read_text()
     assert text.index("# Accuracy vs weights remaining") < text.index("# Deployment")
     figures = tmp_path / "figures"
-    proc = run_script("experiments.plot", f"--deployment={out}", f"--out={figures}")
+    proc = modules.run("experiments.plot", f"--deployment={out}", f"--out={figures}")
     assert proc.returncode == 0, proc.stderr
     stems = ["deployment_bytes_lenet12_mnist", "deployment_latency_lenet12_mnist"]
     assert {p.name for p in figures.iterdir()} == {
@@ -266,7 +243,7 @@ def test_report_and_plot_commands_take_the_records(tiny_runs, accounted, tmp_pat
         ("experiments.report", broken.parent, f"cannot read {broken}"),
     ]:
         before = sorted(tmp_path.rglob("*"))
-        proc = run_script(script, f"--deployment={where}", f"--out={tmp_path / 'x'}")
+        proc = modules.run(script, f"--deployment={where}", f"--out={tmp_path / 'x'}")
         lines = proc.stderr.splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
         assert sorted(tmp_path.rglob("*")) == before
@@ -292,7 +269,7 @@ BAD = {  # name: (flags, substring of the error line)
 
 
 @pytest.mark.parametrize("name", list(BAD))
-def test_bad_input_one_line_nothing_written(tiny_runs, accounted, tmp_path, capsys, name):
+def test_bad_input_one_line_nothing_written(tiny_runs, accounted, tmp_path, capsys, run_main, name):
     work, _ = tiny_runs
     out, _ = accounted
     empty = tmp_path / "empty" / "lenet12_quat_mnist_0"
@@ -302,14 +279,19 @@ def test_bad_input_one_line_nothing_written(tiny_runs, accounted, tmp_path, caps
     (tmp_path / "bare").mkdir()
     before = snapshot(tmp_path, work, out)
     args, message = BAD[name]
-    assert run_cli([a.format(work=work, tmp=tmp_path, empty=empty, out=out) for a in args]) == 2
+    assert (
+        run_main(
+            command.main, [a.format(work=work, tmp=tmp_path, empty=empty, out=out) for a in args]
+        )
+        == 2
+    )
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert captured.out == "" and snapshot(tmp_path, work, out) == before
 
 
-def test_overwrite_replaces_a_record(tiny_runs, accounted, tmp_path, capsys):
+def test_overwrite_replaces_a_record(tiny_runs, accounted, tmp_path, capsys, run_main):
     _, runs = tiny_runs
     out = tmp_path / "out"
     shutil.copytree(accounted[0], out)
@@ -318,7 +300,7 @@ def test_overwrite_replaces_a_record(tiny_runs, accounted, tmp_path, capsys):
     other = snapshot(*(out / r.name for r in runs.values() if r != run))
     before = record(out, run)
     args = [f"--runs={run}", f"--out={out}", "--repeats=1", "--overwrite"]
-    assert run_cli(args) == 0
+    assert run_main(command.main, args) == 0
     assert "| Q | 2 |" in capsys.readouterr().out  # one curve alone: its label is Q
     after = record(out, run)
     assert (after["repeats"], before["repeats"]) == (1, REPEATS)
@@ -334,10 +316,10 @@ def test_overwrite_replaces_a_record(tiny_runs, accounted, tmp_path, capsys):
 
 
 @pytest.mark.subprocess
-def test_the_command_refuses_an_existing_record(tiny_runs, accounted):
+def test_the_command_refuses_an_existing_record(tiny_runs, accounted, modules):
     work, _ = tiny_runs
     out, _ = accounted
-    proc = run_script("experiments.deployment", f"--runs={work}", f"--out={out}")
+    proc = modules.run("experiments.deployment", f"--runs={work}", f"--out={out}")
     lines = proc.stderr.splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and "exists; pass --overwrite" in lines[0]

@@ -13,7 +13,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -46,39 +45,15 @@ TIMING = {"seconds", "images_per_sec"}
 
 
 @pytest.fixture(scope="module")
-def imp(mnist_dir, tmp_path_factory):
+def imp(mnist_dir, modules):
     """Start the experiment on a workdir: ``imp(workdir, *flags, fault=None, wait=True)``."""
-    cache = tmp_path_factory.getbasetemp() / "jax_cache"  # shared with test_cli.py
-    env = {
-        **{k: v for k, v in os.environ.items() if k != ckpt.FAULT_ENV},
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
 
     def start(workdir: Path, *flags: str, fault: str | None = None, wait: bool = True):
-        cmd = [
-            sys.executable,
-            "-m",
-            "experiments.imp",
-            *ARGS,
-            f"--data_dir={mnist_dir}",
-            f"--workdir={workdir}",
-            *flags,
-        ]
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env={**env, **({ckpt.FAULT_ENV: fault} if fault else {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        if not wait:
-            return proc
-        out, err = proc.communicate(timeout=300)
-        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        args = [*ARGS, f"--data_dir={mnist_dir}", f"--workdir={workdir}", *flags]
+        env = modules.env(fault=fault)
+        if wait:
+            return modules.run("experiments.imp", *args, env=env)
+        return modules.start("experiments.imp", *args, env=env)
 
     return start
 

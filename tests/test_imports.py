@@ -40,6 +40,7 @@ RUN = [
     "loop",
     "experiment",
     "lottery",
+    "distributed",
     "deploy",
     "export",
 ]

@@ -6,10 +6,8 @@ one-line error within two minutes, and rerunning both must resume to the uninter
 """
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,6 @@ pytestmark = (
     pytest.mark.subprocess
 )  # starts Python processes: skipped by a quick run (-m "not subprocess")
 
-REPO = Path(__file__).resolve().parents[1]
 RUN = [
     "--model=lenet12",
     "--algebra=quat",
@@ -39,20 +36,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env(devices: int = 1, fault: str | None = None) -> dict:
-    out = {k: v for k, v in os.environ.items() if k not in ("QSPARSE_FAULT", "XLA_FLAGS")}
-    out.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
-    if fault:
-        out["QSPARSE_FAULT"] = fault
-    return out
-
-
 def start(
-    run_dir: Path, data_dir, port: int, pid: int, fault: str | None = None, extra=()
+    modules, run_dir: Path, data_dir, port: int, pid: int, fault: str | None = None, extra=()
 ) -> subprocess.Popen:
-    args = [
-        sys.executable,
-        "-m",
+    return modules.start(
         "experiments.imp",
         *RUN,
         *extra,
@@ -61,20 +48,25 @@ def start(
         f"--coordinator_address=127.0.0.1:{port}",
         "--num_processes=2",
         f"--process_id={pid}",
-    ]
-    return subprocess.Popen(
-        args,
-        cwd=REPO,
-        env=env(fault=fault),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        env=modules.env(cache=False, fault=fault, JAX_NUM_CPU_DEVICES="1"),
     )
 
 
-def two_processes(run_dir: Path, data_dir, faults=(None, None), timeout: float = 400, extra=()):
+def one_process(modules, run_dir: Path, data_dir, extra=()) -> subprocess.CompletedProcess:
+    """One process with two forced CPU devices."""
+    args = [*RUN, *extra, f"--data_dir={data_dir}", f"--run_dir={run_dir}"]
+    env = modules.env(cache=False, JAX_NUM_CPU_DEVICES="2")
+    return modules.run("experiments.imp", *args, env=env, timeout=400)
+
+
+def two_processes(
+    modules, run_dir: Path, data_dir, faults=(None, None), timeout: float = 400, extra=()
+):
     port = free_port()
-    procs = [start(run_dir, data_dir, port, pid, fault, extra) for pid, fault in enumerate(faults)]
+    procs = [
+        start(modules, run_dir, data_dir, port, pid, fault, extra)
+        for pid, fault in enumerate(faults)
+    ]
     return [(p.wait(timeout=timeout), *p.communicate()) for p in procs]
 
 
@@ -98,34 +90,20 @@ def assert_same_run(a: Path, b: Path, replicates: int = 1) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, mnist_dir):
+def reference(tmp_path_factory, mnist_dir, modules):
     """One process with two forced CPU devices."""
     run_dir = tmp_path_factory.mktemp("one") / "run"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.imp",
-            *RUN,
-            f"--data_dir={mnist_dir}",
-            f"--run_dir={run_dir}",
-        ],
-        cwd=REPO,
-        env=env(devices=2),
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    result = one_process(modules, run_dir, mnist_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 cpu device(s)" in result.stdout
     return run_dir
 
 
 def test_two_processes_write_what_one_process_with_two_devices_writes(
-    tmp_path, mnist_dir, reference
+    tmp_path, mnist_dir, reference, modules
 ):
     run_dir = tmp_path / "run"
-    (rc0, out0, err0), (rc1, out1, err1) = two_processes(run_dir, mnist_dir)
+    (rc0, out0, err0), (rc1, out1, err1) = two_processes(modules, run_dir, mnist_dir)
     assert rc0 == 0 and rc1 == 0, (err0[-2000:], err1[-2000:])
     assert (
         "on 2 cpu device(s) in 2 processes" in out0 and "run:" not in out1
@@ -135,11 +113,12 @@ def test_two_processes_write_what_one_process_with_two_devices_writes(
     assert [(r["process_count"], r["device_count"]) for r in runs] == [(2, 2)]
 
 
-def test_a_dead_process_stops_the_other_and_both_resume(tmp_path, mnist_dir, reference):
+def test_a_dead_process_stops_the_other_and_both_resume(tmp_path, mnist_dir, reference, modules):
     run_dir = tmp_path / "run"
     port = free_port()
-    survivor = start(run_dir, mnist_dir, port, 0)
-    victim = start(run_dir, mnist_dir, port, 1, fault="epoch_end:2")  # SIGKILL after its 2nd epoch
+    survivor = start(modules, run_dir, mnist_dir, port, 0)
+    # SIGKILL after its 2nd epoch
+    victim = start(modules, run_dir, mnist_dir, port, 1, fault="epoch_end:2")
     victim.wait(timeout=400)
     died = time.monotonic()
     rc = survivor.wait(timeout=180)
@@ -150,34 +129,20 @@ def test_a_dead_process_stops_the_other_and_both_resume(tmp_path, mnist_dir, ref
     assert rc != 0 and waited < 120, (rc, waited, err[-2000:])
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "process" in last, err[-2000:]
-    (rc0, _, err0), (rc1, _, err1) = two_processes(run_dir, mnist_dir)
+    (rc0, _, err0), (rc1, _, err1) = two_processes(modules, run_dir, mnist_dir)
     assert rc0 == 0 and rc1 == 0, (err0[-2000:], err1[-2000:])
     assert_same_run(run_dir, reference)
 
 
-def test_two_processes_each_training_one_replicate(tmp_path, mnist_dir):
+def test_two_processes_each_training_one_replicate(tmp_path, mnist_dir, modules):
     """--replicates=2 over two processes: each trains its replicate alone (no collective in the
     epoch) and the states meet on every process through one all-reduce; the run directory equals
     one process's with two devices."""
     extra = ("--replicates=2", "--epochs=2")
     one = tmp_path / "one"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.imp",
-            *RUN,
-            *extra,
-            f"--data_dir={mnist_dir}",
-            f"--run_dir={one}",
-        ],
-        cwd=REPO,
-        env=env(devices=2),
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    result = one_process(modules, one, mnist_dir, extra)
     assert result.returncode == 0, result.stderr[-3000:]
-    (rc0, _, err0), (rc1, _, err1) = two_processes(tmp_path / "two", mnist_dir, extra=extra)
+    two = tmp_path / "two"
+    (rc0, _, err0), (rc1, _, err1) = two_processes(modules, two, mnist_dir, extra=extra)
     assert rc0 == 0 and rc1 == 0, (err0[-2000:], err1[-2000:])
-    assert_same_run(tmp_path / "two", one, replicates=2)
+    assert_same_run(two, one, replicates=2)
