@@ -298,16 +298,8 @@ def load(
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
     spec = DATASETS[name]
-    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    root = root / name
-    if manual_dir is not None:
-        manual = Path(manual_dir).expanduser()
-    elif name == "mnist":
-        manual = SHIPPED_MNIST_DIR
-    else:
-        manual = root / "downloads" / "manual"
-    debian = DEBIAN_FASHION_MNIST_DIR if name == "fashion_mnist" and manual_dir is None else None
-
+    root = (Path(data_dir).expanduser() if data_dir is not None else default_data_dir()) / name
+    manual, debian = _archive_dirs(name, root, manual_dir)
     train_images, train_labels, test_images, test_labels = _load_splits(name, root, manual, debian)
     rng_train = np.random.default_rng([seed, 0])
     rng_test = np.random.default_rng([seed, 1])
@@ -326,6 +318,14 @@ def load(
         test_images=test_images[test_idx],
         test_labels=test_labels[test_idx],
     )
+
+
+def _archive_dirs(name: str, root: Path, manual_dir) -> tuple[Path, Path | None]:
+    """Where the original archives are read from, and Debian's Fashion-MNIST folder if it counts."""
+    if manual_dir is not None:
+        return Path(manual_dir).expanduser(), None
+    manual = SHIPPED_MNIST_DIR if name == "mnist" else root / "downloads" / "manual"
+    return manual, DEBIAN_FASHION_MNIST_DIR if name == "fashion_mnist" else None
 
 
 def _hold_out(
