@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ import numpy as np
 import scipy
 
 from benchmarks.flops import forward_flops
-from benchmarks.harness import environment, load_average
+from benchmarks.harness import environment, load_average, timed
 from qsparse import accounting, augment, deploy, export, files, rundir
 from qsparse import masks as qmasks
 from qsparse.data import DATASETS
@@ -82,20 +81,6 @@ def check(
         raise AccountingError(f"{dest} exists; pass --overwrite to replace it")
     files.check_writable(dest, AccountingError, str(dest))
     return [rd.level for rd in run.replicate(replicate).rounds() if rd.done.exists()]
-
-
-def median_time(fn: Callable[[], Any], repeats: int) -> list[float]:
-    """Seconds of ``repeats`` calls of ``fn`` after one warm-up call (each call's result is
-    waited for: ``fn`` must block until it is computed)."""
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats}: at least one timed call")
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def _dense_jax(model, spec) -> Callable:
@@ -166,10 +151,8 @@ def account_round(
     sparse = deploy.load(folder / name)
     timings = {}
     for b, x in images.items():
-        timings[accounting.latency_field("jax", b)] = median_time(
-            lambda x=x: forward(on_cpu, x).block_until_ready(), repeats
-        )
-        timings[accounting.latency_field("sparse", b)] = median_time(
+        timings[accounting.latency_field("jax", b)] = timed(lambda x=x: forward(on_cpu, x), repeats)
+        timings[accounting.latency_field("sparse", b)] = timed(
             lambda x=x: sparse.predict(x, batch_size=len(x)), repeats
         )
     row.update({k: statistics.median(v) for k, v in timings.items()})

@@ -36,6 +36,8 @@ def sync(tree: T) -> T:
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
     """Wall seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (compiling,
     filling caches); every result is waited for (:func:`sync`). Take the median of them."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: at least one timed call")
     for _ in range(warmup):
         sync(fn())
     return timeit.Timer(lambda: sync(fn())).repeat(repeats, number=1)
