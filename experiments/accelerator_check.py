@@ -6,7 +6,7 @@ Three parts, each in a fresh process on the machine's default backend:
 
 1. the test suite (``pytest``) with ``JAX_PLATFORMS`` set to that backend;
 2. the benchmark (``experiments.bench``): LeNet-300-100 and Conv-2/4/6, real and quaternion, and
-   R = 1 against R = ``--replicas`` replicates in one compiled epoch, replicates sharing a device
+   R = 1 against R = ``--replicates`` replicates in one compiled epoch, replicates sharing a device
    run both unrolled and vmapped (the faster one should be the backend's default);
 3. a Conv-4 lottery-ticket run of ``--rounds`` pruning rounds on synthetic CIFAR-shaped data
    through the library (``Trainer``, ``pruning``), timed per epoch, with the compiled epoch traced
@@ -32,7 +32,7 @@ PARTS = ("tests", "bench", "imp")
 
 flags.DEFINE_string("out", None, "the report (Markdown); default results/accelerator_<platform>.md")
 flags.DEFINE_list("parts", list(PARTS), "which parts to run: tests, bench, imp")
-flags.DEFINE_integer("replicas", 8, "R for the replicates-at-once benchmark")
+flags.DEFINE_integer("replicates", 8, "R for the replicates-at-once benchmark")
 flags.DEFINE_integer("windows", 5, "timed windows per benchmark measurement")
 flags.DEFINE_integer("rounds", 3, "pruning rounds of the Conv-4 run (after the dense round 0)")
 flags.DEFINE_integer("epochs", 2, "epochs per round of the Conv-4 run")
@@ -69,9 +69,9 @@ def run_bench(platform: str, json_path: Path) -> str:
         "--models=lenet300_100,conv2,conv4,conv6",
         f"--windows={FLAGS.windows}",
         "--epochs=0",
-        f"--replicas={FLAGS.replicas}",
-        "--replica_models=lenet300_100,conv4",
-        "--replica_modes=unroll,vmap",
+        f"--replicates={FLAGS.replicates}",
+        "--replicate_models=lenet300_100,conv4",
+        "--replicate_modes=unroll,vmap",
         "--no_references",
         "--no_xla_conv",
         f"--json={json_path}",
@@ -109,21 +109,21 @@ def imp_table(rounds: int, epochs: int, n_images: int) -> str:
         tx = train.make_optimizer("adam", spec.lr)
         masks = qmasks.ones(theta0)
         for level in range(rounds + 1):
-            state = train.create_train_state(model, theta0, masks, tx)
+            state = train.stack([train.create_train_state(model, theta0, masks, tx)])
+            key = train.stack([jax.random.key(0)])
             if level == 0:  # the same epoch twice: bit-for-bit the same
                 twice = [
-                    trainer.fetch(trainer.train_epoch(state, *data, jax.random.key(0))[0].params)
+                    trainer.fetch(trainer.train_epoch(state, *data, key)[0].params)
                     for _ in range(2)
                 ]
                 repeatable = all(np.array_equal(a, b) for a, b in zip(*map(jax.tree.leaves, twice)))
             seconds = []
             for e in range(epochs):
                 t = time.perf_counter()
-                state, metrics = trainer.train_epoch(
-                    state, *data, jax.random.fold_in(jax.random.key(level), e)
-                )
+                key = train.stack([jax.random.fold_in(jax.random.key(level), e)])
+                state, metrics = trainer.train_epoch(state, *data, key)
                 seconds.append(time.perf_counter() - t)
-            acc = trainer.evaluate(state, *seen)["acc"]
+            acc = trainer.evaluate(state, *seen)["acc"][0]
             density = qmasks.density_report(masks)["total"]["density_prunable"]
             rows.append(
                 (
@@ -132,13 +132,13 @@ def imp_table(rounds: int, epochs: int, n_images: int) -> str:
                     f"{100 * density:.1f}",
                     f"{min(seconds):.2f}",
                     f"{n_images / min(seconds):,.0f}",
-                    f"{metrics['train_loss']:.3f}",
+                    f"{metrics['train_loss'][0]:.3f}",
                     f"{acc:.3f}",
                     trainer.trace_count,
                     "yes" if repeatable else "**no**",
                 )
             )
-            masks = pruning.prune(trainer.fetch(state.params), masks, 0.2)
+            masks = pruning.prune(train.slot(trainer.fetch(state.params), 0), masks, 0.2)
     from qsparse.report import markdown_table
 
     header = (

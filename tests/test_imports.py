@@ -35,6 +35,7 @@ RUN = [
     "rundir",
     "summaries",
     "loop",
+    "progress",
     "experiment",
     "lottery",
     "deploy",
@@ -51,7 +52,7 @@ TIERS = {
             "orbax",
             "matplotlib",
             "tensorboardX",
-            *(f"qsparse.{m}" for m in RUN + ANALYSIS),
+            *(f"qsparse.{m}" for m in RUN + ANALYSIS if m != "config"),  # a stdlib-only leaf
         ],
     ),
     "run": (CORE + RUN, ["matplotlib", *(f"qsparse.{m}" for m in ANALYSIS)]),
