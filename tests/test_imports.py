@@ -23,6 +23,7 @@ CORE = [
     "masks",
     "pruning",
     "augment",
+    "epoch",
     "train",
     "cpu",
     "nnx",

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qsparse import cpu, models, pruning, train
+from qsparse import cpu, epoch, models, pruning, train
 from qsparse import masks as M
 from qsparse.cpu import onednn
 
@@ -148,7 +148,7 @@ def test_training_epoch_matches_xla_convolutions(choice):
         for e in range(2):
             state, metrics = trainer.train_epoch(state, *data, train.stack([jax.random.key(e)]))
         lowered = (
-            jax.jit(lambda s, x, y: train._evaluate(spec.mean, spec.std, 10, 1, s, x, y))
+            jax.jit(lambda s, x, y: epoch.evaluate(spec.mean, spec.std, 10, 1, s, x, y))
             .lower(train.slot(state, 0), jnp.asarray(images[:30]), jnp.asarray(labels[:30]))
             .as_text()
         )
