@@ -70,9 +70,9 @@ class Setup:
         name: str,
         algebra: str,
         steps: int,
-        replicas: int | None = None,
+        replicates: int = 1,
         seed: int = 0,
-        replica_mode: str = "auto",
+        replicate_mode: str = "auto",
     ):
         spec = models.spec(name)
         data = dataset_of(name)
@@ -83,19 +83,17 @@ class Setup:
         masks = pruning.prune(params, qmasks.ones(params), 0.2)
         tx = train.make_optimizer("adam", spec.lr)
         state = train.create_train_state(self.model, params, masks, tx)
-        self.images_per_call = steps * spec.batch_size * (replicas or 1)
+        self.images_per_call = steps * spec.batch_size * replicates
         epoch = train.EpochSpec(spec.batch_size, steps, data.mean, data.std, data.augment)
-        self.trainer = train.Trainer(epoch, replicas=replicas, replica_mode=replica_mode)
-        if replicas is not None:
-            state = train.stack_states([state] * replicas)
-        self.state = state
+        self.trainer = train.Trainer(epoch, replicates=replicates, replicate_mode=replicate_mode)
+        self.state = train.stack([state] * replicates)
         rng = np.random.default_rng(seed)
         n = steps * spec.batch_size
         self.data = self.trainer.put_data(
             rng.integers(0, 256, (n, *shape), dtype=np.uint8),
             rng.integers(0, 10, n).astype(np.int32),
         )
-        self.replicas = replicas
+        self.replicates = replicates
         self.calls = 0
         self.windows: list[float] = []
         self.cpu: list[float] = []
@@ -104,7 +102,7 @@ class Setup:
         """A fresh key per call (one per replicate): each window trains on new augmentations."""
         self.calls += 1
         key = jax.random.key(self.calls)
-        return key if self.replicas is None else jax.random.split(key, self.replicas)
+        return jax.random.split(key, self.replicates)
 
     def first_call(self) -> float:
         """Seconds of the first epoch call: compilation plus one window."""

@@ -37,27 +37,27 @@ class Options:
     train_subset: int | None = None  # MNIST training images (None: all 60,000)
     data_dir: str | None = None
     synthetic_epochs: bool = False  # random MNIST-shaped data instead of MNIST
-    replicas: int = 5  # R for the replicate benchmark (0: skip)
-    replica_models: Sequence[str] = ("lenet300_100",)
-    replica_modes: Sequence[str] = ("auto",)
+    replicates: int = 5  # R for the replicate benchmark (0: skip)
+    replicate_models: Sequence[str] = ("lenet300_100",)
+    replicate_modes: Sequence[str] = ("auto",)
     references: bool = True  # the plain Flax Conv-4 / bare MLP yardsticks
     torch_python: str | None = None  # an interpreter with torch: PyTorch eager yardsticks too
     layers: bool = False  # each Conv-4 convolution, oneDNN against XLA
     xla_conv: bool = True  # with oneDNN, time the models with XLA's convolutions too
 
     def __post_init__(self) -> None:
-        for name in ("models", "algebras", "replica_models", "replica_modes"):
+        for name in ("models", "algebras", "replicate_models", "replicate_modes"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         _choose("models", self.models, sorted(qmodels.REGISTRY))
         _choose("algebras", self.algebras, list(qmodels.ALGEBRAS))
-        _choose("replica_models", self.replica_models, sorted(qmodels.REGISTRY))
-        _choose("replica_modes", self.replica_modes, list(train.REPLICA_MODES))
+        _choose("replicate_models", self.replicate_models, sorted(qmodels.REGISTRY))
+        _choose("replicate_modes", self.replicate_modes, list(train.REPLICATE_MODES))
         _at_least("windows", self.windows, 1)
         _at_least("window_steps", self.window_steps, 1)
         _at_least("peak_size", self.peak_size, 1)
         _at_least("epochs", self.epochs, 0)
         _at_least("train_subset", self.train_subset, 60, "one batch of 60")
-        _at_least("replicas", self.replicas, 0)
+        _at_least("replicates", self.replicates, 0)
         if self.torch_python is not None and shutil.which(self.torch_python) is None:
             raise OptionError(f"torch_python={self.torch_python}: no such executable")
 
@@ -106,20 +106,20 @@ def run(options: Options = Options(), log: Callable[[str], None] = print) -> dic
         result["epochs"] = throughput.bench_epochs(
             o.algebras, o.epochs, o.data_dir, o.train_subset, log, o.synthetic_epochs
         )
-    if o.replicas:
+    if o.replicates:
         log("replicates")
         result["replicas"] = [
-            throughput.bench_replicas(
+            throughput.bench_replicates(
                 name,
                 o.algebras,
-                o.replicas,
+                o.replicates,
                 o.windows,
                 o.window_steps or throughput.WINDOW_STEPS[name] // 2,
                 log,
                 mode,
             )
-            for name in o.replica_models
-            for mode in o.replica_modes
+            for name in o.replicate_models
+            for mode in o.replicate_modes
         ]
     result["environment"]["load_after"] = harness.load_average()
     return result

@@ -6,7 +6,7 @@ Three parts, each in a fresh process on the machine's default backend:
 
 1. the test suite (``pytest``) with ``JAX_PLATFORMS`` set to that backend;
 2. the benchmark (``experiments.bench``): LeNet-300-100 and Conv-2/4/6, real and quaternion, and
-   R = 1 against R = ``--replicas`` replicates in one compiled epoch, replicates sharing a device
+   R = 1 against R = ``--replicates`` replicates in one compiled epoch, replicates sharing a device
    run both unrolled and vmapped (the faster one should be the backend's default);
 3. a Conv-4 lottery-ticket run of ``--rounds`` pruning rounds on synthetic CIFAR-shaped data
    through the library's IMP (:mod:`benchmarks.accelerator`), timed per epoch, with the compiled
@@ -33,7 +33,7 @@ PARTS = ("tests", "bench", "imp")
 
 flags.DEFINE_string("out", None, "the report (Markdown); default results/accelerator_<platform>.md")
 flags.DEFINE_list("parts", list(PARTS), "which parts to run: tests, bench, imp")
-flags.DEFINE_integer("replicas", 8, "R for the replicates-at-once benchmark")
+flags.DEFINE_integer("replicates", 8, "R for the replicates-at-once benchmark")
 flags.DEFINE_integer("windows", 5, "timed windows per benchmark measurement")
 flags.DEFINE_integer("rounds", 3, "pruning rounds of the Conv-4 run (after the dense round 0)")
 flags.DEFINE_integer("epochs", 2, "epochs per round of the Conv-4 run")
@@ -70,9 +70,9 @@ def run_bench(platform: str, json_path: Path) -> str:
         "--models=lenet300_100,conv2,conv4,conv6",
         f"--windows={FLAGS.windows}",
         "--epochs=0",
-        f"--replicas={FLAGS.replicas}",
-        "--replica_models=lenet300_100,conv4",
-        "--replica_modes=unroll,vmap",
+        f"--replicates={FLAGS.replicates}",
+        "--replicate_models=lenet300_100,conv4",
+        "--replicate_modes=unroll,vmap",
         "--no_references",
         "--no_xla_conv",
         f"--json={json_path}",

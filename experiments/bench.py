@@ -38,11 +38,13 @@ flags.DEFINE_string("data_dir", _D.data_dir, "tfds data directory for MNIST")
 flags.DEFINE_bool(
     "synthetic_epochs", _D.synthetic_epochs, "random MNIST-shaped data instead of MNIST"
 )
-flags.DEFINE_integer("replicas", _D.replicas, "R for the replicate benchmark (0: skip)")
-flags.DEFINE_list("replica_models", list(_D.replica_models), "models for the replicate benchmark")
+flags.DEFINE_integer("replicates", _D.replicates, "R for the replicate benchmark (0: skip)")
 flags.DEFINE_list(
-    "replica_modes",
-    list(_D.replica_modes),
+    "replicate_models", list(_D.replicate_models), "models for the replicate benchmark"
+)
+flags.DEFINE_list(
+    "replicate_modes",
+    list(_D.replicate_modes),
     "how replicates sharing a device run: auto | unroll | vmap (several to compare)",
 )
 flags.DEFINE_bool(
@@ -80,9 +82,9 @@ def options_from_flags() -> Options:
         train_subset=FLAGS.train_subset,
         data_dir=FLAGS.data_dir,
         synthetic_epochs=FLAGS.synthetic_epochs,
-        replicas=FLAGS.replicas,
-        replica_models=names("replica_models"),
-        replica_modes=names("replica_modes"),
+        replicates=FLAGS.replicates,
+        replicate_models=names("replicate_models"),
+        replicate_modes=names("replicate_modes"),
         references=not FLAGS.no_references,
         torch_python=FLAGS.torch_python,
         layers=FLAGS.layers,

@@ -159,7 +159,7 @@ class Experiment:
             trainer = train.Trainer(
                 train.epoch_spec(d, config.batch_size),
                 eval_batch=config.eval_batch,
-                replicas=None if config.replicates == 1 else config.replicates,
+                replicates=config.replicates,
             )
         except qdata.DatasetUnavailableError:
             raise
@@ -179,7 +179,6 @@ class Experiment:
             train_data,
             eval_data,
             epochs=config.epochs,
-            replicates=config.replicates,
             eval_every=config.eval_every,
             log_every=config.log_every,
             checkpoint_every_secs=config.checkpoint_every_secs,

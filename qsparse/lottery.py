@@ -29,6 +29,7 @@ replicate has no further rounds.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -49,6 +50,7 @@ from qsparse.experiment import (
     record_invocation,
     resolve,
 )
+from qsparse.progress import RunProgress
 
 logger = logging.getLogger(__name__)
 
@@ -98,23 +100,24 @@ class Lottery(Experiment):
     def replicates(self) -> None:
         """Every replicate's protocol (:meth:`_protocol`), in lockstep: the trainings they ask for
         next are trained together, in one compiled epoch (:meth:`qsparse.loop.Loop.run`)."""
-        self.loop.run_progress = self._run_progress()
+        self._progress = self._run_progress()
         self._boards: dict[Path, summaries.Writer] = {}
+        epochs = dataclasses.replace(self.loop, progress=self._progress)  # told of each epoch
         try:
             protocols = {r: self._protocol(r) for r in range(self.config.replicates)}
             jobs: dict[int, loop.Job] = {}
             for r in protocols:
                 _advance(protocols, jobs, r, None)
             while jobs:
-                results = self.loop.run(jobs)
+                results = epochs.run(jobs)
                 for r in sorted(results):
                     _advance(protocols, jobs, r, results[r])
         finally:
-            self.loop.run_progress.close()
+            self._progress.close()
             for board in self._boards.values():
                 board.close()
 
-    def _run_progress(self) -> loop.RunProgress:
+    def _run_progress(self) -> RunProgress:
         """The whole run's progress, counting what earlier invocations finished."""
         cfg = self.config
         searches = self._searches(0)
@@ -122,7 +125,7 @@ class Lottery(Experiment):
         done_rounds = sum(rd.done.exists() for rd in rounds)
         # a run of an earlier qsparse may hold a search of its last round too, which is not counted
         done_searches = sum(rd.search.final.exists() for rd in rounds if rd.level < cfg.rounds)
-        return loop.RunProgress(
+        return RunProgress(
             rounds=cfg.replicates * (cfg.rounds + 1),
             trainings=cfg.replicates * (cfg.rounds + 1 + searches),
             epochs=cfg.epochs,
@@ -142,7 +145,7 @@ class Lottery(Experiment):
         """Replicate stopped early: rounds ``first``.. and searches ``first_search``.. will not
         run."""
         rounds = self.config.rounds + 1 - first
-        self.loop.run_progress.dropped(rounds, rounds + self._searches(first_search))
+        self._progress.dropped(rounds, rounds + self._searches(first_search))
 
     def _board(self, rd: rundir.Round) -> summaries.Writer:
         """The TensorBoard events of ``rd``'s replicate: its curves against the round."""

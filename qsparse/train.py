@@ -1,32 +1,18 @@
 """Masked training: a TrainState with masks, and a whole epoch as one compiled call.
 
-The masks are an ordinary field of the state, hence an *argument* of the compiled epoch: one
-compilation serves every pruning round (rigl's JAX code baked masks into the model and
-recompiled per mask). They act three times:
-
-1. forward: the params are masked once when an epoch starts, so the loss always sees
-   ``where(mask, params, 0)`` and the quaternion component kernel is masked *before* it is
-   expanded to the real block matrix; the gradient of pruned weights is zeroed (the gradient of
-   ``where(mask, params, 0)``, computed without a per-step copy of the masked kernels);
-2. updates: :func:`zero_pruned` zeroes the optimizer's updates of pruned weights (stale Adam
-   moments, carried optimizer state or weight decay would otherwise move them);
-3. projection: the new params are masked again, so every saved checkpoint is exactly sparse.
-
-An epoch is one ``lax.fori_loop`` over the batches ``start <= i < stop`` (a ``while`` loop with
-dynamic bounds, so a full epoch, a rewind point inside an epoch and a resume share one
-compilation), inside ``jax.jit(jax.shard_map(...))`` over a device mesh of shape
-``(replica, data)`` that spans every process. Replicates are independent trainings (own params,
-optimizer state, masks and data order): they are spread over the ``replica`` axis, and the
-replicates that share a device run in one loop body. Along the ``data`` axis each device takes
-its slice of every global batch and gradients are averaged with ``pmean`` (an all-reduce, the
-only collective used). Explicit per-device code rather than automatic sharding: with two forced
-host CPU devices, automatically sharded ``jit`` deadlocked in an all-reduce rendezvous while
-per-device code did not (tests/test_devices.py guards it).
+The masks are a field of the state; how the epoch applies them, and the per-device code of the
+epoch, are in :mod:`qsparse.epoch`. It runs inside ``jax.jit(jax.shard_map(...))`` over a device
+mesh of shape ``(replicate, data)`` that spans every process. Replicates are independent
+trainings (own params, optimizer state, masks and data order): they are spread over the
+``replicate`` axis, and the replicates that share a device run in one loop body. Along the
+``data`` axis each device takes its slice of every global batch and gradients are averaged with
+``pmean`` (an all-reduce, the only collective used). Explicit per-device code rather than
+automatic sharding: with two forced host CPU devices, automatically sharded ``jit`` deadlocked in
+an all-reduce rendezvous while per-device code did not (tests/test_devices.py guards it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -41,11 +27,14 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from qsparse import augment, cpu
+from qsparse import cpu
+from qsparse import epoch as qepoch
 from qsparse import masks as qmasks
+from qsparse.config import OPTIMIZERS
+from qsparse.epoch import EpochSpec, slot
+from qsparse.epoch import stack as stack  # the trainer's shape of R states: train.stack
 
-REPLICA, DATA = "replica", "data"
-OPTIMIZERS = ("adam", "sgd")
+REPLICATE, DATA = "replicate", qepoch.DATA
 
 
 class TrainState(train_state.TrainState):
@@ -82,199 +71,21 @@ def create_train_state(
     return state.replace(step=jnp.zeros((), jnp.int32))
 
 
-def stack_states(states: Sequence[TrainState]) -> TrainState:
-    """R states of the same structure -> one state whose leaves have a leading replica axis."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-
-
-def unstack_states(state: TrainState) -> list[TrainState]:
-    """Inverse of :func:`stack_states`."""
-    n = jax.tree.leaves(state)[0].shape[0]
-    return [jax.tree.map(lambda x, i=i: x[i], state) for i in range(n)]
-
-
-@dataclasses.dataclass(frozen=True)
-class EpochSpec:
-    """Static facts that shape the compiled epoch (hashable: one compilation per spec)."""
-
-    batch_size: int
-    steps: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    augment: bool
-
-
-# ---------------------------------------------------------------------------------------------
-# The compiled epoch (per-device code, run inside shard_map)
-# ---------------------------------------------------------------------------------------------
-
-
-def _loss(params, apply_fn, images, labels):
-    logits = apply_fn({"params": params}, images)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, jnp.sum(jnp.argmax(logits, -1) == labels)
-
-
-def _batch(spec: EpochSpec, n_data: int, images, labels, order, aug_key, step):
-    """This device's slice of global batch ``step``: gathered, augmented, normalised."""
-    per_device = spec.batch_size // n_data
-    idx = order[step]
-    if n_data > 1:
-        start = jax.lax.axis_index(DATA) * per_device
-        idx = jax.lax.dynamic_slice_in_dim(idx, start, per_device)
-    x, y = images[idx], labels[idx]
-    if spec.augment:
-        # one key per *global* example, so the device split does not change the transform
-        keys = jax.random.split(jax.random.fold_in(aug_key, step), spec.batch_size)
-        if n_data > 1:
-            keys = jax.lax.dynamic_slice_in_dim(keys, start, per_device)
-        x = augment.augment(keys, x)
-    return augment.normalize(x, spec.mean, spec.std), y
-
-
-def _prepare(spec: EpochSpec, n_images: int, state: TrainState, key):
-    """The epoch's data order and augmentation key; params exactly zero where pruned from here on
-    (so the loss sees the masked params)."""
-    order_key, aug_key = jax.random.split(key)
-    order = jax.random.permutation(order_key, n_images)[: spec.steps * spec.batch_size]
-    state = state.replace(params=qmasks.apply(state.params, state.masks))
-    return state, order.reshape(spec.steps, spec.batch_size), aug_key
-
-
-def _step(spec: EpochSpec, n_data: int, images, labels, state: TrainState, order, aug_key, i):
-    """One masked training step on global batch ``i``; returns the state, its loss and hits."""
-    x, y = _batch(spec, n_data, images, labels, order, aug_key, i)
-    (loss, hits), grads = jax.value_and_grad(_loss, has_aux=True)(
-        state.params, state.apply_fn, x, y
-    )
-    grads = qmasks.apply(grads, state.masks)  # the gradient of where(mask, params, 0)
-    if n_data > 1:
-        grads = jax.lax.pmean(grads, DATA)
-        loss, hits = jax.lax.pmean(loss, DATA), jax.lax.psum(hits, DATA)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params, masks=state.masks)
-    params = qmasks.apply(optax.apply_updates(state.params, updates), state.masks)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), loss, hits
-
-
-def _train_epoch(
-    spec: EpochSpec,
-    n_data: int,
-    local: int | None,
-    mode: str,
-    state: TrainState,
-    images,
-    labels,
-    key,
-    start,
-    stop,
-):
-    """Steps ``start <= i < stop`` of the epoch whose data order and augmentation come from ``key``.
-
-    ``local`` is None for one state, or the number of replicates stacked on this device (leading
-    axis of every leaf of ``state`` and ``key``); ``mode`` says how they share the loop body:
-    ``"unroll"`` (R copies of the step) or ``"vmap"``.
-    """
-    prepare = functools.partial(_prepare, spec, images.shape[0])
-    step = functools.partial(_step, spec, n_data, images, labels)
-    zero = () if local is None else (local,)
-    if local is None:
-        state, order, aug_key = prepare(state, key)
-    elif mode == "vmap":
-        state, order, aug_key = jax.vmap(prepare)(state, key)
-        step = jax.vmap(step, in_axes=(0, 0, 0, None))
-    else:
-        parts = [prepare(jax.tree.map(lambda x, r=r: x[r], state), key[r]) for r in range(local)]
-        state, order, aug_key = (tuple(p[k] for p in parts) for k in range(3))
-        single = step
-
-        def step(states, orders, aug_keys, i):
-            out = [single(s, o, a, i) for s, o, a in zip(states, orders, aug_keys)]
-            return (
-                tuple(o[0] for o in out),
-                jnp.stack([o[1] for o in out]),
-                jnp.stack([o[2] for o in out]),
-            )
-
-    def body(i, carry):
-        state, loss_sum, correct = carry
-        state, loss, hits = step(state, order, aug_key, i)
-        return state, loss_sum + loss, correct + hits
-
-    init = (state, jnp.zeros(zero, jnp.float32), jnp.zeros(zero, jnp.int32))
-    state, loss_sum, correct = jax.lax.fori_loop(start, stop, body, init)
-    if isinstance(state, tuple):
-        state = stack_states(state)
-    n = jnp.maximum(stop - start, 1)
-    return state, {"train_loss": loss_sum / n, "train_acc": correct / (n * spec.batch_size)}
-
-
-def _evaluate(mean, std, batch: int, n_data: int, state: TrainState, images, labels):
-    """Loss and accuracy on a whole split; the chunks of ``batch`` examples are dealt round-robin
-    over the ``data`` axis and the sums all-reduced."""
-    n = images.shape[0]
-    rounds = -(-n // (batch * n_data))
-    pad = rounds * n_data * batch - n
-    images = jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)])
-    labels = jnp.concatenate([labels, jnp.zeros((pad,), labels.dtype)])
-    valid = jnp.arange(images.shape[0]) < n
-    params = qmasks.apply(state.params, state.masks)
-    device = jax.lax.axis_index(DATA) if n_data > 1 else 0
-
-    def chunk(carry, i):
-        sl = lambda a: jax.lax.dynamic_slice_in_dim(a, (i * n_data + device) * batch, batch)  # noqa: E731
-        logits = state.apply_fn({"params": params}, augment.normalize(sl(images), mean, std))
-        y, w = sl(labels), sl(valid)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        return (
-            carry[0] + jnp.sum(jnp.where(w, loss, 0.0)),
-            carry[1] + jnp.sum(w & (jnp.argmax(logits, -1) == y)),
-        ), None
-
-    (loss, correct), _ = jax.lax.scan(
-        chunk, (jnp.zeros(()), jnp.zeros((), jnp.int32)), jnp.arange(rounds)
-    )
-    if n_data > 1:
-        loss, correct = jax.lax.psum(loss, DATA), jax.lax.psum(correct, DATA)
-    return {"loss": loss / n, "acc": correct / n}
-
-
-def _squeezed(fn: Callable, stacked: tuple[int, ...]) -> Callable:
-    """``fn`` for a device group that holds one replicate: the replica axis (size 1) is dropped
-    from the ``stacked`` arguments and put back on every output, so the group runs the lone-run
-    program."""
-
-    def wrapped(*args):
-        args = [jax.tree.map(lambda x: x[0], a) if i in stacked else a for i, a in enumerate(args)]
-        return jax.tree.map(lambda x: x[None], fn(*args))
-
-    return wrapped
-
-
-def _per_replica(fn: Callable, local: int | None, mode: str, *stacked):
-    """``fn`` on each replicate of leading-axis-stacked arguments, results stacked again."""
-    if local is None:
-        return fn(*stacked)
-    if mode == "vmap":
-        return jax.vmap(fn)(*stacked)
-    outs = [fn(*jax.tree.map(lambda x, r=r: x[r], stacked)) for r in range(local)]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-
-
 # ---------------------------------------------------------------------------------------------
 # The trainer: shardings, compilation, host transfers
 # ---------------------------------------------------------------------------------------------
 
-REPLICA_MODES = ("auto", "unroll", "vmap")
+REPLICATE_MODES = ("auto", "unroll", "vmap")
 
 
-def replica_mesh(replicas: int, devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
-    """A ``(replica, data)`` mesh: ``gcd(R, n)`` groups of devices, each training ``R / groups``
+def replicate_mesh(replicates: int, devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
+    """A ``(replicate, data)`` mesh: ``gcd(R, n)`` groups of devices, each training ``R / groups``
     replicates data-parallel over its ``n / groups`` devices (R = 1: pure data parallelism;
     R a multiple of n: one device per group, no collectives)."""
-    groups = math.gcd(replicas, len(devices))
+    groups = math.gcd(replicates, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * 2
     return jax.make_mesh(
-        (groups, len(devices) // groups), (REPLICA, DATA), axis_types=auto, devices=devices
+        (groups, len(devices) // groups), (REPLICATE, DATA), axis_types=auto, devices=devices
     )
 
 
@@ -283,17 +94,21 @@ class Trainer:
 
     Build it once per run and reuse it for every round: the compiled functions take the state
     (params, optimizer state, masks) and data as arguments, and ``trace_count`` counts how often
-    the epoch was traced (tests assert it stays at one). States go in and come out as ordinary
-    pytrees of the model's shapes; which device holds what is the trainer's business.
+    the epoch was traced (tests assert it stays at one). Which device holds what is the
+    trainer's business.
 
-    ``devices`` (default: every device of every process) form a :func:`replica_mesh`. With
-    ``replicas=R`` the trainer trains R independent replicates at once: states are stacked with
-    :func:`stack_states`, ``key`` is an ``(R,)`` array of keys (one data order per replicate), and
-    metrics come back as lists of R floats. Replicate r computes what a single-replicate trainer
-    computes for ``(state_r, key_r)``: bit for bit where it has a device group to itself of the
-    same size, to float rounding where it shares a loop body (``replica_mode``: ``"unroll"``, R
-    copies of the step, measured faster on CPU in results/bench_scaleout_cpu.md; ``"vmap"``,
-    batched kernels; ``"auto"``, unroll on CPU and vmap elsewhere).
+    It trains ``replicates`` = R independent replicates at once, R = 1 included: states go in
+    and come out with a leading replicate axis (:func:`stack`; :func:`slot` takes replicate r
+    out), ``key`` is an ``(R,)`` array of keys (one data order per replicate), and metrics come
+    back as lists of R floats. ``devices`` (default: every device of every process) form a
+    :func:`replicate_mesh`. Replicate r computes what a trainer of one replicate computes for
+    ``(state_r, key_r)``: bit for bit where it has a device group to itself of the same size (the
+    lone program runs there), to float rounding where it shares a loop body
+    (``replicate_mode``: ``"unroll"``, R copies of the step, measured faster on CPU in
+    results/bench_scaleout_cpu.md; ``"vmap"``, batched kernels; ``"auto"``, unroll on CPU and
+    vmap elsewhere). :meth:`train_epoch` donates a state it returned earlier (its buffers become
+    the new state's, as big_vision's ``donate_argnums``); a state built by the caller is copied
+    to the devices and stays usable.
 
     ``compiler_options`` are XLA options for compiling the epoch: ``"auto"`` (default) asks
     :func:`qsparse.cpu.compiler_options`; ``None`` uses XLA's defaults; a dict is used as given.
@@ -304,18 +119,20 @@ class Trainer:
         spec: EpochSpec,
         devices: Sequence[jax.Device] | None = None,
         eval_batch: int = 1000,
-        replicas: int | None = None,
+        replicates: int = 1,
         compiler_options: dict | str | None = "auto",
-        replica_mode: str = "auto",
+        replicate_mode: str = "auto",
     ):
-        if replicas is not None and replicas < 1:
-            raise ValueError(f"replicas must be a positive number, got {replicas}")
-        if replica_mode not in REPLICA_MODES:
-            raise ValueError(f"replica_mode {replica_mode!r} is not one of {REPLICA_MODES}")
-        self.spec, self.replicas, self.eval_batch = spec, replicas, eval_batch
+        if replicates < 1:
+            raise ValueError(f"replicates must be a positive number, got {replicates}")
+        if replicate_mode not in REPLICATE_MODES:
+            raise ValueError(
+                f"replicate_mode {replicate_mode!r} is not one of {list(REPLICATE_MODES)}"
+            )
+        self.spec, self.replicates, self.eval_batch = spec, replicates, eval_batch
         self.compiler_options = compiler_options
         self.devices = list(devices or jax.devices())
-        self.mesh = replica_mesh(replicas or 1, self.devices)
+        self.mesh = replicate_mesh(replicates, self.devices)
         groups, n_data = self.mesh.devices.shape
         if spec.batch_size % n_data:
             raise ValueError(
@@ -324,20 +141,12 @@ class Trainer:
                 "groups)"
             )
         self.platform = self.devices[0].platform
-        self.replica_mode = (
-            ("unroll" if self.platform == "cpu" else "vmap")
-            if replica_mode == "auto"
-            else replica_mode
-        )
-        self.n_data = n_data
-        # one state: replicated everywhere; R states: the replica axis split over device groups
-        self._local = None if replicas is None or replicas == groups else replicas // groups
-        self._squeeze = (
-            replicas is not None and self._local is None
-        )  # one replicate per device group
-        self._state_spec = P() if replicas is None else P(REPLICA)
+        if replicate_mode == "auto":
+            replicate_mode = "unroll" if self.platform == "cpu" else "vmap"
+        self.replicate_mode, self.n_data = replicate_mode, n_data
+        self._local = replicates // groups  # replicates per device group (1: the lone program)
         self._replicated = NamedSharding(self.mesh, P())
-        self._state_sharding = NamedSharding(self.mesh, self._state_spec)
+        self._state_sharding = NamedSharding(self.mesh, P(REPLICATE))
         self.trace_count = 0
         self._epoch: Callable | None = None
         self._eval: Callable | None = None
@@ -385,9 +194,9 @@ class Trainer:
             for b in blocks:
                 full = jnp.zeros((b.shape[0] * groups, *b.shape[1:]), b.dtype)
                 full = jax.lax.dynamic_update_slice_in_dim(
-                    full, b, jax.lax.axis_index(REPLICA) * b.shape[0], 0
+                    full, b, jax.lax.axis_index(REPLICATE) * b.shape[0], 0
                 )
-                out.append(jax.lax.psum(full, REPLICA))
+                out.append(jax.lax.psum(full, REPLICATE))
             return out
 
         specs = tuple(x.sharding.spec if isinstance(x, jax.Array) else P() for x in leaves)
@@ -399,48 +208,52 @@ class Trainer:
     def _options(self, state: TrainState, images) -> dict | None:
         if self.compiler_options != "auto":
             return self.compiler_options
-        params = (
-            state.params if self.replicas is None else jax.tree.map(lambda x: x[0], state.params)
-        )
+        params = slot(state.params, 0)
         return cpu.compiler_options(self.platform, state.apply_fn, params, images.shape[1:])
 
     def _keys(self, key) -> jax.Array:
-        if self.replicas is not None and jnp.shape(key) != (self.replicas,):
+        if jnp.shape(key) != (self.replicates,):
             raise ValueError(
-                f"a trainer of {self.replicas} replicas needs {self.replicas} keys, got shape "
-                f"{jnp.shape(key)}"
+                f"a trainer of {self.replicates} replicates needs {self.replicates} keys (an "
+                f"array of shape ({self.replicates},)), got shape {jnp.shape(key)}"
             )
         return self._put(jax.random.key_data(key), self._state_sharding)
 
-    def _compile(self, fn: Callable, in_specs: tuple, options: dict | None = None) -> Callable:
+    def _compile(self, fn: Callable, in_specs: tuple, options=None, donate=()) -> Callable:
         """``fn`` (per-device code) as one compiled program over the mesh; state-shaped outputs."""
-        s = self._state_spec
+        s = P(REPLICATE)
         return jax.jit(
             jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=s, check_vma=False),
             compiler_options=options,
+            donate_argnums=donate,
         )
 
     def _build_epoch(self, state, images) -> Callable:
-        spec, n_data, local, mode = self.spec, self.n_data, self._local, self.replica_mode
+        spec, n_data, mode = self.spec, self.n_data, self.replicate_mode
+        local = None if self._local == 1 else self._local
 
         def epoch(state, images, labels, keys, start, stop):
             self.trace_count += 1
-            return _train_epoch(spec, n_data, local, mode, state, images, labels, keys, start, stop)
+            return qepoch.train_epoch(
+                spec, n_data, local, mode, state, images, labels, keys, start, stop
+            )
 
-        if self._squeeze:
-            epoch = _squeezed(epoch, stacked=(0, 3))
+        if local is None:
+            epoch = qepoch.squeezed(epoch, stacked=(0, 3))
 
         def body(state, images, labels, key_data, start, stop):
             return epoch(state, images, labels, jax.random.wrap_key_data(key_data), start, stop)
 
-        s = self._state_spec
-        return self._compile(body, (s, P(), P(), s, P(), P()), self._options(state, images))
+        s = P(REPLICATE)
+        options = self._options(state, images)
+        # donated: a placed state's buffers become the new state's
+        return self._compile(body, (s, P(), P(), s, P(), P()), options, donate=(0,))
 
     def train_epoch(
         self, state: TrainState, images, labels, key, start: int = 0, stop: int | None = None
     ):
-        """Run steps [start, stop) of one epoch; metrics as floats (per-replica lists with
-        ``replicas``)."""
+        """Run steps [start, stop) of one epoch of every replicate; metrics as lists of floats,
+        one per replicate. A ``state`` this trainer returned is donated: use the new one."""
         stop = self.spec.steps if stop is None else stop
         keys = self._keys(key)
         state = self._put(state, self._state_sharding)
@@ -449,34 +262,35 @@ class Trainer:
             self._epoch = self._build_epoch(state, images)
         bounds = self._put((np.int32(start), np.int32(stop)), self._replicated)
         state, metrics = self._epoch(state, images, labels, keys, *bounds)
-        return state, {k: _to_float(v) for k, v in self.fetch(metrics).items()}
+        return state, {k: _to_floats(v) for k, v in self.fetch(metrics).items()}
 
-    def evaluate(self, state: TrainState, images, labels) -> dict[str, float]:
-        """Loss and accuracy on a whole split (lists with ``replicas``)."""
+    def evaluate(self, state: TrainState, images, labels) -> dict[str, list[float]]:
+        """Loss and accuracy of every replicate on a whole split (lists, one per replicate)."""
         if images.shape[0] == 0:
-            nan = float("nan") if self.replicas is None else [float("nan")] * self.replicas
+            nan = [float("nan")] * self.replicates
             return {"loss": nan, "acc": nan}
         if self._eval is None:
             one = functools.partial(
-                _evaluate, self.spec.mean, self.spec.std, self.eval_batch, self.n_data
+                qepoch.evaluate, self.spec.mean, self.spec.std, self.eval_batch, self.n_data
             )
-            if self._squeeze:
-                evaluate = _squeezed(one, stacked=(0,))
+            if self._local == 1:
+                evaluate = qepoch.squeezed(one, stacked=(0,))
             else:
-                local, mode = self._local, self.replica_mode
+                local, mode = self._local, self.replicate_mode
 
                 def evaluate(state, images, labels):
-                    return _per_replica(lambda s: one(s, images, labels), local, mode, state)
+                    return qepoch.per_replicate(
+                        lambda s: one(s, images, labels), local, mode, state
+                    )
 
-            self._eval = self._compile(evaluate, (self._state_spec, P(), P()))
+            self._eval = self._compile(evaluate, (P(REPLICATE), P(), P()))
         state = self._put(state, self._state_sharding)
         images, labels = self.put_data(images, labels)
-        return {k: _to_float(v) for k, v in self.fetch(self._eval(state, images, labels)).items()}
+        return {k: _to_floats(v) for k, v in self.fetch(self._eval(state, images, labels)).items()}
 
 
-def _to_float(v):
-    v = np.asarray(v)
-    return float(v) if v.ndim == 0 else [float(x) for x in v]
+def _to_floats(v) -> list[float]:
+    return [float(x) for x in np.asarray(v)]
 
 
 def epoch_spec(dataset, batch_size: int) -> EpochSpec:

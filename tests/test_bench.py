@@ -27,8 +27,8 @@ def test_bench_smoke(tmp_path):
             epochs=1,
             train_subset=600,
             synthetic_epochs=True,
-            replicas=2,
-            replica_modes=["unroll", "vmap"],
+            replicates=2,
+            replicate_modes=["unroll", "vmap"],
             references=False,
         )
     )
@@ -60,7 +60,7 @@ def test_bench_conv_model_both_convolutions_and_layers(tmp_path):
             window_steps=1,
             peak_size=128,
             epochs=0,
-            replicas=0,
+            replicates=0,
             references=False,
             layers=True,
         )
@@ -132,7 +132,7 @@ def test_cli_empty_lists_mean_none(tmp_path):
         "--windows=1",
         "--peak_size=64",
         "--epochs=0",
-        "--replicas=0",
+        "--replicates=0",
         "--no_references",
         f"--json={out_json}",
         f"--markdown={out_md}",

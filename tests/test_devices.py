@@ -30,9 +30,9 @@ SCRIPT = textwrap.dedent("""
     data = trainer.put_data(images, labels)
     tx = train.make_optimizer("adam", 1e-3)
     for run in range(20):
-        state = train.create_train_state(model, params, M.ones(params), tx)
-        state, metrics = trainer.train_epoch(state, *data, jax.random.key(run))
-        assert np.isfinite(metrics["train_loss"])
+        state = train.stack([train.create_train_state(model, params, M.ones(params), tx)])
+        state, metrics = trainer.train_epoch(state, *data, train.stack([jax.random.key(run)]))
+        assert np.isfinite(metrics["train_loss"]).all()
     print("OK", trainer.trace_count)
 """)
 

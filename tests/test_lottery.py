@@ -92,11 +92,14 @@ def test_round_starts_from_rewind_params_times_mask(quat_run, mnist_dir):
     )
     trainer = train.Trainer(train.epoch_spec(ds, 60))
     state = train.create_train_state(model, theta0, masks, train.make_optimizer("adam", config.lr))
+    state = train.stack([state])
     _, data_key, _ = lottery.replicate_keys(config.seed, 0)
     images, labels = trainer.put_data(ds.train_images, ds.train_labels)
     for epoch in range(config.epochs):
-        state, _ = trainer.train_epoch(state, images, labels, jax.random.fold_in(data_key, epoch))
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(final.params)):
+        key = train.stack([jax.random.fold_in(data_key, epoch)])
+        state, _ = trainer.train_epoch(state, images, labels, key)
+    params = train.slot(trainer.fetch(state.params), 0)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(final.params)):
         np.testing.assert_array_equal(a, b)
 
 

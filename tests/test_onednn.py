@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qsparse import cpu, models, pruning, train
+from qsparse import cpu, epoch, models, pruning, train
 from qsparse import masks as M
 from qsparse.cpu import onednn
 
@@ -143,12 +143,13 @@ def test_training_epoch_matches_xla_convolutions(choice):
         choice(backend)
         trainer = train.Trainer(spec)
         state = train.create_train_state(model, params, masks, train.make_optimizer("adam", 1e-2))
+        state = train.stack([state])
         data = trainer.put_data(images, labels)
         for e in range(2):
-            state, metrics = trainer.train_epoch(state, *data, jax.random.key(e))
+            state, metrics = trainer.train_epoch(state, *data, train.stack([jax.random.key(e)]))
         lowered = (
-            jax.jit(lambda s, x, y: train._evaluate(spec.mean, spec.std, 10, 1, s, x, y))
-            .lower(state, jnp.asarray(images[:30]), jnp.asarray(labels[:30]))
+            jax.jit(lambda s, x, y: epoch.evaluate(spec.mean, spec.std, 10, 1, s, x, y))
+            .lower(train.slot(state, 0), jnp.asarray(images[:30]), jnp.asarray(labels[:30]))
             .as_text()
         )
         assert ("qsparse_onednn_conv_forward" in lowered) == (backend == "onednn")

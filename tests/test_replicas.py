@@ -1,4 +1,4 @@
-"""Trainer(replicas=R): R replicates in one compiled epoch equal R separate runs."""
+"""Trainer(replicates=R): R replicates in one compiled epoch equal R separate runs."""
 
 import os
 import subprocess
@@ -41,28 +41,29 @@ def run_separately(spec, states, data, epochs, ranges=None):
     trainer = train.Trainer(spec)
     out = []
     for r, state in enumerate(states):
-        rstate = state
+        rstate = train.stack([state])
         for e in range(epochs):
             for start, stop in ranges or [(0, spec.steps)]:
-                rstate, metrics = trainer.train_epoch(rstate, *data, epoch_keys(e)[r], start, stop)
-        out.append((rstate, metrics))
+                key = train.stack([epoch_keys(e)[r]])
+                rstate, metrics = trainer.train_epoch(rstate, *data, key, start, stop)
+        out.append(train.slot((trainer.fetch(rstate), metrics), 0))
     return out
 
 
 def run_together(spec, states, data, epochs, ranges=None):
-    trainer = train.Trainer(spec, replicas=R)
-    rstate = train.stack_states(states)
+    trainer = train.Trainer(spec, replicates=R)
+    rstate = train.stack(states)
     for e in range(epochs):
         for start, stop in ranges or [(0, spec.steps)]:
             rstate, metrics = trainer.train_epoch(
-                rstate, *data, jnp.stack(epoch_keys(e)), start, stop
+                rstate, *data, train.stack(epoch_keys(e)), start, stop
             )
-    return trainer, rstate, metrics
+    return trainer, trainer.fetch(rstate), metrics
 
 
 def assert_same(separate, together, metrics, rtol=1e-5, atol=1e-6):
     for r, (state, m) in enumerate(separate):
-        mine = train.unstack_states(together)[r]
+        mine = train.slot(together, r)
         for a, b, mask in zip(
             jax.tree.leaves(state.params),
             jax.tree.leaves(mine.params),
@@ -76,7 +77,7 @@ def assert_same(separate, together, metrics, rtol=1e-5, atol=1e-6):
 
 
 @pytest.mark.parametrize("algebra", ["real", "quat"])
-def test_replicas_equal_separate_runs_lenet(algebra):
+def test_replicates_equal_separate_runs_lenet(algebra):
     model = models.create("lenet12", algebra, num_classes=3, features=(16,))
     states = replicate_states(model, (8, 8, 1), train.make_optimizer("adam", 1e-2), [0.2, 0.5, 0.8])
     data = train.Trainer(SPEC).put_data(*toy_data())
@@ -89,7 +90,7 @@ def test_replicas_equal_separate_runs_lenet(algebra):
     assert not np.allclose(first[0], first[1])
 
 
-def test_replicas_equal_separate_runs_conv_with_augmentation_and_partial_epochs():
+def test_replicates_equal_separate_runs_conv_with_augmentation_and_partial_epochs():
     spec = train.EpochSpec(batch_size=12, steps=5, mean=(0.5,) * 3, std=(0.25,) * 3, augment=True)
     model = models.create("conv2", "quat", num_classes=3, stages=((8, 8),), dense_features=(16,))
     states = replicate_states(model, (8, 8, 3), train.make_optimizer("sgd", 1e-2), [0.0, 0.3, 0.6])
@@ -101,32 +102,40 @@ def test_replicas_equal_separate_runs_conv_with_augmentation_and_partial_epochs(
     assert trainer.trace_count == 1
 
 
-def test_replicas_evaluate_and_key_check():
+def test_replicates_evaluate_and_key_check():
     model = models.create("lenet12", "quat", num_classes=3, features=(16,))
     states = replicate_states(model, (8, 8, 1), train.make_optimizer("adam", 1e-2), [0.2, 0.5, 0.8])
     images, labels = (jnp.asarray(a) for a in toy_data(130, seed=1))
     single = train.Trainer(SPEC)
-    trainer = train.Trainer(SPEC, replicas=R)
-    together = trainer.evaluate(train.stack_states(states), images, labels)
+    trainer = train.Trainer(SPEC, replicates=R)
+    together = trainer.evaluate(train.stack(states), images, labels)
     for r, state in enumerate(states):
-        alone = single.evaluate(state, images, labels)
-        np.testing.assert_allclose(together["acc"][r], alone["acc"], rtol=1e-6)
-        np.testing.assert_allclose(together["loss"][r], alone["loss"], rtol=1e-5)
-    rstate = train.stack_states(states)
+        alone = single.evaluate(train.stack([state]), images, labels)
+        assert len(alone["acc"]) == 1 and len(together["acc"]) == R
+        np.testing.assert_allclose(together["acc"][r], alone["acc"][0], rtol=1e-6)
+        np.testing.assert_allclose(together["loss"][r], alone["loss"][0], rtol=1e-5)
+    empty = trainer.evaluate(train.stack(states), images[:0], labels[:0])
+    assert len(empty["acc"]) == R and np.isnan(empty["acc"]).all()
+    data = trainer.put_data(*toy_data())
     with pytest.raises(ValueError, match="needs 3 keys"):
-        trainer.train_epoch(rstate, *trainer.put_data(*toy_data()), jax.random.key(0))
-    with pytest.raises(ValueError, match="replicas must be a positive number"):
-        train.Trainer(SPEC, replicas=0)
+        trainer.train_epoch(train.stack(states), *data, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"needs 1 keys \(an array of shape \(1,\)\)"):
+        single.train_epoch(train.stack(states[:1]), *data, jax.random.key(0))
+    with pytest.raises(ValueError, match="replicates must be a positive number, got 0"):
+        train.Trainer(SPEC, replicates=0)
+    with pytest.raises(ValueError, match=r"replicate_mode 'pmap' is not one of \['auto'"):
+        train.Trainer(SPEC, replicate_mode="pmap")
 
 
-def test_stack_and_unstack_are_inverse():
+def test_slot_takes_out_what_stack_put_in():
     model = models.create("lenet12", "real", num_classes=3, features=(8,))
     states = replicate_states(model, (8, 8, 1), train.make_optimizer("adam", 1e-3), [0.1, 0.2, 0.3])
-    back = train.unstack_states(train.stack_states(states))
-    assert len(back) == R
-    for a, b in zip(states, back):
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    stacked = train.stack(states)
+    for r, state in enumerate(states):
+        for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(train.slot(stacked, r))):
             np.testing.assert_array_equal(x, y)
+    metrics = {"loss": [0.5, 0.25, 0.125]}
+    assert [train.slot(metrics, r) for r in range(R)] == [{"loss": v} for v in metrics["loss"]]
 
 
 TWO_DEVICES = """
@@ -146,21 +155,22 @@ for r, fraction in enumerate([0.2, 0.6]):
     states.append(train.create_train_state(model, params, masks, tx))
 keys = [jax.random.key(100 + r) for r in range(2)]
 lone = train.Trainer(spec, devices=jax.devices()[:1])
-alone = [lone.train_epoch(s, images, labels, k) for s, k in zip(states, keys)]
-both = train.Trainer(spec, replicas=2)  # one replicate per device: the lone program on each
+one = train.stack
+alone = [lone.train_epoch(one([s]), images, labels, one([k])) for s, k in zip(states, keys)]
+both = train.Trainer(spec, replicates=2)  # one replicate per device: the lone program on each
 assert both.mesh.devices.shape == (2, 1)
-together, metrics = both.train_epoch(train.stack_states(states), images, labels, jnp.stack(keys))
+together, metrics = both.train_epoch(train.stack(states), images, labels, train.stack(keys))
+together = both.fetch(together.params)
 for r, (state, m) in enumerate(alone):
-    mine = train.unstack_states(together)[r].params
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(mine)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert metrics["train_loss"][r] == m["train_loss"]
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(train.slot(together, r))):
+        np.testing.assert_array_equal(np.asarray(a)[0], b)
+    assert metrics["train_loss"][r] == m["train_loss"][0]
 print("OK")
 """
 
 
 @pytest.mark.subprocess
-def test_replicas_on_two_devices_are_bit_equal_to_lone_runs():
+def test_replicates_on_two_devices_are_bit_equal_to_lone_runs():
     """R = 2 on two devices: each device group trains one replicate with the lone run's program."""
     env = {
         **os.environ,

@@ -16,6 +16,11 @@ from qsparse import masks as M
 SPEC = train.EpochSpec(batch_size=20, steps=10, mean=(0.5,), std=(0.25,), augment=False)
 
 
+def one(tree):
+    """A lone state or key as the trainer takes it: with a replicate axis of size 1."""
+    return train.stack([tree])
+
+
 def toy_data(n=200, seed=0):
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
@@ -38,10 +43,10 @@ def run_epochs(setup, tx, masks=None, epochs=2, opt_state=None):
     state = train.create_train_state(model, params, default_masks if masks is None else masks, tx)
     if opt_state is not None:
         state = state.replace(opt_state=opt_state)
-    rstate = state
+    rstate = one(state)
     for e in range(epochs):
-        rstate, metrics = trainer.train_epoch(rstate, *data, jax.random.key(e))
-    return rstate, metrics
+        rstate, metrics = trainer.train_epoch(rstate, *data, one(jax.random.key(e)))
+    return train.slot(rstate, 0), train.slot(metrics, 0)
 
 
 @pytest.mark.parametrize(
@@ -80,27 +85,30 @@ def test_one_compilation_serves_every_mask(setup):
     tx = train.make_optimizer("adam", 1e-3)
     m = masks
     for _ in range(3):
-        rstate = train.create_train_state(model, params, m, tx)
+        rstate = one(train.create_train_state(model, params, m, tx))
         for e in range(2):
-            rstate, _ = trainer.train_epoch(rstate, *data, jax.random.key(e))
-        m = pruning.prune(rstate.params, m, 0.3)
-    rstate, _ = trainer.train_epoch(rstate, *data, jax.random.key(9), 3, 7)  # a partial epoch too
+            rstate, _ = trainer.train_epoch(rstate, *data, one(jax.random.key(e)))
+        m = pruning.prune(train.slot(trainer.fetch(rstate.params), 0), m, 0.3)
+    rstate, _ = trainer.train_epoch(rstate, *data, one(jax.random.key(9)), 3, 7)  # a partial epoch
     assert trainer.trace_count == 1
 
 
 def test_split_epoch_equals_whole_epoch_and_same_key_same_result(setup):
     model, params, masks, trainer, data = setup
     tx = train.make_optimizer("adam", 1e-2)
-    start = train.create_train_state(model, params, masks, tx)
-    whole, _ = trainer.train_epoch(start, *data, jax.random.key(5))
-    again, _ = trainer.train_epoch(start, *data, jax.random.key(5))
-    part, _ = trainer.train_epoch(start, *data, jax.random.key(5), 0, 4)
-    part, _ = trainer.train_epoch(part, *data, jax.random.key(5), 4, 10)
-    other, _ = trainer.train_epoch(start, *data, jax.random.key(6))
+    start = one(train.create_train_state(model, params, masks, tx))
+    key5, key6 = one(jax.random.key(5)), one(jax.random.key(6))
+    # a state the caller built is copied onto the devices, never donated: it can start each run
+    whole, _ = trainer.train_epoch(start, *data, key5)
+    again, _ = trainer.train_epoch(start, *data, key5)
+    part, _ = trainer.train_epoch(start, *data, key5, 0, 4)
+    part, _ = trainer.train_epoch(part, *data, key5, 4, 10)
+    other, _ = trainer.train_epoch(start, *data, key6)
     for a, b, c, _ in zip(*(jax.tree.leaves(s.params) for s in (whole, again, part, other))):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
-    assert int(part.step) == 10
+    assert not any(x.is_deleted() for x in jax.tree.leaves(start))
+    assert part.step.tolist() == [10]
     assert not all(
         np.array_equal(a, d)
         for a, d in zip(jax.tree.leaves(whole.params), jax.tree.leaves(other.params))
@@ -111,7 +119,7 @@ def test_training_learns_and_evaluate_counts(setup):
     model, params, masks, trainer, data = setup
     state, metrics = run_epochs(setup, train.make_optimizer("adam", 1e-2), epochs=6)
     images, labels = toy_data(130, seed=1)
-    ev = trainer.evaluate(state, jnp.asarray(images), jnp.asarray(labels))
+    ev = train.slot(trainer.evaluate(one(state), jnp.asarray(images), jnp.asarray(labels)), 0)
     logits = model.apply(
         {"params": M.apply(state.params, state.masks)},
         (images.astype(np.float32) / 255 - 0.5) / 0.25,
@@ -144,10 +152,11 @@ TWO_DEVICES = textwrap.dedent("""
         spec = train.EpochSpec(20, 6, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True)
         trainer = train.Trainer(spec, devices=jax.local_devices()[:n])
         state = train.create_train_state(model, params, masks, train.make_optimizer("adam", 1e-2))
+        state = train.stack([state])
         data = trainer.put_data(images, labels)
         for e in range(2):
-            state, m = trainer.train_epoch(state, *data, jax.random.key(e))
-        out[n] = (state.params, m)
+            state, m = trainer.train_epoch(state, *data, train.stack([jax.random.key(e)]))
+        out[n] = (trainer.fetch(state.params), m)
     assert jax.device_count() == 2
     try:
         train.Trainer(train.EpochSpec(7, 1, (0.0,), (1.0,), False))
@@ -185,8 +194,9 @@ def test_dense_models_get_cpu_compiler_options_with_the_same_training():
         trainer = train.Trainer(SPEC, compiler_options=options)
         data = trainer.put_data(images, labels)
         rstate = train.create_train_state(model, params, masks, train.make_optimizer("adam", 1e-2))
+        rstate = one(rstate)
         for e in range(3):
-            rstate, metrics = trainer.train_epoch(rstate, *data, jax.random.key(e), 0, 5 + e)
+            rstate, metrics = trainer.train_epoch(rstate, *data, one(jax.random.key(e)), 0, 5 + e)
         out[options] = (rstate.params, metrics)
         assert trainer.trace_count == 1
         assert trainer._options(rstate, data[0]) == (
@@ -201,8 +211,8 @@ def test_models_with_convolutions_keep_xla_defaults():
     model = models.create("conv2", "quat", num_classes=3, stages=((8,),), dense_features=(16,))
     params = models.init_params(model, jax.random.key(0), (8, 8, 1))
     trainer = train.Trainer(SPEC)
-    rstate = train.create_train_state(
-        model, params, M.ones(params), train.make_optimizer("adam", 1e-2)
+    rstate = one(
+        train.create_train_state(model, params, M.ones(params), train.make_optimizer("adam", 1e-2))
     )
     assert (
         trainer.compiler_options == "auto"

@@ -1,20 +1,22 @@
-"""qsparse.loop's account of a whole run's progress (the loop itself: test_lottery, test_faults)."""
+"""qsparse.progress: the account of a whole run's progress that the epoch loop logs."""
 
 import pytest
 
-from qsparse import loop
+from qsparse import progress as qprogress
 
 
 @pytest.fixture
 def clock(monkeypatch):
     now = [1000.0]
-    monkeypatch.setattr(loop.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(qprogress.time, "monotonic", lambda: now[0])
     return now
 
 
 def test_time_left_from_this_invocations_pace(clock):
     # 2 replicates x 2 rounds of 10 epochs; one round finished by an earlier invocation
-    progress = loop.RunProgress(rounds=4, trainings=4, epochs=10, done_rounds=1, done=1, bar=False)
+    progress = qprogress.RunProgress(
+        rounds=4, trainings=4, epochs=10, done_rounds=1, done=1, bar=False
+    )
     assert progress.suffix() == " | rounds 1/4 | 0:00:00 elapsed, time left unknown"
     clock[0] += 50
     progress.trained(5)  # 5 epochs in 50 s: 10 s each; 40 - 15 epochs left
@@ -29,10 +31,10 @@ def test_time_left_from_this_invocations_pace(clock):
 
 def test_lines_go_above_the_bar_on_a_terminal(capsys):
     seen = []
-    plain = loop.RunProgress(rounds=1, trainings=1, epochs=2, done_rounds=0, done=0, bar=False)
+    plain = qprogress.RunProgress(rounds=1, trainings=1, epochs=2, done_rounds=0, done=0, bar=False)
     plain.log("epoch line", seen.append)
     assert seen == ["epoch line"]
-    bar = loop.RunProgress(rounds=1, trainings=1, epochs=2, done_rounds=0, done=0, bar=True)
+    bar = qprogress.RunProgress(rounds=1, trainings=1, epochs=2, done_rounds=0, done=0, bar=True)
     bar.trained(1)
     bar.log("epoch line", seen.append)
     bar.close()
