@@ -1,5 +1,6 @@
-"""Shared test settings (CPU only, float32 matmuls at full precision for exact comparisons) and
-the runners of the commands: in a subprocess (:class:`Modules`) or in this process (``run_main``).
+"""Shared test settings (CPU only, float32 matmuls at full precision for exact comparisons, one
+persistent compilation cache for every test process) and the runners of the commands: in a
+subprocess (:class:`Modules`) or in this process (``run_main``).
 """
 
 import os
@@ -16,6 +17,20 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 import pytest  # noqa: E402
+
+CACHE_ENV = "QSPARSE_TEST_COMPILATION_CACHE"
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own, which makes the temporary folders
+def pytest_configure(config):
+    """One JAX compilation cache for the session, its xdist workers and their subprocesses: a
+    program compiled by one test is loaded, not compiled again, by the next that builds it. Set
+    before any test module is imported, as JAX reads it at its first compilation."""
+    if CACHE_ENV not in os.environ:  # the controller; xdist workers inherit its choice
+        os.environ[CACHE_ENV] = str(config._tmp_path_factory.getbasetemp() / "jax_cache")
+    jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")
@@ -75,8 +90,8 @@ class Modules:
 
 
 @pytest.fixture(scope="session")
-def modules(tmp_path_factory) -> Modules:
-    return Modules(tmp_path_factory.getbasetemp() / "jax_cache")
+def modules() -> Modules:
+    return Modules(Path(os.environ[CACHE_ENV]))
 
 
 def _run_main(main: Callable[[list[str]], None], args: list[str]) -> int:
