@@ -1,11 +1,13 @@
 """experiments.imp refuses bad input with one line naming it, exit status 2, and no change on disk.
 
-Every case runs the real command as a subprocess, with a workdir that already holds a finished
-run; the cases run a few at a time because interpreter start-up (jax, tensorflow) dominates.
+Every case runs the command's ``main`` on a workdir that already holds a finished run (made by
+the real command, as a subprocess); two cases also run as subprocesses, to show the process
+itself exits with that line and status.
 """
 
-import concurrent.futures
+import contextlib
 import dataclasses
+import io
 import os
 import shutil
 from pathlib import Path
@@ -97,41 +99,58 @@ def snapshot(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def outcomes(mnist_dir, tmp_path_factory, modules):
-    """Each case run in its own copy of a workdir holding a finished run: (result, before,
-    after)."""
-
-    def imp(args):
-        return modules.run("experiments.imp", *args)
-
-    base = [*BASE, f"--data_dir={mnist_dir}"]
+def finished_run(mnist_dir, tmp_path_factory, modules) -> tuple[list[str], Path]:
+    """The flags of a finished one-epoch run, and the workdir holding it."""
+    base = [*BASE, f"--data_dir={mnist_dir}", "--rounds=0", "--epochs=1"]
     workdir = tmp_path_factory.mktemp("existing")
-    done = imp([*base, "--rounds=0", "--epochs=1", f"--workdir={workdir}"])
+    done = modules.run("experiments.imp", *base, f"--workdir={workdir}")
     assert done.returncode == 0, done.stderr
-    (run,) = workdir.iterdir()
+    return base, workdir
 
-    def one(name):
-        copy = tmp_path_factory.mktemp(name) / "work"
-        shutil.copytree(workdir, copy)
-        before = snapshot(copy)
-        extra = [a.format(run=copy / run.name) for a in CASES[name][0]]
-        result = imp([*base, "--rounds=0", "--epochs=1", f"--workdir={copy}", *extra])
-        return result, before, snapshot(copy)
 
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        return dict(zip(CASES, pool.map(one, CASES)))
+def bad_input(finished_run, tmp_path: Path, name: str, run) -> tuple[int, str, str, dict, dict]:
+    """Case ``name`` through ``run(args) -> (status, stdout, stderr)`` on a copy of the finished
+    run's workdir: (status, stdout, stderr, files before, files after)."""
+    base, workdir = finished_run
+    copy = tmp_path / "work"
+    shutil.copytree(workdir, copy)
+    (run_dir,) = copy.iterdir()
+    before = snapshot(copy)
+    extra = [a.format(run=run_dir) for a in CASES[name][0]]
+    status, out, err = run([*base, f"--workdir={copy}", *extra])
+    return status, out, err, before, snapshot(copy)
+
+
+def check_refused(name: str, status: int, out: str, err: str, before: dict, after: dict) -> None:
+    assert status == 2, (out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for part in CASES[name][1]:
+        assert part in lines[0]
+    assert out == ""
+    assert after == before
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_one_line_exit_2_nothing_changed(outcomes, name):
-    result, before, after = outcomes[name]
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for part in CASES[name][1]:
-        assert part in lines[0]
-    assert result.stdout == ""
-    assert after == before
+def test_bad_input_one_line_exit_2_nothing_changed(finished_run, tmp_path, run_main, name):
+    from experiments import imp
+
+    def in_process(args):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = run_main(imp.main, args)
+        return status, out.getvalue(), err.getvalue()
+
+    check_refused(name, *bad_input(finished_run, tmp_path, name, in_process))
+
+
+@pytest.mark.parametrize("name", ["model", "flag_type"])
+def test_the_process_itself_exits_2_with_one_line(finished_run, tmp_path, modules, name):
+    def subprocess(args):
+        result = modules.run("experiments.imp", *args)
+        return result.returncode, result.stdout, result.stderr
+
+    check_refused(name, *bad_input(finished_run, tmp_path, name, subprocess))
 
 
 def test_help_lists_every_flag_and_exits_0(modules):
