@@ -1,9 +1,9 @@
 """Tests for qsparse.data: shipped MNIST, Debian's Fashion-MNIST, offline tfds loading, splits,
 JAX preprocessing.
 
-One real MNIST build and one real Fashion-MNIST build (module fixtures) are shared by the loading
-tests; the network is blocked while they run, so any attempt by tfds to go online fails the build
-instead of hanging.
+One real MNIST build (the session's, in conftest) and one real Fashion-MNIST build are shared by
+the loading tests; the network is blocked while they run, so any attempt by tfds to go online
+fails the build instead of hanging.
 """
 
 import collections
@@ -78,9 +78,10 @@ def build_offline(name, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mnist(tmp_path_factory):
-    """Real MNIST, from the shipped archives."""
-    return build_offline("mnist", tmp_path_factory)
+def mnist(mnist_build):
+    """Real MNIST, from the shipped archives: the session's build (conftest), loaded."""
+    ds = data.load("mnist", data_dir=mnist_build.data_dir)
+    return types.SimpleNamespace(data_dir=mnist_build.data_dir, ds=ds, seconds=mnist_build.seconds)
 
 
 @pytest.fixture(scope="module")
