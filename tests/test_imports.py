@@ -1,13 +1,14 @@
 """qsparse's three import tiers, each importable without the tier above it, over numpy leaves.
 
-* leaves (the algebras' tables, the deploy ops and their array code): numpy only, and no other
-  qsparse module; every tier may import them;
+* leaves (the algebras' tables, the deploy ops and their array code, atomic file writes, the
+  config schema): numpy or the standard library only, and no other qsparse module; every tier
+  may import them;
 * core (layers, models, pruning, training): jax, flax, optax and numpy only;
 * run (config, data, checkpoints, run directory, summaries, loop, experiment setup, lottery,
   deployment runtime and export): the core plus orbax, tensorflow-datasets and tensorboardX;
 * analysis (results, paper figures, report, plots, deployment accounting, comparisons): numpy and
-  matplotlib, no jax; it shares the run tier's jax-free leaves: the config schema, the
-  run-directory vocabulary and the numpy deployment runtime.
+  matplotlib, no jax; it shares the run tier's jax-free modules: the run-directory vocabulary and
+  the numpy deployment runtime.
 
 Each tier is imported in a fresh interpreter in which importing anything outside it fails.
 """
@@ -17,7 +18,7 @@ import sys
 
 import pytest
 
-LEAVES = ["algebras", "ops"]
+LEAVES = ["algebras", "ops", "files", "config"]
 CORE = [
     "quaternion",
     "initializers",
@@ -32,8 +33,6 @@ CORE = [
     "nnx",
 ]
 RUN = [
-    "files",
-    "config",
     "data",
     "checkpoints",
     "rundir",
@@ -47,7 +46,7 @@ RUN = [
     "export",
 ]
 ANALYSIS = ["results", "paper", "report", "plots", "accounting", "compare"]
-JAX_FREE = ["files", "config", "rundir", "deploy"]  # run-tier modules that are numpy only
+JAX_FREE = ["rundir", "deploy"]  # run-tier modules that are numpy only
 TIERS = {
     "leaves": (
         LEAVES,
@@ -71,7 +70,7 @@ TIERS = {
             "orbax",
             "matplotlib",
             "tensorboardX",
-            *(f"qsparse.{m}" for m in RUN + ANALYSIS if m != "config"),  # a stdlib-only leaf
+            *(f"qsparse.{m}" for m in RUN + ANALYSIS),
         ],
     ),
     "run": (CORE + RUN, ["matplotlib", *(f"qsparse.{m}" for m in ANALYSIS)]),
