@@ -192,8 +192,9 @@ def export_round(
     overwrite: bool = False,
 ) -> dict:
     """Export round ``round`` (default: the last finished) of a replicate to ``out``; returns
-    the header written. Raises ExportError for bad input (before writing anything) and
-    :class:`qsparse.rundir.CorruptFileError` for a damaged run file."""
+    the header written. Raises ExportError for bad input (before writing anything),
+    :class:`qsparse.rundir.CorruptFileError` for a damaged run file and
+    :class:`qsparse.files.WriteError` when the file cannot be written (a previous one is kept)."""
     out = Path(out)
     if dtype not in deploy.DTYPES:
         raise ExportError(f"dtype={dtype!r} is not valid; choose one of {list(deploy.DTYPES)}")
@@ -234,7 +235,5 @@ def export_round(
         size = deploy.save(out, entries, overwrite=overwrite)
     except FileExistsError as e:
         raise ExportError(f"--out={out} exists; pass --overwrite to replace it") from e
-    except files.WriteError as e:
-        raise ExportError(str(e)) from None
     header, _ = deploy.read(out)
     return {**header, "file_bytes": size}

@@ -1,15 +1,17 @@
 """experiments.imp refuses bad input with one line naming it, exit status 2, and no change on disk.
 
-Every case runs the command's ``main`` on a workdir that already holds a finished run (made by
-the real command, as a subprocess); two cases also run as subprocesses, to show the process
-itself exits with that line and status.
+Every case runs the command's ``main`` on its own copy of a workdir that already holds a finished
+run (made by the real command); the cases share one fresh interpreter, whose start-up (jax,
+tensorflow) would otherwise dominate, and two of them also run as the command itself, to show
+that the process exits with that line and status.
 """
 
-import contextlib
 import dataclasses
-import io
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,17 +110,56 @@ def finished_run(mnist_dir, tmp_path_factory, modules) -> tuple[list[str], Path]
     return base, workdir
 
 
-def bad_input(finished_run, tmp_path: Path, name: str, run) -> tuple[int, str, str, dict, dict]:
-    """Case ``name`` through ``run(args) -> (status, stdout, stderr)`` on a copy of the finished
-    run's workdir: (status, stdout, stderr, files before, files after)."""
+# Runs each case's flags through experiments.imp's main in one interpreter; prints
+# {name: [status, stdout, stderr]}.
+CASE_RUNNER = """
+import contextlib, io, json, sys
+from absl import flags
+from experiments import cli, imp
+
+results = {}
+for name, args in json.loads(sys.argv[1]).items():
+    out, err = io.StringIO(), io.StringIO()
+    flags.FLAGS.unparse_flags()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            imp.main(cli.parse(["imp", *args]))
+            status = 0
+        except SystemExit as e:
+            status = e.code
+    results[name] = [status, out.getvalue(), err.getvalue()]
+print(json.dumps(results))
+"""
+
+
+def case_args(finished_run, root: Path, name: str) -> tuple[list[str], Path]:
+    """Case ``name``'s flags on its own copy of the finished run's workdir, and that copy."""
     base, workdir = finished_run
-    copy = tmp_path / "work"
+    copy = root / name / "work"
     shutil.copytree(workdir, copy)
     (run_dir,) = copy.iterdir()
-    before = snapshot(copy)
-    extra = [a.format(run=run_dir) for a in CASES[name][0]]
-    status, out, err = run([*base, f"--workdir={copy}", *extra])
-    return status, out, err, before, snapshot(copy)
+    return [*base, f"--workdir={copy}", *(a.format(run=run_dir) for a in CASES[name][0])], copy
+
+
+@pytest.fixture(scope="module")
+def outcomes(finished_run, tmp_path_factory, modules) -> dict:
+    """Every case through the command's main: name -> (status, stdout, stderr, before, after)."""
+    root = tmp_path_factory.mktemp("cases")
+    args, copies = {}, {}
+    for name in CASES:
+        args[name], copies[name] = case_args(finished_run, root, name)
+    before = {name: snapshot(copy) for name, copy in copies.items()}
+    result = subprocess.run(
+        [sys.executable, "-c", CASE_RUNNER, json.dumps(args)],
+        cwd=REPO,
+        env=modules.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ran = json.loads(result.stdout.splitlines()[-1])
+    return {name: (*ran[name], before[name], snapshot(copies[name])) for name in CASES}
 
 
 def check_refused(name: str, status: int, out: str, err: str, before: dict, after: dict) -> None:
@@ -132,25 +173,16 @@ def check_refused(name: str, status: int, out: str, err: str, before: dict, afte
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_one_line_exit_2_nothing_changed(finished_run, tmp_path, run_main, name):
-    from experiments import imp
-
-    def in_process(args):
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            status = run_main(imp.main, args)
-        return status, out.getvalue(), err.getvalue()
-
-    check_refused(name, *bad_input(finished_run, tmp_path, name, in_process))
+def test_bad_input_one_line_exit_2_nothing_changed(outcomes, name):
+    check_refused(name, *outcomes[name])
 
 
 @pytest.mark.parametrize("name", ["model", "flag_type"])
 def test_the_process_itself_exits_2_with_one_line(finished_run, tmp_path, modules, name):
-    def subprocess(args):
-        result = modules.run("experiments.imp", *args)
-        return result.returncode, result.stdout, result.stderr
-
-    check_refused(name, *bad_input(finished_run, tmp_path, name, subprocess))
+    args, copy = case_args(finished_run, tmp_path, name)
+    before = snapshot(copy)
+    result = modules.run("experiments.imp", *args)
+    check_refused(name, result.returncode, result.stdout, result.stderr, before, snapshot(copy))
 
 
 def test_help_lists_every_flag_and_exits_0(modules):
