@@ -84,14 +84,16 @@ def final_arrays(rd: rundir.Round) -> list[np.ndarray]:
         return jax.tree.leaves(reader.restore(rd.final.absolute()))
 
 
-def imp_table(rounds: int, epochs: int, n_images: int) -> str:
-    """Conv-4 IMP (the paper's settings: 20 % pruned globally per round, rewound to θ₀), real and
-    quaternion, on ``n_images`` synthetic images: the Markdown table."""
+def imp_table(
+    rounds: int, epochs: int, n_images: int, algebras: tuple[str, ...] = ("real", "quat")
+) -> str:
+    """Conv-4 IMP (the paper's settings: 20 % pruned globally per round, rewound to θ₀) in each
+    of ``algebras``, on ``n_images`` synthetic images: the Markdown table."""
     n_test = min(n_images, 1000)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         synthetic_cifar10(Path(tmp) / "data", n_images, n_test)
-        for algebra in ("real", "quat"):
+        for algebra in algebras:
             config = Config(
                 model="conv4",
                 algebra=algebra,

@@ -38,6 +38,7 @@ flags.DEFINE_integer("windows", 5, "timed windows per benchmark measurement")
 flags.DEFINE_integer("rounds", 3, "pruning rounds of the Conv-4 run (after the dense round 0)")
 flags.DEFINE_integer("epochs", 2, "epochs per round of the Conv-4 run")
 flags.DEFINE_integer("images", 50_000, "synthetic CIFAR-shaped training images of the Conv-4 run")
+flags.DEFINE_list("algebras", ["real", "quat"], "the Conv-4 run's algebras")
 flags.DEFINE_string("pytest_args", "-q -x", "arguments for the test-suite part")
 FLAGS = flags.FLAGS
 
@@ -87,9 +88,12 @@ def run_bench(platform: str, json_path: Path) -> str:
 
 def main(argv: list[str]) -> None:
     require(argv)
-    bad = sorted(set(FLAGS.parts) - set(PARTS))
-    if bad:
-        fail(f"--parts={','.join(FLAGS.parts)}: unknown {bad}; valid: {list(PARTS)}")
+    from qsparse.models import ALGEBRAS
+
+    for name, valid in (("parts", PARTS), ("algebras", ALGEBRAS)):
+        bad = sorted(set(FLAGS[name].value) - set(valid))
+        if bad:
+            fail(f"--{name}={','.join(FLAGS[name].value)}: unknown {bad}; valid: {list(valid)}")
     import jax
 
     from benchmarks.accelerator import imp_table
@@ -119,7 +123,10 @@ def main(argv: list[str]) -> None:
         parts += ["## Benchmark\n", run_bench(platform, out.with_name(out.stem + "_bench.json"))]
     if "imp" in FLAGS.parts:
         print("Conv-4 IMP ...", flush=True)
-        parts += ["## Conv-4 IMP\n", imp_table(FLAGS.rounds, FLAGS.epochs, FLAGS.images) + "\n"]
+        parts += [
+            "## Conv-4 IMP\n",
+            imp_table(FLAGS.rounds, FLAGS.epochs, FLAGS.images, tuple(FLAGS.algebras)) + "\n",
+        ]
     report = "\n".join(parts)
     try:
         files.write_text(out, report)
