@@ -3,6 +3,8 @@ persistent compilation cache for every test process) and the runners of the comm
 subprocess (:class:`Modules`) or in this process (``run_main``).
 """
 
+import fcntl
+import json
 import os
 import socket
 import subprocess
@@ -37,22 +39,28 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def mnist_build(tmp_path_factory) -> types.SimpleNamespace:
-    """Real MNIST built once (offline, from the shipped archives, with the network blocked so that
-    any attempt by tfds to go online fails at once): the data dir and the build's seconds."""
+def mnist_build() -> types.SimpleNamespace:
+    """Real MNIST built once for the session and its workers (offline, from the shipped archives,
+    with the network blocked so that any attempt by tfds to go online fails at once): the data
+    dir and the build's seconds. The first worker builds it; the others wait on the lock."""
     from qsparse import data
 
     def refuse(*args, **kwargs):
         raise RuntimeError(f"network access attempted: {args[:2]}")  # not retried as OSError
 
-    root = tmp_path_factory.mktemp("tfds")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket, "getaddrinfo", refuse)
-        mp.setattr(socket.socket, "connect", refuse)
-        start = time.perf_counter()
-        data.load("mnist", data_dir=root)
-        seconds = time.perf_counter() - start
-    return types.SimpleNamespace(data_dir=root, seconds=seconds)
+    root = Path(os.environ[CACHE_ENV]).parent / "mnist_tfds"
+    root.mkdir(exist_ok=True)
+    record = root / "build.json"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.exists():
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(socket, "getaddrinfo", refuse)
+                mp.setattr(socket.socket, "connect", refuse)
+                start = time.perf_counter()
+                data.load("mnist", data_dir=root)
+                record.write_text(json.dumps({"seconds": time.perf_counter() - start}))
+    return types.SimpleNamespace(data_dir=root, seconds=json.loads(record.read_text())["seconds"])
 
 
 @pytest.fixture(scope="session")
