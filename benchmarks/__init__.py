@@ -13,6 +13,8 @@ qsparse's. Modules:
 * :mod:`benchmarks.tables`: the Markdown report of a result.
 * :mod:`benchmarks.suite`: :class:`Options` and :func:`run`, everything in one process.
 * :mod:`benchmarks.deployment`: every round of a run exported, its bytes, FLOPs and latency.
+* :mod:`benchmarks.accelerator`: Conv-4 lottery tickets through :mod:`qsparse.lottery` on
+  synthetic data, for ``python -m experiments.accelerator_check`` on a GPU or TPU.
 """
 
 from benchmarks.suite import OptionError, Options, run, save
