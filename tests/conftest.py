@@ -30,11 +30,13 @@ CACHE_ENV = "QSPARSE_TEST_COMPILATION_CACHE"
 def pytest_configure(config):
     """One JAX compilation cache for the session, its xdist workers and their subprocesses: a
     program compiled by one test is loaded, not compiled again, by the next that builds it. Set
-    before any test module is imported, as JAX reads it at its first compilation."""
+    before any test module is imported, as JAX reads it at its first compilation. In the test
+    processes only compilations of half a second or more are stored (writing the many tiny ones
+    costs more than it saves); the subprocesses (:class:`Modules`) store all of theirs."""
     if CACHE_ENV not in os.environ:  # the controller; xdist workers inherit its choice
         os.environ[CACHE_ENV] = str(config._tmp_path_factory.getbasetemp() / "jax_cache")
     jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_ENV])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
