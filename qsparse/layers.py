@@ -341,19 +341,24 @@ class HyperConv(nn.Module, _HyperParams):
         groups = check_groups(self.feature_group_count, n_in, n_out, "HyperConv")
         shape = (algebra.n, *self.kernel_size, n_in // groups, n_out)
         inputs, kernel, bias = self.hyper_kernel(algebra, shape, inputs, groups)
-        y = blocked_conv(
-            inputs,
-            kernel,
-            algebra.n,
-            strides=self.strides,
-            padding=self.padding,
-            input_dilation=self.input_dilation,
-            kernel_dilation=self.kernel_dilation,
-            feature_group_count=groups,
-            precision=self.precision,
-            conv_general_dilated=self.conv_general_dilated,
-        )
+        y = layer_conv(self, inputs, kernel, algebra.n)
         return y if bias is None else y + bias
+
+
+def layer_conv(layer, inputs: jax.Array, kernel: jax.Array, n: int) -> jax.Array:
+    """:func:`blocked_conv` with the options of ``layer``, a linen or NNX ``HyperConv``."""
+    return blocked_conv(
+        inputs,
+        kernel,
+        n,
+        strides=layer.strides,
+        padding=layer.padding,
+        input_dilation=layer.input_dilation,
+        kernel_dilation=layer.kernel_dilation,
+        feature_group_count=layer.feature_group_count,
+        precision=layer.precision,
+        conv_general_dilated=layer.conv_general_dilated,
+    )
 
 
 def check_conv_input(inputs: jax.Array, ndim: int, layer: str) -> None:

@@ -33,18 +33,13 @@ def run(layer, params, x):
     return jax.jit(layer.apply)({"params": params}, x)
 
 
-def hamilton(p, q):
-    """The Hamilton product written out (components on axis 0)."""
-    a1, b1, c1, d1 = p
-    a2, b2, c2, d2 = q
-    return np.stack(
-        [
-            a1 * a2 - b1 * b2 - c1 * c2 - d1 * d2,
-            a1 * b2 + b1 * a2 + c1 * d2 - d1 * c2,
-            a1 * c2 - b1 * d2 + c1 * a2 + d1 * b2,
-            a1 * d2 + b1 * c2 - c1 * b2 + d1 * a2,
-        ]
-    )
+# e_c e_b for the quaternion units (1, i, j, k), as (sign, unit): ij = k, jk = i, ki = j, i^2 = -1.
+HAMILTON_RULES = [
+    [(1, 0), (1, 1), (1, 2), (1, 3)],
+    [(1, 1), (-1, 0), (1, 3), (-1, 2)],
+    [(1, 2), (-1, 3), (-1, 0), (1, 1)],
+    [(1, 3), (1, 2), (-1, 1), (-1, 0)],
+]
 
 
 @pytest.mark.parametrize("name", TABLES)
@@ -117,10 +112,10 @@ def test_phm4_at_the_hamilton_table_is_qdense():
     x = jax.random.normal(jax.random.key(5), (3, 8))
     phm = HyperDense(8, algebra="phm4", phm_init="hamilton")
     params = params_of(phm, x)
-    unit = np.eye(4)
-    hamilton_rules = np.stack(
-        [np.stack([hamilton(unit[c], unit[b]) for b in range(4)]) for c in range(4)]
-    )
+    hamilton_rules = np.zeros((4, 4, 4))
+    for c, row in enumerate(HAMILTON_RULES):
+        for b, (sign, a) in enumerate(row):
+            hamilton_rules[c, b, a] = sign
     np.testing.assert_array_equal(params["phm_rules"], hamilton_rules)
     qparams = {"qkernel": params["hkernel"], "bias": params["bias"]}
     np.testing.assert_allclose(
@@ -263,3 +258,29 @@ def test_widths_must_be_whole_numbers():
         params_of(HyperDense(8, algebra="oct"), jnp.ones((1, 8)))
     with pytest.raises(ValueError, match="hashed4: feature_group_count must be 1, got 2"):
         params_of(HyperConv(8, (1,), algebra="hashed4", feature_group_count=2), jnp.ones((1, 3, 8)))
+
+
+@pytest.mark.parametrize("name", ["phm4", "hashed4", "tessarine"])
+def test_nnx_twins_have_linen_params_and_outputs(name):
+    from flax import nnx
+
+    from qsparse import nnx as qnnx
+
+    x = jax.random.normal(jax.random.key(14), (2, 5, 5, 8))
+    layers = {
+        "dense": (
+            HyperDense(8, algebra=name),
+            qnnx.HyperDense(200, 8, algebra=name, rngs=nnx.Rngs(0)),
+        ),
+        "conv": (
+            HyperConv(8, (3, 3), algebra=name, strides=2),
+            qnnx.HyperConv(8, 8, (3, 3), 2, algebra=name, rngs=nnx.Rngs(0)),
+        ),
+    }
+    for kind, (linen, twin) in layers.items():
+        inputs = x.reshape(2, 200) if kind == "dense" else x
+        params = random_params(linen, inputs, seed=15)
+        state = nnx.to_pure_dict(nnx.state(twin, nnx.Param))
+        assert jax.tree.map(jnp.shape, state) == jax.tree.map(jnp.shape, params), kind
+        nnx.update(twin, params)
+        np.testing.assert_allclose(twin(inputs), run(linen, params, inputs), rtol=1e-5, atol=1e-5)
