@@ -6,6 +6,11 @@ p_i q_j``. The JAX layers (:mod:`qsparse.quaternion`), the numpy runtime (:mod:`
 and the analysis (:mod:`qsparse.results`) all read the quaternion table from here, so nothing of
 it is copied across the jax/numpy line.
 
+The algebras are registered by name (:func:`get`, :func:`names`, :func:`register` for a user's
+own table): ``real``, ``complex``, ``quat``, ``tessarine`` and ``klein4`` by their tables, and
+``phm2``, ``phm4`` (structure constants each layer learns) and ``hashed4`` (tied real weights)
+as kinds of their own, for :mod:`qsparse.hyper`'s layers.
+
 A layer computes ``W x`` (weight on the left) through its real block matrix: block (input
 component ``b``, output component ``a``) is ``sum_c A[c, b, a] w_c``. For the quaternions every
 block is one signed component (:meth:`Algebra.left_blocks`)::
