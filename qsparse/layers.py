@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from qsparse import initializers
+from qsparse import algebras, hyper, initializers
+from qsparse.algebras import Algebra
 from qsparse.quaternion import left_matrix
 
 PaddingLike = str | int | Sequence[int | tuple[int, int]]
@@ -180,19 +181,49 @@ def quaternion_conv(
     """The convolution of :class:`QConv` (linen) and :class:`qsparse.nnx.QConv`, bias aside:
     block-layout channels in and out, the component kernel ``qkernel`` expanded by
     :func:`qsparse.quaternion.left_matrix`. Groups are counted on quaternion channels."""
-    ndim = qkernel.ndim - 3
-    kernel_size = qkernel.shape[1:-2]
+    return blocked_conv(
+        inputs,
+        left_matrix(qkernel, feature_group_count),
+        4,
+        strides=strides,
+        padding=padding,
+        input_dilation=input_dilation,
+        kernel_dilation=kernel_dilation,
+        feature_group_count=feature_group_count,
+        precision=precision,
+        conv_general_dilated=conv_general_dilated,
+    )
+
+
+def blocked_conv(
+    inputs: jax.Array,
+    kernel: jax.Array,
+    n: int,
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: PaddingLike = "SAME",
+    input_dilation: int | Sequence[int] = 1,
+    kernel_dilation: int | Sequence[int] = 1,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    conv_general_dilated: Callable[..., jax.Array] | None = None,
+) -> jax.Array:
+    """A real convolution with ``kernel`` ``(..., n * c_in / groups, n * c_out)`` (output channels
+    group-major) on channels blocked by ``n`` components, groups counted on ``n``-unit
+    channels."""
+    ndim = kernel.ndim - 2
+    kernel_size = kernel.shape[:-2]
     groups = feature_group_count
-    q_in, q_out = inputs.shape[-1] // 4, qkernel.shape[-1]
-    if groups > 1:  # block layout (4, groups, c) -> group-major (groups, 4, c)
+    q_in, q_out = inputs.shape[-1] // n, kernel.shape[-1] // n
+    if groups > 1:  # block layout (n, groups, c) -> group-major (groups, n, c)
         lead = inputs.shape[:-1]
-        inputs = inputs.reshape(*lead, 4, groups, q_in // groups)
-        inputs = jnp.swapaxes(inputs, -3, -2).reshape(*lead, 4 * q_in)
+        inputs = inputs.reshape(*lead, n, groups, q_in // groups)
+        inputs = jnp.swapaxes(inputs, -3, -2).reshape(*lead, n * q_in)
     conv = conv_general_dilated or jax.lax.conv_general_dilated
     spatial = "HWD"[:ndim]
     y = conv(
         inputs,
-        left_matrix(qkernel, groups),
+        kernel,
         window_strides=as_tuple(strides, ndim),
         padding=canonical_padding(padding, ndim),
         lhs_dilation=as_tuple(input_dilation, ndim),
@@ -207,6 +238,141 @@ def quaternion_conv(
     )
     if groups > 1:  # back to block layout
         lead = y.shape[:-1]
-        y = jnp.swapaxes(y.reshape(*lead, groups, 4, q_out // groups), -3, -2)
-        y = y.reshape(*lead, 4 * q_out)
+        y = jnp.swapaxes(y.reshape(*lead, groups, n, q_out // groups), -3, -2)
+        y = y.reshape(*lead, n * q_out)
     return y
+
+
+def hyper_widths(algebra: Algebra, n_in: int, n_out: int, layer: str) -> tuple[int, int]:
+    """Real widths as hypercomplex units of ``algebra``; refuses a width not a multiple of n."""
+    n = algebra.n
+    for value, what in ((n_in, "the input feature size"), (n_out, "features")):
+        if value % n:
+            raise ValueError(
+                f"{layer}: {what} must be a multiple of n={n} (algebra {algebra.name}, "
+                f"component-blocked), got {value}"
+            )
+    return n_in // n, n_out // n
+
+
+class _HyperParams:
+    """The parameters every hypercomplex linen layer creates (``hkernel``, PHM's
+    ``phm_rules``, ``bias``) and the real kernel they give."""
+
+    def hyper_kernel(self, algebra: Algebra, shape: tuple, inputs: jax.Array, groups: int = 1):
+        init = self.kernel_init or hyper.init(algebra, phm_init=self.phm_init)
+        hkernel = self.param("hkernel", init, shape, self.param_dtype)
+        rules = None
+        if algebra.kind == "phm":
+            n = algebra.n
+            rules_init = hyper.phm_rules_init(self.phm_init)
+            rules = self.param("phm_rules", rules_init, (n, n, n), self.param_dtype)
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        inputs, hkernel, rules, bias = promote_dtype(inputs, hkernel, rules, bias, dtype=self.dtype)
+        kernel = hyper.real_kernel(
+            algebra, hkernel, phm_rules=rules, seed=self.hash_seed, groups=groups
+        )
+        return inputs, kernel, bias
+
+
+class HyperDense(nn.Module, _HyperParams):
+    """Fully connected layer over any algebra of :mod:`qsparse.algebras` on block-layout
+    features: ``HyperDense(300, algebra="quat")`` computes as ``QDense(300)`` does.
+
+    Parameters: ``hkernel`` ``(n, n_in/n, features/n)``; ``phm_rules`` ``(n, n, n)`` for the PHM
+    kinds; ``bias`` per real output. ``kernel_init`` None means :func:`qsparse.hyper.init`;
+    ``phm_init`` picks PHM's starting rules (:data:`qsparse.hyper.PHM_INITS`); ``hash_seed``
+    fixes the hashed kind's tying.
+    """
+
+    features: int
+    algebra: str | Algebra = "quat"
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: initializers.Initializer | None = None
+    bias_init: initializers.Initializer = nn.initializers.zeros
+    phm_init: str = "zhang"
+    hash_seed: int = 0
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        algebra = algebras.get(self.algebra)
+        n_in, n_out = hyper_widths(algebra, inputs.shape[-1], self.features, "HyperDense")
+        inputs, kernel, bias = self.hyper_kernel(algebra, (algebra.n, n_in, n_out), inputs)
+        y = jnp.dot(inputs, kernel, precision=self.precision)
+        return y if bias is None else y + bias
+
+
+class HyperConv(nn.Module, _HyperParams):
+    """Convolution over any algebra (channels last, N-d like ``nn.Conv``) on block-layout
+    channels; parameters as :class:`HyperDense` with ``hkernel``
+    ``(n, *kernel_size, c_in/n/groups, features/n)``. ``feature_group_count`` counts
+    hypercomplex channels (1 for the hashed kind)."""
+
+    features: int
+    kernel_size: Sequence[int]
+    algebra: str | Algebra = "quat"
+    strides: int | Sequence[int] = 1
+    padding: PaddingLike = "SAME"
+    input_dilation: int | Sequence[int] = 1
+    kernel_dilation: int | Sequence[int] = 1
+    feature_group_count: int = 1
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: initializers.Initializer | None = None
+    bias_init: initializers.Initializer = nn.initializers.zeros
+    phm_init: str = "zhang"
+    hash_seed: int = 0
+    conv_general_dilated: Callable[..., jax.Array] | None = None
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        algebra = algebras.get(self.algebra)
+        check_conv_input(inputs, len(self.kernel_size), "HyperConv")
+        n_in, n_out = hyper_widths(algebra, inputs.shape[-1], self.features, "HyperConv")
+        groups = check_groups(self.feature_group_count, n_in, n_out, "HyperConv")
+        shape = (algebra.n, *self.kernel_size, n_in // groups, n_out)
+        inputs, kernel, bias = self.hyper_kernel(algebra, shape, inputs, groups)
+        y = layer_conv(self, inputs, kernel, algebra.n)
+        return y if bias is None else y + bias
+
+
+def layer_conv(layer, inputs: jax.Array, kernel: jax.Array, n: int) -> jax.Array:
+    """:func:`blocked_conv` with the options of ``layer``, a linen or NNX ``HyperConv``."""
+    return blocked_conv(
+        inputs,
+        kernel,
+        n,
+        strides=layer.strides,
+        padding=layer.padding,
+        input_dilation=layer.input_dilation,
+        kernel_dilation=layer.kernel_dilation,
+        feature_group_count=layer.feature_group_count,
+        precision=layer.precision,
+        conv_general_dilated=layer.conv_general_dilated,
+    )
+
+
+def check_conv_input(inputs: jax.Array, ndim: int, layer: str) -> None:
+    if inputs.ndim != ndim + 2:
+        raise ValueError(
+            f"{layer}: expected inputs of shape (batch, {ndim} spatial dims, channels), got "
+            f"{inputs.shape}"
+        )
+
+
+def check_groups(groups: int, n_in: int, n_out: int, layer: str) -> int:
+    if n_in % groups or n_out % groups:
+        raise ValueError(
+            f"{layer}: feature_group_count={groups} must divide the hypercomplex channel counts "
+            f"(in {n_in}, out {n_out})"
+        )
+    return groups

@@ -21,12 +21,17 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.linen.dtypes import promote_dtype
 
-from qsparse import initializers
+from qsparse import algebras, hyper, initializers
+from qsparse.algebras import Algebra
 from qsparse.layers import (
     PaddingLike,
     as_tuple,
     canonical_padding,
+    check_conv_input,
+    check_groups,
     check_multiple_of_4,
+    hyper_widths,
+    layer_conv,
     quaternion_conv,
 )
 from qsparse.quaternion import left_matrix
@@ -165,4 +170,119 @@ class QConv(nnx.Module):
             precision=self.precision,
             conv_general_dilated=self.conv_general_dilated,
         )
+        return y if bias is None else y + bias
+
+
+class _HyperLayer(nnx.Module):
+    """What the hypercomplex NNX layers share: their parameters, as linen's (``hkernel``,
+    ``phm_rules`` for PHM, ``bias``), and the real kernel they give."""
+
+    def _hyper_params(self, algebra, shape, features, options: dict, rngs: nnx.Rngs) -> None:
+        # options: the constructor's arguments (its locals()), named as the linen attributes
+        init = options["kernel_init"] or hyper.init(algebra, phm_init=options["phm_init"])
+        dtype = options["param_dtype"]
+        self.hkernel = nnx.Param(init(rngs.params(), shape, dtype))
+        n = algebra.n
+        rules_init = hyper.phm_rules_init(options["phm_init"])
+        self.phm_rules = (
+            nnx.Param(rules_init(rngs.params(), (n, n, n), dtype))
+            if algebra.kind == "phm"
+            else nnx.data(None)
+        )
+        self.bias = _bias(options["use_bias"], options["bias_init"], features, dtype, rngs)
+        self.algebra, self.hash_seed = algebra, options["hash_seed"]
+        self.use_bias, self.dtype, self.param_dtype = options["use_bias"], options["dtype"], dtype
+        self.precision = options["precision"]
+
+    def _kernel(self, inputs: jax.Array, groups: int = 1):
+        bias = None if self.bias is None else self.bias[...]
+        rules = None if self.phm_rules is None else self.phm_rules[...]
+        inputs, hkernel, rules, bias = promote_dtype(
+            inputs, self.hkernel[...], rules, bias, dtype=self.dtype
+        )
+        kernel = hyper.real_kernel(
+            self.algebra, hkernel, phm_rules=rules, seed=self.hash_seed, groups=groups
+        )
+        return inputs, kernel, bias
+
+
+class HyperDense(_HyperLayer):
+    """:class:`qsparse.layers.HyperDense` as an NNX module: widths in real units (multiples of
+    the algebra's n), same parameters and arithmetic."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        algebra: str | Algebra = "quat",
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: initializers.Initializer | None = None,
+        bias_init: initializers.Initializer = jax.nn.initializers.zeros,
+        phm_init: str = "zhang",
+        hash_seed: int = 0,
+        rngs: nnx.Rngs,
+    ) -> None:
+        algebra = algebras.get(algebra)
+        n_in, n_out = hyper_widths(algebra, in_features, out_features, "HyperDense")
+        self._hyper_params(algebra, (algebra.n, n_in, n_out), out_features, locals(), rngs)
+        self.in_features, self.out_features = in_features, out_features
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        _check_input(inputs, self.in_features, "HyperDense")
+        inputs, kernel, bias = self._kernel(inputs)
+        y = jnp.dot(inputs, kernel, precision=self.precision)
+        return y if bias is None else y + bias
+
+
+class HyperConv(_HyperLayer):
+    """:class:`qsparse.layers.HyperConv` as an NNX module (channels last, N-d)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Sequence[int],
+        strides: int | Sequence[int] = 1,
+        *,
+        algebra: str | Algebra = "quat",
+        padding: PaddingLike = "SAME",
+        input_dilation: int | Sequence[int] = 1,
+        kernel_dilation: int | Sequence[int] = 1,
+        feature_group_count: int = 1,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: initializers.Initializer | None = None,
+        bias_init: initializers.Initializer = jax.nn.initializers.zeros,
+        phm_init: str = "zhang",
+        hash_seed: int = 0,
+        conv_general_dilated: Callable[..., jax.Array] | None = None,
+        rngs: nnx.Rngs,
+    ) -> None:
+        algebra = algebras.get(algebra)
+        n_in, n_out = hyper_widths(algebra, in_features, out_features, "HyperConv")
+        groups = check_groups(feature_group_count, n_in, n_out, "HyperConv")
+        ndim = len(kernel_size)
+        self.kernel_size = tuple(kernel_size)
+        shape = (algebra.n, *self.kernel_size, n_in // groups, n_out)
+        self._hyper_params(algebra, shape, out_features, locals(), rngs)
+        self.in_features, self.out_features = in_features, out_features
+        pads = canonical_padding(padding, ndim)
+        self.padding = pads if isinstance(pads, str) else tuple(map(tuple, pads))
+        self.strides = as_tuple(strides, ndim)
+        self.input_dilation = as_tuple(input_dilation, ndim)
+        self.kernel_dilation = as_tuple(kernel_dilation, ndim)
+        self.feature_group_count = groups
+        self.conv_general_dilated = conv_general_dilated
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        check_conv_input(inputs, len(self.kernel_size), "HyperConv")
+        _check_input(inputs, self.in_features, "HyperConv")
+        inputs, kernel, bias = self._kernel(inputs, self.feature_group_count)
+        y = layer_conv(self, inputs, kernel, self.algebra.n)
         return y if bias is None else y + bias

@@ -31,6 +31,7 @@ CORE = [
     "train",
     "cpu",
     "nnx",
+    "hyper",
 ]
 RUN = [
     "data",
