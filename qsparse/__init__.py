@@ -6,7 +6,7 @@ tiers, each importable without the ones above it (``tests/test_imports.py`` enfo
 
 * leaves, numpy or the standard library only: ``algebras``, ``ops``, ``files``, ``config``;
 * core, + jax, flax, optax: ``quaternion``, ``initializers``, ``layers``, ``nnx``, ``models``,
-  ``masks``, ``pruning``, ``augment``, ``epoch``, ``train``, ``cpu``;
+  ``hyper``, ``masks``, ``pruning``, ``augment``, ``epoch``, ``train``, ``cpu``;
 * run, + orbax, tensorflow-datasets, tensorboardX: ``data``, ``checkpoints``, ``rundir``,
   ``summaries``, ``progress``, ``loop``, ``experiment``, ``lottery``, ``distributed``,
   ``export``, and ``deploy`` (the numpy runtime of exported files);

@@ -34,3 +34,15 @@ def test_readme_is_short_and_starts_with_the_job():
     first_screen = "\n".join(lines[:40])
     assert "python -m experiments.imp" in first_screen
     assert "python -m pytest" in first_screen
+
+
+def test_docs_layers_for_any_algebra_example_runs(monkeypatch):
+    from qsparse import algebras
+
+    text = (ROOT / "docs" / "layers.md").read_text()
+    section = text.split("\n## Layers for any algebra\n", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    monkeypatch.setattr(algebras, "_REGISTRY", dict(algebras._REGISTRY))  # "dual" stays local
+    namespace: dict = {}
+    exec(compile(code, "docs/layers.md", "exec"), namespace)  # its own asserts check the shapes
+    assert "dual" in algebras.names() and namespace["params"]["hkernel"].shape[0] == 2
