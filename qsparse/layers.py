@@ -128,21 +128,11 @@ class QConv(nn.Module):
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        ndim = len(self.kernel_size)
-        if inputs.ndim != ndim + 2:
-            raise ValueError(
-                f"QConv: expected inputs of shape (batch, {ndim} spatial dims, channels), got "
-                f"{inputs.shape}"
-            )
+        check_conv_input(inputs, len(self.kernel_size), "QConv")
         check_multiple_of_4(self.features, "features", "QConv")
         check_multiple_of_4(inputs.shape[-1], "the input channel count", "QConv")
-        groups = self.feature_group_count
         q_in, q_out = inputs.shape[-1] // 4, self.features // 4
-        if q_in % groups or q_out % groups:
-            raise ValueError(
-                f"QConv: feature_group_count={groups} must divide the quaternion channel counts "
-                f"(in {q_in}, out {q_out})"
-            )
+        groups = check_groups(self.feature_group_count, q_in, q_out, "QConv")
         shape = (4, *self.kernel_size, q_in // groups, q_out)
         qkernel = self.param("qkernel", self.kernel_init, shape, self.param_dtype)
         bias = (
@@ -152,47 +142,8 @@ class QConv(nn.Module):
         )
         inputs, qkernel, bias = promote_dtype(inputs, qkernel, bias, dtype=self.dtype)
 
-        y = quaternion_conv(
-            inputs,
-            qkernel,
-            strides=self.strides,
-            padding=self.padding,
-            input_dilation=self.input_dilation,
-            kernel_dilation=self.kernel_dilation,
-            feature_group_count=groups,
-            precision=self.precision,
-            conv_general_dilated=self.conv_general_dilated,
-        )
+        y = layer_conv(self, inputs, left_matrix(qkernel, groups), 4)
         return y if bias is None else y + bias
-
-
-def quaternion_conv(
-    inputs: jax.Array,
-    qkernel: jax.Array,
-    *,
-    strides: int | Sequence[int] = 1,
-    padding: PaddingLike = "SAME",
-    input_dilation: int | Sequence[int] = 1,
-    kernel_dilation: int | Sequence[int] = 1,
-    feature_group_count: int = 1,
-    precision: Any = None,
-    conv_general_dilated: Callable[..., jax.Array] | None = None,
-) -> jax.Array:
-    """The convolution of :class:`QConv` (linen) and :class:`qsparse.nnx.QConv`, bias aside:
-    block-layout channels in and out, the component kernel ``qkernel`` expanded by
-    :func:`qsparse.quaternion.left_matrix`. Groups are counted on quaternion channels."""
-    return blocked_conv(
-        inputs,
-        left_matrix(qkernel, feature_group_count),
-        4,
-        strides=strides,
-        padding=padding,
-        input_dilation=input_dilation,
-        kernel_dilation=kernel_dilation,
-        feature_group_count=feature_group_count,
-        precision=precision,
-        conv_general_dilated=conv_general_dilated,
-    )
 
 
 def blocked_conv(
@@ -346,7 +297,8 @@ class HyperConv(nn.Module, _HyperParams):
 
 
 def layer_conv(layer, inputs: jax.Array, kernel: jax.Array, n: int) -> jax.Array:
-    """:func:`blocked_conv` with the options of ``layer``, a linen or NNX ``HyperConv``."""
+    """:func:`blocked_conv` with the options of ``layer``: a linen or NNX ``QConv`` or
+    ``HyperConv``."""
     return blocked_conv(
         inputs,
         kernel,

@@ -32,7 +32,6 @@ from qsparse.layers import (
     check_multiple_of_4,
     hyper_widths,
     layer_conv,
-    quaternion_conv,
 )
 from qsparse.quaternion import left_matrix
 
@@ -148,28 +147,13 @@ class QConv(nnx.Module):
         self.conv_general_dilated = conv_general_dilated
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        ndim = len(self.kernel_size)
-        if inputs.ndim != ndim + 2:
-            raise ValueError(
-                f"QConv: expected inputs of shape (batch, {ndim} spatial dims, channels), got "
-                f"{inputs.shape}"
-            )
+        check_conv_input(inputs, len(self.kernel_size), "QConv")
         _check_input(inputs, self.in_features, "QConv")
         groups = self.feature_group_count
         bias = None if self.bias is None else self.bias[...]
         inputs, qkernel, bias = promote_dtype(inputs, self.qkernel[...], bias, dtype=self.dtype)
 
-        y = quaternion_conv(
-            inputs,
-            qkernel,
-            strides=self.strides,
-            padding=self.padding,
-            input_dilation=self.input_dilation,
-            kernel_dilation=self.kernel_dilation,
-            feature_group_count=groups,
-            precision=self.precision,
-            conv_general_dilated=self.conv_general_dilated,
-        )
+        y = layer_conv(self, inputs, left_matrix(qkernel, groups), 4)
         return y if bias is None else y + bias
 
 
