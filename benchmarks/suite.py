@@ -29,7 +29,7 @@ class Options:
     ``xla_conv`` are the negations of ``--no_references`` and ``--no_xla_conv``)."""
 
     models: Sequence[str] = MODELS
-    algebras: Sequence[str] = qmodels.ALGEBRAS
+    algebras: Sequence[str] = qmodels.PAPER_ALGEBRAS
     windows: int = 7  # timed windows per measurement (median)
     window_steps: int | None = None  # steps per window (None: throughput.WINDOW_STEPS)
     peak_size: int = 2048
@@ -49,7 +49,7 @@ class Options:
         for name in ("models", "algebras", "replicate_models", "replicate_modes"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         _choose("models", self.models, sorted(qmodels.REGISTRY))
-        _choose("algebras", self.algebras, list(qmodels.ALGEBRAS))
+        _choose("algebras", self.algebras, qmodels.algebra_names())
         _choose("replicate_models", self.replicate_models, sorted(qmodels.REGISTRY))
         _choose("replicate_modes", self.replicate_modes, list(train.REPLICATE_MODES))
         _at_least("windows", self.windows, 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qsparse.models import ALGEBRAS
+from qsparse.models import PAPER_ALGEBRAS
 from qsparse.report import markdown_table
 
 MODEL_HEADER = (
@@ -65,7 +65,7 @@ def markdown(result: dict[str, Any]) -> str:
 def _models_table(models: dict[str, Any]) -> str:
     rows = []
     for name, m in models.items():
-        for algebra in (a for a in ALGEBRAS if a in m):
+        for algebra in (a for a in PAPER_ALGEBRAS if a in m):
             r = m[algebra]
             ratio = (
                 f"{m['quat_real_time_ratio']:.3f}"
@@ -123,7 +123,7 @@ def _epochs_table(e: dict[str, Any]) -> list[str]:
             f"{e[a]['round_40_epochs_s']:.1f}",
             f"{e[a]['round_40_epochs_with_eval_s']:.1f}",
         )
-        for a in ALGEBRAS
+        for a in PAPER_ALGEBRAS
         if a in e
     ]
     header = (
@@ -154,7 +154,7 @@ def _replicas_table(replicas: list[dict[str, Any]]) -> list[str]:
             f"{rep[a]['factor']:.2f}",
         )
         for rep in replicas
-        for a in ALGEBRAS
+        for a in PAPER_ALGEBRAS
         if a in rep
     ]
     header = (

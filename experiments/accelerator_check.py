@@ -88,9 +88,9 @@ def run_bench(platform: str, json_path: Path) -> str:
 
 def main(argv: list[str]) -> None:
     require(argv)
-    from qsparse.models import ALGEBRAS
+    from qsparse.models import algebra_names
 
-    for name, valid in (("parts", PARTS), ("algebras", ALGEBRAS)):
+    for name, valid in (("parts", PARTS), ("algebras", algebra_names())):
         bad = sorted(set(FLAGS[name].value) - set(valid))
         if bad:
             fail(f"--{name}={','.join(FLAGS[name].value)}: unknown {bad}; valid: {list(valid)}")

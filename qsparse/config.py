@@ -41,12 +41,14 @@ class Config:
     model: str = _field("lenet300_100", "lenet300_100 | lenet12 | conv2 | conv4 | conv6")
     algebra: str = _field(
         "real",
-        "real | quat (same real width; quat has ~1/4 of the weights and a real output layer)",
+        "real | complex | quat | tessarine | klein4 | phm2 | phm4 | hashed4 (or a registered "
+        "algebra of dimension 1, 2 or 4): same real widths, about 1/n of the weights, a real "
+        "output layer",
     )
     hidden: tuple[int, ...] = _field(
         (),
-        "real widths of the hidden dense layers, e.g. '300,100' (quat: "
-        "multiples of 4; default: the model's)",
+        "real widths of the hidden dense layers, e.g. '300,100' (multiples of the algebra's "
+        "dimension n; default: the model's)",
     )
     dataset: str | None = _field(
         None,
@@ -62,7 +64,8 @@ class Config:
     )
     grouping: str = _field(
         "element",
-        "element (each real component, as the paper) | quaternion (whole quaternions, by norm)",
+        "element (each real component, as the paper) | number (whole hypercomplex numbers, by "
+        "norm) | quaternion (the same, for algebra quat only)",
     )
     prune_output: bool = _field(True, "also prune the output layer's weights (the paper does)")
     layer_fractions: tuple[tuple[str, float], ...] = _field(
@@ -96,10 +99,16 @@ class Config:
     quat_init: str = _field(
         "htorch",
         "htorch (the paper's: a kxk conv kernel's fan-in counts k, as hTorch did) | "
-        "htorch_consistent (fan-in counts k*k) | parcollet_he | parcollet_glorot | isotropic",
+        "htorch_consistent (fan-in counts k*k) | parcollet_he | parcollet_glorot | isotropic "
+        "(algebra quat only)",
     )
+    phm_init: str = _field(
+        "zhang", "phm2/phm4: the learned rules start as Zhang et al. draw them | hamilton (phm4)"
+    )
+    hash_seed: int = _field(0, "hashed4: the seed of the weight tying (every layer, replicate)")
     encoding: str = _field(
-        "auto", "quaternion input encoding: auto | flat | rgb_gray | rgb_pure | gray_pure | none"
+        "auto",
+        "hypercomplex input encoding: auto | flat | rgb_gray | rgb_pure | gray_pure | none",
     )
     seed: int = _field(0, "root seed: init, data order and controls derive from it")
     replicates: int = _field(

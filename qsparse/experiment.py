@@ -17,7 +17,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from qsparse import data as qdata
-from qsparse import files, initializers, loop, models, pruning, quaternion, rundir, train
+from qsparse import files, hyper, initializers, loop, models, pruning, quaternion, rundir, train
 from qsparse import masks as qmasks
 from qsparse.config import (
     CONTROLS,
@@ -38,7 +38,7 @@ def resolve(config: Config) -> Config:
     """The config with the model's paper defaults filled in, every field validated; raises
     ConfigError naming the bad value and the valid choices."""
     _choice("model", config.model, tuple(models.REGISTRY))
-    _choice("algebra", config.algebra, models.ALGEBRAS)
+    _choice("algebra", config.algebra, tuple(models.algebra_names()))
     spec = models.spec(config.model)
     config = dataclasses.replace(
         config,
@@ -57,7 +57,9 @@ def resolve(config: Config) -> Config:
     _choice("control", config.control, CONTROLS)
     _choice("optimizer", config.optimizer, OPTIMIZERS)
     _choice("quat_init", config.quat_init, tuple(initializers.QUATERNION_INITS))
+    _choice("phm_init", config.phm_init, hyper.PHM_INITS)
     _choice("encoding", config.encoding, ENCODINGS)
+    _check_algebra_options(config)
     if not 0.0 < config.prune_fraction < 1.0:
         raise ConfigError(f"prune_fraction={config.prune_fraction} must be in (0, 1)")
     for name in ("epochs", "batch_size", "replicates", "eval_every", "eval_batch", "log_every"):
@@ -96,6 +98,20 @@ def resolve(config: Config) -> Config:
     return config
 
 
+def _check_algebra_options(config: Config) -> None:
+    """Options of one algebra are refused for another rather than ignored; the real baseline
+    takes them all (it is run beside each, with the same flags)."""
+    for name, value, anyone, owner, instead in (
+        ("grouping", config.grouping, ("element", "number"), "quat", "; use grouping='number'"),
+        ("quat_init", config.quat_init, ("htorch",), "quat", ""),
+        ("phm_init", config.phm_init, ("zhang",), "phm4", ""),
+    ):
+        if value not in anyone and config.algebra not in ("real", owner):
+            raise ConfigError(
+                f"{name}={value!r} applies to algebra {owner!r}, not {config.algebra!r}{instead}"
+            )
+
+
 def _choice(name: str, value, valid: tuple) -> None:
     if value not in valid:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of {list(valid)}")
@@ -108,8 +124,15 @@ def create_model(config: Config, num_classes: int, algebra: str | None = None, *
     if config.hidden:  # a LeNet's hidden layers, a conv net's dense layers
         name = "features" if "features" in models.spec(config.model).kwargs else "dense_features"
         widths = {name: config.hidden}
-    quat = {"quat_init": config.quat_init, "encoding": config.encoding} if algebra == "quat" else {}
-    return models.create(config.model, algebra, num_classes, **widths, **{**quat, **overrides})
+    options = {}
+    if algebra != "real":
+        options = dict(
+            quat_init=config.quat_init,
+            encoding=config.encoding,
+            phm_init=config.phm_init,
+            hash_seed=config.hash_seed,
+        )
+    return models.create(config.model, algebra, num_classes, **widths, **{**options, **overrides})
 
 
 def check_writable(path: Path) -> None:
@@ -201,7 +224,7 @@ class Experiment:
                 f"model {cfg.model} ({cfg.algebra}) cannot take {cfg.dataset} images of shape "
                 f"{self.input_shape}: {e}"
             )
-        if cfg.algebra == "quat":
+        if cfg.algebra != "real":
             fitting = []
             for encoding in ENCODINGS:
                 try:

@@ -6,7 +6,8 @@ output layer when it is exempt) are all-True arrays rather than ``None``, so eve
 other array, and multi-device code can give masks the params' sharding.
 
 Which leaves are prunable is a rule on the parameter *path* (``("Dense_0", "kernel")``):
-kernels (``kernel`` for real layers, ``qkernel`` for quaternion ones) are prunable, biases are
+kernels (``kernel`` for real layers, ``qkernel`` for quaternion ones, ``hkernel`` for the other
+algebras' component kernels) are prunable; biases and PHM's learned rules (``phm_rules``) are
 not, and the module named ``output`` is prunable unless the rule exempts it.
 """
 
@@ -23,7 +24,8 @@ import numpy as np
 Params = Any
 Masks = Any
 
-KERNEL_NAMES = ("kernel", "qkernel")
+KERNEL_NAMES = ("kernel", "qkernel", "hkernel")
+HYPERCOMPLEX_KERNELS = ("qkernel", "hkernel")  # component kernels: the n components on axis 0
 
 
 def path_str(path) -> str:
@@ -34,6 +36,12 @@ def path_str(path) -> str:
 def is_quaternion(path) -> bool:
     """Quaternion component kernels are the ``qkernel`` leaves (component axis 0)."""
     return path_str(path).split("/")[-1] == "qkernel"
+
+
+def is_hypercomplex(path) -> bool:
+    """Component kernels of any algebra (``qkernel``, ``hkernel``): one number of ``n``
+    components per index of axes 1 and up."""
+    return path_str(path).split("/")[-1] in HYPERCOMPLEX_KERNELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +91,12 @@ def count(
 
 
 def density_report(masks: Masks, rule: PruneRule = PruneRule()) -> dict:
-    """Per-leaf and total densities, in real-parameter units and in quaternion units.
+    """Per-leaf and total densities, in real-parameter units and in hypercomplex units.
 
-    A quaternion weight counts as alive when any of its four components is alive (under
-    ``element`` grouping a quaternion can be partly pruned; ``quat_full`` counts the ones with
-    all four components alive). "all" totals include biases, as the paper's "% weights left".
+    A hypercomplex weight (a quaternion, a complex number, ...) counts as alive when any of its
+    ``n`` components is alive (under ``element`` grouping it can be partly pruned;
+    ``number_full`` counts the ones with all components alive). "all" totals include biases (and
+    PHM's rules), as the paper's "% weights left".
     """
     leaves = {}
     totals = dict(
@@ -95,9 +104,9 @@ def density_report(masks: Masks, rule: PruneRule = PruneRule()) -> dict:
         prunable_total=0,
         all_alive=0,
         all_total=0,
-        quat_alive=0,
-        quat_full=0,
-        quat_total=0,
+        number_alive=0,
+        number_full=0,
+        number_total=0,
     )
     for path, m in jax.tree_util.tree_leaves_with_path(masks):
         m = np.asarray(m)
@@ -105,13 +114,13 @@ def density_report(masks: Masks, rule: PruneRule = PruneRule()) -> dict:
             shape=list(m.shape), prunable=rule(path), alive=int(m.sum()), total=int(m.size)
         )
         entry["density"] = entry["alive"] / max(entry["total"], 1)
-        if is_quaternion(path):
+        if is_hypercomplex(path):
             entry.update(
-                quat_alive=int(m.any(axis=0).sum()),
-                quat_full=int(m.all(axis=0).sum()),
-                quat_total=int(math.prod(m.shape[1:])),
+                number_alive=int(m.any(axis=0).sum()),
+                number_full=int(m.all(axis=0).sum()),
+                number_total=int(math.prod(m.shape[1:])),
             )
-            for k in ("quat_alive", "quat_full", "quat_total"):
+            for k in ("number_alive", "number_full", "number_total"):
                 totals[k] += entry[k]
         leaves[path_str(path)] = entry
         totals["all_alive"] += entry["alive"]

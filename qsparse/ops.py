@@ -4,8 +4,13 @@ Each model of :mod:`qsparse.models` states its ops (``deploy_ops``) beside its `
 :mod:`qsparse.export` writes them into an export file's header (as :func:`to_json`) and
 :mod:`qsparse.deploy` runs them. The array functions below take the array module as ``xp``
 (numpy, the default, or jax.numpy), so that the JAX models and the numpy runtime run the same
-code: input normalisation, the quaternion input encodings, the component-blocked layout and
+code: input normalisation, the hypercomplex input encodings, the component-blocked layout and
 2x2 max-pooling. Numpy only (importable without jax).
+
+A layer's ``kind`` is the name of its algebra (:mod:`qsparse.algebras`): ``real`` (kernel
+``<name>/kernel``), ``quat`` (the quaternion layers' ``<name>/qkernel``) or any other registered
+algebra (the hypercomplex layers' ``<name>/hkernel``, plus ``<name>/phm_rules`` for the PHM kinds;
+the hashed kind's tying comes from ``hash_seed``).
 """
 
 from __future__ import annotations
@@ -18,23 +23,26 @@ import numpy as np
 
 from qsparse.algebras import LUMA
 
-KINDS = ("real", "quat")  # a layer's kernel: real, or quaternion components (4, ..., in, out)
 LAYOUTS = ("flat", "blocked")
 
 
 @dataclasses.dataclass(frozen=True)
 class Encode:
-    """Real image channels -> component-blocked quaternion channels (:data:`ENCODINGS`)."""
+    """Real image channels -> component-blocked channels of an ``n``-dimensional algebra
+    (:data:`ENCODINGS`)."""
 
     encoding: str
+    n: int = 4
     op: ClassVar[str] = "encode"
 
 
 @dataclasses.dataclass(frozen=True)
 class Flatten:
-    """``flat``: a reshape in (H, W, C) order; ``blocked``: ``[all r | all i | all j | all k]``."""
+    """``flat``: a reshape in (H, W, C) order; ``blocked``: component by component, ``[all r |
+    all i | all j | all k]`` for ``n = 4``."""
 
     layout: str
+    n: int = 4
     op: ClassVar[str] = "flatten"
 
 
@@ -50,19 +58,21 @@ class MaxPool2x2:
 
 @dataclasses.dataclass(frozen=True)
 class Dense:
-    """``x @ W + b``; the params ``<name>/kernel`` (real) or ``<name>/qkernel`` (quat), bias."""
+    """``x @ W + b``; ``kind`` the layer's algebra (its params as the module docstring says)."""
 
     name: str
     kind: str
+    hash_seed: int = 0
     op: ClassVar[str] = "dense"
 
 
 @dataclasses.dataclass(frozen=True)
 class Conv:
-    """A convolution plus bias; kernels HWIO (real) or ``(4, kh, kw, in/4, out/4)`` (quat)."""
+    """A convolution plus bias; kernels HWIO (real) or ``(n, kh, kw, in/n, out/n)``."""
 
     name: str
     kind: str
+    hash_seed: int = 0
     padding: str = "SAME"
     strides: tuple[int, int] = (1, 1)
     op: ClassVar[str] = "conv"
@@ -89,8 +99,6 @@ def from_json(entry: dict) -> Op:
     if "strides" in fields:
         fields["strides"] = tuple(fields["strides"])
     op = cls(**fields)
-    if isinstance(op, Dense | Conv) and op.kind not in KINDS:
-        raise ValueError(f"{op.name}: unknown kind {op.kind!r}; valid: {list(KINDS)}")
     if isinstance(op, Flatten) and op.layout not in LAYOUTS:
         raise ValueError(f"unknown flatten layout {op.layout!r}; valid: {list(LAYOUTS)}")
     if isinstance(op, Encode) and op.encoding not in ENCODINGS:
@@ -123,30 +131,33 @@ def _gray(rgb):
     return sum(w * rgb[..., c : c + 1] for c, w in enumerate(LUMA))
 
 
-def encode_rgb_gray(x, *, xp: ModuleType = np):
+def encode_rgb_gray(x, n: int = 4, *, xp: ModuleType = np):
     """(R, G, B) -> r=R, i=G, j=B, k=gray: the paper's CIFAR encoding (gray of the normalised
-    image)."""
+    image). The same 4 channels are 2 complex channels ``R + B i`` and ``G + gray i`` for
+    ``n = 2``."""
     _check_channels(x, 3, "rgb_gray")
     return xp.concatenate([x, _gray(x)], axis=-1)
 
 
-def encode_rgb_pure(x, *, xp: ModuleType = np):
-    """(R, G, B) -> the pure quaternion 0 + R i + G j + B k."""
+def encode_rgb_pure(x, n: int = 4, *, xp: ModuleType = np):
+    """(R, G, B) -> the pure quaternion 0 + R i + G j + B k (for ``n = 2``: ``0 + G i`` and
+    ``R + B i``)."""
     _check_channels(x, 3, "rgb_pure")
     return xp.concatenate([xp.zeros_like(x[..., :1]), x], axis=-1)
 
 
-def encode_gray_pure(x, *, xp: ModuleType = np):
-    """Grayscale x -> 0 + x i + x j + x k (Parcollet's advice for one-channel images)."""
+def encode_gray_pure(x, n: int = 4, *, xp: ModuleType = np):
+    """Grayscale x -> the pure number with every imaginary part x: 0 + x i + x j + x k for
+    ``n = 4`` (Parcollet's advice for one-channel images), 0 + x i for ``n = 2``."""
     _check_channels(x, 1, "gray_pure")
-    return xp.concatenate([xp.zeros_like(x), x, x, x], axis=-1)
+    return xp.concatenate([xp.zeros_like(x)] + [x] * (n - 1), axis=-1)
 
 
-def encode_none(x, *, xp: ModuleType = np):
-    """Channels are already component-blocked (their count must be a multiple of 4)."""
-    if x.shape[-1] % 4:
+def encode_none(x, n: int = 4, *, xp: ModuleType = np):
+    """Channels are already component-blocked (their count must be a multiple of ``n``)."""
+    if x.shape[-1] % n:
         raise ValueError(
-            f"encoding 'none' needs a channel count divisible by 4, got {x.shape[-1]}; "
+            f"encoding 'none' needs a channel count divisible by {n}, got {x.shape[-1]}; "
             f"choose one of {sorted(ENCODINGS)}"
         )
     return x
@@ -163,36 +174,37 @@ ENCODINGS = {
 # -- the component-blocked layout, pooling ---------------------------------------------------------
 
 
-def to_components(x, axis: int = -1, *, xp: ModuleType = np):
-    """Split a component-blocked feature axis into a leading component axis of size 4."""
+def to_components(x, axis: int = -1, n: int = 4, *, xp: ModuleType = np):
+    """Split a component-blocked feature axis into a leading component axis of size ``n``."""
     x = xp.moveaxis(x, axis, -1)
-    if x.shape[-1] % 4:
-        raise ValueError(f"feature axis of size {x.shape[-1]} is not a multiple of 4")
-    x = x.reshape(*x.shape[:-1], 4, x.shape[-1] // 4)
+    if x.shape[-1] % n:
+        raise ValueError(f"feature axis of size {x.shape[-1]} is not a multiple of {n}")
+    x = x.reshape(*x.shape[:-1], n, x.shape[-1] // n)
     return xp.moveaxis(x, -2, 0)
 
 
 def from_components(q, *, xp: ModuleType = np):
     """Inverse of :func:`to_components` for ``axis=-1``."""
-    return xp.moveaxis(q, 0, -2).reshape(*q.shape[1:-1], 4 * q.shape[-1])
+    return xp.moveaxis(q, 0, -2).reshape(*q.shape[1:-1], q.shape[0] * q.shape[-1])
 
 
-def blocked_flatten(x, *, xp: ModuleType = np):
-    """Flatten ``(batch, ..., 4 * c)`` activations to ``(batch, 4 * prod(...) * c)``, block layout.
+def blocked_flatten(x, n: int = 4, *, xp: ModuleType = np):
+    """Flatten ``(batch, ..., n * c)`` activations to ``(batch, n * prod(...) * c)``, block
+    layout.
 
     A plain reshape would interleave components per pixel; a quaternion dense layer after a
     quaternion conv needs ``[all r | all i | all j | all k]`` (what NCHW flattening gives in
     the paper's PyTorch code).
     """
-    q = to_components(x, xp=xp)  # (4, batch, ..., c)
-    q = q.reshape(4, q.shape[1], -1)
+    q = to_components(x, n=n, xp=xp)  # (n, batch, ..., c)
+    q = q.reshape(n, q.shape[1], -1)
     return xp.moveaxis(q, 0, 1).reshape(q.shape[1], -1)
 
 
-def flatten(x, layout: str, *, xp: ModuleType = np):
-    """The :class:`Flatten` op: ``flat`` or ``blocked``."""
+def flatten(x, layout: str, n: int = 4, *, xp: ModuleType = np):
+    """The :class:`Flatten` op: ``flat`` or ``blocked`` (``n`` components)."""
     if layout == "blocked":
-        return blocked_flatten(x, xp=xp)
+        return blocked_flatten(x, n, xp=xp)
     return x.reshape(x.shape[0], -1)
 
 

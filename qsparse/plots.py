@@ -141,19 +141,19 @@ def _weights_axis(ax, x: str) -> None:
 
 
 def layer_density_figure(density: results.LayerDensity, title: str | None = None) -> Figure:
-    """Density of each prunable layer per round; dashed: quaternions with all four components
-    alive."""
+    """Density of each prunable layer per round; dashed: hypercomplex numbers with all their
+    components alive."""
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.add_subplot()
     for i, (name, d) in enumerate(density.density.items()):
         ax.plot(density.rounds, 100 * d, marker="o", ms=3, color=f"C{i}", label=name)
-        if name in density.quat_full:
+        if name in density.number_full:
             ax.plot(
                 density.rounds,
-                100 * density.quat_full[name],
+                100 * density.number_full[name],
                 ls="--",
                 color=f"C{i}",
-                label=f"{name}: whole quaternions",
+                label=f"{name}: whole numbers",
             )
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))

@@ -7,14 +7,18 @@ The three choices are independent (jaxpruner's decomposition, lottery-ticket sem
   fairly in one global pool) or ``random`` (a control).
 * **method**: ``global`` (one threshold over every prunable leaf, no per-layer normalisation,
   as the paper and open_lth) or ``layerwise`` (a fraction per leaf, overridable per path).
-* **grouping**: ``element`` (every real component on its own, as the paper's code) or
-  ``quaternion`` (the four components of a quaternion weight share one mask bit).
+* **grouping**: ``element`` (every real component on its own, as the paper's code),
+  ``number`` (the ``n`` components of a hypercomplex weight of any algebra share one mask bit)
+  or ``quaternion`` (the same for quaternion kernels only: the name runs of the quaternion
+  models have always used).
 
-The unit that is counted is the group: a real weight, or under ``quaternion`` grouping one
-quaternion of a ``qkernel``. Each step removes ``round(fraction * alive units)`` units from the
-pool exactly; ties are broken by position (leaf order, then flat index), so the result is
-deterministic. Pruned units score ``-inf`` and are never revived. The step runs on the host
-with NumPy: it happens once per round, and exact, stable top-k is simplest there.
+The unit that is counted is the group: a real weight, or under ``number`` grouping one
+hypercomplex number of a component kernel (``qkernel``/``hkernel``). PHM's learned rules are
+never pruned (:class:`qsparse.masks.PruneRule`). Each step removes
+``round(fraction * alive units)`` units from the pool exactly; ties are broken by position
+(leaf order, then flat index), so the result is deterministic. Pruned units score ``-inf`` and
+are never revived. The step runs on the host with NumPy: it happens once per round, and exact,
+stable top-k is simplest there.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qsparse.masks import Masks, Params, PruneRule, is_quaternion, path_str
+from qsparse.masks import Masks, Params, PruneRule, is_hypercomplex, is_quaternion, path_str
 
 METHODS = ("global", "layerwise")
-GROUPINGS = ("element", "quaternion")
+GROUPINGS = ("element", "quaternion", "number")
 SCORES = ("magnitude", "random")
 
 
@@ -42,9 +46,17 @@ def _check(name: str, value: str, valid: tuple) -> None:
         raise ValueError(f"unknown {name} {value!r}; valid: {list(valid)}")
 
 
+def grouped(path, grouping: str) -> bool:
+    """Whether leaf ``path`` is pruned by whole numbers (its component axis 0) under
+    ``grouping``."""
+    if grouping == "number":
+        return is_hypercomplex(path)
+    return grouping == "quaternion" and is_quaternion(path)
+
+
 def _units(path, param: np.ndarray, mask: np.ndarray, grouping: str):
-    """(values, alive) per scoring unit, flattened. Quaternion groups reduce axis 0."""
-    if grouping == "quaternion" and is_quaternion(path):
+    """(values, alive) per scoring unit, flattened. Number groups reduce axis 0."""
+    if grouped(path, grouping):
         values = np.sqrt(np.mean(np.square(np.where(mask, param, 0.0)), axis=0))
         return values.ravel(), mask.any(axis=0).ravel()
     return np.abs(param).ravel(), mask.ravel()
@@ -52,7 +64,7 @@ def _units(path, param: np.ndarray, mask: np.ndarray, grouping: str):
 
 def _expand(keep_units: np.ndarray, path, mask: np.ndarray, grouping: str) -> np.ndarray:
     """Unit keep-flags back to a mask of the leaf's shape; pruned entries stay pruned."""
-    if grouping == "quaternion" and is_quaternion(path):
+    if grouped(path, grouping):
         return mask & keep_units.reshape(mask.shape[1:])[None]
     return mask & keep_units.reshape(mask.shape)
 
@@ -175,8 +187,8 @@ def shuffle(
     for i, ((path, m), w) in enumerate(zip(flat, within_leaves)):
         m = np.asarray(m, bool)
         if rule(path):
-            quat = grouping == "quaternion" and is_quaternion(path)
-            unit = (lambda a: a.any(axis=0).ravel()) if quat else (lambda a: a.ravel())
+            whole = grouped(path, grouping)
+            unit = (lambda a: a.any(axis=0).ravel()) if whole else (lambda a: a.ravel())
             pool = unit(np.asarray(w, bool)) if w is not None else np.ones(unit(m).shape, bool)
             candidates = np.flatnonzero(pool)
             n_keep = int(unit(m).sum())
@@ -190,7 +202,7 @@ def shuffle(
             keep[candidates[perm[:n_keep]]] = True
             m = (
                 np.broadcast_to(keep.reshape(m.shape[1:]), m.shape).copy()
-                if quat
+                if whole
                 else keep.reshape(m.shape)
             )
         out.append(jnp.asarray(m))

@@ -80,7 +80,7 @@ def from_components(q: jnp.ndarray) -> jnp.ndarray:
 
 def blocked_flatten(x: jnp.ndarray) -> jnp.ndarray:
     """:func:`qsparse.ops.blocked_flatten`: ``[all r | all i | all j | all k]`` per example."""
-    return ops.blocked_flatten(x, xp=jnp)
+    return ops.blocked_flatten(x, 4, xp=jnp)
 
 
 def split_activation(fn, x: jnp.ndarray) -> jnp.ndarray:

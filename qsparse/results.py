@@ -200,15 +200,24 @@ def _sort_key(config: dict) -> list[tuple[str, str]]:
 class LayerDensity:
     """Per-layer density of one replicate across rounds, from the rounds' sparsity.json.
 
-    ``density`` is alive/total real weights of each prunable leaf; for quaternion kernels,
-    ``quat_full`` is the fraction of quaternions with all four components alive and
-    ``quat_alive`` the fraction with at least one.
+    ``density`` is alive/total real weights of each prunable leaf; for hypercomplex kernels,
+    ``number_full`` is the fraction of numbers (quaternions, ...) with all components alive and
+    ``number_alive`` the fraction with at least one.
     """
 
     rounds: list[int]
     density: dict[str, np.ndarray]
-    quat_full: dict[str, np.ndarray]
-    quat_alive: dict[str, np.ndarray]
+    number_full: dict[str, np.ndarray]
+    number_alive: dict[str, np.ndarray]
+
+
+def _number_counts(leaf: dict) -> tuple[int, int, int] | None:
+    """(alive, full, total) hypercomplex numbers of a sparsity.json leaf; its keys were
+    ``quat_*`` before there were other algebras."""
+    for prefix in ("number", "quat"):
+        if f"{prefix}_total" in leaf:
+            return tuple(leaf[f"{prefix}_{k}"] for k in ("alive", "full", "total"))
+    return None
 
 
 def layer_density(run_dir: PathLike, replicate: int = 0) -> LayerDensity:
@@ -217,16 +226,13 @@ def layer_density(run_dir: PathLike, replicate: int = 0) -> LayerDensity:
     ]
     reports = [rundir.read_json(rd.sparsity)["leaves"] for rd in rounds]
     names = [k for k, v in reports[0].items() if v["prunable"]] if reports else []
-    quat = [k for k in names if "quat_total" in reports[0][k]]
+    hyper = [k for k in names if _number_counts(reports[0][k])]
+    counts = {k: np.array([_number_counts(r[k]) for r in reports], float) for k in hyper}
     return LayerDensity(
         rounds=[rd.level for rd in rounds],
         density={k: np.array([r[k]["alive"] / r[k]["total"] for r in reports]) for k in names},
-        quat_full={
-            k: np.array([r[k]["quat_full"] / r[k]["quat_total"] for r in reports]) for k in quat
-        },
-        quat_alive={
-            k: np.array([r[k]["quat_alive"] / r[k]["quat_total"] for r in reports]) for k in quat
-        },
+        number_full={k: c[:, 1] / c[:, 2] for k, c in counts.items()},
+        number_alive={k: c[:, 0] / c[:, 2] for k, c in counts.items()},
     )
 
 

@@ -42,7 +42,7 @@ CASES = {
         ["--dataset=svhn"],
         ["dataset='svhn'", "'mnist', 'fashion_mnist', 'cifar10', 'cifar100'"],
     ),
-    "algebra": (["--algebra=octonion"], ["algebra='octonion'", "'real', 'quat'"]),
+    "algebra": (["--algebra=octonion"], ["algebra='octonion'", "'real', 'complex', 'quat'"]),
     "pruning": (["--pruning=random"], ["pruning='random'", "'global', 'layerwise'"]),
     "grouping": (["--grouping=channel"], ["grouping='channel'", "'element', 'quaternion'"]),
     "prune_fraction_one": (["--prune_fraction=1"], ["prune_fraction=1.0", "(0, 1)"]),

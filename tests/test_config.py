@@ -110,7 +110,16 @@ def test_resolve_fills_the_papers_values_for_the_model():
     "overrides,match",
     [
         (dict(model="conv5"), "model='conv5'.*conv4"),
-        (dict(algebra="octonion"), "algebra='octonion'.*'real', 'quat'"),
+        (dict(algebra="octonion"), "algebra='octonion'.*'real', 'complex', 'quat'"),
+        (dict(algebra="tessarine", grouping="quaternion"), "grouping='quaternion'.*'number'"),
+        (
+            dict(algebra="complex", quat_init="isotropic"),
+            "quat_init='isotropic' applies to algebra 'quat'",
+        ),
+        (
+            dict(algebra="quat", phm_init="hamilton"),
+            "phm_init='hamilton' applies to algebra 'phm4'",
+        ),
         (dict(dataset="svhn"), "dataset='svhn'.*cifar10"),
         (dict(pruning="random"), "pruning='random'.*'global', 'layerwise'"),
         (dict(grouping="channel"), "grouping='channel'.*'element', 'quaternion'"),

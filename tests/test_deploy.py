@@ -40,7 +40,7 @@ SMALL = {  # widths small enough for a fast test; the paper's layer structure
     "conv4": dict(stages=((8, 8), (8, 8)), dense_features=(16, 16)),
     "conv6": dict(stages=((8, 8), (8, 8), (8, 8)), dense_features=(16, 16)),
 }
-CASES = [(n, a, g) for n in SMALL for a in models.ALGEBRAS for g in pruning.GROUPINGS]
+CASES = [(n, a, g) for n in SMALL for a in models.PAPER_ALGEBRAS for g in ("element", "quaternion")]
 
 
 def assert_close(out, ref, rtol=1e-5):
@@ -124,23 +124,24 @@ def test_export_is_deterministic_and_states_the_models_ops(tmp_path):
             first[key].dtype == second[key].dtype and first[key].tobytes() == second[key].tobytes()
         )
     header = json.loads(first[deploy.HEADER].tobytes())
-    conv = {"op": "conv", "kind": "quat", "padding": "SAME", "strides": [1, 1]}
+    conv = {"op": "conv", "kind": "quat", "hash_seed": 0, "padding": "SAME", "strides": [1, 1]}
+    dense = {"op": "dense", "hash_seed": 0}
     assert [
         {k: v for k, v in op.items() if k not in ("kernel_shape", "storage")}
         for op in header["ops"]
     ] == [
-        {"op": "encode", "encoding": "rgb_gray"},
+        {"op": "encode", "encoding": "rgb_gray", "n": 4},
         {**conv, "name": "QConv_0"},
         {"op": "relu"},
         {**conv, "name": "QConv_1"},
         {"op": "relu"},
         {"op": "maxpool2x2"},
-        {"op": "flatten", "layout": "blocked"},
-        {"op": "dense", "kind": "quat", "name": "QDense_0"},
+        {"op": "flatten", "layout": "blocked", "n": 4},
+        {**dense, "kind": "quat", "name": "QDense_0"},
         {"op": "relu"},
-        {"op": "dense", "kind": "quat", "name": "QDense_1"},
+        {**dense, "kind": "quat", "name": "QDense_1"},
         {"op": "relu"},
-        {"op": "dense", "kind": "real", "name": "output"},
+        {**dense, "kind": "real", "name": "output"},
     ]
     shapes = {op["name"]: op["kernel_shape"] for op in header["ops"] if "name" in op}
     assert shapes == {

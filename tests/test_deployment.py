@@ -153,7 +153,7 @@ def test_flops_dense_from_the_jaxpr_sparse_from_the_masks(tiny_runs, accounted):
         assert sparse[0] == dense and all(a > b for a, b in zip(sparse, sparse[1:]))
 
 
-@pytest.mark.parametrize("algebra", models.ALGEBRAS)
+@pytest.mark.parametrize("algebra", models.PAPER_ALGEBRAS)
 def test_flops_of_convolutions_count_their_output_positions(algebra):
     model = models.create("conv2", algebra, 10, stages=((8, 8),), dense_features=(16, 16))
     spec = DATASETS["cifar10"]

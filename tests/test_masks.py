@@ -181,9 +181,9 @@ def hand_report(masks, rule):
                 "prunable_total",
                 "all_alive",
                 "all_total",
-                "quat_alive",
-                "quat_full",
-                "quat_total",
+                "number_alive",
+                "number_full",
+                "number_total",
             ],
             0,
         ),
@@ -204,11 +204,11 @@ def hand_report(masks, rule):
                 for idx in itertools.product(*map(range, m.shape[1:]))
             ]
             e.update(
-                quat_alive=sum(any(q) for q in quats),
-                quat_full=sum(all(q) for q in quats),
-                quat_total=len(quats),
+                number_alive=sum(any(q) for q in quats),
+                number_full=sum(all(q) for q in quats),
+                number_total=len(quats),
             )
-            for k in ("quat_alive", "quat_full", "quat_total"):
+            for k in ("number_alive", "number_full", "number_total"):
                 t[k] += e[k]
         leaves[name] = e
         t["all_alive"] += alive
@@ -236,13 +236,13 @@ def test_density_report_matches_counts_by_hand(kind, prune_output):
     report = M.density_report(masks, rule)
     assert report == hand_report(masks, rule)
     q = report["leaves"]["QDense_0/qkernel"]
-    assert q["quat_total"] == 15 and report["total"]["all_total"] == 60 + 12 + 72 + 6 + 18 + 3
+    assert q["number_total"] == 15 and report["total"]["all_total"] == 60 + 12 + 72 + 6 + 18 + 3
     if kind == "random":  # element-wise random: some quaternions are only partly alive
-        assert 0 < q["quat_full"] < q["quat_alive"] < q["quat_total"]
-        assert 4 * q["quat_full"] < q["alive"] < 4 * q["quat_alive"]
+        assert 0 < q["number_full"] < q["number_alive"] < q["number_total"]
+        assert 4 * q["number_full"] < q["alive"] < 4 * q["number_alive"]
     if kind == "ones":
         assert report["total"]["density_prunable"] == report["total"]["density_all"] == 1.0
-        assert q["quat_full"] == q["quat_alive"] == 15
+        assert q["number_full"] == q["number_alive"] == 15
     if kind == "kernels_pruned":
         assert report["total"]["prunable_alive"] == 0 and report["total"]["density_prunable"] == 0
         assert report["total"]["all_alive"] == 12 + 6 + 3 + (0 if prune_output else 18)

@@ -53,7 +53,7 @@ def test_quaternion_hidden_layers_have_a_quarter_of_the_weights(name):
 
 
 @pytest.mark.parametrize("name", sorted(models.REGISTRY))
-@pytest.mark.parametrize("algebra", models.ALGEBRAS)
+@pytest.mark.parametrize("algebra", models.PAPER_ALGEBRAS)
 @pytest.mark.parametrize("input_shape", [(28, 28, 1), (32, 32, 3)])
 def test_any_input_shape_and_classes(name, algebra, input_shape):
     model = models.create(name, algebra, num_classes=7)
@@ -79,8 +79,10 @@ def test_output_layer_is_real_and_named_output():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown model 'conv5'.*conv4"):
         models.create("conv5")
-    with pytest.raises(ValueError, match="unknown algebra 'complex'.*'real', 'quat'"):
-        models.create("conv4", "complex")
+    with pytest.raises(ValueError, match="unknown algebra 'octonion'.*'real', 'complex', 'quat'"):
+        models.create("conv4", "octonion")
+    with pytest.raises(ValueError, match=r"complex lenet12: real widths must be multiples of 2"):
+        models.create("lenet12", "complex", features=(13,))
     with pytest.raises(ValueError, match=r"multiples of 4, got \[30\]"):
         models.create("lenet300_100", "quat", features=(300, 30))
     with pytest.raises(ValueError, match="H, W >= 8"):
@@ -103,7 +105,7 @@ def test_max_pool_2x2_equals_flax_max_pool_values_and_gradients(shape):
 
 
 @pytest.mark.parametrize("name", sorted(models.REGISTRY))
-@pytest.mark.parametrize("algebra", models.ALGEBRAS)
+@pytest.mark.parametrize("algebra", models.PAPER_ALGEBRAS)
 def test_deploy_ops_name_the_models_layers_in_order(name, algebra):
     input_shape = (28, 28, 1) if models.spec(name).dataset == "mnist" else (32, 32, 3)
     steps = models.create(name, algebra).deploy_ops(input_shape)

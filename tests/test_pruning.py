@@ -26,6 +26,7 @@ def alive_units(masks, grouping):
         total += (
             int(m.any(axis=0).sum())
             if (grouping == "quaternion" and name.endswith("qkernel"))
+            or (grouping == "number" and name.endswith(("qkernel", "hkernel")))
             else int(m.sum())
         )
     return total

@@ -177,9 +177,9 @@ def test_layer_density_from_sparsity_reports(tmp_path):
     ]
     np.testing.assert_allclose(density.density["QDense_0/qkernel"], [1.0, q.mean()])
     np.testing.assert_allclose(density.density["output/kernel"], [1.0, 0.75])
-    np.testing.assert_allclose(density.quat_full["QDense_0/qkernel"], [1.0, 5 / 10])
-    np.testing.assert_allclose(density.quat_alive["QDense_0/qkernel"], [1.0, 8 / 10])
-    assert list(density.quat_full) == ["QDense_0/qkernel"]
+    np.testing.assert_allclose(density.number_full["QDense_0/qkernel"], [1.0, 5 / 10])
+    np.testing.assert_allclose(density.number_alive["QDense_0/qkernel"], [1.0, 8 / 10])
+    assert list(density.number_full) == ["QDense_0/qkernel"]
 
 
 # -- the paper's tables -----------------------------------------------------------------------

@@ -57,8 +57,8 @@ def _step(op: ops.Op) -> Forward:
     if isinstance(op, ops.MaxPool2x2):
         return ops.max_pool_2x2
     if isinstance(op, ops.Flatten):
-        return functools.partial(ops.flatten, layout=op.layout)
-    return ops.ENCODINGS[op.encoding]
+        return functools.partial(ops.flatten, layout=op.layout, n=op.n)
+    return functools.partial(ops.ENCODINGS[op.encoding], n=op.n)
 
 
 # -- sparse dense layers: W^T as a scipy matrix, applied as (W^T x^T)^T --------------------------

@@ -114,8 +114,13 @@ def reads(run_dir: Path) -> dict:
         "layer_density": {
             "rounds": density.rounds,
             **{
-                f: {k: v.tolist() for k, v in getattr(density, f).items()}
-                for f in ("density", "quat_full", "quat_alive")
+                key: {k: v.tolist() for k, v in getattr(density, f).items()}
+                # the fixture's keys predate other algebras: quat_* read number_*
+                for key, f in (
+                    ("density", "density"),
+                    ("quat_full", "number_full"),
+                    ("quat_alive", "number_alive"),
+                )
             },
         },
         "mask_rounds": results.mask_rounds(run_dir),
