@@ -86,9 +86,9 @@ def header_flops(header: dict) -> dict[str, Any]:
 
     Walks the header's ``ops`` from its input shape: a convolution (SAME, stride 1) has
     H x W output positions, ``maxpool2x2`` halves H and W, ``flatten`` leaves one position. A
-    layer's real matrix has ``prod(kernel_shape)`` entries (a quaternion kernel's block matrix
-    ``4 prod(kernel_shape)``: each component appears 4 times, signed), of which
-    ``storage['alive']`` (times 4) survive. Returns ``dense``, ``sparse`` and per layer
+    layer's real matrix has ``prod(kernel_shape)`` entries (a component kernel's ``n
+    prod(kernel_shape)``: in an n-dimensional algebra each stored value feeds n outputs), of which
+    ``storage['alive']`` (times n) survive. Returns ``dense``, ``sparse`` and per layer
     ``layers``: name, positions, dense, sparse.
     """
     h, w, _ = header["input"]["shape"]
@@ -103,7 +103,7 @@ def header_flops(header: dict) -> dict[str, Any]:
             if isinstance(op, ops.Conv) and op.strides != (1, 1):
                 raise ValueError(f"layer {op.name}: only stride 1 is counted")
             positions = h * w if isinstance(op, ops.Conv) else 1
-            copies = 4 if op.kind == "quat" else 1
+            copies = 1 if op.kind == "real" else entry["kernel_shape"][0]
             total = copies * math.prod(entry["kernel_shape"])
             alive = copies * int(entry["storage"]["alive"])
             layer = {"name": op.name, "positions": positions}

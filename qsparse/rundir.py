@@ -290,9 +290,9 @@ def load_masks(rd: Round) -> dict[str, np.ndarray]:
 
 
 def is_kernel(name: str) -> bool:
-    """Whether masks.npz entry ``name`` is a kernel, real or quaternion (the prunable kind of
-    leaf, as :data:`qsparse.masks.KERNEL_NAMES`)."""
-    return name.split("/")[-1] in ("kernel", "qkernel")
+    """Whether masks.npz entry ``name`` is a kernel, real or a component kernel of any algebra
+    (the prunable kind of leaf, as :data:`qsparse.masks.KERNEL_NAMES`)."""
+    return name.split("/")[-1] in ("kernel", "qkernel", "hkernel")
 
 
 def is_quaternion_kernel(name: str) -> bool:

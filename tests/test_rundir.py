@@ -111,8 +111,9 @@ def test_provenance_is_appended_one_line_per_invocation(tmp_path):
     assert lines[1]["packages"]["jax"] == jax.__version__ and "device_count" not in lines[1]
 
 
-def test_quaternion_kernels_by_name_agree_with_the_masks_module():
-    model = models.create("lenet300_100", "quat", 10, features=(8, 4))
+@pytest.mark.parametrize("algebra", ["quat", "phm4"])
+def test_quaternion_kernels_by_name_agree_with_the_masks_module(algebra):
+    model = models.create("lenet300_100", algebra, 10, features=(8, 4))
     params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), (28, 28, 1)))
     paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     names = [masks.path_str(p) for p in paths]
@@ -122,7 +123,8 @@ def test_quaternion_kernels_by_name_agree_with_the_masks_module():
     assert [rundir.is_quaternion_kernel(masks.path_str(p)) for p in paths] == [
         masks.is_quaternion(p) for p in paths
     ]
-    assert sum(masks.is_quaternion(p) for p in paths) == 2  # two quaternion layers, a real output
+    assert sum(masks.is_hypercomplex(p) for p in paths) == 2  # two hidden layers, a real output
+    assert sum(rundir.is_kernel(n) for n in names) == 3  # not PHM's rules, not the biases
 
 
 def test_load_masks_reads_the_npz_by_parameter_path():
