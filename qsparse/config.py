@@ -83,8 +83,14 @@ class Config:
     )
     control: str = _field(
         "none",
-        "none | reinit (winning mask, new random weights) | shuffle (random mask, "
-        "same layer densities)",
+        "none | reinit (new random weights) | shuffle (random masks from the initial weights): "
+        "with --ticket_run, on the ticket run's masks at every round (Frankle & Carbin's "
+        "controls); without, the control's own IMP (new weights / random masks at every round)",
+    )
+    ticket_run: str | None = _field(
+        None,
+        "the lottery run directory a control branches from: round L takes its replicate r's "
+        "round-L masks (reinit) or their per-layer counts (shuffle)",
     )
     stop_accuracy: float = _field(
         0.0, "stop a replicate after two rounds below this test accuracy (paper: 0.3; 0 = never)"

@@ -89,6 +89,7 @@ def resolve(config: Config) -> Config:
         raise ConfigError(
             "protocol='paper' always retrains from the initial weights; use rewind='init'"
         )
+    config = _check_ticket_run(config)
     try:
         create_model(config, 10)
     except ValueError as e:
@@ -110,6 +111,42 @@ def _check_algebra_options(config: Config) -> None:
             raise ConfigError(
                 f"{name}={value!r} applies to algebra {owner!r}, not {config.algebra!r}{instead}"
             )
+
+
+# A control may differ from its ticket run in these fields only.
+TICKET_FREE = ("control", "ticket_run", "rounds", "replicates")
+
+
+def _check_ticket_run(config: Config) -> Config:
+    """A control branching from a ticket run: the run must be a finished lottery run (no control)
+    of the same experiment but for :data:`TICKET_FREE`. Returns the config with the run's
+    absolute path."""
+    if config.ticket_run is None:
+        return config
+    name = f"ticket_run={config.ticket_run!r}"
+    if config.control == "none" or config.protocol != "lottery":
+        raise ConfigError(f"{name} needs control='reinit' or 'shuffle' and protocol='lottery'")
+    ticket_run = rundir.Run(Path(config.ticket_run).resolve())
+    if not ticket_run.config.exists():
+        raise ConfigError(f"{name} holds no run: {ticket_run.config} does not exist")
+    ticket = Config.from_json(rundir.read_json(ticket_run.config))
+    if ticket.control != "none" or ticket.protocol != "lottery":
+        raise ConfigError(f"{name} is not a lottery run without control: it is {ticket.run_name()}")
+    mine, theirs = config.semantic(), ticket.semantic()
+    diff = {k: (theirs[k], v) for k, v in mine.items() if k not in TICKET_FREE and v != theirs[k]}
+    if diff:
+        raise ConfigError(f"{name} is another experiment (ticket vs control: {diff})")
+    for field in ("rounds", "replicates"):
+        if getattr(config, field) > getattr(ticket, field):
+            raise ConfigError(
+                f"{field}={getattr(config, field)}: the ticket run {name} has only "
+                f"{getattr(ticket, field)}"
+            )
+    if not ticket_run.summary_json.exists():
+        raise ConfigError(
+            f"{name} has not finished (no {ticket_run.summary_json}); finish it first"
+        )
+    return dataclasses.replace(config, ticket_run=str(ticket_run.path))
 
 
 def _choice(name: str, value, valid: tuple) -> None:

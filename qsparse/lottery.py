@@ -13,6 +13,14 @@ Protocols (the paper, §4; :attr:`Config.protocol`):
   round L is a ticket trained from θ₀ with that mask. Unlike the paper's code, the tickets get
   their own optimizer (``optimizer_state`` applies).
 
+Controls (:attr:`Config.control`): ``reinit`` trains each round's mask from new random weights,
+``shuffle`` a random mask with the same per-layer counts (whole numbers under ``number``
+grouping) from θ₀, drawn inside the previous round's mask so masks stay nested. With
+``ticket_run`` the masks are that lottery run's, replicate by replicate and round by round
+(Frankle & Carbin's controls, open_lth's branches); without it a control is its own IMP: its
+round-L mask is pruned from its own round L-1 network (new weights / random masks at every
+round), so only round 1 starts from the ticket's mask.
+
 Each replicate's protocol (:meth:`Experiment._protocol`) is a generator that yields the
 trainings it needs; :class:`qsparse.loop.Loop` trains those of all replicates together. Files
 are named by :mod:`qsparse.rundir`.
@@ -74,6 +82,11 @@ def run(
     with ckpt.RunLock(run.lock):
         check_run_dir(run, config)  # again, now that no other process can write it
         rundir.write_json(run.config, config.to_json())
+        if config.ticket_run:
+            ticket = rundir.Run(Path(config.ticket_run))
+            rundir.write_json(
+                run.ticket, {"run": config.ticket_run, "config": rundir.read_json(ticket.config)}
+            )
         summaries.config(run, config.to_json())
         info = record_invocation(run)
         log(
@@ -169,7 +182,7 @@ class Lottery(Experiment):
             source = prev_search if cfg.protocol == "paper" else prev_state
             try:
                 masks = self._masks(rd, source, masks, jax.random.fold_in(control_key, level))
-            except pruning.LayerCollapseError as e:
+            except (pruning.LayerCollapseError, TicketEnded) as e:
                 self.log(f"replicate {r}: stopping before round {level}: {e}")
                 rundir.write_json(rep.stopped, {"round": level, "reason": str(e)})
                 self._stopped(level, level)
@@ -222,9 +235,12 @@ class Lottery(Experiment):
                 return ckpt.load_masks(rd.masks, masks)
             except rundir.CorruptFileError as e:
                 logger.warning("%s; computing them again from the previous round", e)
-        new = masks
-        if rd.level > 0:
-            cfg = self.config
+        cfg, new = self.config, masks
+        if rd.level > 0 and cfg.ticket_run:
+            new = self._ticket_masks(rd, masks)
+            if cfg.control == "shuffle":
+                new = pruning.shuffle(key, new, within=masks, grouping=cfg.grouping, rule=self.rule)
+        elif rd.level > 0:
             new = pruning.prune(
                 source.params,
                 masks,
@@ -238,6 +254,14 @@ class Lottery(Experiment):
                 new = pruning.shuffle(key, new, within=masks, grouping=cfg.grouping, rule=self.rule)
         ckpt.save_masks(rd.masks, new)
         return new
+
+    def _ticket_masks(self, rd: rundir.Round, like):
+        """Round ``rd``'s masks in the ticket run (same replicate, same level)."""
+        ticket = rundir.Run(Path(self.config.ticket_run))
+        path = ticket.replicate(rundir.Replicate(rd.path.parent).index).round(rd.level).masks
+        if not path.exists():
+            raise TicketEnded(f"the ticket run {ticket.path} has no round {rd.level} ({path})")
+        return ckpt.load_masks(path, like)
 
     def _start_params(self, rep: rundir.Replicate, theta0, init_key, level: int):
         """Where round ``level``'s ticket starts: θ₀, the rewind point or (control) new weights."""
@@ -314,6 +338,10 @@ class Lottery(Experiment):
             "train_loss": last["train_loss"],
             "epochs": len(history),
         }
+
+
+class TicketEnded(Exception):
+    """A control's ticket run has no masks for the next round: its replicate ended before it."""
 
 
 def _advance(protocols: dict, jobs: dict, r: int, result) -> None:

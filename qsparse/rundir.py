@@ -177,6 +177,11 @@ class Run:
         return self.path / "summary.csv"
 
     @property
+    def ticket(self) -> Path:
+        """A control's record of the ticket run it branches from (its path and config)."""
+        return self.path / "ticket.json"
+
+    @property
     def lock(self) -> Path:
         return self.path / ".lock"
 
