@@ -7,9 +7,12 @@ directories are: a laptop, a notebook, CI. The layout read is the one written by
 Conventions (the paper, §4):
 
 * ``x_own`` is the percentage of the model's *own* parameters left, biases included (the
-  paper's "% weights left"); ``x_real`` is the same count as a percentage of the *real*
-  model's parameters, which is how the paper plots quaternion curves. For a real model the two
-  are equal.
+  paper's "% weights left"); ``x_real`` is the same count of stored weights as a percentage of
+  the *real* model's parameters, which is how the paper plots quaternion curves and how curves
+  of any two algebras meet on one axis. For a real model the two are equal.
+* The algebra is one more config field: curves of any set of algebras aggregate side by side,
+  ordered as the algebras are registered (real first) and labelled by their names, the paper's
+  letters R and Q kept for ``real`` and ``quat``.
 * Accuracies of curves are in percent; the spread over replicates is the sample standard
   deviation (ddof=1, as the paper's plotting code, pandas ``std``), NaN with one replicate.
 """
@@ -26,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from qsparse import rundir
+from qsparse import algebras, rundir
 from qsparse.algebras import COMPONENTS
-from qsparse.config import NON_SEMANTIC
+from qsparse.config import NON_SEMANTIC, Config
 
 # Config fields that do not define a curve: replicates of one experiment (seed, replicates),
 # how far or how often it ran, and bookkeeping. Every other config field does.
@@ -36,6 +39,9 @@ NOT_CURVE_FIELDS = ("seed", "replicates", "rounds", "stop_accuracy", "eval_every
 
 # Per-(replicate, round) values of a tidy row (the rest are the run's config fields).
 ROW_FIELDS = frozenset({"run", *rundir.SUMMARY_FIELDS, "epochs_run"} - {"epochs"})
+
+# The paper's names of its two algebras; every other algebra is labelled by its own name.
+PAPER_LETTERS = {"real": "R", "quat": "Q"}
 
 PathLike = str | os.PathLike
 
@@ -122,7 +128,7 @@ def aggregate(rows: Iterable[dict]) -> list[Curve]:
     """Group tidy rows into curves and take mean ± std over replicates per round."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = tuple(sorted((k, _hashable(v)) for k, v in row.items() if k in _curve_fields(row)))
+        key = tuple(sorted((k, _hashable(v)) for k, v in curve_config(row).items()))
         groups.setdefault(key, []).append(row)
     curves = []
     for key, members in groups.items():
@@ -145,9 +151,16 @@ def aggregate(rows: Iterable[dict]) -> list[Curve]:
                 **{k: np.array(v, dtype=int if k == "n" else float) for k, v in cols.items()},
             )
         )
-    return sorted(
-        curves, key=lambda c: (c.model, c.dataset, c.algebra != "real", _sort_key(c.config))
-    )
+    return sorted(curves, key=order)
+
+
+def order(curve: Any) -> tuple:
+    """Sort key of a curve (or anything with ``.config``): model, dataset, the algebra in
+    registration order (real first; an algebra not registered here last), then the config."""
+    names = algebras.names()
+    algebra = curve.config["algebra"]
+    rank = names.index(algebra) if algebra in names else len(names)
+    return (curve.config["model"], curve.config["dataset"], rank, _sort_key(curve.config))
 
 
 def load(paths: Iterable[PathLike]) -> list[Curve]:
@@ -163,21 +176,33 @@ def by_pair(curves: Iterable[Curve]) -> dict[tuple[str, str], list[Curve]]:
     return out
 
 
+def algebra_label(algebra: str) -> str:
+    """'R' and 'Q' for the paper's real and quaternion networks, any other algebra's name."""
+    return PAPER_LETTERS.get(algebra, algebra)
+
+
 def labels(curves: Sequence[Curve]) -> list[str]:
-    """'R' / 'Q', plus the curve fields that differ among ``curves``, e.g.
-    'Q (grouping=quaternion)'."""
+    """:func:`algebra_label` plus the curve fields that differ among ``curves``, e.g.
+    'Q (grouping=quaternion)', 'tessarine (grouping=number)'."""
     fields = sorted({k for c in curves for k in c.config} - {"model", "dataset", "algebra"})
     varying = [k for k in fields if len({_hashable(c.config.get(k)) for c in curves}) > 1]
     out = []
     for c in curves:
-        name = "R" if c.algebra == "real" else "Q"
+        name = algebra_label(c.algebra)
         extra = ", ".join(f"{k}={config_text(c.config.get(k))}" for k in varying)
         out.append(f"{name} ({extra})" if extra else name)
     return out
 
 
-def _curve_fields(row: dict) -> set[str]:
-    return set(row) - set(NOT_CURVE_FIELDS) - ROW_FIELDS
+def curve_config(config: dict) -> dict[str, Any]:
+    """The curve fields of a run's config (or of a tidy row), a field the run predates at its
+    default: such a run ran as the default (the convention that keeps run names valid,
+    :meth:`qsparse.config.Config.run_name`), so it pools and compares with newer runs."""
+    defaults = {k: v for k, v in Config().to_json().items() if k not in NOT_CURVE_FIELDS}
+    return {**defaults, **{k: v for k, v in config.items() if k not in _NOT_CURVE}}
+
+
+_NOT_CURVE = frozenset(NOT_CURVE_FIELDS) | ROW_FIELDS
 
 
 def _hashable(v: Any) -> Any:

@@ -147,7 +147,9 @@ def test_cli_tables_the_committed_paper_runs(tmp_path):
     curves = {(c.model, c.algebra): c for c in results.load([REPO / "results/paper_mnist"])}
     for model in ("lenet12", "lenet300_100"):
         want = compare.matched(curves[model, "real"], curves[model, "quat"])
-        section = done.stdout.split(f"## {model} / mnist: b vs R")[1].split("##")[0]
+        # b unnamed: its own label, Q
+        section = done.stdout.split(f"## {model} / mnist: Q vs R")[1].split("##")[0]
+        assert "| Q: % of R | round | Q acc | R: % of R |" in section
         rows = [
             line for line in section.splitlines() if line.startswith("| ") and "round" not in line
         ]
