@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from qsparse import experiment, masks, models, paper, report, results, rundir
+from qsparse import experiment, masks, models, paper, plots, report, results, rundir
 from qsparse.config import Config
 
 ROOT = Path(__file__).parents[1]
@@ -93,6 +93,55 @@ def test_runs_pool_by_config_and_split_by_grouping(tmp_path):
         "Q (grouping=quaternion)",
     ]
     assert np.isnan(curves[-1].acc_std).all()  # one replicate: no spread
+
+
+# LeNet-300-100's parameters (10 classes) per algebra as a fraction of the real model's 266,610.
+RATIO = {
+    "phm4": 67_838 / 266_610,
+    "tessarine": 67_710 / 266_610,
+    "real": 1.0,
+    "quat": 67_710 / 266_610,
+    "complex": 134_010 / 266_610,
+}
+XS = [100.0, 80.0, 64.0]
+
+
+def algebra_accs(i: int) -> list[list[float]]:
+    """Two replicates over three rounds, the ``i``-th algebra a point lower."""
+    return [[0.9 - 0.01 * i - 0.02 * n + 0.01 * r for n in range(3)] for r in range(2)]
+
+
+def algebra_runs(root: Path) -> None:
+    for i, (algebra, ratio) in enumerate(RATIO.items()):
+        rows = rows_for(algebra_accs(i), XS, ratio)
+        write_run(root, algebra, rows, algebra=algebra, replicates=2)
+
+
+def test_curves_of_several_algebras_aggregate_side_by_side(tmp_path):
+    algebra_runs(tmp_path)
+    curves = results.load([tmp_path])
+    # real first, then as the algebras are registered; not as the runs are named
+    assert [c.algebra for c in curves] == ["real", "complex", "quat", "tessarine", "phm4"]
+    assert results.labels(curves) == ["R", "complex", "Q", "tessarine", "phm4"]
+    assert list(results.by_pair(curves)) == [("lenet300_100", "mnist")]
+    for c in curves:
+        accs = algebra_accs(list(RATIO).index(c.algebra))
+        np.testing.assert_allclose(c.x_own, XS)
+        np.testing.assert_allclose(c.x_real, np.array(XS) * RATIO[c.algebra])
+        np.testing.assert_allclose(c.acc_mean, [100 * statistics.mean(a) for a in zip(*accs)])
+        assert c.n.tolist() == [2, 2, 2] and len(c.runs) == 1
+
+
+def test_a_run_older_than_a_config_field_pools_as_its_default(tmp_path):
+    write_run(tmp_path, "new", rows_for([[0.5]], [100.0]), algebra="quat", seed=1)
+    old = write_run(tmp_path, "old", rows_for([[0.7]], [100.0]), algebra="quat", seed=2)
+    config = json.loads((old / "config.json").read_text())
+    assert config.pop("phm_init") == "zhang" and config.pop("hash_seed") == 0
+    (old / "config.json").write_text(json.dumps(config))
+    write_run(tmp_path, "hashed", rows_for([[0.9]], [100.0]), algebra="quat", hash_seed=5)
+    pooled, other = results.load([tmp_path])
+    assert pooled.n.tolist() == [2] and pooled.acc_mean.tolist() == [pytest.approx(60.0)]
+    assert results.labels([pooled, other]) == ["Q (hash_seed=0)", "Q (hash_seed=5)"]
 
 
 def test_curve_fields_exclude_only_config_fields():
@@ -269,6 +318,26 @@ def test_report_puts_paper_values_beside_ours(tmp_path):
     assert rows[2][:3] == ["64.06", "96.5 ± 0.7", "98.2"] and rows[2][3:] == [""] * 4
 
 
+def test_report_tables_every_algebra_with_both_x_and_paper_values_for_r_and_q_only(tmp_path):
+    paper_like_runs(tmp_path)
+    p = paper.PAPER[("lenet300_100", "mnist")]
+    for algebra, accs in (("tessarine", [[0.96, 0.93]]), ("phm4", [[0.92, 0.91], [0.94, 0.9]])):
+        rows = rows_for(accs, list(p.q_x_own[:2]), ratio=RATIO[algebra])
+        write_run(tmp_path, algebra, rows, algebra=algebra, replicates=len(accs))
+    text = report.markdown_report(results.load([tmp_path]))
+    assert (
+        "| round | R: % left | R acc | paper | Q: % own | Q: % of R | Q acc | paper "
+        "| tessarine: % own | tessarine: % of R | tessarine acc "
+        "| phm4: % own | phm4: % of R | phm4 acc |"
+    ) in text
+    assert "- **tessarine**: " in text and "- **phm4**: " in text
+    assert "Likewise for phm4, tessarine: '% own' is the model's own density" in text
+    rows = table_rows(text)
+    assert rows[0][7:] == ["100.00", "25.40", "96.0", "100.00", "25.44", "93.0 ± 1.4"]
+    assert rows[1][7:] == ["80.12", "20.35", "93.0", "80.12", "20.39", "90.5 ± 0.7"]
+    assert rows[2][7:] == [""] * 6
+
+
 def test_report_notes_paper_round_when_x_differs(tmp_path):
     write_run(tmp_path, "halving", rows_for([[0.9, 0.8]], [100.0, 51.3]), prune_fraction=0.5)
     rows = table_rows(report.markdown_report(results.load([tmp_path])))
@@ -296,6 +365,24 @@ def test_plot_script_writes_png_and_svg(tmp_path):
         assert "<svg" in svg and "paper Q (Fig. 4a)" in svg
 
 
+@pytest.mark.parametrize("x", ["own", "real"])
+def test_accuracy_figure_draws_one_labelled_curve_per_algebra(tmp_path, x):
+    algebra_runs(tmp_path)
+    curves = results.load([tmp_path])
+    ax = plots.accuracy_figure(curves, x).axes[0]
+    handles, names = ax.get_legend_handles_labels()
+    assert names == ["R", "complex", "Q", "tessarine", "phm4"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == names
+    lines = [h.lines[0] for h in handles]  # an errorbar's data line
+    want = [
+        np.c_[np.array(XS) * (RATIO[c.algebra] if x == "real" else 1), c.acc_mean] for c in curves
+    ]
+    for line, xy in zip(lines, want, strict=True):
+        np.testing.assert_allclose(line.get_xydata(), xy)
+    assert len({line.get_marker() for line in lines}) == len(lines)
+    assert (lines[0].get_marker(), lines[2].get_marker()) == ("o", "s")  # the paper's R and Q
+
+
 def test_plot_script_rejects_missing_runs(tmp_path):
     proc = run_script("experiments.plot", f"--runs={tmp_path / 'nope'}", f"--out={tmp_path / 'f'}")
     assert proc.returncode == 2 and "not a directory" in proc.stderr
@@ -307,6 +394,25 @@ def test_report_script_prints_and_writes(tmp_path):
     proc = run_script("experiments.report", f"--runs={tmp_path / 'runs'}", f"--out={out}")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == out.read_text() and "| 98.1 |" in proc.stdout
+
+
+@pytest.mark.subprocess
+def test_compare_script_names_two_non_real_algebras_by_their_own_labels(tmp_path):
+    algebra_runs(tmp_path)
+    proc = run_script(
+        "experiments.compare", f"--runs={tmp_path}", "--a=algebra=tessarine", "--b=algebra=phm4"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("## lenet300_100 / mnist: phm4 vs tessarine\n")
+    assert f"- tessarine: {tmp_path / 'tessarine'}\n- phm4: {tmp_path / 'phm4'}" in proc.stdout
+    assert "| phm4: % of R | round | phm4 acc | tessarine: % of R | round | tessarine acc |" in (
+        proc.stdout
+    )
+    # x_real 25.44 % (phm4) meets 25.40 % (tessarine); phm4, first in RATIO, is a point higher
+    # (algebra_accs); 2 SE = 2 sqrt(0.5/2 + 0.5/2)
+    assert "| 25.44 | 0 | 90.5 ± 0.7 (2) | 25.40 | 0 | 89.5 ± 0.7 (2) | +1.0 | 1.4 | within" in (
+        proc.stdout
+    )
 
 
 @pytest.mark.subprocess
