@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from qsparse import algebras, rundir
-from qsparse.algebras import COMPONENTS
 from qsparse.config import NON_SEMANTIC, Config
 
 # Config fields that do not define a curve: replicates of one experiment (seed, replicates),
@@ -39,6 +38,9 @@ NOT_CURVE_FIELDS = ("seed", "replicates", "rounds", "stop_accuracy", "eval_every
 
 # Per-(replicate, round) values of a tidy row (the rest are the run's config fields).
 ROW_FIELDS = frozenset({"run", *rundir.SUMMARY_FIELDS, "epochs_run"} - {"epochs"})
+
+# The quaternion's component names (r, i, j, k), as the notebook labels its columns.
+COMPONENTS = algebras.COMPONENTS
 
 # The paper's names of its two algebras; every other algebra is labelled by its own name.
 PAPER_LETTERS = {"real": "R", "quat": "Q"}
@@ -273,48 +275,64 @@ def load_masks(run_dir: PathLike, replicate: int = 0, round: int = 0) -> dict[st
     return rundir.load_masks(rundir.Run(run_dir).replicate(replicate).round(round))
 
 
-def quaternion_states(mask: np.ndarray) -> dict[str, float]:
-    """Fractions of quaternions with all four components alive, some, or none (sum to 1)."""
-    alive = np.asarray(mask).reshape(4, -1).sum(axis=0)
+# masks.npz entries holding a hypercomplex number's n components on axis 0 (the leaves that
+# qsparse.masks calls HYPERCOMPLEX_KERNELS, named here without jax).
+NUMBER_KERNELS = ("qkernel", "hkernel")
+
+
+def number_states(mask: np.ndarray, n: int = 4) -> dict[str, float]:
+    """Fractions of numbers (``n`` components on axis 0: quaternions by default) with all
+    components alive, some, or none (sum to 1)."""
+    alive = np.asarray(mask).reshape(n, -1).sum(axis=0)
     return {
-        "full": float(np.mean(alive == 4)),
-        "partial": float(np.mean((alive > 0) & (alive < 4))),
+        "full": float(np.mean(alive == n)),
+        "partial": float(np.mean((alive > 0) & (alive < n))),
         "pruned": float(np.mean(alive == 0)),
     }
 
 
-def pruned_by_component(mask: np.ndarray) -> np.ndarray:
-    """Number of pruned weights in each component (r, i, j, k) of a quaternion kernel."""
-    return (~np.asarray(mask, bool)).reshape(4, -1).sum(axis=1)
+def pruned_by_component(mask: np.ndarray, n: int = 4) -> np.ndarray:
+    """Number of pruned weights in each of the ``n`` components (r, i, j, k of a quaternion)."""
+    return (~np.asarray(mask, bool)).reshape(n, -1).sum(axis=1)
 
 
-def quaternion_summary(run_dir: PathLike, replicate: int = 0) -> list[dict]:
-    """Per round, over all quaternion kernels: quaternion states and the pruned components' shares.
+def number_summary(run_dir: PathLike, replicate: int = 0) -> list[dict]:
+    """Per round, over all hypercomplex kernels: number states and the pruned components' shares.
 
-    Element grouping can leave quaternions partly alive; quaternion grouping never does. The
-    shares (``share_r`` ...; NaN before anything is pruned) tell whether pruning favours a
-    component (e.g. spares the real part).
+    Element grouping can leave numbers partly alive; number (or quaternion) grouping never does.
+    The shares (``share_<component>``, the run's algebra's component names, e.g. ``share_r``
+    ... ``share_k`` for quat; NaN before anything is pruned) tell whether pruning favours a
+    component (e.g. spares the real part). A real run has none: an empty list.
     """
+    names = _component_names(run_dir)
     out = []
     for level in mask_rounds(run_dir, replicate):
-        kernels = [
-            m.reshape(4, -1)
-            for k, m in load_masks(run_dir, replicate, level).items()
-            if rundir.is_quaternion_kernel(k)
-        ]
+        found = load_masks(run_dir, replicate, level)
+        kernels = [m for k, m in found.items() if k.split("/")[-1] in NUMBER_KERNELS]
         if not kernels:
             continue
-        mask = np.concatenate(kernels, axis=1)
-        pruned = pruned_by_component(mask)
+        n = kernels[0].shape[0]
+        mask = np.concatenate([m.reshape(n, -1) for m in kernels], axis=1)
+        pruned = pruned_by_component(mask, n)
         total = int(pruned.sum())
+        components = names if len(names) == n else tuple(f"e{c}" for c in range(n))
         out.append(
             {
                 "round": level,
-                **quaternion_states(mask),
+                **number_states(mask, n),
                 **{
                     f"share_{c}": int(p) / total if total else math.nan
-                    for c, p in zip(COMPONENTS, pruned)
+                    for c, p in zip(components, pruned)
                 },
             }
         )
     return out
+
+
+quaternion_summary = number_summary  # its name from before there were other algebras
+
+
+def _component_names(run_dir: PathLike) -> tuple[str, ...]:
+    """The component names of the run's algebra; none for an algebra not registered here."""
+    algebra = rundir.read_json(rundir.Run(run_dir).config)["algebra"]
+    return algebras.get(algebra).components if algebra in algebras.names() else ()

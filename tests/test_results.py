@@ -185,10 +185,11 @@ def test_masks_statistics(tmp_path):
     q = np.ones((4, 2, 3), bool)
     q[:, 0, 0] = False  # one quaternion fully pruned
     q[0, 0, 1] = q[1, 1, 1] = q[2, 1, 1] = False  # two partly alive; pruned: r 2, i 2, j 2, k 1
-    assert results.quaternion_states(q) == pytest.approx(
+    assert results.number_states(q) == pytest.approx(
         {"full": 3 / 6, "partial": 2 / 6, "pruned": 1 / 6}
     )
     assert results.pruned_by_component(q).tolist() == [2, 2, 2, 1]
+    (tmp_path / "config.json").write_text(json.dumps({"algebra": "quat"}))
     rd = tmp_path / "replicate_0"
     for level, mask in ((0, np.ones_like(q)), (1, q)):
         (rd / f"round_{level:02d}").mkdir(parents=True)
@@ -202,6 +203,41 @@ def test_masks_statistics(tmp_path):
         [2 / 7, 2 / 7, 2 / 7, 1 / 7]
     )
     assert math.isnan(summary[0]["share_r"]) and summary[0]["full"] == 1.0
+
+
+def write_masks(run: Path, algebra: str, per_round: list[dict[str, np.ndarray]]) -> None:
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"algebra": algebra}))
+    for level, found in enumerate(per_round):
+        rd = run / "replicate_0" / f"round_{level:02d}"
+        rd.mkdir(parents=True)
+        np.savez(rd / "masks.npz", **found)
+
+
+def test_number_summary_of_other_algebras_names_their_components(tmp_path):
+    c = np.ones((2, 3, 2), bool)  # complex: six numbers (r, i) in a dense layer
+    c[:, 0, 0] = False  # one pruned whole
+    c[1, 2, 1] = False  # one partly (its i)
+    c_conv = np.ones((2, 3, 3, 1, 1), bool)  # and nine in a conv layer
+    c_conv[0, 0, 0] = False  # one partly (its r); pruned in all: r 2, i 2
+    found = {"HyperDense_0/hkernel": c, "HyperConv_0/hkernel": c_conv, "output/kernel": c[0]}
+    want = {"round": 0, "full": 12 / 15, "partial": 2 / 15, "pruned": 1 / 15}
+    write_masks(tmp_path / "complex", "complex", [found])
+    assert results.number_summary(tmp_path / "complex") == [
+        pytest.approx({**want, "share_r": 0.5, "share_i": 0.5})
+    ]
+    write_masks(tmp_path / "dual", "dual", [found])  # an algebra not registered here
+    assert results.number_summary(tmp_path / "dual") == [
+        pytest.approx({**want, "share_e0": 0.5, "share_e1": 0.5})
+    ]
+    k = np.ones((4, 1, 2), bool)
+    k[3] = False  # the c component of both numbers pruned
+    write_masks(tmp_path / "klein", "klein4", [{"HyperDense_0/hkernel": k}])
+    (summary,) = results.number_summary(tmp_path / "klein")
+    assert [summary[f"share_{u}"] for u in "rabc"] == [0.0, 0.0, 0.0, 1.0]
+    assert summary["partial"] == 1.0
+    write_masks(tmp_path / "real", "real", [{"Dense_0/kernel": k[0]}])
+    assert results.number_summary(tmp_path / "real") == []
 
 
 def test_layer_density_from_sparsity_reports(tmp_path):
