@@ -95,14 +95,9 @@ def test_runs_pool_by_config_and_split_by_grouping(tmp_path):
     assert np.isnan(curves[-1].acc_std).all()  # one replicate: no spread
 
 
-# LeNet-300-100's parameters (10 classes) per algebra as a fraction of the real model's 266,610.
-RATIO = {
-    "phm4": 67_838 / 266_610,
-    "tessarine": 67_710 / 266_610,
-    "real": 1.0,
-    "quat": 67_710 / 266_610,
-    "complex": 134_010 / 266_610,
-}
+# LeNet-300-100's parameters (10 classes) per algebra as a fraction of the real model's.
+R = 266_610
+RATIO = dict(phm4=67_838 / R, tessarine=67_710 / R, real=1.0, quat=67_710 / R, complex=134_010 / R)
 XS = [100.0, 80.0, 64.0]
 
 
@@ -410,11 +405,9 @@ def test_accuracy_figure_draws_one_labelled_curve_per_algebra(tmp_path, x):
     assert names == ["R", "complex", "Q", "tessarine", "phm4"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == names
     lines = [h.lines[0] for h in handles]  # an errorbar's data line
-    want = [
-        np.c_[np.array(XS) * (RATIO[c.algebra] if x == "real" else 1), c.acc_mean] for c in curves
-    ]
-    for line, xy in zip(lines, want, strict=True):
-        np.testing.assert_allclose(line.get_xydata(), xy)
+    for line, c in zip(lines, curves, strict=True):
+        scale = RATIO[c.algebra] if x == "real" else 1.0
+        np.testing.assert_allclose(line.get_xydata(), np.c_[np.array(XS) * scale, c.acc_mean])
     assert len({line.get_marker() for line in lines}) == len(lines)
     assert (lines[0].get_marker(), lines[2].get_marker()) == ("o", "s")  # the paper's R and Q
 
@@ -438,17 +431,13 @@ def test_compare_script_names_two_non_real_algebras_by_their_own_labels(tmp_path
     proc = run_script(
         "experiments.compare", f"--runs={tmp_path}", "--a=algebra=tessarine", "--b=algebra=phm4"
     )
+    out = proc.stdout
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("## lenet300_100 / mnist: phm4 vs tessarine\n")
-    assert f"- tessarine: {tmp_path / 'tessarine'}\n- phm4: {tmp_path / 'phm4'}" in proc.stdout
-    assert "| phm4: % of R | round | phm4 acc | tessarine: % of R | round | tessarine acc |" in (
-        proc.stdout
-    )
-    # x_real 25.44 % (phm4) meets 25.40 % (tessarine); phm4, first in RATIO, is a point higher
-    # (algebra_accs); 2 SE = 2 sqrt(0.5/2 + 0.5/2)
-    assert "| 25.44 | 0 | 90.5 ± 0.7 (2) | 25.40 | 0 | 89.5 ± 0.7 (2) | +1.0 | 1.4 | within" in (
-        proc.stdout
-    )
+    assert out.startswith("## lenet300_100 / mnist: phm4 vs tessarine\n")
+    assert f"- tessarine: {tmp_path / 'tessarine'}\n- phm4: {tmp_path / 'phm4'}" in out
+    assert "| phm4: % of R | round | phm4 acc | tessarine: % of R | round | tessarine acc |" in out
+    # 25.44 % (phm4) meets 25.40 % (tessarine); phm4 (first in RATIO) a point up; 2 SE = 2√½
+    assert "| 25.44 | 0 | 90.5 ± 0.7 (2) | 25.40 | 0 | 89.5 ± 0.7 (2) | +1.0 | 1.4 | within" in out
 
 
 @pytest.mark.subprocess
