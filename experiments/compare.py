@@ -1,17 +1,21 @@
 r"""Two curves of the same model and dataset at matched real-weight counts (2-SE rule).
 
     python -m experiments.compare --runs=results/paper_mnist --a=algebra=real --b=algebra=quat
+    python -m experiments.compare --runs=runs --a=algebra=quat --b=algebra=tessarine
     python -m experiments.compare --runs=results/paper_mnist,results/science \
         --a=algebra=quat --b=algebra=quat,prune_output=False --label_a=Q --label_b="Q, output kept"
 
 ``--a`` and ``--b`` pick one curve each per (model, dataset) among the runs found under
 ``--runs``, by ``key=value`` pairs of their config (what ``python -m experiments.report`` shows
-as curve fields). Each round of ``b`` meets the round of ``a`` nearest in % of the real model's
-weights (at most ``--max_ratio`` apart); a difference is called only where it exceeds two
-standard errors (:mod:`qsparse.compare`). ``--layer=output/kernel`` adds that layer's weights
-alive (mean over replicates, from sparsity.json) on each side. Prints one Markdown table per
-(model, dataset); ``--out`` also writes it to a file, and ``--figure=DIR/STEM`` draws both curves
-(and the layer's survivors) to STEM_<model>_<dataset>.{png,svg}.
+as curve fields; the algebra is one of them, so any two algebras compare). Their names in the
+table are ``--label_a``/``--label_b``, by default the curves' own labels (R, Q, tessarine, ...,
+with the fields in which the two differ). Each round of ``b`` meets the round of ``a`` nearest
+in % of the real model's weights (at most ``--max_ratio`` apart); a difference is called only
+where it exceeds two standard errors (:mod:`qsparse.compare`). ``--layer=output/kernel`` adds
+that layer's weights alive (mean over replicates, from sparsity.json) on each side. Prints one
+Markdown table per (model, dataset); ``--out`` also writes it to a file, and
+``--figure=DIR/STEM`` draws both curves (and the layer's survivors) to
+STEM_<model>_<dataset>.{png,svg}.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ flags.DEFINE_list(
     "a", None, "key=value config pairs picking the reference curve, e.g. algebra=real"
 )
 flags.DEFINE_list("b", None, "key=value config pairs picking the compared curve, e.g. algebra=quat")
-flags.DEFINE_string("label_a", "a", "name of curve a in the table")
-flags.DEFINE_string("label_b", "b", "name of curve b in the table")
+flags.DEFINE_string("label_a", None, "name of curve a in the table (default: its label, e.g. R)")
+flags.DEFINE_string("label_b", None, "name of curve b in the table (default: its label, e.g. Q)")
 flags.DEFINE_list("model", [], "only these models (default: every model with both curves)")
 flags.DEFINE_string(
     "layer", None, "also show this layer's weights alive per round, e.g. output/kernel"
@@ -80,6 +84,8 @@ def main(argv: list[str]) -> None:
 
 def _section(model: str, dataset: str, a: Curve, b: Curve, figures: list[Path]) -> str:
     """The table of one (model, dataset); its figure added to ``figures`` if asked for."""
+    own_a, own_b = results.labels([a, b])
+    label_a, label_b = FLAGS.label_a or own_a, FLAGS.label_b or own_b
     alive = None
     if FLAGS.layer:
         try:
@@ -89,15 +95,14 @@ def _section(model: str, dataset: str, a: Curve, b: Curve, figures: list[Path]) 
     if FLAGS.figure:
         stem = Path(f"{FLAGS.figure}_{model}_{dataset}")
         stem.parent.mkdir(parents=True, exist_ok=True)
-        labels = (FLAGS.label_a, FLAGS.label_b)
         figures += plots.save(
-            plots.comparison_figure(a, b, labels, alive, f"{model} / {dataset}"), stem
+            plots.comparison_figure(a, b, (label_a, label_b), alive, f"{model} / {dataset}"), stem
         )
     matches = compare.matched(a, b, max_ratio=FLAGS.max_ratio)
     return (
-        f"## {model} / {dataset}: {FLAGS.label_b} vs {FLAGS.label_a}\n\n"
-        f"- {FLAGS.label_a}: {', '.join(a.runs)}\n- {FLAGS.label_b}: {', '.join(b.runs)}"
-        f"\n\n{compare.markdown(matches, FLAGS.label_a, FLAGS.label_b, alive)}"
+        f"## {model} / {dataset}: {label_b} vs {label_a}\n\n"
+        f"- {label_a}: {', '.join(a.runs)}\n- {label_b}: {', '.join(b.runs)}"
+        f"\n\n{compare.markdown(matches, label_a, label_b, alive)}"
     )
 
 

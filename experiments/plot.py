@@ -6,12 +6,13 @@ r"""Figures like the paper's Fig. 4 from IMP run directories, plus layer densiti
     python -m experiments.plot --deployment=deploy --out=figures   # deployment figures only
 
 Writes accuracy_<model>_<dataset>_{own,real}.{png,svg} (x as % of the model's own weights, and
-as % of the real model's weights, the paper's convention; the paper's digitized curve dashed
-where it has one) and density_<run>.{png,svg}. ``--deployment`` (folders holding the
+as % of the real model's weights, the paper's convention; one curve per algebra and config,
+labelled R, Q or the algebra's name; the paper's digitized real and quaternion curves dashed
+where it has them) and density_<run>.{png,svg}. ``--deployment`` (folders holding the
 deployment.json files of ``python -m experiments.deployment``) adds
 deployment_{bytes,latency}_<model>_<dataset>.{png,svg}: test accuracy against the exported
-file's bytes and against the sparse runtime's batch-1 latency (log x), every curve (real,
-quaternion, each grouping) on one axis; given alone (without ``--runs``), only those.
+file's bytes and against the sparse runtime's batch-1 latency (log x), every curve (each
+algebra, each grouping) on one axis; given alone (without ``--runs``), only those.
 """
 
 from __future__ import annotations

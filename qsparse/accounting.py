@@ -197,25 +197,15 @@ def read(path: PathLike) -> Deployment:
         missing = set(ROUND_FIELDS) - set(row) if isinstance(row, dict) else ROUND_FIELDS
         if missing:
             raise DeploymentFileError(f"{path}: a round lacks {sorted(missing)}")
-    curve = {k: v for k, v in config.items() if k not in results.NOT_CURVE_FIELDS}
-    return Deployment(path=path, record=record, config=curve)
+    return Deployment(path=path, record=record, config=results.curve_config(config))
 
 
 def load(paths: Iterable[PathLike]) -> list[Deployment]:
     """Every deployment.json under ``paths``, ordered as :func:`qsparse.results.aggregate`
-    orders curves (model, dataset, real first, config), then replicate."""
+    orders curves (:func:`qsparse.results.order`: model, dataset, algebra, config), then run and
+    replicate."""
     deployments = [read(p) for p in find_files(paths)]
-    return sorted(
-        deployments,
-        key=lambda d: (
-            d.model,
-            d.dataset,
-            d.algebra != "real",
-            sorted((k, json.dumps(v)) for k, v in d.config.items()),
-            d.run,
-            d.replicate,
-        ),
-    )
+    return sorted(deployments, key=lambda d: (*results.order(d), d.run, d.replicate))
 
 
 def labels(deployments: Sequence[Deployment]) -> list[str]:

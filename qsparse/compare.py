@@ -1,8 +1,9 @@
 """Two curves compared at matched real-weight counts, with the two-standard-error rule.
 
-A real and a quaternion network (or one algebra under two protocols) reach different weight counts
-round by round, so each round of curve ``b`` is matched with the round of curve ``a`` whose
-``x_real`` (percent of the real model's parameters left) is nearest in ratio; a pair further apart
+Networks of two algebras (real and quaternion, tessarine and quaternion, ...; or one algebra under
+two protocols) reach different weight counts round by round, so each round of curve ``b`` is
+matched with the round of curve ``a`` whose ``x_real`` (stored weights left, as a percentage of the
+real model's parameters: one axis for every algebra) is nearest in ratio; a pair further apart
 than ``max_ratio`` is left out. A difference is called only where it exceeds two standard errors
 of the difference of the two replicate means, ``sqrt(s_a²/n_a + s_b²/n_b)``; with fewer than two
 replicates on either side nothing is called.

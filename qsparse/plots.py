@@ -1,5 +1,8 @@
 """Figures of IMP results: accuracy vs weights remaining (as the paper's Fig. 4), layer densities.
 
+Curves of any algebras share an axis: one curve each, labelled as :func:`qsparse.results.labels`
+(R, Q, tessarine, ...), each algebra with its own marker (:func:`marker`) beside the colour cycle.
+
 Figures are built with matplotlib's object-oriented API (``matplotlib.figure.Figure``, no
 pyplot): they render through Agg (PNG) and the SVG backend without touching a global backend,
 and a notebook displays them as any returned Figure. Data comes from :mod:`qsparse.results`,
@@ -16,11 +19,26 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
 
-from qsparse import accounting, results
+from qsparse import accounting, algebras, results
 from qsparse.paper import PAPER, PaperCurve
 
 # Halvings of 100 % (the paper speaks of the 25 %, 12.5 % and 3.12 % marks).
 X_TICKS = [100 / 2**k for k in range(14)]
+
+# The paper's markers for its two algebras (its dashed curves use them too); the others in turn.
+PAPER_MARKERS = {"real": "o", "quat": "s"}
+OTHER_MARKERS = ("^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+
+
+def marker(algebra: str) -> str:
+    """The marker of ``algebra``'s curves: the paper's for real and quat, then one per other
+    algebra in registration order (an algebra not registered here: the last)."""
+    if algebra in PAPER_MARKERS:
+        return PAPER_MARKERS[algebra]
+    others = [a for a in algebras.names() if a not in PAPER_MARKERS]
+    rank = others.index(algebra) if algebra in others else len(OTHER_MARKERS) - 1
+    return OTHER_MARKERS[rank % len(OTHER_MARKERS)]
+
 
 X_LABELS = {
     "own": "% of the model's own weights remaining",
@@ -36,9 +54,10 @@ def accuracy_figure(
 ) -> Figure:
     """Test accuracy (%) vs % weights remaining, log x inverted (100 → small), mean ± std bars.
 
-    ``x='real'`` puts quaternion curves at their count relative to the real model (the paper's
-    convention: they start near 25 %); ``x='own'`` at their own fraction. ``paper`` adds the
-    digitized curves of the paper, dashed.
+    ``x='real'`` puts every curve at its stored weights relative to the real model (the paper's
+    convention: a quaternion curve starts near 25 %, a complex one near 50 %); ``x='own'`` at
+    its model's own fraction. ``paper`` adds the digitized real and quaternion curves of the
+    paper, dashed.
     """
     if x not in X_LABELS:
         raise ValueError(f"x={x!r}; valid: {list(X_LABELS)}")
@@ -50,16 +69,16 @@ def accuracy_figure(
             xs,
             c.acc_mean,
             yerr=np.nan_to_num(c.acc_std),
-            marker="o" if c.algebra == "real" else "s",
+            marker=marker(c.algebra),
             ms=4,
             capsize=2,
             label=name,
         )
     if paper is not None:
         q_x = paper.q_x_own if x == "own" else paper.q_x_of_real
-        for name, xs, accs, style in (
-            ("R", paper.r_x, paper.r_acc, dict(color="0.2", marker="o")),
-            ("Q", q_x, paper.q_acc, dict(color="0.55", marker="s")),
+        for algebra, xs, accs, color in (
+            ("real", paper.r_x, paper.r_acc, "0.2"),
+            ("quat", q_x, paper.q_acc, "0.55"),
         ):
             pts = [(a, b) for a, b in zip(xs, accs) if b is not None]
             ax.plot(
@@ -68,8 +87,9 @@ def accuracy_figure(
                 ms=3,
                 mfc="none",
                 lw=1,
-                label=f"paper {name} (Fig. {paper.figure})",
-                **style,
+                label=f"paper {results.algebra_label(algebra)} (Fig. {paper.figure})",
+                color=color,
+                marker=PAPER_MARKERS[algebra],
             )
     _weights_axis(ax, x)
     ax.set_ylabel("test accuracy (%)")
@@ -91,17 +111,19 @@ def comparison_figure(
 
     ``alive`` (layer, a's and b's mean weights alive per round, :func:`qsparse.compare.alive`)
     adds a lower panel of that layer's survivors on the same x: where the accuracies part, the
-    reader sees whether the output layer parted first.
+    reader sees whether the output layer parted first. Each curve has its algebra's marker, or
+    'o' and 's' when both are of one algebra.
     """
     fig = Figure(figsize=(6.4, 6.4 if alive else 4.4), layout="constrained")
     axes = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1]) if alive else [fig.add_subplot()]
-    for c, label, marker in zip((a, b), labels, "os"):
+    markers = "os" if a.algebra == b.algebra else [marker(a.algebra), marker(b.algebra)]
+    for c, label, symbol in zip((a, b), labels, markers):
         keep = c.n > 0
         axes[0].errorbar(
             c.x_real[keep],
             c.acc_mean[keep],
             yerr=np.nan_to_num(c.acc_std[keep]),
-            marker=marker,
+            marker=symbol,
             ms=4,
             capsize=2,
             label=label,
@@ -110,13 +132,13 @@ def comparison_figure(
     axes[0].legend(fontsize="small")
     if alive:
         layer, *counts = alive
-        for c, label, marker, per_round in zip((a, b), labels, "os", counts):
+        for c, label, symbol, per_round in zip((a, b), labels, markers, counts):
             x_of = dict(zip(c.rounds.tolist(), c.x_real.tolist()))
             rounds = [r for r in per_round if r in x_of]
             axes[1].plot(
                 [x_of[r] for r in rounds],
                 [per_round[r] for r in rounds],
-                marker=marker,
+                marker=symbol,
                 ms=4,
                 label=label,
             )
@@ -178,7 +200,7 @@ def deployment_figure(
 ) -> Figure:
     """Test accuracy (%) of every round against its exported file's bytes (``x='bytes'``) or
     the sparse runtime's median batch-1 latency (``x='latency'``), log x; one curve per
-    deployment (real, quaternion, each grouping), labelled as :func:`qsparse.accounting.labels`.
+    deployment (each algebra, each grouping), labelled as :func:`qsparse.accounting.labels`.
     """
     if x not in DEPLOYMENT_X:
         raise ValueError(f"x={x!r}; valid: {list(DEPLOYMENT_X)}")
@@ -192,7 +214,7 @@ def deployment_figure(
         ax.plot(
             xs,
             100 * d.column("test_acc"),
-            marker="o" if d.algebra == "real" else "s",
+            marker=marker(d.algebra),
             ms=4,
             label=name,
         )

@@ -1,4 +1,5 @@
-"""Markdown tables of curves, with the paper's digitized values beside qsparse's."""
+"""Markdown tables of curves of any algebras, with the paper's digitized values beside qsparse's
+(for the paper's two algebras, real and quat)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from qsparse.paper import PAPER, PaperCurve
-from qsparse.results import Curve, by_pair, labels
+from qsparse.results import PAPER_LETTERS, Curve, by_pair, labels
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -18,15 +19,17 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 def markdown_report(curves: Sequence[Curve]) -> str:
     """One table per (model, dataset): per round, x and accuracy of each curve, the paper beside.
 
-    The paper's value is the one at its x nearest ours (the same round at prune_fraction 0.2);
-    its round is noted when it differs.
+    A real curve has one x ('% left'); any other algebra's two: '% own' (the model's own
+    density) and '% of R' (its stored weights alive as a percentage of the real model's
+    parameters). The paper's value (real and quat curves only) is the one at its x nearest ours
+    (the same round at prune_fraction 0.2); its round is noted when it differs.
     """
     parts = [
         "# Accuracy vs weights remaining",
         "Test accuracy (%) as mean ± std (ddof=1) over replicates; `(n=k)` marks a round with "
         "fewer replicates than the curve. '% left' counts biases; Q's '% of R' is its count as "
         "a percentage of the real model's parameters (the paper's x axis). Paper values are "
-        "digitized (±0.3 pp); '—' = no point in the paper.",
+        "digitized (±0.3 pp); '—' = no point in the paper." + _other_algebras_note(curves),
     ]
     for (model, dataset), group in by_pair(curves).items():
         paper = PAPER.get((model, dataset))
@@ -48,8 +51,9 @@ def markdown_report(curves: Sequence[Curve]) -> str:
                 if c.algebra == "real"
                 else [f"{name}: % own", f"{name}: % of R"]
             )
-            header += xs + [f"{name} acc"] + (["paper"] if paper else [])
-            columns.append(_columns(c, paper))
+            beside = paper if c.algebra in PAPER_LETTERS else None
+            header += xs + [f"{name} acc"] + (["paper"] if beside else [])
+            columns.append(_columns(c, beside))
         rounds = sorted({int(r) for c in group for r in c.rounds})
         width = {id(col): len(next(iter(col.values()))) for col in columns}
         rows = [
@@ -58,6 +62,18 @@ def markdown_report(curves: Sequence[Curve]) -> str:
         ]
         parts.append(markdown_table(header, rows))
     return "\n\n".join(parts) + "\n"
+
+
+def _other_algebras_note(curves: Sequence[Curve]) -> str:
+    """A sentence on the algebras beyond the paper's two, when there are any."""
+    others = sorted({c.algebra for c in curves} - set(PAPER_LETTERS))
+    if not others:
+        return ""
+    return (
+        f" Likewise for {', '.join(others)}: '% own' is the model's own density, '% of R' its "
+        "stored weights alive as a percentage of the real model's parameters; the paper has "
+        "no curve of these algebras."
+    )
 
 
 def _columns(c: Curve, paper: PaperCurve | None) -> dict[int, list[str]]:

@@ -7,9 +7,12 @@ directories are: a laptop, a notebook, CI. The layout read is the one written by
 Conventions (the paper, §4):
 
 * ``x_own`` is the percentage of the model's *own* parameters left, biases included (the
-  paper's "% weights left"); ``x_real`` is the same count as a percentage of the *real*
-  model's parameters, which is how the paper plots quaternion curves. For a real model the two
-  are equal.
+  paper's "% weights left"); ``x_real`` is the same count of stored weights as a percentage of
+  the *real* model's parameters, which is how the paper plots quaternion curves and how curves
+  of any two algebras meet on one axis. For a real model the two are equal.
+* The algebra is one more config field: curves of any set of algebras aggregate side by side,
+  ordered as the algebras are registered (real first) and labelled by their names, the paper's
+  letters R and Q kept for ``real`` and ``quat``.
 * Accuracies of curves are in percent; the spread over replicates is the sample standard
   deviation (ddof=1, as the paper's plotting code, pandas ``std``), NaN with one replicate.
 """
@@ -26,9 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from qsparse import rundir
-from qsparse.algebras import COMPONENTS
-from qsparse.config import NON_SEMANTIC
+from qsparse import algebras, rundir
+from qsparse.config import NON_SEMANTIC, Config
 
 # Config fields that do not define a curve: replicates of one experiment (seed, replicates),
 # how far or how often it ran, and bookkeeping. Every other config field does.
@@ -36,6 +38,12 @@ NOT_CURVE_FIELDS = ("seed", "replicates", "rounds", "stop_accuracy", "eval_every
 
 # Per-(replicate, round) values of a tidy row (the rest are the run's config fields).
 ROW_FIELDS = frozenset({"run", *rundir.SUMMARY_FIELDS, "epochs_run"} - {"epochs"})
+
+# The quaternion's component names (r, i, j, k), as the notebook labels its columns.
+COMPONENTS = algebras.COMPONENTS
+
+# The paper's names of its two algebras; every other algebra is labelled by its own name.
+PAPER_LETTERS = {"real": "R", "quat": "Q"}
 
 PathLike = str | os.PathLike
 
@@ -122,7 +130,7 @@ def aggregate(rows: Iterable[dict]) -> list[Curve]:
     """Group tidy rows into curves and take mean ± std over replicates per round."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = tuple(sorted((k, _hashable(v)) for k, v in row.items() if k in _curve_fields(row)))
+        key = tuple(sorted((k, _hashable(v)) for k, v in curve_config(row).items()))
         groups.setdefault(key, []).append(row)
     curves = []
     for key, members in groups.items():
@@ -145,9 +153,16 @@ def aggregate(rows: Iterable[dict]) -> list[Curve]:
                 **{k: np.array(v, dtype=int if k == "n" else float) for k, v in cols.items()},
             )
         )
-    return sorted(
-        curves, key=lambda c: (c.model, c.dataset, c.algebra != "real", _sort_key(c.config))
-    )
+    return sorted(curves, key=order)
+
+
+def order(curve: Any) -> tuple:
+    """Sort key of a curve (or anything with ``.config``): model, dataset, the algebra in
+    registration order (real first; an algebra not registered here last), then the config."""
+    names = algebras.names()
+    algebra = curve.config["algebra"]
+    rank = names.index(algebra) if algebra in names else len(names)
+    return (curve.config["model"], curve.config["dataset"], rank, _sort_key(curve.config))
 
 
 def load(paths: Iterable[PathLike]) -> list[Curve]:
@@ -163,21 +178,33 @@ def by_pair(curves: Iterable[Curve]) -> dict[tuple[str, str], list[Curve]]:
     return out
 
 
+def algebra_label(algebra: str) -> str:
+    """'R' and 'Q' for the paper's real and quaternion networks, any other algebra's name."""
+    return PAPER_LETTERS.get(algebra, algebra)
+
+
 def labels(curves: Sequence[Curve]) -> list[str]:
-    """'R' / 'Q', plus the curve fields that differ among ``curves``, e.g.
-    'Q (grouping=quaternion)'."""
+    """:func:`algebra_label` plus the curve fields that differ among ``curves``, e.g.
+    'Q (grouping=quaternion)', 'tessarine (grouping=number)'."""
     fields = sorted({k for c in curves for k in c.config} - {"model", "dataset", "algebra"})
     varying = [k for k in fields if len({_hashable(c.config.get(k)) for c in curves}) > 1]
     out = []
     for c in curves:
-        name = "R" if c.algebra == "real" else "Q"
+        name = algebra_label(c.algebra)
         extra = ", ".join(f"{k}={config_text(c.config.get(k))}" for k in varying)
         out.append(f"{name} ({extra})" if extra else name)
     return out
 
 
-def _curve_fields(row: dict) -> set[str]:
-    return set(row) - set(NOT_CURVE_FIELDS) - ROW_FIELDS
+def curve_config(config: dict) -> dict[str, Any]:
+    """The curve fields of a run's config (or of a tidy row), a field the run predates at its
+    default: such a run ran as the default (the convention that keeps run names valid,
+    :meth:`qsparse.config.Config.run_name`), so it pools and compares with newer runs."""
+    defaults = {k: v for k, v in Config().to_json().items() if k not in NOT_CURVE_FIELDS}
+    return {**defaults, **{k: v for k, v in config.items() if k not in _NOT_CURVE}}
+
+
+_NOT_CURVE = frozenset(NOT_CURVE_FIELDS) | ROW_FIELDS
 
 
 def _hashable(v: Any) -> Any:
@@ -248,48 +275,64 @@ def load_masks(run_dir: PathLike, replicate: int = 0, round: int = 0) -> dict[st
     return rundir.load_masks(rundir.Run(run_dir).replicate(replicate).round(round))
 
 
-def quaternion_states(mask: np.ndarray) -> dict[str, float]:
-    """Fractions of quaternions with all four components alive, some, or none (sum to 1)."""
-    alive = np.asarray(mask).reshape(4, -1).sum(axis=0)
+# masks.npz entries holding a hypercomplex number's n components on axis 0 (the leaves that
+# qsparse.masks calls HYPERCOMPLEX_KERNELS, named here without jax).
+NUMBER_KERNELS = ("qkernel", "hkernel")
+
+
+def number_states(mask: np.ndarray, n: int = 4) -> dict[str, float]:
+    """Fractions of numbers (``n`` components on axis 0: quaternions by default) with all
+    components alive, some, or none (sum to 1)."""
+    alive = np.asarray(mask).reshape(n, -1).sum(axis=0)
     return {
-        "full": float(np.mean(alive == 4)),
-        "partial": float(np.mean((alive > 0) & (alive < 4))),
+        "full": float(np.mean(alive == n)),
+        "partial": float(np.mean((alive > 0) & (alive < n))),
         "pruned": float(np.mean(alive == 0)),
     }
 
 
-def pruned_by_component(mask: np.ndarray) -> np.ndarray:
-    """Number of pruned weights in each component (r, i, j, k) of a quaternion kernel."""
-    return (~np.asarray(mask, bool)).reshape(4, -1).sum(axis=1)
+def pruned_by_component(mask: np.ndarray, n: int = 4) -> np.ndarray:
+    """Number of pruned weights in each of the ``n`` components (r, i, j, k of a quaternion)."""
+    return (~np.asarray(mask, bool)).reshape(n, -1).sum(axis=1)
 
 
-def quaternion_summary(run_dir: PathLike, replicate: int = 0) -> list[dict]:
-    """Per round, over all quaternion kernels: quaternion states and the pruned components' shares.
+def number_summary(run_dir: PathLike, replicate: int = 0) -> list[dict]:
+    """Per round, over all hypercomplex kernels: number states and the pruned components' shares.
 
-    Element grouping can leave quaternions partly alive; quaternion grouping never does. The
-    shares (``share_r`` ...; NaN before anything is pruned) tell whether pruning favours a
-    component (e.g. spares the real part).
+    Element grouping can leave numbers partly alive; number (or quaternion) grouping never does.
+    The shares (``share_<component>``, the run's algebra's component names, e.g. ``share_r``
+    ... ``share_k`` for quat; NaN before anything is pruned) tell whether pruning favours a
+    component (e.g. spares the real part). A real run has none: an empty list.
     """
+    names = _component_names(run_dir)
     out = []
     for level in mask_rounds(run_dir, replicate):
-        kernels = [
-            m.reshape(4, -1)
-            for k, m in load_masks(run_dir, replicate, level).items()
-            if rundir.is_quaternion_kernel(k)
-        ]
+        found = load_masks(run_dir, replicate, level)
+        kernels = [m for k, m in found.items() if k.split("/")[-1] in NUMBER_KERNELS]
         if not kernels:
             continue
-        mask = np.concatenate(kernels, axis=1)
-        pruned = pruned_by_component(mask)
+        n = kernels[0].shape[0]
+        mask = np.concatenate([m.reshape(n, -1) for m in kernels], axis=1)
+        pruned = pruned_by_component(mask, n)
         total = int(pruned.sum())
+        components = names if len(names) == n else tuple(f"e{c}" for c in range(n))
         out.append(
             {
                 "round": level,
-                **quaternion_states(mask),
+                **number_states(mask, n),
                 **{
                     f"share_{c}": int(p) / total if total else math.nan
-                    for c, p in zip(COMPONENTS, pruned)
+                    for c, p in zip(components, pruned)
                 },
             }
         )
     return out
+
+
+quaternion_summary = number_summary  # its name from before there were other algebras
+
+
+def _component_names(run_dir: PathLike) -> tuple[str, ...]:
+    """The component names of the run's algebra; none for an algebra not registered here."""
+    algebra = rundir.read_json(rundir.Run(run_dir).config)["algebra"]
+    return algebras.get(algebra).components if algebra in algebras.names() else ()

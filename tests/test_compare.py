@@ -10,8 +10,9 @@ import pytest
 from qsparse import compare, results
 
 
-def _rows(algebra, xs, accs, **config):
-    """Tidy rows of one run: ``accs[replicate][round]`` (fractions) at x_real ``xs[round]``."""
+def _rows(algebra, xs, accs, ratio=1.0, **config):
+    """Tidy rows of one run: ``accs[replicate][round]`` (fractions) at x_real ``xs[round]``,
+    x_own ``xs[round] / ratio`` (``ratio``: the model's parameters over the real model's)."""
     return [
         {
             "run": f"{algebra}_{config}",
@@ -21,7 +22,7 @@ def _rows(algebra, xs, accs, **config):
             **config,
             "replicate": rep,
             "round": level,
-            "weights_remaining_pct": x,
+            "weights_remaining_pct": x / ratio,
             "weights_remaining_pct_of_real": x,
             "test_acc": acc,
         }
@@ -30,8 +31,8 @@ def _rows(algebra, xs, accs, **config):
     ]
 
 
-def _curve(algebra, xs, accs, **config):
-    (curve,) = results.aggregate(_rows(algebra, xs, accs, **config))
+def _curve(algebra, xs, accs, ratio=1.0, **config):
+    (curve,) = results.aggregate(_rows(algebra, xs, accs, ratio, **config))
     return curve
 
 
@@ -73,6 +74,48 @@ def test_more_than_two_standard_errors_is_called_for_either_side():
     assert m.diff > 2 * m.se and m.verdict == "b"
     (m,) = compare.matched(ahead, a)
     assert m.verdict == "a"
+
+
+def test_two_non_real_algebras_pair_by_their_share_of_the_real_weights():
+    # A complex LeNet-300-100 holds about half the real weights, a quaternion one a quarter:
+    # equal own densities are different weight counts, so rounds pair by x_real, not by round.
+    quat = _curve("quat", [25.4, 20.3, 16.3], [[0.9, 0.88, 0.85], [0.9, 0.86, 0.85]], 0.254)
+    complex_ = _curve(
+        "complex", [50.3, 40.2, 32.2, 25.8, 20.6], [[0.95, 0.94, 0.93, 0.9, 0.8]] * 2, 0.503
+    )
+    np.testing.assert_allclose(complex_.x_own, np.array([50.3, 40.2, 32.2, 25.8, 20.6]) / 0.503)
+    matches = compare.matched(quat, complex_)
+    assert [(m.b.round, m.a.round) for m in matches] == [(3, 0), (4, 1)]
+    assert [m.diff for m in matches] == pytest.approx([0.0, -7.0])
+    label_a, label_b = results.labels([quat, complex_])
+    assert (label_a, label_b) == ("Q", "complex")
+    table = compare.markdown(matches, label_a, label_b)
+    assert table.startswith("| complex: % of R | round | complex acc | Q: % of R | round | Q acc")
+    assert "| complex − Q | 2 SE | verdict |" in table
+    assert "| 20.60 | 4 | 80.0 ± 0.0 (2) | 20.30 | 1 | 87.0 ± 1.4 (2) | -7.0 | 2.0 | Q ahead |" in (
+        table
+    )
+
+
+def test_pick_sides_by_algebra_among_several():
+    curves = results.aggregate(
+        [
+            *_rows("real", [100.0], [[0.5]]),
+            *_rows("tessarine", [25.4], [[0.6]], 0.254),
+            *_rows("quat", [25.4], [[0.7]], 0.254),
+            *_rows("phm4", [25.4], [[0.8]], 0.254),
+        ]
+    )
+    assert [c.algebra for c in curves] == ["real", "quat", "tessarine", "phm4"]
+    (chosen,) = compare.pick(
+        curves, {"a": {"algebra": "tessarine"}, "b": {"algebra": "phm4"}}
+    ).values()
+    assert [(c.algebra, c.acc_mean[0]) for c in chosen.values()] == [
+        ("tessarine", pytest.approx(60.0)),
+        ("phm4", pytest.approx(80.0)),
+    ]
+    (m,) = compare.matched(chosen["a"], chosen["b"])
+    assert m.diff == pytest.approx(20.0) and m.verdict == "?"
 
 
 def test_single_replicates_are_never_called():
@@ -147,7 +190,9 @@ def test_cli_tables_the_committed_paper_runs(tmp_path):
     curves = {(c.model, c.algebra): c for c in results.load([REPO / "results/paper_mnist"])}
     for model in ("lenet12", "lenet300_100"):
         want = compare.matched(curves[model, "real"], curves[model, "quat"])
-        section = done.stdout.split(f"## {model} / mnist: b vs R")[1].split("##")[0]
+        # b unnamed: its own label, Q
+        section = done.stdout.split(f"## {model} / mnist: Q vs R")[1].split("##")[0]
+        assert "| Q: % of R | round | Q acc | R: % of R |" in section
         rows = [
             line for line in section.splitlines() if line.startswith("| ") and "round" not in line
         ]

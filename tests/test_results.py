@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from qsparse import experiment, masks, models, paper, report, results, rundir
+from qsparse import experiment, masks, models, paper, plots, report, results, rundir
 from qsparse.config import Config
 
 ROOT = Path(__file__).parents[1]
@@ -95,6 +95,50 @@ def test_runs_pool_by_config_and_split_by_grouping(tmp_path):
     assert np.isnan(curves[-1].acc_std).all()  # one replicate: no spread
 
 
+# LeNet-300-100's parameters (10 classes) per algebra as a fraction of the real model's.
+R = 266_610
+RATIO = dict(phm4=67_838 / R, tessarine=67_710 / R, real=1.0, quat=67_710 / R, complex=134_010 / R)
+XS = [100.0, 80.0, 64.0]
+
+
+def algebra_accs(i: int) -> list[list[float]]:
+    """Two replicates over three rounds, the ``i``-th algebra a point lower."""
+    return [[0.9 - 0.01 * i - 0.02 * n + 0.01 * r for n in range(3)] for r in range(2)]
+
+
+def algebra_runs(root: Path) -> None:
+    for i, (algebra, ratio) in enumerate(RATIO.items()):
+        rows = rows_for(algebra_accs(i), XS, ratio)
+        write_run(root, algebra, rows, algebra=algebra, replicates=2)
+
+
+def test_curves_of_several_algebras_aggregate_side_by_side(tmp_path):
+    algebra_runs(tmp_path)
+    curves = results.load([tmp_path])
+    # real first, then as the algebras are registered; not as the runs are named
+    assert [c.algebra for c in curves] == ["real", "complex", "quat", "tessarine", "phm4"]
+    assert results.labels(curves) == ["R", "complex", "Q", "tessarine", "phm4"]
+    assert list(results.by_pair(curves)) == [("lenet300_100", "mnist")]
+    for c in curves:
+        accs = algebra_accs(list(RATIO).index(c.algebra))
+        np.testing.assert_allclose(c.x_own, XS)
+        np.testing.assert_allclose(c.x_real, np.array(XS) * RATIO[c.algebra])
+        np.testing.assert_allclose(c.acc_mean, [100 * statistics.mean(a) for a in zip(*accs)])
+        assert c.n.tolist() == [2, 2, 2] and len(c.runs) == 1
+
+
+def test_a_run_older_than_a_config_field_pools_as_its_default(tmp_path):
+    write_run(tmp_path, "new", rows_for([[0.5]], [100.0]), algebra="quat", seed=1)
+    old = write_run(tmp_path, "old", rows_for([[0.7]], [100.0]), algebra="quat", seed=2)
+    config = json.loads((old / "config.json").read_text())
+    assert config.pop("phm_init") == "zhang" and config.pop("hash_seed") == 0
+    (old / "config.json").write_text(json.dumps(config))
+    write_run(tmp_path, "hashed", rows_for([[0.9]], [100.0]), algebra="quat", hash_seed=5)
+    pooled, other = results.load([tmp_path])
+    assert pooled.n.tolist() == [2] and pooled.acc_mean.tolist() == [pytest.approx(60.0)]
+    assert results.labels([pooled, other]) == ["Q (hash_seed=0)", "Q (hash_seed=5)"]
+
+
 def test_curve_fields_exclude_only_config_fields():
     fields = {f.name for f in dataclasses.fields(Config)}
     assert set(results.NOT_CURVE_FIELDS) <= fields
@@ -136,10 +180,11 @@ def test_masks_statistics(tmp_path):
     q = np.ones((4, 2, 3), bool)
     q[:, 0, 0] = False  # one quaternion fully pruned
     q[0, 0, 1] = q[1, 1, 1] = q[2, 1, 1] = False  # two partly alive; pruned: r 2, i 2, j 2, k 1
-    assert results.quaternion_states(q) == pytest.approx(
+    assert results.number_states(q) == pytest.approx(
         {"full": 3 / 6, "partial": 2 / 6, "pruned": 1 / 6}
     )
     assert results.pruned_by_component(q).tolist() == [2, 2, 2, 1]
+    (tmp_path / "config.json").write_text(json.dumps({"algebra": "quat"}))
     rd = tmp_path / "replicate_0"
     for level, mask in ((0, np.ones_like(q)), (1, q)):
         (rd / f"round_{level:02d}").mkdir(parents=True)
@@ -153,6 +198,41 @@ def test_masks_statistics(tmp_path):
         [2 / 7, 2 / 7, 2 / 7, 1 / 7]
     )
     assert math.isnan(summary[0]["share_r"]) and summary[0]["full"] == 1.0
+
+
+def write_masks(run: Path, algebra: str, per_round: list[dict[str, np.ndarray]]) -> None:
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"algebra": algebra}))
+    for level, found in enumerate(per_round):
+        rd = run / "replicate_0" / f"round_{level:02d}"
+        rd.mkdir(parents=True)
+        np.savez(rd / "masks.npz", **found)
+
+
+def test_number_summary_of_other_algebras_names_their_components(tmp_path):
+    c = np.ones((2, 3, 2), bool)  # complex: six numbers (r, i) in a dense layer
+    c[:, 0, 0] = False  # one pruned whole
+    c[1, 2, 1] = False  # one partly (its i)
+    c_conv = np.ones((2, 3, 3, 1, 1), bool)  # and nine in a conv layer
+    c_conv[0, 0, 0] = False  # one partly (its r); pruned in all: r 2, i 2
+    found = {"HyperDense_0/hkernel": c, "HyperConv_0/hkernel": c_conv, "output/kernel": c[0]}
+    want = {"round": 0, "full": 12 / 15, "partial": 2 / 15, "pruned": 1 / 15}
+    write_masks(tmp_path / "complex", "complex", [found])
+    assert results.number_summary(tmp_path / "complex") == [
+        pytest.approx({**want, "share_r": 0.5, "share_i": 0.5})
+    ]
+    write_masks(tmp_path / "dual", "dual", [found])  # an algebra not registered here
+    assert results.number_summary(tmp_path / "dual") == [
+        pytest.approx({**want, "share_e0": 0.5, "share_e1": 0.5})
+    ]
+    k = np.ones((4, 1, 2), bool)
+    k[3] = False  # the c component of both numbers pruned
+    write_masks(tmp_path / "klein", "klein4", [{"HyperDense_0/hkernel": k}])
+    (summary,) = results.number_summary(tmp_path / "klein")
+    assert [summary[f"share_{u}"] for u in "rabc"] == [0.0, 0.0, 0.0, 1.0]
+    assert summary["partial"] == 1.0
+    write_masks(tmp_path / "real", "real", [{"Dense_0/kernel": k[0]}])
+    assert results.number_summary(tmp_path / "real") == []
 
 
 def test_layer_density_from_sparsity_reports(tmp_path):
@@ -269,6 +349,26 @@ def test_report_puts_paper_values_beside_ours(tmp_path):
     assert rows[2][:3] == ["64.06", "96.5 ± 0.7", "98.2"] and rows[2][3:] == [""] * 4
 
 
+def test_report_tables_every_algebra_with_both_x_and_paper_values_for_r_and_q_only(tmp_path):
+    paper_like_runs(tmp_path)
+    p = paper.PAPER[("lenet300_100", "mnist")]
+    for algebra, accs in (("tessarine", [[0.96, 0.93]]), ("phm4", [[0.92, 0.91], [0.94, 0.9]])):
+        rows = rows_for(accs, list(p.q_x_own[:2]), ratio=RATIO[algebra])
+        write_run(tmp_path, algebra, rows, algebra=algebra, replicates=len(accs))
+    text = report.markdown_report(results.load([tmp_path]))
+    assert (
+        "| round | R: % left | R acc | paper | Q: % own | Q: % of R | Q acc | paper "
+        "| tessarine: % own | tessarine: % of R | tessarine acc "
+        "| phm4: % own | phm4: % of R | phm4 acc |"
+    ) in text
+    assert "- **tessarine**: " in text and "- **phm4**: " in text
+    assert "Likewise for phm4, tessarine: '% own' is the model's own density" in text
+    rows = table_rows(text)
+    assert rows[0][7:] == ["100.00", "25.40", "96.0", "100.00", "25.44", "93.0 ± 1.4"]
+    assert rows[1][7:] == ["80.12", "20.35", "93.0", "80.12", "20.39", "90.5 ± 0.7"]
+    assert rows[2][7:] == [""] * 6
+
+
 def test_report_notes_paper_round_when_x_differs(tmp_path):
     write_run(tmp_path, "halving", rows_for([[0.9, 0.8]], [100.0, 51.3]), prune_fraction=0.5)
     rows = table_rows(report.markdown_report(results.load([tmp_path])))
@@ -296,6 +396,22 @@ def test_plot_script_writes_png_and_svg(tmp_path):
         assert "<svg" in svg and "paper Q (Fig. 4a)" in svg
 
 
+@pytest.mark.parametrize("x", ["own", "real"])
+def test_accuracy_figure_draws_one_labelled_curve_per_algebra(tmp_path, x):
+    algebra_runs(tmp_path)
+    curves = results.load([tmp_path])
+    ax = plots.accuracy_figure(curves, x).axes[0]
+    handles, names = ax.get_legend_handles_labels()
+    assert names == ["R", "complex", "Q", "tessarine", "phm4"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == names
+    lines = [h.lines[0] for h in handles]  # an errorbar's data line
+    for line, c in zip(lines, curves, strict=True):
+        scale = RATIO[c.algebra] if x == "real" else 1.0
+        np.testing.assert_allclose(line.get_xydata(), np.c_[np.array(XS) * scale, c.acc_mean])
+    assert len({line.get_marker() for line in lines}) == len(lines)
+    assert (lines[0].get_marker(), lines[2].get_marker()) == ("o", "s")  # the paper's R and Q
+
+
 def test_plot_script_rejects_missing_runs(tmp_path):
     proc = run_script("experiments.plot", f"--runs={tmp_path / 'nope'}", f"--out={tmp_path / 'f'}")
     assert proc.returncode == 2 and "not a directory" in proc.stderr
@@ -307,6 +423,21 @@ def test_report_script_prints_and_writes(tmp_path):
     proc = run_script("experiments.report", f"--runs={tmp_path / 'runs'}", f"--out={out}")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == out.read_text() and "| 98.1 |" in proc.stdout
+
+
+@pytest.mark.subprocess
+def test_compare_script_names_two_non_real_algebras_by_their_own_labels(tmp_path):
+    algebra_runs(tmp_path)
+    proc = run_script(
+        "experiments.compare", f"--runs={tmp_path}", "--a=algebra=tessarine", "--b=algebra=phm4"
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr
+    assert out.startswith("## lenet300_100 / mnist: phm4 vs tessarine\n")
+    assert f"- tessarine: {tmp_path / 'tessarine'}\n- phm4: {tmp_path / 'phm4'}" in out
+    assert "| phm4: % of R | round | phm4 acc | tessarine: % of R | round | tessarine acc |" in out
+    # 25.44 % (phm4) meets 25.40 % (tessarine); phm4 (first in RATIO) a point up; 2 SE = 2√½
+    assert "| 25.44 | 0 | 90.5 ± 0.7 (2) | 25.40 | 0 | 89.5 ± 0.7 (2) | +1.0 | 1.4 | within" in out
 
 
 @pytest.mark.subprocess
