@@ -69,24 +69,9 @@ def export_entries(
     """
     if dtype not in deploy.DTYPES:
         raise ValueError(f"dtype={dtype!r} is not valid; choose one of {list(deploy.DTYPES)}")
-    flat_params = {qmasks.path_str(p): np.asarray(x) for p, x in _leaves(params)}
-    flat_masks = {qmasks.path_str(p): np.asarray(m, bool) for p, m in _leaves(masks)}
     steps = architecture(model, input_shape)
     layers = [op for op in steps if "name" in op]
-    expected = {f"{op['name']}/{name}" for op in layers for name in param_names(op["kind"])}
-    if expected != set(flat_params) or set(flat_masks) != set(flat_params):
-        raise ValueError(
-            f"params {sorted(flat_params)} (masks {sorted(flat_masks)}) do not fit the "
-            f"architecture's {sorted(expected)}"
-        )
-    arrays = {}
-    for op in layers:
-        key, *extra = (f"{op['name']}/{name}" for name in param_names(op["kind"]))
-        kernel, mask = flat_params[key], flat_masks[key]
-        storage, parts = deploy.encode_kernel(kernel, mask, op["kind"] != "real", dtype)
-        op.update(kernel_shape=list(kernel.shape), storage=storage)
-        arrays.update({f"{op['name']}/{k}": v for k, v in parts.items()})
-        arrays.update({k: flat_params[k].astype("<f4") for k in extra})  # bias, PHM rules
+    arrays = layer_arrays(layers, params, masks, dtype)
     header = {
         "dtype": dtype,
         "input": {
@@ -114,6 +99,28 @@ def export_entries(
         if dtype == "float32" and header["check"]["max_rel_diff"] > FLOAT32_TOLERANCE:
             raise CheckError(f"the exported model differs from the JAX model: {header['check']}")
     return deploy.pack(header, arrays)
+
+
+def layer_arrays(layers: list[dict], params, masks, dtype: str) -> dict[str, np.ndarray]:
+    """The file's arrays of the layer ops ``layers`` (each completed with its ``kernel_shape``
+    and ``storage``): each kernel's surviving values and positions, biases and PHM rules."""
+    flat_params = {qmasks.path_str(p): np.asarray(x) for p, x in _leaves(params)}
+    flat_masks = {qmasks.path_str(p): np.asarray(m, bool) for p, m in _leaves(masks)}
+    expected = {f"{op['name']}/{name}" for op in layers for name in param_names(op["kind"])}
+    if expected != set(flat_params) or set(flat_masks) != set(flat_params):
+        raise ValueError(
+            f"params {sorted(flat_params)} (masks {sorted(flat_masks)}) do not fit the "
+            f"architecture's {sorted(expected)}"
+        )
+    arrays = {}
+    for op in layers:
+        key, *extra = (f"{op['name']}/{name}" for name in param_names(op["kind"]))
+        kernel, mask = flat_params[key], flat_masks[key]
+        storage, parts = deploy.encode_kernel(kernel, mask, op["kind"] != "real", dtype)
+        op.update(kernel_shape=list(kernel.shape), storage=storage)
+        arrays.update({f"{op['name']}/{k}": v for k, v in parts.items()})
+        arrays.update({k: flat_params[k].astype("<f4") for k in extra})  # bias, PHM rules
+    return arrays
 
 
 def param_names(kind: str) -> tuple[str, ...]:
