@@ -1,12 +1,13 @@
 """Export a trained round as one file that numpy alone can run (format: docs/deployment.md).
 
 The file holds each layer's surviving weights and their positions (a bitmask or indices,
-whichever is smaller; quaternion kernels as quaternion blocks when whole quaternions are
-pruned), the biases, the architecture as a list of ops, the input preprocessing and where it
-came from (run, replicate, round, density, test accuracy). Before writing, the exporter runs the
-file's model and the JAX model on a few random images and records the largest logit difference
-in the header (``check``); a float32 export that differs by more than 1e-4 (relative) is
-refused. The command line is ``experiments/export.py``.
+whichever is smaller; component kernels as blocks of ``n`` values when whole numbers are
+pruned), the biases, what the layers' algebras need (a table's structure constants, PHM layers'
+learned rules, the hashed layers' seed), the architecture as a list of ops, the input
+preprocessing and where it came from (run, replicate, round, density, test accuracy). Before
+writing, the exporter runs the file's model and the JAX model on a few random images and records
+the largest logit difference in the header (``check``); a float32 export that differs by more
+than 1e-4 (relative) is refused. The command line is ``experiments/export.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from qsparse import augment, deploy, experiment, files, models, ops, rundir, train
+from qsparse import algebras, augment, deploy, experiment, files, models, ops, rundir, train
 from qsparse import checkpoints as ckpt
 from qsparse import masks as qmasks
 from qsparse.config import Config
@@ -68,25 +69,9 @@ def export_entries(
     """
     if dtype not in deploy.DTYPES:
         raise ValueError(f"dtype={dtype!r} is not valid; choose one of {list(deploy.DTYPES)}")
-    flat_params = {qmasks.path_str(p): np.asarray(x) for p, x in _leaves(params)}
-    flat_masks = {qmasks.path_str(p): np.asarray(m, bool) for p, m in _leaves(masks)}
     steps = architecture(model, input_shape)
     layers = [op for op in steps if "name" in op]
-    expected = {f"{op['name']}/{'qkernel' if op['kind'] == 'quat' else 'kernel'}" for op in layers}
-    expected |= {f"{op['name']}/bias" for op in layers}
-    if expected != set(flat_params) or set(flat_masks) != set(flat_params):
-        raise ValueError(
-            f"params {sorted(flat_params)} (masks {sorted(flat_masks)}) do not fit the "
-            f"architecture's {sorted(expected)}"
-        )
-    arrays = {}
-    for op in layers:
-        key = f"{op['name']}/{'qkernel' if op['kind'] == 'quat' else 'kernel'}"
-        kernel, mask = flat_params[key], flat_masks[key]
-        storage, parts = deploy.encode_kernel(kernel, mask, op["kind"] == "quat", dtype)
-        op.update(kernel_shape=list(kernel.shape), storage=storage)
-        arrays.update({f"{op['name']}/{k}": v for k, v in parts.items()})
-        arrays[f"{op['name']}/bias"] = flat_params[f"{op['name']}/bias"].astype("<f4")
+    arrays = layer_arrays(layers, params, masks, dtype)
     header = {
         "dtype": dtype,
         "input": {
@@ -98,9 +83,14 @@ def export_entries(
         },
         "num_classes": int(model.num_classes),
         "ops": steps,
+        "algebras": {
+            k: deploy.algebra_entry(algebras.get(k))
+            for k in {op["kind"] for op in layers} - {"real"}
+        },
         "bytes": {
             "kernels": sum(op["storage"]["bytes"] for op in layers),
-            "biases": sum(4 * flat_params[f"{op['name']}/bias"].size for op in layers),
+            "biases": sum(a.nbytes for k, a in arrays.items() if k.endswith("/bias")),
+            "rules": sum(a.nbytes for k, a in arrays.items() if k.endswith("/phm_rules")),
         },
         "provenance": provenance or {},
     }
@@ -109,6 +99,36 @@ def export_entries(
         if dtype == "float32" and header["check"]["max_rel_diff"] > FLOAT32_TOLERANCE:
             raise CheckError(f"the exported model differs from the JAX model: {header['check']}")
     return deploy.pack(header, arrays)
+
+
+def layer_arrays(layers: list[dict], params, masks, dtype: str) -> dict[str, np.ndarray]:
+    """The file's arrays of the layer ops ``layers`` (each completed with its ``kernel_shape``
+    and ``storage``): each kernel's surviving values and positions, biases and PHM rules."""
+    flat_params = {qmasks.path_str(p): np.asarray(x) for p, x in _leaves(params)}
+    flat_masks = {qmasks.path_str(p): np.asarray(m, bool) for p, m in _leaves(masks)}
+    expected = {f"{op['name']}/{name}" for op in layers for name in param_names(op["kind"])}
+    if expected != set(flat_params) or set(flat_masks) != set(flat_params):
+        raise ValueError(
+            f"params {sorted(flat_params)} (masks {sorted(flat_masks)}) do not fit the "
+            f"architecture's {sorted(expected)}"
+        )
+    arrays = {}
+    for op in layers:
+        key, *extra = (f"{op['name']}/{name}" for name in param_names(op["kind"]))
+        kernel, mask = flat_params[key], flat_masks[key]
+        storage, parts = deploy.encode_kernel(kernel, mask, op["kind"] != "real", dtype)
+        op.update(kernel_shape=list(kernel.shape), storage=storage)
+        arrays.update({f"{op['name']}/{k}": v for k, v in parts.items()})
+        arrays.update({k: flat_params[k].astype("<f4") for k in extra})  # bias, PHM rules
+    return arrays
+
+
+def param_names(kind: str) -> tuple[str, ...]:
+    """A layer's params in an algebra (:mod:`qsparse.ops`), its kernel first: ``kernel`` (real),
+    ``qkernel`` (quat) or ``hkernel``, then the bias, and the PHM kinds' ``phm_rules``."""
+    kernel = {"real": "kernel", "quat": "qkernel"}.get(kind, "hkernel")
+    rules = ("phm_rules",) if algebras.get(kind).kind == "phm" else ()
+    return (kernel, "bias", *rules)
 
 
 def _leaves(tree):

@@ -1,11 +1,13 @@
 """Export of pruned models (experiments.export) and their numpy runtime (qsparse.deploy).
 
-Every paper architecture, real and quaternion, both groupings, at small widths: the exported
-file's predict on raw uint8 images gives the JAX model's logits (float32: within 1e-5 of the
-largest logit), sparse and dense; float16/bfloat16 files are smaller and close; the storage
-chooser takes the smallest layout and counts its bytes exactly; damaged files are refused by
-name; the command exports a real (tiny) run's last round, reproduces its test accuracy, and
-refuses bad input with one line, status 2 and nothing written.
+Every paper architecture, real and quaternion, both groupings, at small widths, and LeNet-12 and
+Conv-2 in every other algebra (and in a table registered here, that the runtime never sees
+registered): the exported file's predict on raw uint8 images gives the JAX model's logits
+(float32: within 1e-5 of the largest logit), sparse and dense; files written by format version 1
+load and give the logits that version's runtime gave; float16/bfloat16 files are smaller and
+close; the storage chooser takes the smallest layout and counts its bytes exactly; damaged files
+are refused by name; the command exports a real (tiny) run's last round, reproduces its test
+accuracy, and refuses bad input with one line, status 2 and nothing written.
 """
 
 import errno
@@ -26,7 +28,7 @@ import numpy as np
 import pytest
 
 from experiments import export as export_cli
-from qsparse import augment, data, deploy, export, lottery, models, pruning, rundir
+from qsparse import algebras, augment, data, deploy, export, lottery, models, pruning, rundir
 from qsparse import masks as M
 from qsparse.config import Config
 from qsparse.deploy.__main__ import main as deploy_main
@@ -41,6 +43,9 @@ SMALL = {  # widths small enough for a fast test; the paper's layer structure
     "conv6": dict(stages=((8, 8), (8, 8), (8, 8)), dense_features=(16, 16)),
 }
 CASES = [(n, a, g) for n in SMALL for a in models.PAPER_ALGEBRAS for g in ("element", "quaternion")]
+OTHER_ALGEBRAS = [a for a in models.algebra_names() if a not in models.PAPER_ALGEBRAS]
+FIXTURES = REPO / "tests" / "fixtures" / "deploy_v1"
+HASH_SEED = 7  # the hashed models' tying seed (not the default, so that the file must carry it)
 
 
 def assert_close(out, ref, rtol=1e-5):
@@ -57,7 +62,8 @@ def jax_model(name: str, algebra: str):
     Drawn with numpy from the parameter shapes: the models' own initialisers would compile for
     seconds per model, and any values do.
     """
-    model = models.create(name, algebra, 10, **SMALL[name])
+    seed = {"hash_seed": HASH_SEED} if algebras.get(algebra).kind == "hashed" else {}
+    model = models.create(name, algebra, 10, **SMALL[name], **seed)
     spec = MNIST if name.startswith("lenet") else CIFAR
     shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), spec.image_shape))
     rng = np.random.default_rng(len(name) + len(algebra))
@@ -143,6 +149,18 @@ def test_export_is_deterministic_and_states_the_models_ops(tmp_path):
         {"op": "relu"},
         {**dense, "kind": "real", "name": "output"},
     ]
+    hamilton = [  # e_i e_j of (1, i, j, k), as signed basis indices
+        [(1, 0), (1, 1), (1, 2), (1, 3)],
+        [(1, 1), (-1, 0), (1, 3), (-1, 2)],
+        [(1, 2), (-1, 3), (-1, 0), (1, 1)],
+        [(1, 3), (1, 2), (-1, 1), (-1, 0)],
+    ]
+    table = np.zeros((4, 4, 4))
+    for i, row in enumerate(hamilton):
+        for j, (sign, k) in enumerate(row):
+            table[i, j, k] = sign
+    assert header["version"] == 2
+    assert header["algebras"] == {"quat": {"kind": "table", "n": 4, "table": table.tolist()}}
     shapes = {op["name"]: op["kernel_shape"] for op in header["ops"] if "name" in op}
     assert shapes == {
         "QConv_0": [4, 3, 3, 1, 2],
@@ -170,8 +188,121 @@ def test_predict_equals_the_jax_model(tmp_path, name, algebra, grouping):
         stored = sum(a.nbytes for k, a in arrays.items() if k.startswith(op["name"] + "/"))
         assert stored - arrays[op["name"] + "/bias"].nbytes == op["storage"]["bytes"]
         if op["kind"] == "quat":  # whole quaternions pruned -> quaternion blocks
-            assert op["storage"]["layout"] == ("qblock" if grouping == "quaternion" else "element")
+            assert op["storage"]["layout"] == ("nblock" if grouping == "quaternion" else "element")
     assert {op["op"] for op in header["ops"]} >= {"dense", "relu"}
+
+
+def check_every_path(path: Path, x: np.ndarray, ref: np.ndarray) -> dict[str, list[str]]:
+    """Each ``kernels`` choice of the runtime gives ``ref``; returns the paths its layers took
+    (as :meth:`deploy.Model.describe` states them)."""
+    paths = {}
+    for kernels in deploy.KERNELS:
+        model_np = deploy.load(path, kernels=kernels)
+        assert_close(model_np.predict(x), ref)
+        paths[kernels] = [layer.path for layer in model_np.layers]
+        described = model_np.describe().splitlines()
+        for layer in model_np.layers:
+            (line,) = [line for line in described if line.split()[:1] == [layer.name]]
+            assert line.endswith(f", {layer.path}")
+    return paths
+
+
+@pytest.mark.parametrize("name", ["lenet12", "conv2"])
+@pytest.mark.parametrize("algebra", OTHER_ALGEBRAS)
+def test_every_algebra_exports_and_runs_as_in_jax(tmp_path, name, algebra):
+    """Each algebra's file carries what its layers need (the table, the PHM layers' rules, the
+    hashed layers' seed) and runs as the JAX model by every path, both groupings."""
+    kind = algebras.get(algebra).kind
+    for grouping in ("element", "number"):
+        model, params, masks, spec, apply = pruned(name, algebra, grouping)
+        path = write(tmp_path / f"{grouping}.npz", model, params, masks, spec)
+        x = images(spec)
+        paths = check_every_path(path, x, jax_logits(apply, params, spec, x))
+        header, arrays = deploy.read(path)
+        assert header["algebras"][algebra]["kind"] == kind
+        if kind == "table":
+            np.testing.assert_array_equal(
+                header["algebras"][algebra]["table"], algebras.get(algebra).table
+            )
+        for op in layer_ops(header)[:-1]:  # the hidden layers, in the algebra
+            layer = op["name"]
+            assert op["kind"] == algebra and op["kernel_shape"][0] == algebras.get(algebra).n
+            assert op["storage"]["layout"] == ("nblock" if grouping == "number" else "element")
+            assert op["hash_seed"] == (HASH_SEED if kind == "hashed" else 0)
+            if kind == "phm":  # the learned rules, stored whole
+                np.testing.assert_array_equal(
+                    arrays[f"{layer}/phm_rules"], params[layer]["phm_rules"]
+                )
+            else:
+                assert f"{layer}/phm_rules" not in arrays
+        dense = [op["op"] == "dense" for op in layer_ops(header)]
+        sparse = ["csr" if d else "dense" for d in dense]
+        assert paths["dense"] == ["dense"] * len(dense) and paths["csr"] == sparse
+        blocks = grouping == "number" and kind != "hashed"  # bsr: stored blocks, a table
+        hidden = ["bsr" if blocks and d else p for d, p in zip(dense, sparse, strict=True)]
+        assert paths["bsr"] == [*hidden[:-1], "csr"]  # the output layer is real
+
+
+DUAL = "dual_numbers_of_test_deploy"
+
+
+def test_a_registered_table_runs_where_it_is_not_registered(tmp_path, monkeypatch):
+    """Dual numbers (e^2 = 0: blocks that are no single signed component), registered for the
+    export only: the file carries their table and runs once the registry has forgotten them."""
+    table = np.zeros((2, 2, 2), np.float32)
+    table[0, 0, 0] = table[0, 1, 1] = table[1, 0, 1] = 1  # 1 1 = 1, 1 e = e 1 = e, e e = 0
+    with monkeypatch.context() as m:
+        m.setattr(algebras, "_REGISTRY", dict(algebras._REGISTRY))
+        algebras.register(algebras.Algebra(DUAL, ("r", "e"), table.copy()))
+        model, params, masks, spec, apply = pruned("lenet12", DUAL, "number")
+        path = write(tmp_path / "dual.npz", model, params, masks, spec)
+        x = images(spec)
+        ref = jax_logits(apply, params, spec, x)
+    assert DUAL not in algebras.names()
+    header, _ = deploy.read(path)
+    assert header["algebras"] == {DUAL: {"kind": "table", "n": 2, "table": table.tolist()}}
+    paths = check_every_path(path, x, ref)
+    assert paths["bsr"] == ["bsr", "csr"]
+
+
+def test_a_layer_whose_algebra_the_file_lacks_is_refused(tmp_path):
+    model, params, masks, spec, _ = pruned("lenet12", "phm4", "element")
+    header, arrays = deploy.read(write(tmp_path / "m.npz", model, params, masks, spec))
+    no_rules = {k: v for k, v in arrays.items() if not k.endswith("phm_rules")}
+    no_algebra = {**header, "algebras": {}}
+    for name, (h, a), message in [
+        ("no_rules", (header, no_rules), "layer HyperDense_0: its phm_rules are missing"),
+        ("no_algebra", (no_algebra, arrays), "algebra 'phm4' is not among the file's algebras"),
+    ]:
+        entries = deploy.pack({k: v for k, v in h.items() if k not in ("arrays", "sha256")}, a)
+        deploy.save(tmp_path / f"{name}.npz", entries)
+        with pytest.raises(deploy.ExportFileError, match=message):
+            deploy.load(tmp_path / f"{name}.npz")
+
+
+def fixture_images(shape: tuple[int, ...], n: int = 4) -> np.ndarray:
+    """The version-1 fixtures' images (tests/fixtures/deploy_v1/README.md)."""
+    i = np.arange(n * math.prod(shape), dtype=np.int64)
+    return ((i * i * 7 + i * 31) % 256).astype(np.uint8).reshape(n, *shape)
+
+
+@pytest.mark.parametrize(
+    "stem,spec", [("lenet12_quat_quaternion", MNIST), ("conv2_quat_element_bfloat16", CIFAR)]
+)
+def test_version_1_files_load_and_give_their_logits(stem, spec):
+    """Files written by format version 1 (a committed fixture) load, read as version 2 states
+    them, and give the logits the version-1 runtime gave, by every path."""
+    path = FIXTURES / f"{stem}.npz"
+    header, _ = deploy.read(path)
+    assert header["version"] == 1 and header["algebras"]["quat"]["n"] == 4
+    layouts = {op["storage"]["layout"] for op in layer_ops(header)}
+    assert layouts == ({"nblock", "element"} if "quaternion" in stem else {"element"})
+    x = fixture_images(spec.image_shape)
+    with np.load(FIXTURES / "logits.npz") as logits:
+        for kernels in deploy.KERNELS:
+            model_np = deploy.load(path, kernels=kernels)
+            assert_close(model_np.predict(x), logits[f"{stem}/{kernels}"])
+    assert model_np.describe().startswith("qsparse-deploy v1,")
 
 
 def test_predict_takes_grayscale_without_channel_axis_and_checks_shapes(tmp_path):
@@ -241,7 +372,7 @@ def test_quaternion_storage_blocks_when_whole_quaternions_are_pruned():
     shared = np.broadcast_to(rng.random((200, 50)) < 0.2, q.shape)
     independent = rng.random(q.shape) < 0.2
     nearly = shared & (rng.random(q.shape) > 0.02)  # a few components of live blocks pruned
-    for mask, layout in [(shared, "qblock"), (independent, "element"), (nearly, "qblock")]:
+    for mask, layout in [(shared, "nblock"), (independent, "element"), (nearly, "nblock")]:
         storage, parts = deploy.encode_kernel(q, mask, True)
         assert storage["layout"] == layout
         candidates = deploy.storage_candidates(mask, True, 4)

@@ -1,8 +1,9 @@
 """The export file: its constants, the value and kernel codec, and pack/read/save.
 
 The format is written out once, in ``docs/deployment.md`` (the file's entries, its header, how
-kernels are stored); this module implements it. Numpy only; files are written through
-:mod:`qsparse.files`.
+kernels are stored); this module implements it. It writes version 2 and reads versions 1 and 2
+(:func:`read` gives a version-1 header the shape of a version-2 one). Numpy only; files are
+written through :mod:`qsparse.files`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ from typing import Any
 import numpy as np
 
 from qsparse import files, ops
+from qsparse.algebras import QUATERNION, Algebra
 
 FORMAT = "qsparse-deploy"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # the versions :func:`read` accepts
 HEADER = "header.json"
 DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
 ENCODINGS = tuple(ops.ENCODINGS)
 KERNELS = ("csr", "bsr", "dense")
+LAYOUTS = ("element", "nblock")  # version 1 named nblock "qblock" (quaternions only)
 
 
 class ExportFileError(ValueError):
@@ -86,40 +90,42 @@ def _candidates(grid: np.ndarray, layout: str, per_value: int) -> list[dict]:
     ]
 
 
-def storage_candidates(mask: np.ndarray, quaternion: bool, itemsize: int) -> list[dict]:
+def storage_candidates(mask: np.ndarray, hypercomplex: bool, itemsize: int) -> list[dict]:
     """Every way to store a kernel with this mask (``itemsize`` bytes per value), with its bytes.
 
-    Real kernels: ``element`` positions. Quaternion kernels (component axis 0): ``qblock`` (one
-    position per quaternion with any component alive, four values each) and ``element``.
+    Real kernels: ``element`` positions. Component kernels (``hypercomplex``: the ``n``
+    components on axis 0): ``nblock`` (one position per number with any component alive, ``n``
+    values each) and ``element``.
     """
     mask = np.asarray(mask, bool)
     out = []
-    if quaternion:
-        out += _candidates(mask.any(axis=0), "qblock", 4 * itemsize)[1:]  # qblock/dense = element
+    if hypercomplex:
+        n = mask.shape[0]
+        out += _candidates(mask.any(axis=0), "nblock", n * itemsize)[1:]  # nblock/dense = element
     return out + _candidates(mask, "element", itemsize)
 
 
-def choose_storage(mask: np.ndarray, quaternion: bool, itemsize: int) -> dict:
+def choose_storage(mask: np.ndarray, hypercomplex: bool, itemsize: int) -> dict:
     """The candidate of :func:`storage_candidates` with the fewest bytes (the first on a tie)."""
-    return min(storage_candidates(mask, quaternion, itemsize), key=lambda s: s["bytes"])
+    return min(storage_candidates(mask, hypercomplex, itemsize), key=lambda s: s["bytes"])
 
 
 def encode_kernel(
-    kernel: np.ndarray, mask: np.ndarray, quaternion: bool, dtype: str = "float32"
+    kernel: np.ndarray, mask: np.ndarray, hypercomplex: bool, dtype: str = "float32"
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """(storage, {"values", "positions"?}): the kernel's surviving values, smallest storage."""
     kernel = np.asarray(kernel, np.float32)
     mask = np.asarray(mask, bool)
     if kernel.shape != mask.shape:
         raise ValueError(f"kernel {kernel.shape} and mask {mask.shape} differ in shape")
-    if quaternion and (kernel.ndim < 3 or kernel.shape[0] != 4):
-        raise ValueError(f"a quaternion kernel has 4 components on axis 0, got {kernel.shape}")
-    storage = choose_storage(mask, quaternion, np.dtype(DTYPES[dtype]).itemsize)
+    if hypercomplex and kernel.ndim < 3:
+        raise ValueError(f"a component kernel has its components on axis 0, got {kernel.shape}")
+    storage = choose_storage(mask, hypercomplex, np.dtype(DTYPES[dtype]).itemsize)
     storage.update(alive=int(np.count_nonzero(mask)), total=int(mask.size))
     kernel = np.where(mask, kernel, np.float32(0))
-    if storage["layout"] == "qblock":
+    if storage["layout"] == "nblock":
         grid = mask.any(axis=0)
-        values = np.moveaxis(kernel, 0, -1)[grid]  # (count, 4)
+        values = np.moveaxis(kernel, 0, -1)[grid]  # (count, n)
     else:
         grid = mask if storage["positions"] != "dense" else np.ones_like(mask)
         values = kernel[grid]
@@ -136,16 +142,16 @@ def decode_kernel(
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """(flat positions, float32 values) of a stored kernel; positions None for ``dense``.
 
-    Positions index ``kernel_shape`` (``element``) or ``kernel_shape[1:]`` (``qblock``, values
-    ``(count, 4)``). Raises ValueError saying what does not fit.
+    Positions index ``kernel_shape`` (``element``) or ``kernel_shape[1:]`` (``nblock``, values
+    ``(count, kernel_shape[0])``). Raises ValueError saying what does not fit.
     """
     layout, kind, count = storage["layout"], storage["positions"], storage["count"]
-    grid = tuple(kernel_shape[1:]) if layout == "qblock" else tuple(kernel_shape)
+    grid = tuple(kernel_shape[1:]) if layout == "nblock" else tuple(kernel_shape)
     n = int(np.prod(grid))
-    if layout not in ("element", "qblock") or kind not in ("dense", "bitmask", "indices"):
+    if layout not in LAYOUTS or kind not in ("dense", "bitmask", "indices"):
         raise ValueError(f"unknown storage {layout}/{kind}")
     values = arrays["values"]
-    want = (count, 4) if layout == "qblock" else (count,)
+    want = (count, kernel_shape[0]) if layout == "nblock" else (count,)
     if values.shape != want or values.dtype != np.dtype(DTYPES[dtype]):
         raise ValueError(f"values are {values.dtype}{values.shape}, expected {DTYPES[dtype]}{want}")
     values = decode_values(values, dtype)
@@ -180,13 +186,39 @@ def dense_kernel(
     storage: dict, kernel_shape: tuple[int, ...], positions: np.ndarray | None, values: np.ndarray
 ) -> np.ndarray:
     """The stored kernel as a dense float32 array of ``kernel_shape`` (zeros where pruned)."""
-    if storage["layout"] == "qblock":
-        grid = np.zeros((int(np.prod(kernel_shape[1:])), 4), np.float32)
+    if storage["layout"] == "nblock":
+        n = kernel_shape[0]
+        grid = np.zeros((int(np.prod(kernel_shape[1:])), n), np.float32)
         grid[slice(None) if positions is None else positions] = values
-        return np.moveaxis(grid.reshape(*kernel_shape[1:], 4), -1, 0)
+        return np.moveaxis(grid.reshape(*kernel_shape[1:], n), -1, 0)
     flat = np.zeros(int(np.prod(kernel_shape)), np.float32)
     flat[slice(None) if positions is None else positions] = values
     return flat.reshape(kernel_shape)
+
+
+# -- the algebras a file's layers compute in ------------------------------------------------------
+
+
+def algebra_entry(algebra: Algebra) -> dict:
+    """The header's ``algebras`` entry of an algebra: its ``kind`` and ``n``, and for the
+    ``table`` kind its structure constants ``A[i, j, k]`` (so that a file runs where its
+    algebra was never registered)."""
+    entry = {"kind": algebra.kind, "n": algebra.n}
+    if algebra.table is not None:
+        entry["table"] = algebra.table.tolist()
+    return entry
+
+
+def _upgrade(header: dict) -> dict:
+    """A version-1 header as version 2 states it: ``qblock`` storage is ``nblock`` and the
+    quaternion layers' table is written out (version 1 knew only ``real`` and ``quat``)."""
+    header = json.loads(json.dumps(header))  # a copy
+    for op in header.get("ops", []):
+        storage = op.get("storage", {})
+        if storage.get("layout") == "qblock":
+            storage["layout"] = "nblock"
+    header["algebras"] = {"quat": algebra_entry(QUATERNION)}
+    return header
 
 
 # -- writing and reading the file ------------------------------------------------------------------
@@ -231,7 +263,8 @@ def save(path: str | os.PathLike, entries: dict[str, np.ndarray], overwrite: boo
 
 
 def read(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
-    """(header, arrays) of an export file, every entry checked against the header's SHA-256;
+    """(header, arrays) of an export file, every entry checked against the header's SHA-256 (a
+    version-1 header upgraded as version 2 states it; its ``version`` still says 1);
     :class:`ExportFileError` naming the file when it cannot be read or is damaged."""
     path = Path(path)
     try:
@@ -251,11 +284,11 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
         raise ExportFileError(f"export file {path}: damaged header: {e}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ExportFileError(f"{path} is not a qsparse export file (format {FORMAT!r})")
-    if header.get("version") != VERSION:
+    if header.get("version") not in READS:
         raise ExportFileError(
             f"export file {path} has format version {header.get('version')!r}; this qsparse "
-            f"reads version {VERSION}"
+            f"reads versions {list(READS)}"
         )
     if header.get("sha256") != _digest(header, entries):
         raise ExportFileError(f"export file {path} is damaged: its content fails its SHA-256")
-    return header, entries
+    return (_upgrade(header) if header["version"] == 1 else header), entries

@@ -1,21 +1,22 @@
 """The numpy runtime of an export file: its layers and :class:`Model` (numpy; scipy for sparse).
 
 The header's ops (:mod:`qsparse.ops`) run in order; encodings, max-pool, the flatten layouts and
-the input normalisation are the array code the JAX models run too, and a quaternion kernel's
-real block matrix comes from :data:`qsparse.algebras.QUATERNION`. How each layer computes
-(``kernels``: ``csr``, ``bsr``, ``dense``) is described in ``docs/deployment.md``.
+the input normalisation are the array code the JAX models run too. A layer of any algebra
+computes with the real matrix :mod:`qsparse.deploy.matrices` builds from what the file stores
+(its algebra's table, the layer's PHM rules, or the hashed tying's seed), so a file runs where
+its algebra was never registered. How each layer computes (``kernels``: ``csr``, ``bsr``,
+``dense``) is described in ``docs/deployment.md`` and shown by :meth:`Model.describe`.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
 
 import numpy as np
 
 from qsparse import ops
-from qsparse.algebras import QUATERNION
+from qsparse.algebras import KINDS, Algebra
 from qsparse.deploy.format import (
     DTYPES,
     FORMAT,
@@ -25,17 +26,23 @@ from qsparse.deploy.format import (
     dense_kernel,
     read,
 )
-
-Forward = Callable[[np.ndarray], np.ndarray]
+from qsparse.deploy.matrices import (
+    Forward,
+    Structure,
+    bsr_product,
+    csr_product,
+    element_positions,
+    real_kernel,
+)
 
 
 def load(path: str | os.PathLike, *, kernels: str = "csr") -> Model:
     """The model of an export file, ready to :meth:`Model.predict`.
 
     ``kernels`` says how dense layers compute (convolutions are always dense): ``csr`` (sparse
-    real matrices, a quaternion kernel as its real block matrix), ``bsr`` (as ``csr``, but a
-    quaternion kernel stored as quaternion blocks as 4x4 Hamilton blocks) or ``dense`` (the
-    kernels rebuilt whole, BLAS matrix products).
+    real matrices, a component kernel as its real block matrix), ``bsr`` (as ``csr``, but a
+    kernel of an algebra with structure constants stored as ``nblock`` as one ``n x n`` block
+    per stored number) or ``dense`` (the kernels rebuilt whole, BLAS matrix products).
     """
     if kernels not in KERNELS:
         raise ValueError(f"kernels={kernels!r} is not valid; choose one of {list(KERNELS)}")
@@ -61,91 +68,41 @@ def _step(op: ops.Op) -> Forward:
     return functools.partial(ops.ENCODINGS[op.encoding], n=op.n)
 
 
-# -- sparse dense layers: W^T as a scipy matrix, applied as (W^T x^T)^T --------------------------
-
-
-def _csr_real(shape, positions, values) -> Forward:
-    from scipy import sparse
-
-    n_in, n_out = shape
-    i, o = np.divmod(positions, n_out)
-    wt = sparse.csr_array((values, (o, i)), shape=(n_out, n_in), dtype=np.float32)
-    return lambda x: (wt @ x.T).T
-
-
-def _csr_quat(shape, positions, values) -> Forward:
-    """Every stored component c at (i, o) placed in the real block matrix, once per block it
-    signs."""
-    from scipy import sparse
-
-    _, q_in, q_out = shape
-    c, rest = np.divmod(positions, q_in * q_out)
-    i, o = np.divmod(rest, q_out)
-    rows, cols, vals = [], [], []
-    for b, a, cc, s in QUATERNION.left_terms:
-        sel = c == cc
-        rows.append(a * q_out + o[sel])
-        cols.append(b * q_in + i[sel])
-        vals.append(values[sel] if s > 0 else -values[sel])
-    wt = sparse.csr_array(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-        shape=(4 * q_out, 4 * q_in),
-        dtype=np.float32,
-    )
-    return lambda x: (wt @ x.T).T
-
-
-def _bsr_quat(shape, positions, values) -> Forward:
-    """Block (o, i) of W^T, on features ordered quaternion by quaternion (``x_q[4 i + b] =
-    x[b q_in + i]``), is the 4x4 real matrix of stored quaternion (i, o)."""
-    from scipy import sparse
-
-    _, q_in, q_out = shape
-    i, o = np.divmod(positions, q_out)
-    order = np.lexsort((i, o))
-    i, o, values = i[order], o[order], values[order]
-    blocks = np.empty((len(values), 4, 4), np.float32)
-    for b, a, c, s in QUATERNION.left_terms:
-        blocks[:, a, b] = values[:, c] if s > 0 else -values[:, c]
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(o, minlength=q_out))])
-    wt = sparse.bsr_array(
-        (blocks, i, indptr), shape=(4 * q_out, 4 * q_in), blocksize=(4, 4), dtype=np.float32
-    )
-
-    def forward(x):
-        xq = x.reshape(-1, 4, q_in).transpose(0, 2, 1).reshape(-1, 4 * q_in)
-        y = (wt @ xq.T).T  # (batch, 4 q_out) quaternion by quaternion
-        return y.reshape(-1, q_out, 4).transpose(0, 2, 1).reshape(-1, 4 * q_out)
-
-    return forward
-
-
-def _sparse(kind: str, storage: dict, shape, positions, values, blocks: bool) -> Forward:
-    """The sparse product of a dense layer (bias not added): CSR of the real kernel, or of a
-    quaternion kernel's real block matrix; with ``blocks``, a quaternion kernel stored as
-    quaternion blocks runs as a BSR matrix of 4x4 Hamilton blocks instead."""
-    layout = storage["layout"]
-    if positions is None:  # stored dense: every position
-        grid = shape[1:] if layout == "qblock" else shape
-        positions = np.arange(int(np.prod(grid)))
-    if kind == "real":
-        return _csr_real(shape, positions, values)
-    if layout == "qblock" and blocks:
-        return _bsr_quat(shape, positions, values)
-    if layout == "qblock":  # the blocks' components as elements
-        n = int(np.prod(shape[1:]))
-        positions = np.concatenate([c * n + positions for c in range(4)])
-        values = values.T.ravel()
-    return _csr_quat(shape, positions, values)
-
-
 # -- layers and the model -----------------------------------------------------------------------
 
 
-class _Layer:
-    """A conv or dense op: its kernel decoded, its bias, and how it computes."""
+def structure(op: ops.Dense | ops.Conv, entry: dict, algebras: dict, arrays: dict):
+    """The :class:`~qsparse.deploy.matrices.Structure` of a layer (None for a real one) from the
+    header's ``algebras`` entry of its kind: the stored table, the layer's ``phm_rules``, or its
+    ``hash_seed``."""
+    if op.kind == "real":
+        return None
+    if op.kind not in algebras:
+        raise ValueError(f"algebra {op.kind!r} is not among the file's algebras {list(algebras)}")
+    spec, n = algebras[op.kind], entry["kernel_shape"][0]
+    if spec["n"] != n:
+        raise ValueError(f"algebra {op.kind!r} has n={spec['n']}, the kernel {n} components")
+    if spec["kind"] == "hashed":
+        return Structure(n, hash_seed=int(op.hash_seed))
+    if spec["kind"] == "phm":
+        table = arrays.get(f"{op.name}/phm_rules")
+        if table is None:
+            raise ValueError("its phm_rules are missing")
+    elif spec["kind"] == "table":
+        table = np.asarray(spec["table"], np.float32)
+    else:
+        raise ValueError(f"algebra {op.kind!r} of kind {spec['kind']!r}; valid: {list(KINDS)}")
+    table = np.asarray(table, np.float32)
+    if table.shape != (n, n, n) or not np.all(np.isfinite(table)):
+        raise ValueError(f"structure constants of shape {table.shape}, expected {(n,) * 3}")
+    components = tuple(f"e{c}" for c in range(n))
+    return Structure(n, Algebra(f"{op.kind} of {op.name}", components, table.copy()))
 
-    def __init__(self, op: ops.Dense | ops.Conv, entry: dict, arrays: dict, dtype: str, kernels):
+
+class _Layer:
+    """A conv or dense op: its kernel decoded, its bias, and how it computes (``path``)."""
+
+    def __init__(self, op: ops.Dense | ops.Conv, entry: dict, header: dict, arrays: dict, kernels):
         name, kind = op.name, op.kind
         self.name, self.kind, self.op = name, kind, op.op
         self.storage = entry["storage"]
@@ -154,27 +111,48 @@ class _Layer:
             k: arrays[f"{name}/{k}"] for k in ("values", "positions") if f"{name}/{k}" in arrays
         }
         try:
-            positions, values = decode_kernel(self.storage, shape, parts, dtype)
+            positions, values = decode_kernel(self.storage, shape, parts, header["dtype"])
+            self.structure = structure(op, entry, header.get("algebras", {}), arrays)
         except ValueError as e:
             raise ValueError(f"layer {name}: {e}") from None
         if kind == "real" and self.storage["layout"] != "element":
             raise ValueError(f"layer {name}: a real kernel stored as {self.storage['layout']}")
         self.bias = np.asarray(arrays[f"{name}/bias"], np.float32)
-        n_out = shape[-1] * (4 if kind == "quat" else 1)
+        n_out = shape[-1] * (1 if kind == "real" else shape[0])
         if self.bias.shape != (n_out,):
             raise ValueError(f"layer {name}: bias of shape {self.bias.shape}, expected ({n_out},)")
-        rank = (4 if isinstance(op, ops.Conv) else 2) + (kind == "quat")
+        rank = (4 if isinstance(op, ops.Conv) else 2) + (kind != "real")
         if len(shape) != rank:
             raise ValueError(f"layer {name}: {op.op} kernel of shape {shape}")
         if isinstance(op, ops.Conv) and (op.padding != "SAME" or op.strides != (1, 1)):
             raise ValueError(f"layer {name}: only SAME padding and stride 1 are supported")
-        if isinstance(op, ops.Dense) and kernels != "dense":
-            product = _sparse(kind, self.storage, shape, positions, values, kernels == "bsr")
+        self.path = self._path(op, kernels)
+        if self.path != "dense":
+            product = self._product(positions, values)
             self.forward = lambda x: product(x) + self.bias
             return
         dense = dense_kernel(self.storage, shape, positions, values)
-        self.kernel = QUATERNION.left_matrix(dense) if kind == "quat" else dense
+        self.kernel = real_kernel(self.structure, dense)
         self.forward = self._conv if isinstance(op, ops.Conv) else self._matmul
+
+    def _path(self, op, kernels: str) -> str:
+        """``dense`` for convolutions and ``kernels="dense"``; ``bsr`` for ``nblock`` storage
+        of a layer with structure constants; ``csr`` otherwise."""
+        if isinstance(op, ops.Conv) or kernels == "dense":
+            return "dense"
+        blocks = self.storage["layout"] == "nblock"
+        if kernels == "bsr" and blocks and self.structure.algebra is not None:
+            return "bsr"
+        return "csr"
+
+    def _product(self, positions, values) -> Forward:
+        """The sparse product (bias not added) of a dense op by :attr:`path`."""
+        if self.path == "bsr":
+            if positions is None:  # stored dense: every block
+                positions = np.arange(int(np.prod(self.shape[1:])))
+            return bsr_product(self.structure, self.shape, positions, values)
+        positions, values = element_positions(self.storage, self.shape, positions, values)
+        return csr_product(self.structure, self.shape, positions, values)
 
     def _matmul(self, x):
         return x @ self.kernel + self.bias
@@ -218,7 +196,7 @@ class Model:
         for entry in header["ops"]:
             op = ops.from_json(entry)
             if isinstance(op, ops.Dense | ops.Conv):
-                self.layers.append(_Layer(op, entry, arrays, self.dtype, kernels))
+                self.layers.append(_Layer(op, entry, header, arrays, kernels))
                 self._steps.append(self.layers[-1].forward)
             else:
                 self._steps.append(_step(op))
@@ -248,7 +226,8 @@ class Model:
         return x
 
     def describe(self) -> str:
-        """What the file holds: provenance, one line per layer (storage, density, bytes)."""
+        """What the file holds: provenance, its algebras, one line per layer (storage, density,
+        bytes, and how it computes: ``csr``, ``bsr`` or ``dense``)."""
         h = self.header
         prov = h.get("provenance", {})
         lines = [
@@ -256,14 +235,17 @@ class Model:
             f"{self.num_classes} classes",
             "provenance: " + ", ".join(f"{k}={prov[k]}" for k in sorted(prov) if k != "config"),
         ]
+        kinds = {layer.kind for layer in self.layers} - {"real"}
+        specs = h.get("algebras", {})
+        lines += [f"algebra {k}: {specs[k]['kind']}, n={specs[k]['n']}" for k in sorted(kinds)]
         total = 0
         for layer in self.layers:
             s = layer.storage
             total += s["bytes"]
             lines.append(
-                f"  {layer.name:10s} {layer.op:5s} {layer.kind:4s} {str(list(layer.shape)):22s} "
+                f"  {layer.name:12s} {layer.op:5s} {layer.kind:9s} {str(list(layer.shape)):22s} "
                 f"{s['layout']}/{s['positions']}: {s['count']} stored, "
-                f"{s['alive']}/{s['total']} weights alive, {s['bytes']} bytes"
+                f"{s['alive']}/{s['total']} weights alive, {s['bytes']} bytes, {layer.path}"
             )
         lines.append(f"kernel bytes {total}")
         return "\n".join(lines)
