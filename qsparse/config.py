@@ -19,6 +19,8 @@ import typing
 
 PROTOCOLS = ("lottery", "paper")
 OPTIMIZER_STATES = ("fresh", "carry")
+SEARCH_WEIGHTS = ("continue", "rewind")
+TICKET_OPTIMIZERS = ("fresh", "search")
 CONTROLS = ("none", "reinit", "shuffle")
 OPTIMIZERS = ("adam", "sgd")
 DATASET_NAMES = ("mnist", "fashion_mnist", "cifar10", "cifar100")
@@ -69,7 +71,9 @@ class Config:
     )
     prune_output: bool = _field(True, "also prune the output layer's weights (the paper does)")
     layer_fractions: tuple[tuple[str, float], ...] = _field(
-        (), "layerwise overrides as glob=fraction, e.g. 'output/*=0.1'"
+        (),
+        "per-layer fractions as glob=fraction, e.g. 'output/*=0.1' (the output at half rate); "
+        "with global pruning those layers leave the global pool",
     )
     rewind: str = _field(
         "init", "init | <N>it | <N>ep: where survivors are reset to (late resetting)"
@@ -80,6 +84,21 @@ class Config:
     )
     optimizer_state: str = _field(
         "fresh", "fresh (new optimizer each round) | carry (keep the previous round's state)"
+    )
+    search_weights: str = _field(
+        "continue",
+        "protocol paper: the search's weights each round: continue (prune-and-continue, the "
+        "paper's) | rewind (restart from the initial weights, keeping the carried optimizer)",
+    )
+    search_optimizer: str = _field(
+        "carry",
+        "protocol paper: the search's optimizer: carry (one optimizer across rounds, the paper's "
+        "code) | fresh (a new one each round)",
+    )
+    ticket_optimizer: str = _field(
+        "fresh",
+        "protocol paper: each ticket's optimizer: fresh | search (the search's state when the "
+        "ticket's mask was pruned, as the paper's code reused its one Adam)",
     )
     control: str = _field(
         "none",

@@ -25,6 +25,8 @@ from qsparse.config import (
     OPTIMIZER_STATES,
     OPTIMIZERS,
     PROTOCOLS,
+    SEARCH_WEIGHTS,
+    TICKET_OPTIMIZERS,
     Config,
     ConfigError,
     parse_rewind,
@@ -54,6 +56,10 @@ def resolve(config: Config) -> Config:
     _choice("grouping", config.grouping, pruning.GROUPINGS)
     _choice("protocol", config.protocol, PROTOCOLS)
     _choice("optimizer_state", config.optimizer_state, OPTIMIZER_STATES)
+    _choice("search_weights", config.search_weights, SEARCH_WEIGHTS)
+    _choice("search_optimizer", config.search_optimizer, OPTIMIZER_STATES)
+    _choice("ticket_optimizer", config.ticket_optimizer, TICKET_OPTIMIZERS)
+    _check_search(config)
     _choice("control", config.control, CONTROLS)
     _choice("optimizer", config.optimizer, OPTIMIZERS)
     _choice("quat_init", config.quat_init, tuple(initializers.QUATERNION_INITS))
@@ -82,8 +88,6 @@ def resolve(config: Config) -> Config:
             raise ConfigError(f"layer fraction {fraction} for {pattern!r} must be in [0, 1)")
     if not all(isinstance(w, int) and w > 0 for w in config.hidden):
         raise ConfigError(f"hidden={list(config.hidden)} must be positive integer widths")
-    if config.layer_fractions and config.pruning != "layerwise":
-        raise ConfigError("layer_fractions need pruning='layerwise'")
     parse_rewind(config.rewind)
     if config.rewind != "init" and config.protocol == "paper":
         raise ConfigError(
@@ -111,6 +115,32 @@ def _check_algebra_options(config: Config) -> None:
             raise ConfigError(
                 f"{name}={value!r} applies to algebra {owner!r}, not {config.algebra!r}{instead}"
             )
+
+
+def _check_search(config: Config) -> None:
+    """The switches of protocol 'paper's search and tickets: refused elsewhere, and where they
+    would make the search the lottery protocol or give a ticket two optimizer states."""
+    switched = [
+        f"{k}={getattr(config, k)!r}"
+        for k, default in (
+            ("search_weights", "continue"),
+            ("search_optimizer", "carry"),
+            ("ticket_optimizer", "fresh"),
+        )
+        if getattr(config, k) != default
+    ]
+    if switched and config.protocol != "paper":
+        raise ConfigError(f"{', '.join(switched)} apply to protocol='paper' only")
+    if config.search_weights == "rewind" and config.search_optimizer == "fresh":
+        raise ConfigError(
+            "search_weights='rewind' with search_optimizer='fresh' is the lottery protocol; "
+            "use protocol='lottery'"
+        )
+    if config.ticket_optimizer == "search" and config.optimizer_state == "carry":
+        raise ConfigError(
+            "ticket_optimizer='search' and optimizer_state='carry' both set the tickets' "
+            "optimizer state; choose one"
+        )
 
 
 # A control may differ from its ticket run in these fields only.

@@ -11,7 +11,10 @@ Protocols (the paper, §4; :attr:`Config.protocol`):
   rewinds: prune, then keep training the same weights with one optimizer carried across
   rounds (after every round but the last, which nothing prunes). The reported accuracy of
   round L is a ticket trained from θ₀ with that mask. Unlike the paper's code, the tickets get
-  their own optimizer (``optimizer_state`` applies).
+  their own optimizer (``optimizer_state`` applies) unless ``ticket_optimizer='search'``. The
+  search's two ingredients can be taken apart: ``search_optimizer='fresh'`` prunes and continues
+  with a new optimizer each round, ``search_weights='rewind'`` restarts from θ₀ each round with
+  the carried optimizer.
 
 Controls (:attr:`Config.control`): ``reinit`` trains each round's mask from new random weights,
 ``shuffle`` a random mask with the same per-layer counts (whole numbers under ``number``
@@ -188,11 +191,7 @@ class Lottery(Experiment):
                 self._stopped(level, level)
                 return
             start = self._start_params(rep, theta0, init_key, level)
-            opt_state = (
-                prev_state.opt_state
-                if (cfg.optimizer_state == "carry" and prev_state is not None)
-                else None
-            )
+            opt_state = self._ticket_opt_state(prev_state, prev_search)
             capture = rep.rewind if (level == 0 and self.loop.rewind_step) else None
             state, done = yield from self._ticket(rd, start, masks, data_key, opt_state, capture)
             prev_state = state
@@ -215,7 +214,9 @@ class Lottery(Experiment):
                 self._stopped(level + 1, level)
                 return
             if cfg.protocol == "paper" and level < cfg.rounds:
-                prev_search = yield from self._search(rd, state, prev_search, masks, data_key)
+                prev_search = yield from self._search(
+                    rd, state, prev_search, masks, data_key, theta0
+                )
 
     def _theta0(self, path: Path, key):
         """θ₀, read back or (again, if damaged) computed from the replicate's init key."""
@@ -306,13 +307,28 @@ class Lottery(Experiment):
             logger.warning("%s; finishing the round again from its checkpoints", e)
             return None
 
-    def _search(self, rd: rundir.Round, ticket, prev_search, masks, data_key):
-        """Protocol 'paper': continue the never-rewound trajectory with its carried optimizer."""
+    def _ticket_opt_state(self, prev_state, prev_search):
+        """The optimizer state a ticket starts with: None (fresh), the previous round's
+        (``optimizer_state='carry'``) or the search's that pruned its mask
+        (``ticket_optimizer='search'``)."""
+        cfg = self.config
+        if cfg.optimizer_state == "carry" and prev_state is not None:
+            return prev_state.opt_state
+        if cfg.ticket_optimizer == "search" and prev_search is not None:
+            return prev_search.opt_state
+        return None
+
+    def _search(self, rd: rundir.Round, ticket, prev_search, masks, data_key, theta0):
+        """Protocol 'paper': continue the never-rewound trajectory with its carried optimizer
+        (or, by ``search_weights`` / ``search_optimizer``, restart from θ₀ / a new optimizer)."""
         if rd.level == 0:
             return ticket  # the dense run is both the first ticket and the search's start
             yield  # a generator all the same
-        like = train.create_train_state(self.model, prev_search.params, masks, self.tx)
-        like = like.replace(opt_state=prev_search.opt_state)
+        cfg = self.config
+        start = prev_search.params if cfg.search_weights == "continue" else theta0
+        like = train.create_train_state(self.model, start, masks, self.tx)
+        if cfg.search_optimizer == "carry":
+            like = like.replace(opt_state=prev_search.opt_state)
         if rd.search.final.exists():
             try:
                 return ckpt.load_tree(rd.search.final, like)

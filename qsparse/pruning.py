@@ -6,7 +6,9 @@ The three choices are independent (jaxpruner's decomposition, lottery-ticket sem
   |q|/2, so a quaternion group and a real weight of the same per-component scale compare
   fairly in one global pool) or ``random`` (a control).
 * **method**: ``global`` (one threshold over every prunable leaf, no per-layer normalisation,
-  as the paper and open_lth) or ``layerwise`` (a fraction per leaf, overridable per path).
+  as the paper and open_lth) or ``layerwise`` (a fraction per leaf). Both take per-path
+  overrides: a leaf with its own fraction leaves the global pool and is pruned on its own (the
+  output layer at half rate, as Frankle & Carbin).
 * **grouping**: ``element`` (every real component on its own, as the paper's code),
   ``number`` (the ``n`` components of a hypercomplex weight of any algebra share one mask bit)
   or ``quaternion`` (the same for quaternion kernels only: the name runs of the quaternion
@@ -94,29 +96,30 @@ def prune(
 ) -> Masks:
     """Remove ``fraction`` of the *remaining* prunable units; returns the new masks.
 
-    ``layer_fractions`` (layerwise only) maps glob patterns on the leaf path, e.g.
-    ``{"output/*": 0.1}``, to the fraction for matching leaves; the first match wins.
+    ``layer_fractions`` maps glob patterns on the leaf path, e.g. ``{"output/*": 0.1}``, to the
+    fraction for matching leaves (the first match wins); under ``global`` those leaves are
+    pruned on their own and the others share one threshold.
     """
     _check("pruning method", method, METHODS)
     _check("grouping", grouping, GROUPINGS)
     _check("score", score, SCORES)
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"prune fraction must be in [0, 1), got {fraction}")
-    if layer_fractions and method != "layerwise":
-        raise ValueError("layer_fractions only apply to method='layerwise'")
     if score == "random" and key is None:
         raise ValueError("score='random' needs a PRNG key")
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     mask_leaves = [np.asarray(m, bool) for m in jax.tree.leaves(masks)]
     entries = _scored_units(flat, mask_leaves, rule, grouping, key if score == "random" else None)
-    if method == "global":
-        keeps = _keep_global(entries, fraction)
-    else:
-        keeps = []
-        for _, path, values, alive in entries:
-            f = _layer_fraction(path_str(path), fraction, layer_fractions or {})
-            keeps.append(_select(values, alive, int(round(f * alive.sum()))))
+    own = [_layer_fraction(path_str(e[1]), None, layer_fractions or {}) for e in entries]
+    if method == "layerwise":
+        own = [fraction if f is None else f for f in own]
+    pooled = [e for e, f in zip(entries, own) if f is None]
+    pool = iter(_keep_global(pooled, fraction) if pooled else [])
+    keeps = [
+        next(pool) if f is None else _select(values, alive, int(round(f * alive.sum())))
+        for (_, _, values, alive), f in zip(entries, own)
+    ]
     new = list(mask_leaves)
     for (i, path, _, alive), keep in zip(entries, keeps):
         if alive.any() and not (keep & alive).any() and not allow_empty:
@@ -157,7 +160,9 @@ def _keep_global(entries: list[tuple], fraction: float) -> list[np.ndarray]:
     return [keep[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
-def _layer_fraction(path: str, default: float, overrides: Mapping[str, float]) -> float:
+def _layer_fraction(
+    path: str, default: float | None, overrides: Mapping[str, float]
+) -> float | None:
     for pattern, f in overrides.items():
         if fnmatch.fnmatch(path, pattern):
             if not 0.0 <= f < 1.0:

@@ -135,7 +135,15 @@ def test_resolve_fills_the_papers_values_for_the_model():
             dict(rewind="2ep", protocol="paper"),
             "protocol='paper' always retrains from the initial weights",
         ),
-        (dict(layer_fractions=(("output/*", 0.1),)), "layer_fractions need pruning='layerwise'"),
+        (dict(search_optimizer="fresh"), "search_optimizer='fresh' apply to protocol='paper'"),
+        (
+            dict(protocol="paper", search_weights="rewind", search_optimizer="fresh"),
+            "is the lottery protocol",
+        ),
+        (
+            dict(protocol="paper", ticket_optimizer="search", optimizer_state="carry"),
+            "choose one",
+        ),
         (dict(algebra="quat", hidden=(6,)), r"hidden=\[6\]: .*multiples of 4"),
         (dict(algebra="quat", model="lenet12", encoding="rgb"), "encoding='rgb'"),
     ],

@@ -238,3 +238,23 @@ def test_replicates_trained_together_equal_the_lone_run(quat_run, tmp_path):
     lone_rows = json.loads((lone / "summary.json").read_text())
     for x, y in zip(lone_rows, rows[:3]):
         np.testing.assert_allclose(y["train_loss"], x["train_loss"], rtol=1e-4)
+
+
+def test_paper_search_switches_separate_its_ingredients(mnist_dir, tmp_path):
+    """A search that restarts from θ₀ with the carried optimizer (search_weights='rewind') is,
+    round for round, the ticket that starts with the search's optimizer
+    (ticket_optimizer='search'): same weights, mask, optimizer state and batches."""
+    config = paper_config(
+        mnist_dir, search_weights="rewind", search_optimizer="carry", ticket_optimizer="search"
+    )
+    run_dir = lottery.run(config, tmp_path, log=lambda s: None)
+    stored = json.loads((run_dir / "config.json").read_text())
+    assert (stored["search_weights"], stored["ticket_optimizer"]) == ("rewind", "search")
+    model = models.create("lenet12", "quat", 10)
+    like = models.init_params(model, jax.random.key(0), (28, 28, 1))
+    rd = run_dir / "replicate_0" / "round_01"
+    masks = ckpt.load_masks(rd / "masks.npz", M.ones(like))
+    state = train.create_train_state(model, like, masks, train.make_optimizer("adam", 1e-3))
+    ticket, search = (ckpt.load_tree(p, state) for p in (rd / "final", rd / "search" / "final"))
+    for a, b in zip(jax.tree.leaves(ticket.params), jax.tree.leaves(search.params)):
+        np.testing.assert_array_equal(a, b)

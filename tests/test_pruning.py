@@ -67,7 +67,7 @@ def test_exact_counts_monotone_masks_biases_kept(quat_params, method, grouping):
                     0.2
                     * (
                         int(m.any(0).sum())
-                        if grouping == "quaternion" and n.endswith("qkernel")
+                        if grouping != "element" and n.endswith("qkernel")
                         else int(m.sum())
                     )
                 )
@@ -146,6 +146,20 @@ def test_layerwise_overrides():
     assert int(new["h"]["kernel"].sum()) == 8 and int(new["output"]["kernel"].sum()) == 5
 
 
+def test_global_pruning_with_an_override_prunes_that_leaf_on_its_own():
+    """The output at half rate: its leaf leaves the global pool; the pool's threshold is set by
+    the other leaves alone (their smallest weights go, wherever they are)."""
+    params = {
+        "a": {"kernel": jnp.arange(1.0, 11.0)},
+        "b": {"kernel": jnp.arange(101.0, 111.0)},
+        "output": {"kernel": jnp.arange(0.1, 1.05, 0.1)},  # the smallest of all
+    }
+    new = pruning.prune(params, M.ones(params), 0.2, layer_fractions={"output/*": 0.1})
+    np.testing.assert_array_equal(new["a"]["kernel"], np.arange(10) >= 4)  # 4 of 20 pooled
+    assert new["b"]["kernel"].all()
+    np.testing.assert_array_equal(new["output"]["kernel"], np.arange(10) >= 1)  # 1 of 10
+
+
 def test_layer_collapse_is_an_error_unless_allowed():
     params = {"big": {"kernel": jnp.arange(10.0, 20.0)}, "small": {"kernel": jnp.array([0.01])}}
     with pytest.raises(pruning.LayerCollapseError, match="small/kernel"):
@@ -197,9 +211,10 @@ def test_density_report_units(quat_params):
     assert total["prunable_alive"] + 410 == total["all_alive"]
     q0 = report["leaves"]["QDense_0/qkernel"]
     assert (
-        q0["quat_total"] == 196 * 75 and q0["alive"] == 4 * q0["quat_alive"] == 4 * q0["quat_full"]
+        q0["number_total"] == 196 * 75
+        and q0["alive"] == 4 * q0["number_alive"] == 4 * q0["number_full"]
     )
-    assert total["quat_total"] == 196 * 75 + 75 * 25
+    assert total["number_total"] == 196 * 75 + 75 * 25
     np.testing.assert_allclose(total["density_all"], total["all_alive"] / 67_710)
 
 
