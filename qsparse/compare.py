@@ -134,6 +134,14 @@ def matched(
     return out
 
 
+def decomposition(first: Match, second: Match) -> stats.Estimate:
+    """``first``'s difference minus ``second``'s, e.g. (Q ticket − Q control) at one x minus
+    (R ticket − R control) at the same x, with its Welch-style interval
+    (:func:`qsparse.stats.difference_of_differences`)."""
+    samples = (first.b.sample, first.a.sample, second.b.sample, second.a.sample)
+    return stats.difference_of_differences(*samples)
+
+
 def holm(matches: Sequence[Match]) -> np.ndarray:
     """The Holm-adjusted p of each match's test, within ``matches`` (NaN: no test)."""
     return stats.holm([m.test.p if m.test else math.nan for m in matches])

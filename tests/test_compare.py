@@ -110,6 +110,16 @@ def test_difference_of_differences_interval_by_hand():
     assert (got.value, got.se, got.df) == pytest.approx((value, se, df))
     assert (got.lo, got.hi) == pytest.approx((value - half, value + half))
     assert got.p == pytest.approx(2 * scipy_stats.t.sf(abs(value) / se, df))
+    # from two matched points (a: control, b: ticket): (Q ticket − Q control) − (R ...)
+    q_control, q_ticket = (
+        _reps("quat", [3.0], [[0.8], [0.9]]),
+        _reps("quat", [3.0], [[0.85], [0.86]]),
+    )
+    r_control, r_ticket = _reps("real", [3.0], [[0.7], [0.8]]), _reps("real", [3.0], [[0.9], [0.9]])
+    (q,), (r,) = compare.matched(q_control, q_ticket), compare.matched(r_control, r_ticket)
+    d = compare.decomposition(q, r)
+    se = math.sqrt(np.var([85, 86], ddof=1) / 2 + np.var([80, 90], ddof=1) / 2 + 50 / 2 + 0)
+    assert (d.value, d.se) == pytest.approx(((85.5 - 85.0) - (90.0 - 75.0), se))
     # one group: the one-sample t with n - 1 df
     m = stats.mean_interval([1.0, 2.0, 4.0])
     assert m.df == pytest.approx(2) and m.se == pytest.approx(np.std([1, 2, 4], ddof=1) / 3**0.5)
