@@ -6,9 +6,9 @@
 * core (layers, models, pruning, training): jax, flax, optax and numpy only;
 * run (config, data, checkpoints, run directory, summaries, loop, experiment setup, lottery,
   deployment runtime and export): the core plus orbax, tensorflow-datasets and tensorboardX;
-* analysis (results, paper figures, report, plots, deployment accounting, comparisons): numpy and
-  matplotlib, no jax; it shares the run tier's jax-free modules: the run-directory vocabulary and
-  the numpy deployment runtime.
+* analysis (results, paper figures, report, plots, deployment accounting, statistics,
+  comparisons): numpy, scipy and matplotlib, no jax; it shares the run tier's jax-free modules:
+  the run-directory vocabulary and the numpy deployment runtime.
 
 Each tier is imported in a fresh interpreter in which importing anything outside it fails.
 """
@@ -46,7 +46,7 @@ RUN = [
     "deploy",
     "export",
 ]
-ANALYSIS = ["results", "paper", "report", "plots", "accounting", "compare"]
+ANALYSIS = ["results", "paper", "report", "plots", "accounting", "stats", "replicates", "compare"]
 JAX_FREE = ["rundir", "deploy"]  # run-tier modules that are numpy only
 TIERS = {
     "leaves": (
