@@ -9,7 +9,8 @@ layers do. How the real kernel is built depends on the algebra's kind:
   fixed structure constants ``A``;
 * ``phm``: the same with structure constants the layer learns (``phm_rules``, shape
   ``(n, n, n)``). In Zhang et al.'s notation ``W = sum_i A_i kron S_i`` with
-  ``A_i = phm_rules[i].T`` (output, input) and ``S_i = hkernel[i]``;
+  ``A_i = phm_rules[i].T`` (output, input) and ``S_i = hkernel[i]``. Dense PHM layers compute
+  the same product without building it (:func:`phm_dense`);
 * ``hashed``: no algebra; the real kernel reads the ``hkernel`` entries (a quarter of the real
   count for ``n = 4``), each exactly ``n`` times, at positions fixed by a seed
   (:func:`qsparse.algebras.tied_positions`).
