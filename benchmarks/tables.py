@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from qsparse.models import PAPER_ALGEBRAS
 from qsparse.report import markdown_table
 
 MODEL_HEADER = (
@@ -18,6 +17,7 @@ MODEL_HEADER = (
     "GFLOP/s",
     "% of matmul peak",
     "quat/real time",
+    "time/quat",
     "images/s with XLA convolutions",
     "speed-up",
 )
@@ -65,13 +65,14 @@ def markdown(result: dict[str, Any]) -> str:
 def _models_table(models: dict[str, Any]) -> str:
     rows = []
     for name, m in models.items():
-        for algebra in (a for a in PAPER_ALGEBRAS if a in m):
+        for algebra in _algebras(m):
             r = m[algebra]
             ratio = (
                 f"{m['quat_real_time_ratio']:.3f}"
                 if algebra == "quat" and "quat_real_time_ratio" in m
                 else ""
             )
+            to_quat = m.get(f"{algebra}_quat_time_ratio")
             xla = (
                 (f"{r['xla_conv_images_per_s']:,.0f}", f"{r['speedup_over_xla_conv']:.2f}")
                 if "xla_conv_images_per_s" in r
@@ -89,10 +90,16 @@ def _models_table(models: dict[str, Any]) -> str:
                     f"{r['gflops']:.1f}",
                     f"{100 * r['peak_fraction']:.1f}",
                     ratio,
+                    "" if to_quat is None else f"{to_quat:.3f}",
                     *xla,
                 )
             )
     return markdown_table(MODEL_HEADER, rows)
+
+
+def _algebras(part: dict[str, Any]) -> list[str]:
+    """The algebras a part of a result measured, in its order: its keys holding a dict."""
+    return [a for a, v in part.items() if isinstance(v, dict)]
 
 
 def _layers_table(layers: list[dict[str, Any]]) -> list[str]:
@@ -123,8 +130,7 @@ def _epochs_table(e: dict[str, Any]) -> list[str]:
             f"{e[a]['round_40_epochs_s']:.1f}",
             f"{e[a]['round_40_epochs_with_eval_s']:.1f}",
         )
-        for a in PAPER_ALGEBRAS
-        if a in e
+        for a in _algebras(e)
     ]
     header = (
         "algebra",
@@ -154,8 +160,7 @@ def _replicas_table(replicas: list[dict[str, Any]]) -> list[str]:
             f"{rep[a]['factor']:.2f}",
         )
         for rep in replicas
-        for a in PAPER_ALGEBRAS
-        if a in rep
+        for a in _algebras(rep)
     ]
     header = (
         "model",

@@ -1,9 +1,10 @@
 """Images per second of qsparse's training: masked train steps, whole epochs, replicates at once.
 
 Everything timed runs through :class:`qsparse.train.Trainer`, the code IMP trains with, and
-compares like with like in one process: the real and quaternion windows of a model are
-interleaved (and so are XLA's and oneDNN's convolutions, or one replicate and R at once), so a
-ratio is measured under the same machine conditions even when absolute speeds drift.
+compares like with like in one process: the windows of a model's algebras are interleaved
+round-robin, each round starting one algebra later (and so are XLA's and oneDNN's convolutions,
+or one replicate and R at once), so a ratio is measured under the same machine conditions even
+when absolute speeds drift or other processes share the CPU.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def bench_model(
     log: Log,
     compare_xla_conv: bool = False,
 ) -> dict[str, Any]:
-    """The masked train step of ``name`` per algebra: median window, GFLOP/s, share of ``peak``.
+    """The masked train step of ``name`` per algebra: median window, GFLOP/s, share of ``peak``,
+    and the step-time ratios of :func:`time_ratios`.
 
     GFLOP/s count 3 x the forward FLOPs (forward, input gradient, weight gradient). With
     ``compare_xla_conv`` and oneDNN convolutions, the same steps with XLA's convolutions too.
@@ -57,8 +59,9 @@ def bench_model(
                 s = setups[algebra, backend] = Setup(name, algebra, steps)
                 first[algebra, backend] = s.first_call()
             s.window(record=False)  # warm-up
-    for _ in range(windows):  # interleaved: ratios are measured under the same conditions
-        for s in setups.values():
+    order = list(setups.values())
+    for w in range(windows):  # interleaved: ratios are measured under the same conditions
+        for s in order[w % len(order) :] + order[: w % len(order)]:
             s.window()
     out: dict[str, Any] = {}
     for (algebra, backend), s in setups.items():
@@ -69,7 +72,7 @@ def bench_model(
             r[f"{backend}_conv_images_per_s"] = img_s
             r[f"speedup_over_{backend}_conv"] = r["images_per_s"] / img_s
             log(
-                f"  {name:13s} {algebra:4s} {1e3 * median / steps:9.2f} ms/step {img_s:10.0f} img/s"
+                f"  {name:13s} {algebra:9s} {1e3 * median / steps:9.2f} ms/step {img_s:10.0f} img/s"
                 f" with {backend} convolutions: x{r[f'speedup_over_{backend}_conv']:.2f}"
                 f" for {backends[0]}"
             )
@@ -90,12 +93,30 @@ def bench_model(
             "peak_fraction": img_s * train_flops / 1e9 / peak,
         }
         log(
-            f"  {name:13s} {algebra:4s} {r['step_ms']:9.2f} ms/step {img_s:10.0f} img/s "
+            f"  {name:13s} {algebra:9s} {r['step_ms']:9.2f} ms/step {img_s:10.0f} img/s "
             f"{r['gflops']:7.1f} GFLOP/s ({100 * r['peak_fraction']:4.1f}% of peak) "
             f"compile {r['compile_s']:5.1f} s"
         )
-    if "real" in out and "quat" in out:
-        out["quat_real_time_ratio"] = out["quat"]["step_ms"] / out["real"]["step_ms"]
+    ratios = time_ratios(out)
+    for algebra in out:
+        if f"{algebra}_quat_time_ratio" in ratios:
+            ratio = ratios[f"{algebra}_quat_time_ratio"]
+            log(f"  {name:13s} {algebra:9s} {ratio:9.3f} x quat's step time")
+    out.update(ratios)
+    return out
+
+
+def time_ratios(steps: dict[str, Any]) -> dict[str, float]:
+    """Step-time ratios of :func:`bench_model`'s result ``steps`` (algebra -> ``step_ms``), all
+    to the quaternion step: ``quat_real_time_ratio`` (quat / real, as results/ holds it) and
+    ``<algebra>_quat_time_ratio`` (algebra / quat) for every other hypercomplex algebra."""
+    if "quat" not in steps:
+        return {}
+    quat = steps["quat"]["step_ms"]
+    out = {"quat_real_time_ratio": quat / steps["real"]["step_ms"]} if "real" in steps else {}
+    for algebra, r in steps.items():
+        if algebra not in ("real", "quat") and isinstance(r, dict):
+            out[f"{algebra}_quat_time_ratio"] = r["step_ms"] / quat
     return out
 
 
@@ -191,7 +212,7 @@ def bench_epochs(
             "train_acc_last": run["train_acc"],
         }
         log(
-            f"  lenet300_100 {algebra:4s} MNIST epoch {epoch_s:6.3f} s = "
+            f"  lenet300_100 {algebra:9s} MNIST epoch {epoch_s:6.3f} s = "
             f"{out[algebra]['images_per_s']:8.0f} img/s; 40 epochs {40 * epoch_s:5.1f} s "
             f"(+ test eval each epoch: {40 * (epoch_s + eval_s):5.1f} s)"
         )
@@ -231,7 +252,7 @@ def bench_replicates(
             "first_call_replicas_s": compile_many,
         }
         log(
-            f"  {name:13s} {algebra:4s} R={replicates} ({out['mode']}): {together:9.0f} img/s in "
+            f"  {name:13s} {algebra:9s} R={replicates} ({out['mode']}): {together:9.0f} img/s in "
             f"total vs {one:9.0f} for one replicate at a time: x{together / one:.2f}"
         )
     return out

@@ -3,10 +3,13 @@ r"""Training-throughput benchmark of qsparse's masked train step on this machine
     python -m experiments.bench                        # everything
     python -m experiments.bench --models=lenet300_100,conv4 \
         --json=results/bench_cpu.json --markdown=results/bench_cpu.md
+    python -m experiments.bench --models=conv4,lenet300_100 --algebras=quat,tessarine,phm4 \
+        --epochs=0 --replicates=0 --no_references --no_xla_conv   # algebras against quat
 
 Measures, in one process: the machine's float32 matmul peak; each model's masked train step
-(the Trainer's compiled epoch on synthetic data of the model's dataset shape, batch 60, real and
-quaternion interleaved; median window) in images/s and GFLOP/s; whole LeNet-300-100 MNIST epochs;
+(the Trainer's compiled epoch on synthetic data of the model's dataset shape, batch 60, the
+algebras' windows interleaved; median window) in images/s and GFLOP/s, with each algebra's step
+time against the quaternion one when ``quat`` is among them; whole LeNet-300-100 MNIST epochs;
 R replicates at once against one; optionally plain Flax / PyTorch yardsticks and Conv-4's
 convolutions one by one. Prints a table; writes JSON / Markdown when asked. The code is the
 ``benchmarks`` package; this is its command line. Bad flag values exit with status 2 and one
@@ -28,7 +31,12 @@ flags.DEFINE_list(
     "models whose masked train step is timed, of lenet300_100, lenet12, conv2, "
     "conv4, conv6 (none: --models=)",
 )
-flags.DEFINE_list("algebras", list(_D.algebras), "algebras to time: real, quat")
+flags.DEFINE_list(
+    "algebras",
+    list(_D.algebras),
+    "algebras to time, any registered one of dimension 1, 2 or 4 (real, complex, quat, "
+    "tessarine, klein4, phm2, phm4, hashed4, ...); with quat, each other's step time / quat's",
+)
 flags.DEFINE_integer("windows", _D.windows, "timed windows per model and algebra (median)")
 flags.DEFINE_integer("window_steps", _D.window_steps, "steps per window (default: per model)")
 flags.DEFINE_integer("peak_size", _D.peak_size, "n of the n x n float32 matmul peak")

@@ -9,7 +9,8 @@ layers do. How the real kernel is built depends on the algebra's kind:
   fixed structure constants ``A``;
 * ``phm``: the same with structure constants the layer learns (``phm_rules``, shape
   ``(n, n, n)``). In Zhang et al.'s notation ``W = sum_i A_i kron S_i`` with
-  ``A_i = phm_rules[i].T`` (output, input) and ``S_i = hkernel[i]``;
+  ``A_i = phm_rules[i].T`` (output, input) and ``S_i = hkernel[i]``. Dense PHM layers compute
+  the same product without building it (:func:`phm_dense`);
 * ``hashed``: no algebra; the real kernel reads the ``hkernel`` entries (a quarter of the real
   count for ``n = 4``), each exactly ``n`` times, at positions fixed by a seed
   (:func:`qsparse.algebras.tied_positions`).
@@ -18,6 +19,7 @@ layers do. How the real kernel is built depends on the algebra's kind:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,20 @@ def table_kernel(table: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Ar
     w = kernel.reshape(n, *lead, n_in, groups, n_out // groups)
     real = jnp.einsum("cba,c...igo->...bigao", table.astype(kernel.dtype), w)
     return real.reshape(*lead, n * n_in, n * n_out)
+
+
+def phm_dense(
+    x: jax.Array, rules: jax.Array, hkernel: jax.Array, precision: Any = None
+) -> jax.Array:
+    """``x @ table_kernel(rules, hkernel)`` without the real kernel: every input component
+    meets every component kernel in one matmul of the real layer's size, then the rules mix
+    the ``n x n`` products into the ``n`` output components. At the models' batch this costs
+    far less than expanding the kernel through the traced rules, whose einsum and gradient
+    (reductions over the whole real kernel) cost about as much as the matmul on CPU."""
+    n, n_in, n_out = hkernel.shape
+    parts = jnp.einsum("Bbi,cio->Bbco", x.reshape(-1, n, n_in), hkernel, precision=precision)
+    y = jnp.einsum("cba,Bbco->Bao", rules.astype(parts.dtype), parts, precision=precision)
+    return y.reshape(*x.shape[:-1], n * n_out)
 
 
 def hashed_kernel(hkernel: jax.Array, seed: int) -> jax.Array:

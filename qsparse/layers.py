@@ -211,6 +211,14 @@ class _HyperParams:
     ``phm_rules``, ``bias``) and the real kernel they give."""
 
     def hyper_kernel(self, algebra: Algebra, shape: tuple, inputs: jax.Array, groups: int = 1):
+        inputs, hkernel, rules, bias = self.hyper_params(algebra, shape, inputs)
+        kernel = hyper.real_kernel(
+            algebra, hkernel, phm_rules=rules, seed=self.hash_seed, groups=groups
+        )
+        return inputs, kernel, bias
+
+    def hyper_params(self, algebra: Algebra, shape: tuple, inputs: jax.Array):
+        """``inputs``, ``hkernel``, ``phm_rules`` (None unless PHM) and ``bias``, promoted."""
         init = self.kernel_init or hyper.init(algebra, phm_init=self.phm_init)
         hkernel = self.param("hkernel", init, shape, self.param_dtype)
         rules = None
@@ -223,11 +231,7 @@ class _HyperParams:
             if self.use_bias
             else None
         )
-        inputs, hkernel, rules, bias = promote_dtype(inputs, hkernel, rules, bias, dtype=self.dtype)
-        kernel = hyper.real_kernel(
-            algebra, hkernel, phm_rules=rules, seed=self.hash_seed, groups=groups
-        )
-        return inputs, kernel, bias
+        return promote_dtype(inputs, hkernel, rules, bias, dtype=self.dtype)
 
 
 class HyperDense(nn.Module, _HyperParams):
@@ -255,8 +259,13 @@ class HyperDense(nn.Module, _HyperParams):
     def __call__(self, inputs: jax.Array) -> jax.Array:
         algebra = algebras.get(self.algebra)
         n_in, n_out = hyper_widths(algebra, inputs.shape[-1], self.features, "HyperDense")
-        inputs, kernel, bias = self.hyper_kernel(algebra, (algebra.n, n_in, n_out), inputs)
-        y = jnp.dot(inputs, kernel, precision=self.precision)
+        shape = (algebra.n, n_in, n_out)
+        if algebra.kind == "phm":  # the rules mix products, not a real kernel (hyper.phm_dense)
+            inputs, hkernel, rules, bias = self.hyper_params(algebra, shape, inputs)
+            y = hyper.phm_dense(inputs, rules, hkernel, self.precision)
+        else:
+            inputs, kernel, bias = self.hyper_kernel(algebra, shape, inputs)
+            y = jnp.dot(inputs, kernel, precision=self.precision)
         return y if bias is None else y + bias
 
 

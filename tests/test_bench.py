@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import Options, convolutions, flops, references, run, save, throughput
+from benchmarks import Options, convolutions, flops, references, run, save, tables, throughput
 from qsparse import models
 from qsparse.cpu import onednn
 
@@ -144,3 +144,69 @@ def test_cli_empty_lists_mean_none(tmp_path):
     result = json.loads(out_json.read_text())
     assert result["models"] == {} and set(result) == {"environment", "peak", "models"}
     assert out_md.read_text() in done.stdout and "Matmul peak:" in out_md.read_text()
+
+
+def test_time_ratios_divide_step_times_by_quats():
+    steps = {"real": {"step_ms": 2.0}, "quat": {"step_ms": 4.0}, "phm4": {"step_ms": 5.0}}
+    assert throughput.time_ratios(steps) == {
+        "quat_real_time_ratio": 2.0,
+        "phm4_quat_time_ratio": 1.25,
+    }
+    assert throughput.time_ratios({"real": {"step_ms": 2.0}, "phm4": {"step_ms": 5.0}}) == {}
+
+
+class FakeSetup:
+    """Stands in for ``harness.Setup``: no compilation; window w of an algebra lasts
+    ``SECONDS[algebra] * (w + 1)`` seconds, and every window is logged in ``CALLS``."""
+
+    SECONDS = {"quat": 0.4, "tessarine": 0.5, "phm4": 0.6}
+    CALLS: list = []
+
+    def __init__(self, name, algebra, steps):
+        self.algebra, self.images_per_call, self.fwd_flops = algebra, 60 * steps, 1e6
+        self.windows, self.cpu = [], []
+
+    def first_call(self):
+        return 1.0
+
+    def window(self, record=True):
+        if record:
+            self.CALLS.append(self.algebra)
+            self.windows.append(self.SECONDS[self.algebra] * (len(self.windows) + 1))
+            self.cpu.append(0.0)
+
+
+def test_algebras_side_by_side_against_quat(monkeypatch):
+    monkeypatch.setattr(throughput, "Setup", FakeSetup)
+    monkeypatch.setattr(FakeSetup, "CALLS", [])
+    monkeypatch.setattr(throughput, "_has_conv", lambda name: False)
+    lines = []
+    out = throughput.bench_model(
+        "lenet300_100", ["quat", "tessarine", "phm4"], 3, 5, 1.0, lines.append
+    )
+    # round-robin windows, each round starting one algebra later
+    assert FakeSetup.CALLS == "quat tessarine phm4 tessarine phm4 quat phm4 quat tessarine".split()
+    for algebra, seconds in FakeSetup.SECONDS.items():  # the median window is the second
+        assert out[algebra]["step_ms"] == pytest.approx(1e3 * seconds * 2 / 5)
+    assert out["tessarine_quat_time_ratio"] == pytest.approx(0.5 / 0.4)
+    assert out["phm4_quat_time_ratio"] == pytest.approx(0.6 / 0.4)
+    assert "quat_real_time_ratio" not in out and "quat_quat_time_ratio" not in out
+    assert lines[-1] == f"  lenet300_100  phm4      {1.5:9.3f} x quat's step time"
+    table = tables.markdown(
+        {
+            "models": {"lenet300_100": out},
+            "peak": {"gflops": 1, "n": 1},
+            "environment": {
+                "jax": "",
+                "cpu_count": 2,
+                "devices": [],
+                "xla_flags": "",
+                "load_before": [],
+                "load_after": [],
+            },
+        }
+    )
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in table.splitlines()[2:5]}
+    assert (
+        rows["phm4"][10] == "1.500" and rows["tessarine"][10] == "1.250" and rows["quat"][10] == ""
+    )
