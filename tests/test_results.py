@@ -433,11 +433,13 @@ def test_compare_script_names_two_non_real_algebras_by_their_own_labels(tmp_path
     )
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr
-    assert out.startswith("## lenet300_100 / mnist: phm4 vs tessarine\n")
+    assert out.startswith("## lenet300_100 / mnist: phm4 vs tessarine, x = % of R's weights\n")
     assert f"- tessarine: {tmp_path / 'tessarine'}\n- phm4: {tmp_path / 'phm4'}" in out
     assert "| phm4: % of R | round | phm4 acc | tessarine: % of R | round | tessarine acc |" in out
-    # 25.44 % (phm4) meets 25.40 % (tessarine); phm4 (first in RATIO) a point up; 2 SE = 2√½
-    assert "| 25.44 | 0 | 90.5 ± 0.7 (2) | 25.40 | 0 | 89.5 ± 0.7 (2) | +1.0 | 1.4 | within" in out
+    # 25.44 % (phm4) meets 25.40 % (tessarine); phm4 (first in RATIO) a point up; SE = √½, df 2,
+    # t = √2: p = 0.293, CI ±4.303·√½; Holm over the table's three equal p: 3 × 0.293
+    row = "| 25.44 | 0 | 90.5 ± 0.7 (2) | 25.40 | 0 | 89.5 ± 0.7 (2) | +1.0 | [-2.0, +4.0] | 2.0 |"
+    assert f"{row} 0.293 | 0.879 | within error |" in out
 
 
 @pytest.mark.subprocess
