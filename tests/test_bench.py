@@ -1,19 +1,18 @@
 """The benchmark (``benchmarks``, ``python -m experiments.bench``): every code path, tiny sizes."""
 
+import dataclasses
 import json
-import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
+import flax.linen as nn
+import jax
 import pytest
 
 from benchmarks import Options, convolutions, flops, references, run, save, tables, throughput
+from experiments import bench
 from qsparse import models
 from qsparse.cpu import onednn
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_smoke(tmp_path):
@@ -52,8 +51,13 @@ def test_bench_smoke(tmp_path):
 
 
 def test_bench_conv_model_both_convolutions_and_layers(tmp_path, monkeypatch):
-    # the layer benchmark's code path on two small convolutions, not Conv-4's four
-    monkeypatch.setattr(convolutions, "CONV4_LAYERS", ((8, 4, 8), (4, 8, 8)))
+    # the code paths at tiny sizes: one small convolution, not Conv-4's four, and a "Conv-2" of
+    # one narrow convolution
+    monkeypatch.setattr(convolutions, "CONV4_LAYERS", ((8, 4, 8),))
+    narrow = {"stages": ((4,),), "dense_features": (8,)}
+    monkeypatch.setitem(
+        models.REGISTRY, "conv2", dataclasses.replace(models.REGISTRY["conv2"], kwargs=narrow)
+    )
     result = run(
         Options(
             models=["conv2"],
@@ -78,7 +82,21 @@ def test_bench_conv_model_both_convolutions_and_layers(tmp_path, monkeypatch):
     assert f"| conv2 | real | {onednn.cpu_conv()} |" in save(result)
 
 
-def test_references_are_timed():
+class TinyConv(nn.Module):
+    """A stand-in for the reference Conv-4 that costs little to compile and run."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Dense(10)(nn.relu(nn.Conv(4, (3, 3))(x)).reshape((x.shape[0], -1)))
+
+
+def test_references_are_timed(monkeypatch):
+    # the reference Conv-4 maps a CIFAR batch to 10 logits (traced only: no compilation) ...
+    x = jax.ShapeDtypeStruct((60, 32, 32, 3), "float32")
+    logits, _ = jax.eval_shape(references.Conv4().init_with_output, jax.random.key(0), x)
+    assert logits.shape == (60, 10)
+    # ... and its timing is the code path on a tiny stand-in
+    monkeypatch.setattr(references, "Conv4", TinyConv)
     out = references.bench_references(1, print, mlp_batches=20)
     assert out["plain_flax_conv4_step"]["images_per_s"] > 0
     epoch = out["bare_mlp_epoch"]
@@ -95,8 +113,6 @@ def test_bench_torch_reference_failure_is_an_error():
 
 
 def test_conv4_flop_count_matches_a_hand_count():
-    import jax
-
     model = models.create("conv4", "real")
     params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), (32, 32, 3)))
     # Conv-4 forward ~ 0.197 GFLOP per 32x32x3 image (3.5 + 75.5 + 37.7 + 75.5 conv, 4.3 dense,
@@ -108,42 +124,24 @@ def test_every_model_has_a_window_size():
     assert set(throughput.WINDOW_STEPS) == set(models.REGISTRY)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.bench", *args],
-        cwd=REPO,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def test_cli_refuses_an_unknown_model_with_one_line():
-    done = _cli("--models=lenet300_100,nope")
-    assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.strip() == (
+def test_cli_refuses_an_unknown_model_with_one_line(run_main, capsys):
+    assert run_main(bench.main, ["--models=lenet300_100,nope"]) == 2
+    done = capsys.readouterr()
+    assert done.out == ""
+    assert done.err.strip() == (
         f"error: --models=lenet300_100,nope: unknown ['nope']; valid: {sorted(models.REGISTRY)}"
     )
 
 
-def test_cli_empty_lists_mean_none(tmp_path):
+def test_cli_empty_lists_mean_none(tmp_path, run_main, capsys):
     # as in results/bench_ab_shard_map.md: --models= times no model
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
-    done = _cli(
-        "--models=",
-        "--windows=1",
-        "--peak_size=64",
-        "--epochs=0",
-        "--replicates=0",
-        "--no_references",
-        f"--json={out_json}",
-        f"--markdown={out_md}",
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    args = ["--models=", "--windows=1", "--peak_size=64", "--epochs=0", "--replicates=0"]
+    args += ["--no_references", f"--json={out_json}", f"--markdown={out_md}"]
+    assert run_main(bench.main, args) == 0, capsys.readouterr().err[-3000:]
     result = json.loads(out_json.read_text())
     assert result["models"] == {} and set(result) == {"environment", "peak", "models"}
-    assert out_md.read_text() in done.stdout and "Matmul peak:" in out_md.read_text()
+    assert out_md.read_text() in capsys.readouterr().out and "Matmul peak:" in out_md.read_text()
 
 
 def test_time_ratios_divide_step_times_by_quats():

@@ -1,12 +1,16 @@
 """Runs survive kills, a second process, damaged files and divergence, and are reproducible.
 
-Every run is the real command (``python -m experiments.imp``) in a subprocess, on a tiny
-quaternion LeNet-12; kills land at exact places through the ``QSPARSE_FAULT`` hook
-(:func:`qsparse.checkpoints.fault_point`) plus one at a random instant. All subprocesses share
-one persistent compilation cache, so only the first one compiles.
+A tiny quaternion LeNet-12. A run to be killed, or one expected to stop with an error, is the
+real command (``python -m experiments.imp``) in a subprocess; kills land at exact places through
+the ``QSPARSE_FAULT`` hook (:func:`qsparse.checkpoints.fault_point`) plus one at a random instant.
+All subprocesses share one persistent compilation cache, so only the first one compiles. A run
+that goes to its end is the same :func:`qsparse.lottery.run` in this process, which spares a JAX
+import each: what it writes must equal, bit for bit, what the killed commands left and resumed.
 """
 
+import io
 import json
+import logging
 import os
 import random
 import re
@@ -14,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import time
+import types
 from importlib import metadata
 from pathlib import Path
 
@@ -23,8 +28,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from qsparse import checkpoints as ckpt
-from qsparse import experiment, rundir
-from qsparse.config import Config
+from qsparse import experiment, lottery, rundir
+from qsparse.config import Config, field_types
 
 pytestmark = (
     pytest.mark.subprocess
@@ -46,7 +51,8 @@ TIMING = {"seconds", "images_per_sec"}
 
 @pytest.fixture(scope="module")
 def imp(mnist_dir, modules):
-    """Start the experiment on a workdir: ``imp(workdir, *flags, fault=None, wait=True)``."""
+    """Start the command on a workdir in a subprocess: ``imp(workdir, *flags, fault=None,
+    wait=True)``."""
 
     def start(workdir: Path, *flags: str, fault: str | None = None, wait: bool = True):
         args = [*ARGS, f"--data_dir={mnist_dir}", f"--workdir={workdir}", *flags]
@@ -56,6 +62,28 @@ def imp(mnist_dir, modules):
         return modules.start("experiments.imp", *args, env=env)
 
     return start
+
+
+@pytest.fixture(scope="module")
+def here(mnist_dir):
+    """The run the command makes, made in this process: ``here(workdir, *flags)`` returns its log
+    lines as stdout and the warnings it logs as stderr (what the command prints)."""
+    kinds = field_types()
+
+    def run(workdir: Path, *flags: str) -> types.SimpleNamespace:
+        pairs = (f.removeprefix("--").split("=", 1) for f in [*ARGS, *flags])
+        config = Config(data_dir=str(mnist_dir), **{k: kinds[k](v) for k, v in pairs})
+        lines = []
+        warnings = logging.StreamHandler(io.StringIO())
+        warnings.setLevel(logging.WARNING)
+        logging.getLogger().addHandler(warnings)
+        try:
+            lottery.run(config, workdir, log=lines.append)
+        finally:
+            logging.getLogger().removeHandler(warnings)
+        return types.SimpleNamespace(stdout="\n".join(lines), stderr=warnings.stream.getvalue())
+
+    return run
 
 
 def run_dir(workdir: Path) -> Path:
@@ -116,11 +144,10 @@ def damage(path: Path, how: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(imp, tmp_path_factory):
+def reference(here, tmp_path_factory):
     """The uninterrupted run every other run must equal, bit for bit."""
     workdir = tmp_path_factory.mktemp("reference")
-    result = imp(workdir)
-    assert result.returncode == 0, result.stderr
+    here(workdir)
     return workdir
 
 
@@ -177,7 +204,7 @@ def test_no_damaged_checkpoint_or_masks_file_reads_back_as_valid(tmp_path, caplo
         assert all(np.array_equal(back[k], masks[k]) for k in masks)
 
 
-def test_second_process_is_refused_then_killed_run_resumes(imp, reference, tmp_path):
+def test_second_process_is_refused_then_killed_run_resumes(imp, here, reference, tmp_path):
     # the first process freezes itself after epoch 2 of round 0, holding the run's lock
     first = imp(tmp_path, fault="epoch_end:2:STOP", wait=False)
     wait_until_stopped(first)
@@ -200,13 +227,16 @@ def test_second_process_is_refused_then_killed_run_resumes(imp, reference, tmp_p
     assert len(rundir.read_jsonl(rd / "metrics.jsonl")) == 2 and ckpt.EpochCheckpoints(
         rd / "ckpt"
     ).epochs() == [1]
-    resumed = imp(tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "round 0: resuming after epoch 1" in resumed.stdout
+    # the command's flags name the run, and store the config, that this process's runs have
+    assert run_dir(tmp_path).name == run_dir(reference).name
+    assert rundir.read_json(run_dir(tmp_path) / "config.json") == rundir.read_json(
+        run_dir(reference) / "config.json"
+    )
+    assert "round 0: resuming after epoch 1" in here(tmp_path).stdout
     assert_same_run(reference, tmp_path)
 
 
-def test_killed_at_each_point_and_restarted_equals_uninterrupted(imp, reference, tmp_path):
+def test_killed_at_each_point_and_restarted_equals_uninterrupted(imp, here, reference, tmp_path):
     def killed(fault):
         result = imp(tmp_path, fault=fault)
         assert result.returncode == -signal.SIGKILL, (fault, result.stderr)
@@ -236,17 +266,16 @@ def test_killed_at_each_point_and_restarted_equals_uninterrupted(imp, reference,
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode in (0, -signal.SIGKILL)
-    result = imp(tmp_path)
-    assert result.returncode == 0, result.stderr
+    here(tmp_path)
     assert_same_run(reference, tmp_path)
 
 
-def test_replicates_trained_together_resume_bit_identical(imp, tmp_path_factory):
+def test_replicates_trained_together_resume_bit_identical(imp, here, tmp_path_factory):
     """--replicates=2 trains both in one compiled epoch; kills that leave the two replicates at
     different points (one's checkpoint written, the other's not; one's round done, the other's
     not) resume to the uninterrupted run bit for bit: slot r always trains replicate r."""
     reference = tmp_path_factory.mktemp("reference_2")
-    assert imp(reference, "--replicates=2").returncode == 0
+    here(reference, "--replicates=2")
     workdir = tmp_path_factory.mktemp("killed_2")
 
     def killed(fault):
@@ -265,14 +294,13 @@ def test_replicates_trained_together_resume_bit_identical(imp, tmp_path_factory)
     # counted from this restart: rounds 1 of both, then replicate 0's round 2 done, not 1's
     r0, r1 = killed("round_end:3")
     assert (r0[2] / "done.json").exists() and not (r1[2] / "done.json").exists()
-    result = imp(workdir, "--replicates=2")
-    assert result.returncode == 0, result.stderr
+    here(workdir, "--replicates=2")
     for r in (0, 1):
         assert_same_run(reference, workdir, replicate=r)
     assert len(rundir.read_json(run_dir(workdir) / "summary.json")) == 6
 
 
-def test_damaged_files_are_named_and_recomputed(imp, reference, tmp_path):
+def test_damaged_files_are_named_and_recomputed(here, reference, tmp_path):
     shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
     rep = run_dir(tmp_path) / "replicate_0"
     r0, r1, r2 = rounds(tmp_path)
@@ -287,8 +315,7 @@ def test_damaged_files_are_named_and_recomputed(imp, reference, tmp_path):
     for path, how in zip(damaged, ["flip", "flip", "cut", "cut", "flip", "flip"]):
         damage(path, how)
     shutil.rmtree(r2 / "final")  # so round 2 must go back to its (damaged) latest epoch checkpoint
-    result = imp(tmp_path)
-    assert result.returncode == 0, result.stderr
+    result = here(tmp_path)
     for path in damaged:
         assert str(path) in result.stderr, path
     assert "round 2: resuming after epoch 2" in result.stdout
@@ -322,9 +349,8 @@ def test_checkpoints_of_another_model_stop_the_run_and_stay(imp, reference, tmp_
     assert snapshot(replicate) == before  # the invocation itself is recorded (runs.jsonl)
 
 
-def test_nonfinite_loss_stops_the_round_and_is_reported(imp, tmp_path):
-    result = imp(tmp_path, "--lr=1e30")
-    assert result.returncode == 0, result.stderr
+def test_nonfinite_loss_stops_the_round_and_is_reported(here, tmp_path):
+    result = here(tmp_path, "--lr=1e30")
     assert "non-finite loss in replicate 0 round 0" in result.stdout
     assert "non-finite loss or weights in epoch 1" in result.stderr
     (rd,) = rounds(tmp_path)  # no further rounds
@@ -339,24 +365,16 @@ def test_nonfinite_loss_stops_the_round_and_is_reported(imp, tmp_path):
     # killed before the round's end: the resumed run does not train past the divergence
     (rd / "done.json").unlink()
     shutil.rmtree(rd / "final")
-    again = imp(tmp_path, "--lr=1e30")
-    assert (
-        again.returncode == 0
-        and "resuming after epoch 1" in again.stdout
-        and "epoch   2/3" not in again.stdout
-    )
+    again = here(tmp_path, "--lr=1e30")
+    assert "resuming after epoch 1" in again.stdout and "epoch   2/3" not in again.stdout
     assert rundir.read_json(rd / "done.json")["status"] == "nonfinite"
 
 
 def test_same_seed_identical_other_seed_different_and_provenance(
-    imp, reference, mnist_dir, tmp_path
+    here, reference, mnist_dir, tmp_path
 ):
-    same, other = (
-        imp(tmp_path / "same", wait=False),
-        imp(tmp_path / "other", "--seed=1", wait=False),
-    )
-    for proc in (same, other):
-        assert proc.wait(timeout=300) == 0, proc.communicate()
+    here(tmp_path / "same")
+    here(tmp_path / "other", "--seed=1")
     assert_same_run(reference, tmp_path / "same")
     ref, oth = rounds(reference), rounds(tmp_path / "other")
     with np.load(ref[1] / "masks.npz") as a, np.load(oth[1] / "masks.npz") as b:
