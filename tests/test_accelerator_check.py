@@ -43,5 +43,6 @@ def test_unknown_part_or_algebra_is_refused(modules):
     )
     result = modules.run("experiments.accelerator_check", "--algebras=quat,octonion")
     assert result.returncode == 2 and result.stderr.strip() == (
-        "error: --algebras=quat,octonion: unknown ['octonion']; valid: ['real', 'quat']"
+        "error: --algebras=quat,octonion: unknown ['octonion']; valid: "
+        "['real', 'complex', 'quat', 'tessarine', 'klein4', 'phm2', 'phm4', 'hashed4']"
     )
