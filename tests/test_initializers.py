@@ -112,10 +112,18 @@ def test_htorch_quarters_second_moment_per_layer():
 def _conv_preactivation_stds(quat_init):
     x = jax.random.normal(jax.random.key(0), (16, 32, 32, 3))
     model = models.create("conv4", "quat", 10, quat_init=quat_init)
-    params = model.init(jax.random.key(1), x)
-    _, state = model.apply(params, x, capture_intermediates=lambda m, _: isinstance(m, QConv))
-    convs = state["intermediates"]
+    params = jax.jit(model.init)(jax.random.key(1), x)
+    convs = _capture_convs(params, x)
     return np.array([float(jnp.std(convs[f"QConv_{i}"]["__call__"][0])) for i in range(4)])
+
+
+@jax.jit
+def _capture_convs(params, x):
+    """The quaternion Conv-4's convolution outputs (the init does not change the forward pass,
+    so one compiled apply serves both inits)."""
+    model = models.create("conv4", "quat", 10)
+    _, state = model.apply(params, x, capture_intermediates=lambda m, _: isinstance(m, QConv))
+    return state["intermediates"]
 
 
 def test_paper_init_keeps_conv4_preactivations_near_unit_scale_consistent_shrinks_them():

@@ -96,11 +96,14 @@ def test_gradients_numerically():
         x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4), jnp.float64)
         conv = QConv(8, (3, 3), param_dtype=jnp.float64)
         pc = conv.init(jax.random.key(1), x)["params"]
-        check_grads(lambda p, x: conv.apply({"params": p}, x), (pc, x), order=1, modes=["rev"])
+        fc = jax.jit(lambda p, x: conv.apply({"params": p}, x))  # compiled once, called often
+        check_grads(fc, (pc, x), order=1, modes=["rev"])
         xd = x.reshape(2, -1)
         dense = QDense(8, param_dtype=jnp.float64)
         pd = dense.init(jax.random.key(2), xd)["params"]
-        check_grads(lambda p, x: dense.apply({"params": p}, x), (pd, xd), order=1, modes=["rev"])
+        check_grads(
+            jax.jit(lambda p, x: dense.apply({"params": p}, x)), (pd, xd), order=1, modes=["rev"]
+        )
 
 
 def test_quarter_of_the_weights_of_real_layer_of_same_width():

@@ -64,9 +64,8 @@ def test_any_input_shape_and_classes(name, algebra, input_shape):
 
 def test_forward_pass_is_finite_and_depends_on_input():
     model = models.create("conv2", "quat")
-    params = models.init_params(model, jax.random.key(0), (32, 32, 3))
     x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
-    y = model.apply({"params": params}, x)
+    y = jax.jit(lambda x: model.apply(model.init(jax.random.key(0), x), x))(x)
     assert np.all(np.isfinite(y)) and not np.allclose(y[0], y[1])
 
 
