@@ -1,4 +1,5 @@
-"""Conv-4 lottery tickets on an accelerator, through the library's IMP (:mod:`qsparse.lottery`).
+"""Lottery tickets (Conv-4 by default) on an accelerator, through the library's IMP
+(:mod:`qsparse.lottery`).
 
 Synthetic CIFAR-shaped data stand in for CIFAR-10 (no dataset to fetch), so the accuracy is chance;
 what the table shows is the machine: per algebra and round, the density, the fastest epoch, the
@@ -85,17 +86,21 @@ def final_arrays(rd: rundir.Round) -> list[np.ndarray]:
 
 
 def imp_table(
-    rounds: int, epochs: int, n_images: int, algebras: tuple[str, ...] = ("real", "quat")
+    rounds: int,
+    epochs: int,
+    n_images: int,
+    algebras: tuple[str, ...] = ("real", "quat"),
+    model: str = "conv4",
 ) -> str:
-    """Conv-4 IMP (the paper's settings: 20 % pruned globally per round, rewound to θ₀) in each
-    of ``algebras``, on ``n_images`` synthetic images: the Markdown table."""
+    """IMP of ``model`` (the paper's settings: 20 % pruned globally per round, rewound to θ₀) in
+    each of ``algebras``, on ``n_images`` synthetic images: the Markdown table."""
     n_test = min(n_images, 1000)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         synthetic_cifar10(Path(tmp) / "data", n_images, n_test)
         for algebra in algebras:
             config = Config(
-                model="conv4",
+                model=model,
                 algebra=algebra,
                 dataset="cifar10",
                 rounds=rounds,
@@ -113,7 +118,7 @@ def imp_table(
             rows += _rows(run, algebra, n_images, epoch_traces(counts, longest), repeatable)
     header = [h.format(n_test) for h in HEADER]
     return (
-        f"Conv-4 IMP on {n_images:,} synthetic CIFAR-shaped images, {epochs} epochs per round "
+        f"{model} IMP on {n_images:,} synthetic CIFAR-shaped images, {epochs} epochs per round "
         f"(accuracy is chance: the labels are random):\n\n" + markdown_table(header, rows)
     )
 

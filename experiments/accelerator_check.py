@@ -8,9 +8,10 @@ Three parts, each in a fresh process on the machine's default backend:
 2. the benchmark (``experiments.bench``): LeNet-300-100 and Conv-2/4/6, real and quaternion, and
    R = 1 against R = ``--replicates`` replicates in one compiled epoch, replicates sharing a device
    run both unrolled and vmapped (the faster one should be the backend's default);
-3. a Conv-4 lottery-ticket run of ``--rounds`` pruning rounds on synthetic CIFAR-shaped data
-   through the library's IMP (:mod:`benchmarks.accelerator`), timed per epoch, with the compiled
-   epoch traced once and round 0 trained twice to check that it is bit-for-bit repeatable.
+3. a Conv-4 (``--model``) lottery-ticket run of ``--rounds`` pruning rounds on synthetic
+   CIFAR-shaped data through the library's IMP (:mod:`benchmarks.accelerator`), timed per epoch,
+   with the compiled epoch traced once and round 0 trained twice to check that it is bit-for-bit
+   repeatable.
 
 On GPU, XLA's determinism flag (``--xla_gpu_deterministic_ops``) is set for every part:
 qsparse promises identical results when a run resumes. The report (Markdown) holds the pytest
@@ -35,10 +36,13 @@ flags.DEFINE_string("out", None, "the report (Markdown); default results/acceler
 flags.DEFINE_list("parts", list(PARTS), "which parts to run: tests, bench, imp")
 flags.DEFINE_integer("replicates", 8, "R for the replicates-at-once benchmark")
 flags.DEFINE_integer("windows", 5, "timed windows per benchmark measurement")
-flags.DEFINE_integer("rounds", 3, "pruning rounds of the Conv-4 run (after the dense round 0)")
-flags.DEFINE_integer("epochs", 2, "epochs per round of the Conv-4 run")
-flags.DEFINE_integer("images", 50_000, "synthetic CIFAR-shaped training images of the Conv-4 run")
-flags.DEFINE_list("algebras", ["real", "quat"], "the Conv-4 run's algebras")
+flags.DEFINE_integer("rounds", 3, "pruning rounds of the IMP run (after the dense round 0)")
+flags.DEFINE_integer("epochs", 2, "epochs per round of the IMP run")
+flags.DEFINE_integer("images", 50_000, "synthetic CIFAR-shaped training images of the IMP run")
+flags.DEFINE_list("algebras", ["real", "quat"], "the IMP run's algebras")
+flags.DEFINE_string(
+    "model", "conv4", "the IMP part's model (conv4 on a GPU; a tiny one such as lenet12 on a CPU)"
+)
 flags.DEFINE_string("pytest_args", "-q -x", "arguments for the test-suite part")
 FLAGS = flags.FLAGS
 
@@ -88,12 +92,14 @@ def run_bench(platform: str, json_path: Path) -> str:
 
 def main(argv: list[str]) -> None:
     require(argv)
-    from qsparse.models import algebra_names
+    from qsparse.models import REGISTRY, algebra_names
 
     for name, valid in (("parts", PARTS), ("algebras", algebra_names())):
         bad = sorted(set(FLAGS[name].value) - set(valid))
         if bad:
             fail(f"--{name}={','.join(FLAGS[name].value)}: unknown {bad}; valid: {list(valid)}")
+    if FLAGS.model not in REGISTRY:
+        fail(f"--model={FLAGS.model}: unknown; valid: {sorted(REGISTRY)}")
     import jax
 
     from benchmarks.accelerator import imp_table
@@ -122,11 +128,11 @@ def main(argv: list[str]) -> None:
         print("benchmark ...", flush=True)
         parts += ["## Benchmark\n", run_bench(platform, out.with_name(out.stem + "_bench.json"))]
     if "imp" in FLAGS.parts:
-        print("Conv-4 IMP ...", flush=True)
-        parts += [
-            "## Conv-4 IMP\n",
-            imp_table(FLAGS.rounds, FLAGS.epochs, FLAGS.images, tuple(FLAGS.algebras)) + "\n",
-        ]
+        print(f"{FLAGS.model} IMP ...", flush=True)
+        table = imp_table(
+            FLAGS.rounds, FLAGS.epochs, FLAGS.images, tuple(FLAGS.algebras), FLAGS.model
+        )
+        parts += [f"## {FLAGS.model} IMP\n", table + "\n"]
     report = "\n".join(parts)
     try:
         files.write_text(out, report)

@@ -186,12 +186,8 @@ def central_differences(f, theta: np.ndarray, eps: float = 1e-2) -> np.ndarray:
     return grad
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_gradients_match_finite_differences(name):
-    n = algebras.get(name).n
-    x = normal(9, 3, 2 * n)
-    layer = HyperDense(n, algebra=name)
-    params = random_params(layer, x, seed=9)
+def assert_gradients_match(layer, params: dict, x: np.ndarray) -> None:
+    """Autodiff gradients of the summed squared output against central differences."""
     value_and_grad = jax.jit(
         jax.value_and_grad(lambda p: jnp.sum(jnp.square(layer.apply({"params": p}, x))))
     )
@@ -204,6 +200,24 @@ def test_gradients_match_finite_differences(name):
 
         fd = central_differences(loss, theta)
         np.testing.assert_allclose(grads[key], fd, rtol=2e-2, atol=2e-2, err_msg=key)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_gradients_match_finite_differences(name):
+    n = algebras.get(name).n
+    x = normal(9, 3, 2 * n)
+    layer = HyperDense(n, algebra=name)
+    assert_gradients_match(layer, random_params(layer, x, seed=9), x)
+
+
+@pytest.mark.parametrize("name", ["tessarine", "phm4"])
+def test_conv_gradients_match_finite_differences(name):
+    """HyperConv for a fixed table and a learned one (PHM's rules get gradients too)."""
+    x = normal(10, 1, 3, 3, 4)
+    layer = HyperConv(4, (2, 2), algebra=name)
+    params = random_params(layer, x, seed=10)
+    assert set(params) >= ({"hkernel", "bias", "phm_rules"} if name == "phm4" else {"hkernel"})
+    assert_gradients_match(layer, params, x)
 
 
 @pytest.mark.parametrize("name", [name for name in ALL if name != "phm2"])

@@ -100,9 +100,7 @@ def test_every_model_in_every_algebra_has_the_counted_parameters(name):
         assert set(params["output"]) == {"kernel", "bias"}  # the output layer stays real
 
 
-def tiny(algebra: str, conv: bool):
-    if conv:
-        return models.create("conv2", algebra, stages=((4,),), dense_features=(8,)), (8, 8, 3)
+def tiny(algebra: str):
     return models.create("lenet12", algebra, features=(8,)), (4, 4, 1)
 
 
@@ -121,38 +119,35 @@ def masked_step(state: train.TrainState, x, y):
 @pytest.mark.parametrize("algebra", sorted(DIMENSION))
 def test_a_pruned_model_of_every_algebra_trains(algebra):
     """Masked Adam steps on a fixed batch: the loss falls, pruned weights stay exactly zero,
-    PHM's rules are learned and never masked; whole numbers are pruned together. LeNet for every
-    algebra; the conv layer's path is the same for every algebra once its kernel is built, so a
-    conv net runs for a fixed table (tessarine) and a learned one (phm4)."""
-    for conv in (False, True) if algebra in ("tessarine", "phm4") else (False,):
-        model, shape = tiny(algebra, conv)
-        params = models.init_params(model, jax.random.key(1), shape)
-        masks = pruning.prune(params, M.ones(params), 0.5, grouping="number")
-        state = train.create_train_state(model, params, masks, train.make_optimizer("adam", 1e-2))
-        x = jax.random.normal(jax.random.key(2), (8, *shape))
-        y = jnp.arange(8) % 10
-        losses = []
-        for _ in range(3):
-            state, loss = masked_step(state, x, y)
-            losses.append(float(loss))
-        assert losses[-1] < losses[0], losses
-        flat = {M.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(masks)}
-        trained = {
-            M.path_str(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_leaves_with_path(state.params)
-        }
-        for path, mask in flat.items():
-            assert np.all(trained[path][~mask] == 0) and np.all(np.isfinite(trained[path]))
-            if path.endswith("hkernel") or path.endswith("qkernel"):
-                assert np.all(mask == mask[:1]), path  # whole numbers kept or pruned
-            if path.endswith("phm_rules"):
-                assert mask.all()
-                initial = np.asarray(params[path.split("/")[0]]["phm_rules"])
-                assert not np.array_equal(trained[path], initial)
+    PHM's rules are learned and never masked; whole numbers are pruned together. A LeNet: the
+    conv layer's gradients, for a fixed table and a learned one, are test_hyper's."""
+    model, shape = tiny(algebra)
+    params = models.init_params(model, jax.random.key(1), shape)
+    masks = pruning.prune(params, M.ones(params), 0.5, grouping="number")
+    state = train.create_train_state(model, params, masks, train.make_optimizer("adam", 1e-2))
+    x = jax.random.normal(jax.random.key(2), (8, *shape))
+    y = jnp.arange(8) % 10
+    losses = []
+    for _ in range(3):
+        state, loss = masked_step(state, x, y)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0], losses
+    flat = {M.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(masks)}
+    trained = {
+        M.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state.params)
+    }
+    for path, mask in flat.items():
+        assert np.all(trained[path][~mask] == 0) and np.all(np.isfinite(trained[path]))
+        if path.endswith("hkernel") or path.endswith("qkernel"):
+            assert np.all(mask == mask[:1]), path  # whole numbers kept or pruned
+        if path.endswith("phm_rules"):
+            assert mask.all()
+            initial = np.asarray(params[path.split("/")[0]]["phm_rules"])
+            assert not np.array_equal(trained[path], initial)
 
 
 def test_number_grouping_is_the_quaternion_grouping_on_quaternion_models():
-    model, shape = tiny("quat", conv=False)
+    model, shape = tiny("quat")
     params = models.init_params(model, jax.random.key(3), shape)
     by = {
         g: pruning.prune(params, M.ones(params), 0.6, grouping=g, allow_empty=True)
@@ -163,7 +158,7 @@ def test_number_grouping_is_the_quaternion_grouping_on_quaternion_models():
 
 
 def test_density_report_counts_numbers_of_every_algebra():
-    model, shape = tiny("complex", conv=False)
+    model, shape = tiny("complex")
     params = models.init_params(model, jax.random.key(4), shape)
     masks = pruning.prune(params, M.ones(params), 0.5)  # element: numbers can be half alive
     report = M.density_report(masks)
