@@ -142,7 +142,8 @@ TWO_DEVICES = textwrap.dedent("""
     import jax, numpy as np
     from qsparse import masks as M, models, pruning, train
     model = models.create("conv2", "quat", num_classes=3, stages=((8, 8),), dense_features=(16,))
-    params = models.init_params(model, jax.random.key(0), (8, 8, 3))
+    init = jax.jit(models.init_params, static_argnums=(0, 2))  # compiled once, not op by op
+    params = init(model, jax.random.key(0), (8, 8, 3))
     masks = pruning.prune(params, M.ones(params), 0.5)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (120, 8, 8, 3), dtype=np.uint8)
