@@ -1,7 +1,6 @@
 import json
 import math
-import subprocess
-import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -289,7 +288,9 @@ def test_pick_takes_one_curve_per_side_for_each_model_that_has_both():
         compare.pick(curves, {"R": {"algebra": "real"}, "Q": {"algebra": "quat"}})
 
 
-def test_aa_two_runs_of_one_config_make_no_call_after_holm(tmp_path):
+def _aa_runs(tmp_path: Path) -> None:
+    """Two folders, one and two, each with a real and a quaternion run of one config: 21 rounds
+    of 3 replicates around one truth."""
     rng = np.random.default_rng(7)
     xs = 100 * 0.8 ** np.arange(21)
     truth = 0.98 - 0.002 * np.arange(21)
@@ -306,6 +307,10 @@ def test_aa_two_runs_of_one_config_make_no_call_after_holm(tmp_path):
                 for k, x in enumerate(xs)
             ]
             (run / "summary.json").write_text(json.dumps(rows))
+
+
+def test_aa_two_runs_of_one_config_make_no_call_after_holm(cli):
+    tmp_path = cli.aa_root
     pairs, alone = compare.aa_pairs(tmp_path / "one", tmp_path / "two")
     assert alone == [] and [(a.algebra, b.algebra) for a, b in pairs] == [
         ("real",) * 2,
@@ -315,7 +320,7 @@ def test_aa_two_runs_of_one_config_make_no_call_after_holm(tmp_path):
         counts = compare.calls(compare.matched(replicates(a), replicates(b)))
         assert counts["matched"] == counts["tested"] == 21
         assert counts["Holm p < 0.05"] == 0 <= counts["p < 0.05"]
-    done = _cli(f"--aa={tmp_path / 'one'},{tmp_path / 'two'}", "--band=1.5,3.5")
+    done = cli.aa
     assert done.returncode == 0, done.stderr
     floor = done.stdout.split("## Noise floor (% of R's weights)")[1]
     assert "| all | 42 | 42 |" in floor and floor.count("|") > 20
@@ -323,23 +328,49 @@ def test_aa_two_runs_of_one_config_make_no_call_after_holm(tmp_path):
 
 
 REPO = Path(__file__).resolve().parents[1]
+PAPER = ["--runs=results/paper_mnist", "--a=algebra=real", "--b=algebra=quat"]
+PROTOCOL = ["--runs=results/paper_protocol", "--a=algebra=real", "--b=algebra=quat"]
+BAD_INPUT = [
+    (["--a=algebra", "--b=algebra=quat"], "--a=algebra: expected key=value pairs"),
+    (["--a=algebra=real", "--b=algebra=octonion"], "no model under"),
+    (["--a=dataset=mnist", "--b=algebra=quat"], "--a matches 2 curves of lenet12/mnist"),
+    (["--a=algebra=real", "--b=algebra=quat", "--max_ratio=0.9"], "--max_ratio=0.9"),
+    (["--a=algebra=real", "--b=algebra=quat", "--x=density"], "--x=density"),
+    (["--a=algebra=real", "--b=algebra=quat", "--band=3.5,1.5"], "--band=3.5,1.5: expected"),
+    (["--a=algebra=real", "--b=algebra=quat", "--band=1.5"], "--band=1.5: expected LO,HI"),
+    (["--a=algebra=real", "--b=algebra=quat", "--band=a,b"], "--band=a,b: expected LO,HI"),
+    (["--a=algebra=real", "--b=algebra=quat", "--stopped=keep"], "--stopped=keep"),
+    (["--aa=results/paper_mnist"], "--aa=results/paper_mnist: expected two run folders"),
+]
 
 
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.compare", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
+@pytest.fixture(scope="module")
+def cli(modules, tmp_path_factory) -> types.SimpleNamespace:
+    """Every ``python -m experiments.compare`` these tests check, run in one process (the
+    command's imports cost more than its work): each run's status, stdout and stderr."""
+    tmp = tmp_path_factory.mktemp("compare_cli")
+    _aa_runs(tmp / "aa")
+    runs = {
+        "aa": [f"--aa={tmp / 'aa' / 'one'},{tmp / 'aa' / 'two'}", "--band=1.5,3.5"],
+        "tables": [*PAPER, "--label_a=R", f"--out={tmp / 'cmp.md'}"],
+        "plain": [*PROTOCOL, "--layer=output/kernel"],
+        "drawn": [*PROTOCOL, "--layer=output/kernel", f"--figure={tmp}/fig/pp"],
+        "own": [*PAPER, "--x=own", "--model=lenet300_100", "--band=1,4", "--stopped=chance"],
+    }
+    bad = [
+        args if args[0].startswith("--aa") else ["--runs=results/paper_mnist", *args]
+        for args, _ in BAD_INPUT
+    ]
+    done = modules.batch("experiments.compare", *runs.values(), *bad)
+    return types.SimpleNamespace(
+        **dict(zip(runs, done)), bad=done[len(runs) :], aa_root=tmp / "aa", tmp=tmp
     )
 
 
 @pytest.mark.subprocess
-def test_cli_tables_the_committed_paper_runs(tmp_path):
-    out = tmp_path / "cmp.md"
-    run = "--runs=results/paper_mnist"
-    done = _cli(run, "--a=algebra=real", "--b=algebra=quat", "--label_a=R", f"--out={out}")
+def test_cli_tables_the_committed_paper_runs(cli):
+    out = cli.tmp / "cmp.md"
+    done = cli.tables
     assert done.returncode == 0, done.stderr
     assert out.read_text() == done.stdout
     curves = {(c.model, c.algebra): c for c in results.load([REPO / "results/paper_mnist"])}
@@ -357,25 +388,10 @@ def test_cli_tables_the_committed_paper_runs(tmp_path):
 
 
 @pytest.mark.subprocess
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--a=algebra", "--b=algebra=quat"], "--a=algebra: expected key=value pairs"),
-        (["--a=algebra=real", "--b=algebra=octonion"], "no model under"),
-        (["--a=dataset=mnist", "--b=algebra=quat"], "--a matches 2 curves of lenet12/mnist"),
-        (["--a=algebra=real", "--b=algebra=quat", "--max_ratio=0.9"], "--max_ratio=0.9"),
-        (["--a=algebra=real", "--b=algebra=quat", "--x=density"], "--x=density"),
-        (["--a=algebra=real", "--b=algebra=quat", "--band=3.5,1.5"], "--band=3.5,1.5: expected"),
-        (["--a=algebra=real", "--b=algebra=quat", "--band=1.5"], "--band=1.5: expected LO,HI"),
-        (["--a=algebra=real", "--b=algebra=quat", "--band=a,b"], "--band=a,b: expected LO,HI"),
-        (["--a=algebra=real", "--b=algebra=quat", "--stopped=keep"], "--stopped=keep"),
-        (["--aa=results/paper_mnist"], "--aa=results/paper_mnist: expected two run folders"),
-    ],
-)
-def test_cli_bad_input_is_one_line_exit_2(args, message):
-    done = _cli(*args) if args[0].startswith("--aa") else _cli("--runs=results/paper_mnist", *args)
-    assert done.returncode == 2 and done.stdout == ""
-    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+def test_cli_bad_input_is_one_line_exit_2(cli):
+    for (args, message), done in zip(BAD_INPUT, cli.bad, strict=True):
+        assert done.returncode == 2 and done.stdout == "", args
+        assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 def test_alive_is_the_replicate_mean_of_each_rounds_sparsity_json():
@@ -418,17 +434,10 @@ def test_figure_draws_both_curves_and_the_layer_survivors_at_their_weight_counts
 
 
 @pytest.mark.subprocess
-def test_cli_figure_is_written_beside_an_unchanged_table(tmp_path):
-    args = [
-        "--runs=results/paper_protocol",
-        "--a=algebra=real",
-        "--b=algebra=quat",
-        "--layer=output/kernel",
-    ]
-    plain = _cli(*args)
-    drawn = _cli(*args, f"--figure={tmp_path}/fig/pp")
+def test_cli_figure_is_written_beside_an_unchanged_table(cli):
+    plain, drawn = cli.plain, cli.drawn
     assert drawn.returncode == 0, drawn.stderr
-    stem = tmp_path / "fig" / "pp_lenet300_100_mnist"
+    stem = cli.tmp / "fig" / "pp_lenet300_100_mnist"
     written = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
     assert drawn.stderr.split() == [w for p in written for w in ("wrote", str(p))]
     assert all(p.stat().st_size > 10_000 for p in written)
@@ -436,9 +445,8 @@ def test_cli_figure_is_written_beside_an_unchanged_table(tmp_path):
 
 
 @pytest.mark.subprocess
-def test_cli_own_density_axis_and_band_line():
-    args = ["--runs=results/paper_mnist", "--a=algebra=real", "--b=algebra=quat", "--x=own"]
-    done = _cli(*args, "--model=lenet300_100", "--band=1,4", "--stopped=chance")
+def test_cli_own_density_axis_and_band_line(cli):
+    done = cli.own
     assert done.returncode == 0, done.stderr
     assert "## lenet300_100 / mnist: Q vs R, x = own density %" in done.stdout
     assert "| Q: % own | round | Q acc | R: % own | round |" in done.stdout

@@ -17,12 +17,23 @@ from qsparse import quaternion as Q
 LAYERS_DOC = Path(__file__).resolve().parent.parent / "docs" / "layers.md"
 
 
+def normal(shape: tuple[int, ...], seed: int | np.random.Generator = 0) -> jax.Array:
+    """Standard normal float32 values, drawn by NumPy (no per-shape compilation)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
 def linen_params(layer: nn.Module, x: jax.Array, seed: int = 1) -> dict:
-    """Linen params with a random (nonzero) bias, so the bias path is compared too."""
-    params = layer.init(jax.random.key(seed), x)["params"]
-    if "bias" in params:
-        params["bias"] = jax.random.normal(jax.random.key(seed + 100), params["bias"].shape)
-    return params
+    """Random params in the shapes linen's init gives (traced, not run): nonzero everywhere, the
+    bias included, so every path is compared."""
+    leaves, tree = jax.tree.flatten(jax.eval_shape(layer.init, jax.random.key(0), x)["params"])
+    rng = np.random.default_rng(seed)
+    return jax.tree.unflatten(tree, [normal(a.shape, rng) for a in leaves])
+
+
+def abstract(build) -> nnx.Module:
+    """The module ``build()`` makes, with its params' shapes but no values (nothing run), for
+    tests that load params of their own."""
+    return nnx.eval_shape(build)
 
 
 def pure_params(module: nnx.Module) -> dict:
@@ -30,7 +41,7 @@ def pure_params(module: nnx.Module) -> dict:
 
 
 def shapes(tree) -> dict:
-    return jax.tree.map(jnp.shape, tree)
+    return jax.tree.map(lambda a: tuple(a.shape), tree)
 
 
 DENSE_CASES = [  # (batch shape, in, out, kwargs)
@@ -43,10 +54,10 @@ DENSE_CASES = [  # (batch shape, in, out, kwargs)
 
 @pytest.mark.parametrize("batch,n_in,n_out,kwargs", DENSE_CASES)
 def test_qdense_equals_linen_with_the_same_params(batch, n_in, n_out, kwargs):
-    x = jax.random.normal(jax.random.key(0), (*batch, n_in))
+    x = normal((*batch, n_in), 0)
     linen = layers.QDense(n_out, **kwargs)
     params = linen_params(linen, x)
-    layer = qnnx.QDense(n_in, n_out, **kwargs, rngs=nnx.Rngs(5))
+    layer = abstract(lambda: qnnx.QDense(n_in, n_out, **kwargs, rngs=nnx.Rngs(5)))
     assert shapes(pure_params(layer)) == shapes(params)
     nnx.update(layer, params)
     np.testing.assert_array_equal(layer(x), linen.apply({"params": params}, x))
@@ -66,17 +77,17 @@ CONV_CASES = [  # (input shape, out, kernel_size, kwargs)
 
 @pytest.mark.parametrize("shape,n_out,kernel_size,kwargs", CONV_CASES)
 def test_qconv_equals_linen_with_the_same_params(shape, n_out, kernel_size, kwargs):
-    x = jax.random.normal(jax.random.key(0), shape)
+    x = normal(shape, 0)
     linen = layers.QConv(n_out, kernel_size, **kwargs)
     params = linen_params(linen, x)
-    layer = qnnx.QConv(shape[-1], n_out, kernel_size, **kwargs, rngs=nnx.Rngs(5))
+    layer = abstract(lambda: qnnx.QConv(shape[-1], n_out, kernel_size, **kwargs, rngs=nnx.Rngs(5)))
     assert shapes(pure_params(layer)) == shapes(params)
     nnx.update(layer, params)
     np.testing.assert_array_equal(layer(x), linen.apply({"params": params}, x))
 
 
 def test_jit_and_gradients_equal_linen():
-    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 8))
+    x = normal((2, 9, 9, 8), 0)
     kwargs = {"strides": (1, 2), "padding": ((1, 2), (0, 1)), "feature_group_count": 2}
     linen = layers.QConv(16, (3, 3), **kwargs)
     params = linen_params(linen, x)
@@ -176,10 +187,10 @@ def test_other_construction_and_call_errors():
 
 
 def test_linen_qdense_through_bridge_to_nnx_equals_native():
-    x = jax.random.normal(jax.random.key(0), (4, 8))
+    x = normal((4, 8), 0)
     wrapped = nnx.bridge.ToNNX(layers.QDense(12), rngs=nnx.Rngs(3)).lazy_init(x)
     params = pure_params(wrapped)
-    params["bias"] = jax.random.normal(jax.random.key(1), (12,))
+    params["bias"] = normal((12,), 1)
     nnx.update(wrapped, params)
     native = qnnx.QDense(8, 12, rngs=nnx.Rngs(0))
     assert shapes(pure_params(native)) == shapes(params)
@@ -195,11 +206,11 @@ def test_nnx_qdense_through_bridge_to_linen_equals_linen_qdense():
             x = nn.relu(nnx.bridge.to_linen(qnnx.QDense, 8, 16, name="q")(x))
             return nn.Dense(3, name="output")(x)
 
-    x = jax.random.normal(jax.random.key(0), (4, 8))
+    x = normal((4, 8), 0)
     variables = Net().init(jax.random.key(1), x)
     params = variables["params"]
     assert shapes(params["q"]) == {"qkernel": (4, 2, 4), "bias": (16,)}
-    params["q"]["bias"] = jax.random.normal(jax.random.key(2), (16,))
+    params["q"]["bias"] = normal((16,), 2)
     hidden = nn.relu(layers.QDense(16).apply({"params": params["q"]}, x))
     want = nn.Dense(3).apply({"params": params["output"]}, hidden)
     np.testing.assert_allclose(Net().apply({"params": params}, x), want, rtol=1e-6, atol=1e-6)
@@ -238,7 +249,7 @@ def test_pruning_an_nnx_model_with_qsparse_masks():
     assert int(jnp.sum(qk == 0) + jnp.sum(k == 0)) == total - alive
     np.testing.assert_array_equal(model.hidden.bias[...], params["hidden"]["bias"])  # not pruned
 
-    x = jax.random.normal(jax.random.key(1), (5, 16))
+    x = normal((5, 16), 1)
     hidden = jax.nn.relu(x @ real_kernel(qk) + model.hidden.bias[...])
     want = hidden @ k + model.output.bias[...]
     np.testing.assert_allclose(model(x), want, rtol=1e-5, atol=1e-5)

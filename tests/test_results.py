@@ -4,6 +4,7 @@ import math
 import statistics
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -375,16 +376,29 @@ def test_report_notes_paper_round_when_x_differs(tmp_path):
     assert rows[1] == ["51.30", "80.0", "98.1 (r3)"]
 
 
+@pytest.fixture(scope="module")
+def plot_runs(modules, tmp_path_factory) -> types.SimpleNamespace:
+    """The plot command on paper-like runs and on a missing folder, in one process (its imports
+    cost more than its work): each run's status, stdout and stderr, and the figures' folder."""
+    tmp = tmp_path_factory.mktemp("plot")
+    paper_like_runs(tmp / "runs")
+    out = tmp / "figures"
+    written, missing = modules.batch(
+        "experiments.plot",
+        [f"--runs={tmp / 'runs'}", f"--out={out}"],
+        [f"--runs={tmp / 'nope'}", f"--out={tmp / 'f'}"],
+    )
+    return types.SimpleNamespace(written=written, missing=missing, out=out)
+
+
 def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
 
 
-def test_plot_script_writes_png_and_svg(tmp_path):
-    paper_like_runs(tmp_path / "runs")
-    out = tmp_path / "figures"
-    proc = run_script("experiments.plot", f"--runs={tmp_path / 'runs'}", f"--out={out}")
+def test_plot_script_writes_png_and_svg(plot_runs):
+    proc, out = plot_runs.written, plot_runs.out
     assert proc.returncode == 0, proc.stderr
     stems = ["accuracy_lenet300_100_mnist_own", "accuracy_lenet300_100_mnist_real"]
     assert {p.name for p in out.iterdir()} == {
@@ -412,8 +426,8 @@ def test_accuracy_figure_draws_one_labelled_curve_per_algebra(tmp_path, x):
     assert (lines[0].get_marker(), lines[2].get_marker()) == ("o", "s")  # the paper's R and Q
 
 
-def test_plot_script_rejects_missing_runs(tmp_path):
-    proc = run_script("experiments.plot", f"--runs={tmp_path / 'nope'}", f"--out={tmp_path / 'f'}")
+def test_plot_script_rejects_missing_runs(plot_runs):
+    proc = plot_runs.missing
     assert proc.returncode == 2 and "not a directory" in proc.stderr
 
 

@@ -28,6 +28,9 @@ def toy_data(n=200, seed=0):
     return images, labels
 
 
+init_params = jax.jit(models.init_params, static_argnums=(0, 2))  # compiled, not op by op
+
+
 @pytest.fixture(scope="module")
 def setup():
     model = models.create("lenet12", "quat", num_classes=3)
@@ -142,7 +145,8 @@ TWO_DEVICES = textwrap.dedent("""
     import jax, numpy as np
     from qsparse import masks as M, models, pruning, train
     model = models.create("conv2", "quat", num_classes=3, stages=((8, 8),), dense_features=(16,))
-    params = models.init_params(model, jax.random.key(0), (8, 8, 3))
+    init = jax.jit(models.init_params, static_argnums=(0, 2))  # compiled once, not op by op
+    params = init(model, jax.random.key(0), (8, 8, 3))
     masks = pruning.prune(params, M.ones(params), 0.5)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (120, 8, 8, 3), dtype=np.uint8)
@@ -186,7 +190,7 @@ def test_two_cpu_devices_equal_one_device():
 def test_dense_models_get_cpu_compiler_options_with_the_same_training():
     """The option only changes which kernels run; training stays the same up to float rounding."""
     model = models.create("lenet300_100", "quat", num_classes=3, features=(32, 16))
-    params = models.init_params(model, jax.random.key(0), (8, 8, 1))
+    params = init_params(model, jax.random.key(0), (8, 8, 1))
     masks = pruning.prune(params, M.ones(params), 0.5)
     images, labels = toy_data()
     out = {}
@@ -209,7 +213,7 @@ def test_dense_models_get_cpu_compiler_options_with_the_same_training():
 
 def test_models_with_convolutions_keep_xla_defaults():
     model = models.create("conv2", "quat", num_classes=3, stages=((8,),), dense_features=(16,))
-    params = models.init_params(model, jax.random.key(0), (8, 8, 1))
+    params = init_params(model, jax.random.key(0), (8, 8, 1))
     trainer = train.Trainer(SPEC)
     rstate = one(
         train.create_train_state(model, params, M.ones(params), train.make_optimizer("adam", 1e-2))
