@@ -48,7 +48,9 @@ def start(
         f"--coordinator_address=127.0.0.1:{port}",
         "--num_processes=2",
         f"--process_id={pid}",
-        env=modules.env(fault=fault, JAX_NUM_CPU_DEVICES="1"),
+        # no shared compilation cache: two controllers of one run, one loading a program from it
+        # while the other compiles, can wait on each other's collectives for ever
+        env=modules.env(cache=False, fault=fault, JAX_NUM_CPU_DEVICES="1"),
     )
 
 
