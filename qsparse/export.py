@@ -126,9 +126,8 @@ def layer_arrays(layers: list[dict], params, masks, dtype: str) -> dict[str, np.
 def param_names(kind: str) -> tuple[str, ...]:
     """A layer's params in an algebra (:mod:`qsparse.ops`), its kernel first: ``kernel`` (real),
     ``qkernel`` (quat) or ``hkernel``, then the bias, and the PHM kinds' ``phm_rules``."""
-    kernel = {"real": "kernel", "quat": "qkernel"}.get(kind, "hkernel")
     rules = ("phm_rules",) if algebras.get(kind).kind == "phm" else ()
-    return (kernel, "bias", *rules)
+    return (ops.kernel_name(kind), "bias", *rules)
 
 
 def _leaves(tree):

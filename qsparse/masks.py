@@ -21,11 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qsparse import ops
+
 Params = Any
 Masks = Any
 
-KERNEL_NAMES = ("kernel", "qkernel", "hkernel")
-HYPERCOMPLEX_KERNELS = ("qkernel", "hkernel")  # component kernels: the n components on axis 0
+KERNEL_NAMES = ops.KERNEL_NAMES
+HYPERCOMPLEX_KERNELS = ops.COMPONENT_KERNELS  # component kernels: the n components on axis 0
 
 
 def path_str(path) -> str:

@@ -24,6 +24,15 @@ import numpy as np
 from qsparse.algebras import LUMA
 
 LAYOUTS = ("flat", "blocked")
+# A layer's kernel param by kind, as the module docstring says: every name a kernel leaf may
+# have (the prunable leaves), and those holding a number's n components on axis 0.
+KERNEL_NAMES = ("kernel", "qkernel", "hkernel")
+COMPONENT_KERNELS = ("qkernel", "hkernel")
+
+
+def kernel_name(kind: str) -> str:
+    """The kernel param of a layer of algebra ``kind``: ``kernel``, ``qkernel`` or ``hkernel``."""
+    return {"real": "kernel", "quat": "qkernel"}.get(kind, "hkernel")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from qsparse import algebras, rundir
+from qsparse import algebras, ops, rundir
 from qsparse.config import NON_SEMANTIC, Config
 
 # Config fields that do not define a curve: replicates of one experiment (seed, replicates),
@@ -275,11 +275,6 @@ def load_masks(run_dir: PathLike, replicate: int = 0, round: int = 0) -> dict[st
     return rundir.load_masks(rundir.Run(run_dir).replicate(replicate).round(round))
 
 
-# masks.npz entries holding a hypercomplex number's n components on axis 0 (the leaves that
-# qsparse.masks calls HYPERCOMPLEX_KERNELS, named here without jax).
-NUMBER_KERNELS = ("qkernel", "hkernel")
-
-
 def number_states(mask: np.ndarray, n: int = 4) -> dict[str, float]:
     """Fractions of numbers (``n`` components on axis 0: quaternions by default) with all
     components alive, some, or none (sum to 1)."""
@@ -308,7 +303,7 @@ def number_summary(run_dir: PathLike, replicate: int = 0) -> list[dict]:
     out = []
     for level in mask_rounds(run_dir, replicate):
         found = load_masks(run_dir, replicate, level)
-        kernels = [m for k, m in found.items() if k.split("/")[-1] in NUMBER_KERNELS]
+        kernels = [m for k, m in found.items() if k.split("/")[-1] in ops.COMPONENT_KERNELS]
         if not kernels:
             continue
         n = kernels[0].shape[0]

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from qsparse import files
+from qsparse import files, ops
 
 SUMMARY_FIELDS = (
     "replicate",
@@ -297,7 +297,7 @@ def load_masks(rd: Round) -> dict[str, np.ndarray]:
 def is_kernel(name: str) -> bool:
     """Whether masks.npz entry ``name`` is a kernel, real or a component kernel of any algebra
     (the prunable kind of leaf, as :data:`qsparse.masks.KERNEL_NAMES`)."""
-    return name.split("/")[-1] in ("kernel", "qkernel", "hkernel")
+    return name.split("/")[-1] in ops.KERNEL_NAMES
 
 
 def is_quaternion_kernel(name: str) -> bool:
