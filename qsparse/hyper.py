@@ -61,6 +61,23 @@ def phm_dense(
     return y.reshape(*x.shape[:-1], n * n_out)
 
 
+def dense(
+    algebra: Algebra,
+    inputs: jax.Array,
+    hkernel: jax.Array,
+    *,
+    phm_rules: jax.Array | None = None,
+    seed: int = 0,
+    precision: Any = None,
+) -> jax.Array:
+    """A dense layer's ``inputs @ real kernel`` (no bias), what the linen and NNX
+    ``HyperDense`` compute: PHM through :func:`phm_dense`, every other kind through its
+    :func:`real_kernel`."""
+    if algebra.kind == "phm":
+        return phm_dense(inputs, phm_rules, hkernel, precision)
+    return jnp.dot(inputs, real_kernel(algebra, hkernel, seed=seed), precision=precision)
+
+
 def hashed_kernel(hkernel: jax.Array, seed: int) -> jax.Array:
     """The ``hashed`` kind's real kernel ``(..., n * n_in, n * n_out)`` from ``hkernel``
     ``(n, ..., n_in, n_out)``: each stored entry used ``n`` times at seed-fixed positions."""

@@ -208,14 +208,7 @@ def hyper_widths(algebra: Algebra, n_in: int, n_out: int, layer: str) -> tuple[i
 
 class _HyperParams:
     """The parameters every hypercomplex linen layer creates (``hkernel``, PHM's
-    ``phm_rules``, ``bias``) and the real kernel they give."""
-
-    def hyper_kernel(self, algebra: Algebra, shape: tuple, inputs: jax.Array, groups: int = 1):
-        inputs, hkernel, rules, bias = self.hyper_params(algebra, shape, inputs)
-        kernel = hyper.real_kernel(
-            algebra, hkernel, phm_rules=rules, seed=self.hash_seed, groups=groups
-        )
-        return inputs, kernel, bias
+    ``phm_rules``, ``bias``)."""
 
     def hyper_params(self, algebra: Algebra, shape: tuple, inputs: jax.Array):
         """``inputs``, ``hkernel``, ``phm_rules`` (None unless PHM) and ``bias``, promoted."""
@@ -259,13 +252,10 @@ class HyperDense(nn.Module, _HyperParams):
     def __call__(self, inputs: jax.Array) -> jax.Array:
         algebra = algebras.get(self.algebra)
         n_in, n_out = hyper_widths(algebra, inputs.shape[-1], self.features, "HyperDense")
-        shape = (algebra.n, n_in, n_out)
-        if algebra.kind == "phm":  # the rules mix products, not a real kernel (hyper.phm_dense)
-            inputs, hkernel, rules, bias = self.hyper_params(algebra, shape, inputs)
-            y = hyper.phm_dense(inputs, rules, hkernel, self.precision)
-        else:
-            inputs, kernel, bias = self.hyper_kernel(algebra, shape, inputs)
-            y = jnp.dot(inputs, kernel, precision=self.precision)
+        inputs, hkernel, rules, bias = self.hyper_params(algebra, (algebra.n, n_in, n_out), inputs)
+        y = hyper.dense(
+            algebra, inputs, hkernel, phm_rules=rules, seed=self.hash_seed, precision=self.precision
+        )
         return y if bias is None else y + bias
 
 
@@ -300,7 +290,10 @@ class HyperConv(nn.Module, _HyperParams):
         n_in, n_out = hyper_widths(algebra, inputs.shape[-1], self.features, "HyperConv")
         groups = check_groups(self.feature_group_count, n_in, n_out, "HyperConv")
         shape = (algebra.n, *self.kernel_size, n_in // groups, n_out)
-        inputs, kernel, bias = self.hyper_kernel(algebra, shape, inputs, groups)
+        inputs, hkernel, rules, bias = self.hyper_params(algebra, shape, inputs)
+        kernel = hyper.real_kernel(
+            algebra, hkernel, phm_rules=rules, seed=self.hash_seed, groups=groups
+        )
         y = layer_conv(self, inputs, kernel, algebra.n)
         return y if bias is None else y + bias
 

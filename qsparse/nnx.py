@@ -159,7 +159,7 @@ class QConv(nnx.Module):
 
 class _HyperLayer(nnx.Module):
     """What the hypercomplex NNX layers share: their parameters, as linen's (``hkernel``,
-    ``phm_rules`` for PHM, ``bias``), and the real kernel they give."""
+    ``phm_rules`` for PHM, ``bias``)."""
 
     def _hyper_params(self, algebra, shape, features, options: dict, rngs: nnx.Rngs) -> None:
         # options: the constructor's arguments (its locals()), named as the linen attributes
@@ -178,16 +178,11 @@ class _HyperLayer(nnx.Module):
         self.use_bias, self.dtype, self.param_dtype = options["use_bias"], options["dtype"], dtype
         self.precision = options["precision"]
 
-    def _kernel(self, inputs: jax.Array, groups: int = 1):
+    def _params(self, inputs: jax.Array):
+        """``inputs``, ``hkernel``, ``phm_rules`` (None unless PHM) and ``bias``, promoted."""
         bias = None if self.bias is None else self.bias[...]
         rules = None if self.phm_rules is None else self.phm_rules[...]
-        inputs, hkernel, rules, bias = promote_dtype(
-            inputs, self.hkernel[...], rules, bias, dtype=self.dtype
-        )
-        kernel = hyper.real_kernel(
-            self.algebra, hkernel, phm_rules=rules, seed=self.hash_seed, groups=groups
-        )
-        return inputs, kernel, bias
+        return promote_dtype(inputs, self.hkernel[...], rules, bias, dtype=self.dtype)
 
 
 class HyperDense(_HyperLayer):
@@ -217,8 +212,15 @@ class HyperDense(_HyperLayer):
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         _check_input(inputs, self.in_features, "HyperDense")
-        inputs, kernel, bias = self._kernel(inputs)
-        y = jnp.dot(inputs, kernel, precision=self.precision)
+        inputs, hkernel, rules, bias = self._params(inputs)
+        y = hyper.dense(
+            self.algebra,
+            inputs,
+            hkernel,
+            phm_rules=rules,
+            seed=self.hash_seed,
+            precision=self.precision,
+        )
         return y if bias is None else y + bias
 
 
@@ -267,6 +269,10 @@ class HyperConv(_HyperLayer):
     def __call__(self, inputs: jax.Array) -> jax.Array:
         check_conv_input(inputs, len(self.kernel_size), "HyperConv")
         _check_input(inputs, self.in_features, "HyperConv")
-        inputs, kernel, bias = self._kernel(inputs, self.feature_group_count)
+        inputs, hkernel, rules, bias = self._params(inputs)
+        groups = self.feature_group_count
+        kernel = hyper.real_kernel(
+            self.algebra, hkernel, phm_rules=rules, seed=self.hash_seed, groups=groups
+        )
         y = layer_conv(self, inputs, kernel, self.algebra.n)
         return y if bias is None else y + bias
