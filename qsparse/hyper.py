@@ -54,9 +54,14 @@ def phm_dense(
     meets every component kernel in one matmul of the real layer's size, then the rules mix
     the ``n x n`` products into the ``n`` output components. At the models' batch this costs
     far less than expanding the kernel through the traced rules, whose einsum and gradient
-    (reductions over the whole real kernel) cost about as much as the matmul on CPU."""
+    (reductions over the whole real kernel) cost about as much as the matmul on CPU. The
+    component kernels are laid side by side, ``(n_in, n * n_out)``, so the matmul is a plain
+    one: XLA's CPU matmul on ``hkernel``'s own layout (contracting its middle axis) took twice
+    as long (docs/performance.md)."""
     n, n_in, n_out = hkernel.shape
-    parts = jnp.einsum("Bbi,cio->Bbco", x.reshape(-1, n, n_in), hkernel, precision=precision)
+    side_by_side = jnp.concatenate(list(hkernel), axis=1)  # (i, (c, o))
+    parts = jnp.dot(x.reshape(-1, n_in), side_by_side, precision=precision)
+    parts = parts.reshape(-1, n, n, n_out)  # (B, b, c, o)
     y = jnp.einsum("cba,Bbco->Bao", rules.astype(parts.dtype), parts, precision=precision)
     return y.reshape(*x.shape[:-1], n * n_out)
 
