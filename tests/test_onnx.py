@@ -1,12 +1,13 @@
 """ONNX export of pruned models (qsparse.deploy.onnx, experiments.export --format=onnx).
 
-Every model in every algebra (at the small widths of tests/test_deploy.py, random weights pruned
-by element and by whole numbers): the ONNX graph, run by onnxruntime on raw uint8 images, gives
-the JAX model's logits and the numpy runtime's (within 1e-5 of the largest logit), passes
-onnx.checker, takes any batch size, and holds the pruned weights as zeros (as many nonzero real
-weights as the masks leave, times the copies each algebra makes). The command exports a tiny
-real run's round as a checked graph; bad input is one line, status 2 and nothing written; without
-onnx the converter names the extra to install, and it runs without jax.
+Every model in an algebra of every kind, and LeNet-12 in every algebra (at the small widths of
+tests/test_deploy.py, random weights pruned by element and by whole numbers): the ONNX graph,
+run by onnxruntime on raw uint8 images, gives the JAX model's logits and the numpy runtime's
+(within 1e-5 of the largest logit), passes onnx.checker, takes any batch size, and holds the
+pruned weights as zeros (as many nonzero real weights as the masks leave, times the copies each
+algebra makes). The command exports a tiny real run's round as a checked graph; bad input is one
+line, status 2 (a graph that fails its check: 1) and nothing written; without onnx the converter
+names the extra to install, and it runs without jax.
 """
 
 import subprocess
@@ -58,8 +59,12 @@ def copies(algebra: str) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("name", list(SMALL))
-@pytest.mark.parametrize("algebra", models.algebra_names())
+KINDS = ["real", "quat", "complex", "klein4", "phm4", "hashed4"]  # every kind of algebra
+CASES = [(n, a) for n in SMALL for a in KINDS]
+CASES += [("lenet12", a) for a in models.algebra_names() if a not in KINDS]  # and every algebra
+
+
+@pytest.mark.parametrize("name,algebra", CASES)
 def test_onnx_graph_gives_the_jax_models_logits(tmp_path, name, algebra):
     for grouping in ("element", "number"):
         model, params, masks, spec, apply = pruned(name, algebra, grouping)
@@ -87,13 +92,19 @@ def test_onnx_graph_gives_the_jax_models_logits(tmp_path, name, algebra):
                 assert nonzero[op["name"]] == n * op["storage"]["alive"], op["name"]
 
 
-def test_a_file_the_graph_cannot_hold_is_refused_by_name(tmp_path):
-    """A header whose ops do not end in the logits (a dense layer dropped) is one error."""
+def test_bad_files_and_images_are_refused_by_name(tmp_path):
+    """A header whose ops do not end in the logits (the last layer dropped) is one error, as is
+    a layer whose values are missing; images must be uint8 pixels."""
     model, params, masks, spec, _ = pruned("lenet12", "quat", "number")
-    header, arrays = deploy.read(write(tmp_path / "m.npz", model, params, masks, spec))
-    header["ops"] = header["ops"][:-1]
+    path = write(tmp_path / "m.npz", model, params, masks, spec)
+    header, arrays = deploy.read(path)
     with pytest.raises(deploy.ExportFileError, match="not 10 logits"):
+        qonnx.to_onnx(({**header, "ops": header["ops"][:-1]}, arrays))
+    del arrays["QDense_0/values"]
+    with pytest.raises(deploy.ExportFileError, match="layer QDense_0: 'values' is missing"):
         qonnx.to_onnx((header, arrays))
+    with pytest.raises(ValueError, match="dtype float32; the ONNX model takes uint8"):
+        qonnx.run(qonnx.to_onnx(path), images(spec).astype(np.float32))
 
 
 def test_without_onnx_the_error_names_the_extra(tmp_path, monkeypatch):

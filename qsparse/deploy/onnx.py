@@ -143,6 +143,8 @@ def _layer(g: _Graph, op: ops.Dense | ops.Conv, entry: dict, header: dict, array
     """A dense layer as ``Gemm``, a convolution (SAME, stride 1) as ``Conv`` on NCHW."""
     try:
         kernel, bias = layer_kernel(op, entry, header, arrays)
+    except KeyError as e:
+        raise ValueError(f"layer {op.name}: {e} is missing") from None
     except ValueError as e:
         raise ValueError(f"layer {op.name}: {e}") from None
     if kernel.shape[-2] != g.shape[-1]:
