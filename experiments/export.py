@@ -137,7 +137,10 @@ def main(argv: list[str]) -> None:
         fail(f"{e}; nothing was written: the previous {FLAGS.out}, if any, is intact", status=1)
     prov, chk = header["provenance"], header["check"]
     if FLAGS.format == "onnx":
-        what = f"ONNX opset {qonnx.OPSET}, dense float32 kernels, pruned weights as zeros"
+        what = (
+            f"ONNX opset {qonnx.OPSET}, {header['dtype']} values as dense float32 kernels, "
+            "pruned weights as zeros"
+        )
         by = "onnxruntime "
     else:
         what, by = f"{header['bytes']['kernels']} of kernels, {header['dtype']}", ""

@@ -95,12 +95,12 @@ def _normalize(g: _Graph, spec: dict) -> None:
 
 def _encode(g: _Graph, op: ops.Encode) -> None:
     """The encoding as the matrix it is over the channel axis: the encoding of the identity."""
-    channels = g.shape[-1]
-    matrix = np.asarray(ops.ENCODINGS[op.encoding](np.eye(channels, dtype=np.float32), n=op.n))
+    identity = np.eye(g.shape[-1], dtype=np.float32)
+    matrix = ops.ENCODINGS[op.encoding](identity, n=op.n)  # checks the channel count, too
     if op.encoding == "none":
         return
     g.to("nhwc")
-    g.add("MatMul", g.const("encoding", matrix.astype(np.float32)))
+    g.add("MatMul", g.const(f"{len(g.nodes)}_encoding", np.asarray(matrix, np.float32)))
     g.shape = (*g.shape[:-1], matrix.shape[-1])
 
 
