@@ -27,25 +27,12 @@ exporter's tolerance (from JAX: float32 exports only) is refused with status 1, 
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
-import jax
-import numpy as np
 from absl import flags, logging
 
 from experiments.cli import fail, require, run
-from qsparse import augment, deploy, rundir
+from qsparse import deploy, rundir
 from qsparse.deploy import onnx as qonnx
-from qsparse.export import (
-    CHECK_IMAGES,
-    FLOAT32_TOLERANCE,
-    CheckError,
-    ExportError,
-    check_out,
-    export_round,
-    load_round,
-)
+from qsparse.export import CheckError, ExportError, export_onnx, export_round
 from qsparse.files import WriteError
 
 flags.DEFINE_string("run_dir", None, "the run directory to export from")
@@ -56,58 +43,6 @@ flags.DEFINE_enum("format", "qsparse", ["qsparse", "onnx"], "qsparse's file, or 
 flags.DEFINE_enum("dtype", "float32", list(deploy.DTYPES), "how the weights are stored")
 flags.DEFINE_bool("overwrite", False, "replace --out if it exists")
 FLAGS = flags.FLAGS
-
-
-def check_onnx(model, header: dict, arrays: dict, jax_model, params) -> dict:
-    """The ONNX graph by onnxruntime against the JAX model and the numpy runtime on random uint8
-    images (as :func:`qsparse.export.check`): the largest logit differences, argmax agreement;
-    CheckError where it differs by more than the tolerance."""
-    shape = header["input"]["shape"]
-    images = np.random.default_rng(0).integers(0, 256, (CHECK_IMAGES, *shape), np.uint8)
-    ours = qonnx.run(model, images)
-    x = augment.normalize(images, header["input"]["mean"], header["input"]["std"])
-    theirs = np.asarray(jax.jit(jax_model.apply)({"params": params}, x))
-    scale = max(float(np.max(np.abs(theirs))), 1e-30)
-    runtime = float(np.max(np.abs(ours - deploy.Model(header, arrays).predict(images)))) / scale
-    diff = float(np.max(np.abs(ours - theirs)))
-    result = {
-        "images": CHECK_IMAGES,
-        "max_abs_diff": diff,
-        "max_rel_diff": diff / scale,
-        "max_rel_diff_runtime": runtime,
-        "argmax_agree": float(np.mean(ours.argmax(1) == theirs.argmax(1))),
-    }
-    jax_off = header["dtype"] == "float32" and result["max_rel_diff"] > FLOAT32_TOLERANCE
-    if jax_off or runtime > FLOAT32_TOLERANCE:
-        raise CheckError(f"the ONNX graph differs from the JAX model or the runtime: {result}")
-    return result
-
-
-def export_onnx(run_dir, out, *, replicate: int, round: int | None, dtype: str, overwrite: bool):
-    """Export a round as an ONNX graph at ``out``, checked (where onnxruntime is installed)
-    before it is written; returns the round's header with ``file_bytes`` and the ``check``."""
-    out = Path(out)
-    check_out(out, overwrite)
-    with tempfile.TemporaryDirectory() as tmp:
-        export_round(
-            run_dir, Path(tmp) / "round.npz", replicate=replicate, round=round, dtype=dtype
-        )
-        header, arrays = deploy.read(Path(tmp) / "round.npz")
-    model = qonnx.to_onnx((header, arrays))
-    try:
-        qonnx.require("onnxruntime")
-    except ImportError:
-        chk = None
-    else:
-        source = rundir.Run(Path(run_dir))
-        rd = source.replicate(replicate).round(header["provenance"]["round"])
-        _, jax_model, params, _, _ = load_round(source, rd)
-        chk = check_onnx(model, header, arrays, jax_model, params)
-    try:
-        size = qonnx.save(model, out, overwrite=overwrite)
-    except FileExistsError as e:
-        raise ExportError(f"--out={out} exists; pass --overwrite to replace it") from e
-    return {**header, "file_bytes": size, "check": chk}
 
 
 def main(argv: list[str]) -> None:

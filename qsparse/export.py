@@ -13,6 +13,7 @@ than 1e-4 (relative) is refused. The command line is ``experiments/export.py``.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import jax
@@ -23,6 +24,7 @@ from qsparse import checkpoints as ckpt
 from qsparse import masks as qmasks
 from qsparse.config import Config
 from qsparse.data import DATASETS
+from qsparse.deploy import onnx as qonnx
 
 CHECK_IMAGES = 16  # random images the exported model is compared with the JAX model on
 FLOAT32_TOLERANCE = 1e-4  # largest relative logit difference a float32 export may have
@@ -256,3 +258,55 @@ def export_round(
         raise ExportError(f"--out={out} exists; pass --overwrite to replace it") from e
     header, _ = deploy.read(out)
     return {**header, "file_bytes": size}
+
+
+def check_onnx(model, header: dict, arrays: dict, jax_model, params) -> dict:
+    """The ONNX graph by onnxruntime against the JAX model and the numpy runtime on random uint8
+    images (as :func:`qsparse.export.check`): the largest logit differences, argmax agreement;
+    CheckError where it differs by more than the tolerance."""
+    shape = header["input"]["shape"]
+    images = np.random.default_rng(0).integers(0, 256, (CHECK_IMAGES, *shape), np.uint8)
+    ours = qonnx.run(model, images)
+    x = augment.normalize(images, header["input"]["mean"], header["input"]["std"])
+    theirs = np.asarray(jax.jit(jax_model.apply)({"params": params}, x))
+    scale = max(float(np.max(np.abs(theirs))), 1e-30)
+    runtime = float(np.max(np.abs(ours - deploy.Model(header, arrays).predict(images)))) / scale
+    diff = float(np.max(np.abs(ours - theirs)))
+    result = {
+        "images": CHECK_IMAGES,
+        "max_abs_diff": diff,
+        "max_rel_diff": diff / scale,
+        "max_rel_diff_runtime": runtime,
+        "argmax_agree": float(np.mean(ours.argmax(1) == theirs.argmax(1))),
+    }
+    jax_off = header["dtype"] == "float32" and result["max_rel_diff"] > FLOAT32_TOLERANCE
+    if jax_off or runtime > FLOAT32_TOLERANCE:
+        raise CheckError(f"the ONNX graph differs from the JAX model or the runtime: {result}")
+    return result
+
+
+def export_onnx(run_dir, out, *, replicate: int, round: int | None, dtype: str, overwrite: bool):
+    """Export a round as an ONNX graph at ``out``, checked (where onnxruntime is installed)
+    before it is written; returns the round's header with ``file_bytes`` and the ``check``."""
+    out = Path(out)
+    check_out(out, overwrite)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_round(
+            run_dir, Path(tmp) / "round.npz", replicate=replicate, round=round, dtype=dtype
+        )
+        header, arrays = deploy.read(Path(tmp) / "round.npz")
+    model = qonnx.to_onnx((header, arrays))
+    try:
+        qonnx.require("onnxruntime")
+    except ImportError:
+        chk = None
+    else:
+        source = rundir.Run(Path(run_dir))
+        rd = source.replicate(replicate).round(header["provenance"]["round"])
+        _, jax_model, params, _, _ = load_round(source, rd)
+        chk = check_onnx(model, header, arrays, jax_model, params)
+    try:
+        size = qonnx.save(model, out, overwrite=overwrite)
+    except FileExistsError as e:
+        raise ExportError(f"--out={out} exists; pass --overwrite to replace it") from e
+    return {**header, "file_bytes": size, "check": chk}
