@@ -32,6 +32,7 @@ CORE = [
     "cpu",
     "nnx",
     "hyper",
+    "batchnorm",
 ]
 RUN = [
     "data",
