@@ -33,6 +33,7 @@ CORE = [
     "nnx",
     "hyper",
     "batchnorm",
+    "resnets",
 ]
 RUN = [
     "data",
