@@ -24,6 +24,7 @@ from flax.linen.dtypes import promote_dtype
 
 from qsparse import algebras, hyper, initializers
 from qsparse.algebras import Algebra
+from qsparse.batchnorm import HyperBatchNorm as HyperBatchNorm  # re-exported beside the layers
 from qsparse.quaternion import left_matrix
 
 PaddingLike = str | int | Sequence[int | tuple[int, int]]

@@ -1,4 +1,4 @@
-"""Quaternion dense and convolution layers as Flax NNX modules.
+"""Quaternion dense and convolution layers, and hypercomplex batch norm, as Flax NNX modules.
 
 The twins of :mod:`qsparse.layers`: same parameters (``qkernel`` with the component axis
 first, ``bias`` per real output unit), same initialisers, same arithmetic through
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.linen.dtypes import promote_dtype
 
-from qsparse import algebras, hyper, initializers
+from qsparse import algebras, batchnorm, hyper, initializers
 from qsparse.algebras import Algebra
 from qsparse.layers import (
     PaddingLike,
@@ -276,3 +276,51 @@ class HyperConv(_HyperLayer):
         )
         y = layer_conv(self, inputs, kernel, self.algebra.n)
         return y if bias is None else y + bias
+
+
+class HyperBatchNorm(nnx.Module):
+    """:class:`qsparse.batchnorm.HyperBatchNorm` as an NNX module, as ``nnx.BatchNorm``: running
+    statistics in ``nnx.BatchStat`` variables (``mean``, ``var`` or ``cov``), parameters
+    ``scale`` (``gamma`` for ``whiten``) and ``bias``; ``model.eval()`` / ``model.train()`` set
+    ``use_running_average``. ``num_features`` counts real units (a multiple of n)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        algebra: str | Algebra = "quat",
+        form: str = "split",
+        use_running_average: bool = False,
+        momentum: float = 0.9,
+        epsilon: float = 1e-5,
+        axis_name: str | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> None:
+        algebra, channels = batchnorm.check(algebra, form, num_features)
+        stats = batchnorm.initial_stats(form, algebra.n, channels)
+        specs = batchnorm.param_specs(form, algebra.n, channels)
+        for name, value in stats.items():
+            setattr(self, name, nnx.BatchStat(value))
+        for name, (init, shape) in specs.items():
+            setattr(self, name, nnx.Param(init(rngs.params(), shape, param_dtype)))
+        self.stat_names, self.param_names = tuple(stats), tuple(specs)
+        self.num_features, self.algebra, self.form = num_features, algebra, form
+        self.use_running_average = use_running_average
+        self.momentum, self.epsilon = momentum, epsilon
+        self.axis_name, self.dtype, self.param_dtype = axis_name, dtype, param_dtype
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        _check_input(x, self.num_features, "HyperBatchNorm")
+        eval_mode = self.use_running_average if use_running_average is None else use_running_average
+        n = self.algebra.n
+        stats = tuple(getattr(self, name)[...] for name in self.stat_names)
+        if not eval_mode:
+            batch = batchnorm.batch_stats(x, n, self.form, axis_name=self.axis_name)
+            new = batchnorm.update(stats, batch, self.momentum)
+            for name, value in zip(self.stat_names, new, strict=True):
+                getattr(self, name)[...] = value
+            stats = batch
+        params = [getattr(self, name)[...] for name in self.param_names]
+        return batchnorm.apply(x, n, self.form, stats, params, self.epsilon, self.dtype)

@@ -32,6 +32,8 @@ CORE = [
     "cpu",
     "nnx",
     "hyper",
+    "batchnorm",
+    "resnets",
 ]
 RUN = [
     "data",
