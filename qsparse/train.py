@@ -54,6 +54,13 @@ def batch_stats(state: TrainState) -> Any:
     return getattr(state, "batch_stats", None)
 
 
+def rewind_point(params, batch_stats=None) -> Any:
+    """What a rewind point (or θ₀ with its statistics) holds: the params, and for a model with
+    batch norm the batch statistics beside them (``{"params", "batch_stats"}``); runs of models
+    without batch norm keep their params-only files."""
+    return params if batch_stats is None else {"params": params, "batch_stats": batch_stats}
+
+
 def zero_pruned() -> optax.GradientTransformationExtraArgs:
     """Zero the updates of pruned weights; takes the masks as the extra argument ``masks``."""
 

@@ -1,7 +1,9 @@
 """Batch statistics in the trainer: updated in the compiled epoch, averaged over a replicate's
 data devices, used by evaluation, carried by checkpoints; never masked or pruned."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,8 +16,9 @@ import optax
 import pytest
 
 from qsparse import checkpoints as ckpt
+from qsparse import lottery, models, pruning, train
 from qsparse import masks as M
-from qsparse import pruning, train
+from qsparse.config import Config
 from qsparse.layers import QDense
 
 MEAN, STD = (0.5,), (0.25,)
@@ -171,3 +174,80 @@ def test_two_data_devices_average_the_running_statistics():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["OK"]
+
+
+class BNLeNet(nn.Module):
+    """A real LeNet with batch norm after each hidden layer, registered for the IMP tests."""
+
+    algebra: str = "real"
+    num_classes: int = 10
+    features: tuple = (16,)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.reshape(x.shape[0], -1)
+        for width in self.features:
+            x = nn.Dense(width)(x)
+            x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+@pytest.fixture
+def bn_model(monkeypatch):
+    spec = models.Spec(BNLeNet, {"features": (16,)}, "mnist", 2, 60, 1e-3)
+    monkeypatch.setitem(models.REGISTRY, "bnlenet", spec)
+    return "bnlenet"
+
+
+def bn_config(mnist_dir, **overrides):
+    small = dict(rounds=2, epochs=2, train_subset=600, test_subset=200, batch_size=60)
+    return Config(data_dir=str(mnist_dir), rewind="3it", **{**small, **overrides})
+
+
+def test_imp_rounds_start_from_the_rewind_points_statistics(
+    bn_model, mnist_dir, tmp_path, monkeypatch
+):
+    started = []
+    create = train.create_train_state
+
+    def recording(model, params, masks, tx, batch_stats=None):
+        started.append(batch_stats)
+        return create(model, params, masks, tx, batch_stats=batch_stats)
+
+    monkeypatch.setattr(train, "create_train_state", recording)
+    run_dir = lottery.run(bn_config(mnist_dir, model=bn_model), tmp_path, log=lambda s: None)
+    variables = models.init_variables(BNLeNet(), jax.random.key(0), (28, 28, 1))
+    stats0 = variables["batch_stats"]
+    like = train.rewind_point(variables["params"], stats0)
+    point = ckpt.load_tree(run_dir / "replicate_0" / "rewind", like)
+    moved = point["batch_stats"]["BatchNorm_0"]["mean"]
+    assert np.abs(np.asarray(moved)).max() > 0  # three steps moved them off their start
+    assert len(started) == 3  # round 0 from θ₀'s statistics, rounds 1-2 from the rewind point's
+    for a, b in zip(jax.tree.leaves(started[0]), jax.tree.leaves(stats0)):
+        np.testing.assert_array_equal(a, b)
+    for s in started[1:]:
+        for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(point["batch_stats"])):
+            np.testing.assert_array_equal(a, b)
+    # the rounds' final states hold statistics trained on from there
+    rows = json.loads((run_dir / "summary.json").read_text())
+    assert [r["status"] for r in rows] == ["ok"] * 3
+
+
+def test_imp_with_batch_norm_resumes_bit_for_bit(bn_model, mnist_dir, tmp_path):
+    config = bn_config(mnist_dir, model=bn_model)
+    whole = lottery.run(config, tmp_path / "a", log=lambda s: None)
+    again = tmp_path / "b" / whole.name
+    shutil.copytree(whole, again)
+    last = again / "replicate_0" / "round_02"
+    for gone in ("done.json", "final", "ckpt/epoch_0002"):
+        shutil.rmtree(last / gone) if (last / gone).is_dir() else (last / gone).unlink()
+    lottery.run(config, tmp_path / "b", log=lambda s: None)  # resumes round 2 from epoch 1
+    model = models.create(bn_model)
+    variables = models.init_variables(model, jax.random.key(0), (28, 28, 1))
+    params, stats = variables["params"], variables["batch_stats"]
+    like = train.create_train_state(model, params, M.ones(params), TX, batch_stats=stats)
+    a = ckpt.load_tree(whole / "replicate_0" / "round_02" / "final", like)
+    b = ckpt.load_tree(last / "final", like)
+    assert jax.tree.leaves(a.batch_stats)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
