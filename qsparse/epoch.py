@@ -17,6 +17,14 @@ dynamic bounds, so a full epoch, a rewind point inside an epoch and a resume sha
 compilation). This is the code one device runs inside :class:`qsparse.train.Trainer`'s
 ``shard_map``: along the ``data`` axis it takes its slice of every global batch and averages
 gradients with ``pmean``; the replicates it holds share the loop body.
+
+A model with batch norm (a ``batch_stats`` collection, held by
+:class:`qsparse.train.BatchNormState`) is called with ``train=True`` in training, normalising
+with the statistics of the batch (of each device's slice of it) and updating its running
+averages, which are averaged over the ``data`` axis after every step (with equal slices, the
+mean of the devices' means is the batch's mean; the variances average the devices' own, as
+unsynchronised batch norm does). Evaluation calls it in eval mode (the running averages). The
+statistics are never masked, pruned or optimised.
 """
 
 from __future__ import annotations
@@ -61,10 +69,24 @@ class EpochSpec:
     augment: bool
 
 
-def _loss(params, apply_fn, images, labels):
-    logits = apply_fn({"params": params}, images)
+def variables(params, batch_stats=None) -> dict:
+    """The flax variables of a model: its params, and its batch statistics if it has any."""
+    if batch_stats is None:
+        return {"params": params}
+    return {"params": params, "batch_stats": batch_stats}
+
+
+def _loss(params, batch_stats, apply_fn, images, labels):
+    """Mean loss, (hits, the updated batch statistics: None for a model without batch norm)."""
+    if batch_stats is None:
+        logits = apply_fn({"params": params}, images)
+    else:
+        logits, updated = apply_fn(
+            variables(params, batch_stats), images, train=True, mutable=["batch_stats"]
+        )
+        batch_stats = updated["batch_stats"]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, jnp.sum(jnp.argmax(logits, -1) == labels)
+    return loss, (jnp.sum(jnp.argmax(logits, -1) == labels), batch_stats)
 
 
 def _batch(spec: EpochSpec, n_data: int, images, labels, order, aug_key, step):
@@ -96,16 +118,22 @@ def _prepare(spec: EpochSpec, n_images: int, state: TrainState, key):
 def _step(spec: EpochSpec, n_data: int, images, labels, state: TrainState, order, aug_key, i):
     """One masked training step on global batch ``i``; returns the state, its loss and hits."""
     x, y = _batch(spec, n_data, images, labels, order, aug_key, i)
-    (loss, hits), grads = jax.value_and_grad(_loss, has_aux=True)(
-        state.params, state.apply_fn, x, y
+    stats = getattr(state, "batch_stats", None)
+    (loss, (hits, stats)), grads = jax.value_and_grad(_loss, has_aux=True)(
+        state.params, stats, state.apply_fn, x, y
     )
     grads = qmasks.apply(grads, state.masks)  # the gradient of where(mask, params, 0)
     if n_data > 1:
-        grads = jax.lax.pmean(grads, DATA)
+        # each device normalised with its own slice's statistics; the running averages are
+        # averaged, so every device of the replicate holds the same ones
+        grads, stats = jax.lax.pmean((grads, stats), DATA)
         loss, hits = jax.lax.pmean(loss, DATA), jax.lax.psum(hits, DATA)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params, masks=state.masks)
     params = qmasks.apply(optax.apply_updates(state.params, updates), state.masks)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), loss, hits
+    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    if stats is not None:
+        state = state.replace(batch_stats=stats)
+    return state, loss, hits
 
 
 def train_epoch(
@@ -170,11 +198,13 @@ def evaluate(mean, std, batch: int, n_data: int, state: TrainState, images, labe
     labels = jnp.concatenate([labels, jnp.zeros((pad,), labels.dtype)])
     valid = jnp.arange(images.shape[0]) < n
     params = qmasks.apply(state.params, state.masks)
+    stats = getattr(state, "batch_stats", None)
     device = jax.lax.axis_index(DATA) if n_data > 1 else 0
 
     def chunk(carry, i):
         sl = lambda a: jax.lax.dynamic_slice_in_dim(a, (i * n_data + device) * batch, batch)  # noqa: E731
-        logits = state.apply_fn({"params": params}, augment.normalize(sl(images), mean, std))
+        x = augment.normalize(sl(images), mean, std)
+        logits = state.apply_fn(variables(params, stats), x)  # eval mode
         y, w = sl(labels), sl(valid)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return (

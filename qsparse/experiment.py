@@ -258,6 +258,7 @@ class Experiment:
         self.model = create_model(config, d.num_classes)
         self.input_shape = d.train_images.shape[1:]
         self.param_shapes = self._param_shapes()
+        self.stats0 = models.init_batch_stats(self.model, self.input_shape)  # None: no batch norm
         self.tx = train.make_optimizer(config.optimizer, config.lr)
         train_data = trainer.put_data(d.train_images, d.train_labels)
         val_data = trainer.put_data(d.val_images, d.val_labels)

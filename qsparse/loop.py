@@ -138,9 +138,9 @@ class Loop:
             return trainer.train_epoch(state, *data, keys)
         split = self.rewind_step % steps
         state, m1 = trainer.train_epoch(state, *data, keys, 0, split)
-        params = trainer.fetch(state.params)
+        point = trainer.fetch(train.rewind_point(state.params, train.batch_stats(state)))
         for r, path in captures.items():
-            ckpt.save_tree(path, train.slot(params, r))
+            ckpt.save_tree(path, train.slot(point, r))
         if split == 0:
             return trainer.train_epoch(state, *data, keys)
         state, m2 = trainer.train_epoch(state, *data, keys, split, steps)

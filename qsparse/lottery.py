@@ -190,7 +190,7 @@ class Lottery(Experiment):
                 rundir.write_json(rep.stopped, {"round": level, "reason": str(e)})
                 self._stopped(level, level)
                 return
-            start = self._start_params(rep, theta0, init_key, level)
+            start = self._start(rep, theta0, init_key, level)
             opt_state = self._ticket_opt_state(prev_state, prev_search)
             capture = rep.rewind if (level == 0 and self.loop.rewind_step) else None
             state, done = yield from self._ticket(rd, start, masks, data_key, opt_state, capture)
@@ -264,21 +264,27 @@ class Lottery(Experiment):
             raise TicketEnded(f"the ticket run {ticket.path} has no round {rd.level} ({path})")
         return ckpt.load_masks(path, like)
 
-    def _start_params(self, rep: rundir.Replicate, theta0, init_key, level: int):
-        """Where round ``level``'s ticket starts: θ₀, the rewind point or (control) new weights."""
+    def _start(self, rep: rundir.Replicate, theta0, init_key, level: int) -> tuple:
+        """(params, batch statistics) round ``level``'s ticket starts from: θ₀, the rewind point
+        or (control) new weights; the statistics are None for a model without batch norm, and
+        the initial ones but at a rewind point."""
         if self.config.control == "reinit" and level > 0:
-            return models.init_params(
-                self.model, jax.random.fold_in(init_key, level), self.input_shape
-            )
+            key = jax.random.fold_in(init_key, level)
+            return models.init_params(self.model, key, self.input_shape), self.stats0
         if self.loop.rewind_step and level > 0:
-            return ckpt.load_tree(rep.rewind, theta0)
-        return theta0
+            point = ckpt.load_tree(rep.rewind, train.rewind_point(theta0, self.stats0))
+            if self.stats0 is None:
+                return point, None
+            return point["params"], point["batch_stats"]
+        return theta0, self.stats0
 
     # -- one round -------------------------------------------------------------------
 
-    def _ticket(self, rd: rundir.Round, params, masks, data_key, opt_state, capture: Path | None):
-        """Train the round's ticket (unless finished before); returns (final state, done.json)."""
-        like = train.create_train_state(self.model, params, masks, self.tx)
+    def _ticket(self, rd: rundir.Round, start, masks, data_key, opt_state, capture: Path | None):
+        """Train the round's ticket from ``start`` (params, batch statistics) unless finished
+        before; returns (final state, done.json)."""
+        params, stats = start
+        like = train.create_train_state(self.model, params, masks, self.tx, batch_stats=stats)
         finished = self._finished(rd, like)
         if finished is not None:
             return finished
@@ -325,8 +331,11 @@ class Lottery(Experiment):
             return ticket  # the dense run is both the first ticket and the search's start
             yield  # a generator all the same
         cfg = self.config
-        start = prev_search.params if cfg.search_weights == "continue" else theta0
-        like = train.create_train_state(self.model, start, masks, self.tx)
+        if cfg.search_weights == "continue":
+            start, stats = prev_search.params, train.batch_stats(prev_search)
+        else:
+            start, stats = theta0, self.stats0
+        like = train.create_train_state(self.model, start, masks, self.tx, batch_stats=stats)
         if cfg.search_optimizer == "carry":
             like = like.replace(opt_state=prev_search.opt_state)
         if rd.search.final.exists():

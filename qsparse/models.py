@@ -21,6 +21,7 @@ other algebras take :func:`qsparse.hyper.init`, the same variance rule.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -268,9 +269,24 @@ def create(name: str, algebra: str = "real", num_classes: int = 10, **overrides)
     return s.module(algebra=algebra, num_classes=num_classes, **kwargs)
 
 
+def init_variables(model: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> dict:
+    """Every variable collection of ``model`` (``params``, and ``batch_stats`` for a model with
+    batch norm) for one example of ``input_shape`` (H, W, C); batch size does not matter."""
+    return dict(model.init(key, jnp.zeros((1, *input_shape), jnp.float32)))
+
+
 def init_params(model: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> dict:
     """Parameters for one example of ``input_shape`` (H, W, C); batch size does not matter."""
-    return model.init(key, jnp.zeros((1, *input_shape), jnp.float32))["params"]
+    return init_variables(model, key, input_shape)["params"]
+
+
+def init_batch_stats(model: nn.Module, input_shape: Sequence[int]) -> dict | None:
+    """A model's initial batch statistics, None for a model without batch norm. They are the
+    layers' constants (zero means, unit variances), the same for every seed."""
+    init = functools.partial(init_variables, model, jax.random.key(0), input_shape)
+    if "batch_stats" not in jax.eval_shape(init):
+        return None
+    return jax.jit(lambda: init()["batch_stats"])()
 
 
 def count_params(params) -> int:

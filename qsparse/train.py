@@ -41,6 +41,26 @@ class TrainState(train_state.TrainState):
     masks: Any = None
 
 
+class BatchNormState(TrainState):
+    """The state of a model with batch norm: its running statistics beside the params
+    (:mod:`qsparse.epoch`). A subclass, so the state of every other model, and its checkpoints
+    (runs written before batch norm existed included), keep their exact structure."""
+
+    batch_stats: Any = None
+
+
+def batch_stats(state: TrainState) -> Any:
+    """A state's batch statistics; None for a model without batch norm."""
+    return getattr(state, "batch_stats", None)
+
+
+def rewind_point(params, batch_stats=None) -> Any:
+    """What a rewind point (or θ₀ with its statistics) holds: the params, and for a model with
+    batch norm the batch statistics beside them (``{"params", "batch_stats"}``); runs of models
+    without batch norm keep their params-only files."""
+    return params if batch_stats is None else {"params": params, "batch_stats": batch_stats}
+
+
 def zero_pruned() -> optax.GradientTransformationExtraArgs:
     """Zero the updates of pruned weights; takes the masks as the extra argument ``masks``."""
 
@@ -63,10 +83,16 @@ def make_optimizer(name: str, lr: float) -> optax.GradientTransformationExtraArg
 
 
 def create_train_state(
-    model: nn.Module, params, masks, tx: optax.GradientTransformation
+    model: nn.Module, params, masks, tx: optax.GradientTransformation, batch_stats=None
 ) -> TrainState:
+    """A fresh state (optimizer at step 0) of masked ``params``; ``batch_stats`` for a model with
+    batch norm."""
     params = qmasks.apply(params, masks)
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, masks=masks)
+    fields = dict(apply_fn=model.apply, params=params, tx=tx, masks=masks)
+    if batch_stats is None:
+        state = TrainState.create(**fields)
+    else:
+        state = BatchNormState.create(**fields, batch_stats=batch_stats)
     # a strongly typed step: the weak-typed Python 0 would make the second call retrace
     return state.replace(step=jnp.zeros((), jnp.int32))
 
@@ -208,8 +234,10 @@ class Trainer:
     def _options(self, state: TrainState, images) -> dict | None:
         if self.compiler_options != "auto":
             return self.compiler_options
-        params = slot(state.params, 0)
-        return cpu.compiler_options(self.platform, state.apply_fn, params, images.shape[1:])
+        params, stats = slot((state.params, batch_stats(state)), 0)
+        return cpu.compiler_options(
+            self.platform, state.apply_fn, params, images.shape[1:], batch_stats=stats
+        )
 
     def _keys(self, key) -> jax.Array:
         if jnp.shape(key) != (self.replicates,):

@@ -23,17 +23,19 @@ def _has_conv(jaxpr) -> bool:
     )
 
 
-def has_conv(apply_fn: Callable, params, image_shape: Sequence[int]) -> bool:
+def has_conv(apply_fn: Callable, params, image_shape: Sequence[int], batch_stats=None) -> bool:
     """Whether ``apply_fn`` (a flax ``apply``) convolves one image of ``image_shape``."""
     x = jnp.zeros((1, *image_shape), jnp.float32)
-    return _has_conv(jax.make_jaxpr(lambda p, x: apply_fn({"params": p}, x))(params, x).jaxpr)
+    extra = {} if batch_stats is None else {"batch_stats": batch_stats}
+    jaxpr = jax.make_jaxpr(lambda p, x: apply_fn({"params": p, **extra}, x))(params, x).jaxpr
+    return _has_conv(jaxpr)
 
 
 def compiler_options(
-    platform: str, apply_fn: Callable, params, image_shape: Sequence[int]
+    platform: str, apply_fn: Callable, params, image_shape: Sequence[int], batch_stats=None
 ) -> dict | None:
     """Options for compiling a model's epoch on ``platform``: :data:`DENSE_COMPILER_OPTIONS` for
     a model without convolutions on CPU, XLA's defaults (None) otherwise."""
-    if platform != "cpu" or has_conv(apply_fn, params, image_shape):
+    if platform != "cpu" or has_conv(apply_fn, params, image_shape, batch_stats):
         return None
     return DENSE_COMPILER_OPTIONS
