@@ -48,9 +48,9 @@ class Options:
     def __post_init__(self) -> None:
         for name in ("models", "algebras", "replicate_models", "replicate_modes"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        _choose("models", self.models, sorted(qmodels.REGISTRY))
+        _choose("models", self.models, sorted(qmodels.PAPER_MODELS))
         _choose("algebras", self.algebras, qmodels.algebra_names())
-        _choose("replicate_models", self.replicate_models, sorted(qmodels.REGISTRY))
+        _choose("replicate_models", self.replicate_models, sorted(qmodels.PAPER_MODELS))
         _choose("replicate_modes", self.replicate_modes, list(train.REPLICATE_MODES))
         _at_least("windows", self.windows, 1)
         _at_least("window_steps", self.window_steps, 1)

@@ -23,6 +23,26 @@ SEARCH_WEIGHTS = ("continue", "rewind")
 TICKET_OPTIMIZERS = ("fresh", "search")
 CONTROLS = ("none", "reinit", "shuffle")
 OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "warmup_cosine", "step")
+OUTPUT_LAYERS = ("auto", "hyper", "real")
+BN_FORMS = ("split", "shared", "whiten")
+MODEL_DEFAULTS = {
+    "optimizer": "adam",
+    "momentum": 0.9,
+    "nesterov": False,
+    "weight_decay": 0.0,
+    "schedule": "constant",
+    "warmup_epochs": 0,
+    "prune_fraction": 0.2,
+    "pruning": "global",
+    "rewind": "init",
+    "prune_output": True,
+    "output_layer": "real",
+    "bn_form": None,
+}
+"""What a field left at None (``the model's``) resolves to for the paper's models; a model's
+recipe (:attr:`qsparse.models.Spec.recipe`) replaces some. Run names hash a field only where it
+differs from this value, so the names of runs made before these fields existed hold."""
 DATASET_NAMES = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 
 # Fields that do not change results: excluded from the run name's hash and from the check that
@@ -40,7 +60,11 @@ def _field(default: typing.Any, help: str) -> typing.Any:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    model: str = _field("lenet300_100", "lenet300_100 | lenet12 | conv2 | conv4 | conv6")
+    model: str = _field(
+        "lenet300_100",
+        "lenet300_100 | lenet12 | conv2 | conv4 | conv6 (the paper's) | resnet20 | resnet18 | "
+        "resnet34 | resnet50 | resnet101 | resnet152 (CIFAR ResNets with batch norm)",
+    )
     algebra: str = _field(
         "real",
         "real | complex | quat | tessarine | klein4 | phm2 | phm4 | hashed4 (or a registered "
@@ -58,25 +82,33 @@ class Config:
     )
     # pruning
     rounds: int = _field(20, "pruning rounds after the dense round 0")
-    prune_fraction: float = _field(
-        0.2, "fraction of the *remaining* prunable weights removed per round, in (0, 1)"
+    prune_fraction: float | None = _field(
+        None,
+        "fraction of the *remaining* prunable weights removed per round, in (0, 1) (default: "
+        "the model's: 0.2; the CIFAR-100 ResNets 0.3)",
     )
-    pruning: str = _field(
-        "global", "global (one threshold over all layers) | layerwise (the fraction per layer)"
+    pruning: str | None = _field(
+        None,
+        "global (one threshold over all layers) | layerwise (the fraction per layer) (default: "
+        "the model's: global; the ResNet-18 to -152 recipe layerwise)",
     )
     grouping: str = _field(
         "element",
         "element (each real component, as the paper) | number (whole hypercomplex numbers, by "
         "norm) | quaternion (the same, for algebra quat only)",
     )
-    prune_output: bool = _field(True, "also prune the output layer's weights (the paper does)")
+    prune_output: bool | None = _field(
+        None, "also prune the output layer's weights (default: yes, as the paper; resnet20 no)"
+    )
     layer_fractions: tuple[tuple[str, float], ...] = _field(
         (),
         "per-layer fractions as glob=fraction, e.g. 'output/*=0.1' (the output at half rate); "
         "with global pruning those layers leave the global pool",
     )
-    rewind: str = _field(
-        "init", "init | <N>it | <N>ep: where survivors are reset to (late resetting)"
+    rewind: str | None = _field(
+        None,
+        "init | <N>it | <N>ep: where survivors are reset to (late resetting; default: the "
+        "model's: init; resnet20 1ep)",
     )
     protocol: str = _field(
         "lottery",
@@ -119,8 +151,23 @@ class Config:
     batch_size: int | None = _field(
         None, "global batch size, split over local devices (default: 60)"
     )
-    lr: float | None = _field(None, "learning rate (default: the paper's per-model Adam rate)")
-    optimizer: str = _field("adam", "adam | sgd (momentum 0.9)")
+    lr: float | None = _field(
+        None, "learning rate, the peak of a schedule (default: the model's, e.g. the paper's Adam)"
+    )
+    optimizer: str | None = _field(
+        None, "adam | sgd (default: the model's: adam for the paper's models, sgd for ResNets)"
+    )
+    momentum: float | None = _field(None, "sgd's momentum (default: 0.9)")
+    nesterov: bool | None = _field(None, "sgd with Nesterov momentum (default: the model's)")
+    weight_decay: float | None = _field(
+        None, "L2 weight decay added to the gradient, as PyTorch's (default: the model's; 0)"
+    )
+    schedule: str | None = _field(
+        None,
+        "learning rate schedule: constant | warmup_cosine (linear warm-up, then cosine to 0) | "
+        "step (x0.1 at half and at three quarters of the epochs) (default: the model's)",
+    )
+    warmup_epochs: int | None = _field(None, "warm-up epochs of warmup_cosine (default: model's)")
     quat_init: str = _field(
         "htorch",
         "htorch (the paper's: a kxk conv kernel's fan-in counts k, as hTorch did) | "
@@ -131,6 +178,14 @@ class Config:
         "zhang", "phm2/phm4: the learned rules start as Zhang et al. draw them | hamilton (phm4)"
     )
     hash_seed: int = _field(0, "hashed4: the seed of the weight tying (every layer, replicate)")
+    output_layer: str | None = _field(
+        None,
+        "ResNets: hyper (a hypercomplex classifier, as the authors') | real | auto (hyper "
+        "where the class count is a multiple of n) (default: auto; the paper's models: real)",
+    )
+    bn_form: str | None = _field(
+        None, "ResNets' batch norm: split (the authors') | shared | whiten (default: split)"
+    )
     encoding: str = _field(
         "auto",
         "hypercomplex input encoding: auto | flat | rgb_gray | rgb_pure | gray_pure | none",
@@ -174,7 +229,7 @@ class Config:
         Hashing only non-default fields (open_lth's trick) keeps old run names valid when a new
         field with a default is added.
         """
-        defaults = Config().semantic()
+        defaults = {**Config().semantic(), **MODEL_DEFAULTS}
         changed = {k: v for k, v in self.semantic().items() if v != defaults[k]}
         digest = hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.model}_{self.algebra}_{self.dataset}_{digest}"

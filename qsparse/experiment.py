@@ -14,17 +14,35 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import optax
 from jax.experimental import multihost_utils
 
+from qsparse import (
+    algebras,
+    batchnorm,
+    files,
+    hyper,
+    initializers,
+    loop,
+    models,
+    pruning,
+    quaternion,
+    resnets,
+    rundir,
+    train,
+)
 from qsparse import data as qdata
-from qsparse import files, hyper, initializers, loop, models, pruning, quaternion, rundir, train
 from qsparse import masks as qmasks
 from qsparse.config import (
+    BN_FORMS,
     CONTROLS,
     DATASET_NAMES,
+    MODEL_DEFAULTS,
     OPTIMIZER_STATES,
     OPTIMIZERS,
+    OUTPUT_LAYERS,
     PROTOCOLS,
+    SCHEDULES,
     SEARCH_WEIGHTS,
     TICKET_OPTIMIZERS,
     Config,
@@ -51,7 +69,9 @@ def resolve(config: Config) -> Config:
         layer_fractions=tuple((str(k), float(v)) for k, v in config.layer_fractions),
         hidden=tuple(config.hidden),
     )
+    config = model_defaults(config)
     _choice("dataset", config.dataset, DATASET_NAMES)
+    config = _check_recipe(config, spec)
     _choice("pruning", config.pruning, pruning.METHODS)
     _choice("grouping", config.grouping, pruning.GROUPINGS)
     _choice("protocol", config.protocol, PROTOCOLS)
@@ -192,14 +212,81 @@ def create_model(config: Config, num_classes: int, algebra: str | None = None, *
         name = "features" if "features" in models.spec(config.model).kwargs else "dense_features"
         widths = {name: config.hidden}
     options = {}
+    if models.spec(config.model).module is resnets.ResNet:
+        options = dict(output=config.output_layer or "auto", bn_form=config.bn_form or "split")
     if algebra != "real":
         options = dict(
             quat_init=config.quat_init,
             encoding=config.encoding,
             phm_init=config.phm_init,
             hash_seed=config.hash_seed,
+            **options,
         )
     return models.create(config.model, algebra, num_classes, **widths, **{**options, **overrides})
+
+
+def model_defaults(config: Config) -> Config:
+    """The fields left at None (``the model's``) set to the model's recipe, else to
+    :data:`qsparse.config.MODEL_DEFAULTS` (a warm-up keeps its share of the epochs); also how a
+    stored config that predates a field reads."""
+    spec = models.spec(config.model)
+    recipe = {**MODEL_DEFAULTS, **spec.recipe}
+    if config.optimizer not in (None, recipe["optimizer"]):  # another optimizer: not its momentum
+        recipe.update({k: MODEL_DEFAULTS[k] for k in ("momentum", "nesterov")})
+    if config.epochs is not None:  # the recipe's warm-up is that share of its epochs
+        recipe["warmup_epochs"] = recipe["warmup_epochs"] * config.epochs // spec.epochs
+    unset = {name: recipe[name] for name in MODEL_DEFAULTS if getattr(config, name) is None}
+    return dataclasses.replace(config, **unset)
+
+
+def make_tx(config: Config, steps_per_epoch: int) -> optax.GradientTransformationExtraArgs:
+    """The optimizer of a resolved config, its schedule over ``epochs * steps_per_epoch``."""
+    return train.make_optimizer(
+        config.optimizer,
+        config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+        schedule=config.schedule,
+        warmup_steps=config.warmup_epochs * steps_per_epoch,
+        total_steps=config.epochs * steps_per_epoch,
+    )
+
+
+def _check_recipe(config: Config, spec: models.Spec) -> Config:
+    """The optimizer's and the ResNets' fields validated; ``output_layer`` resolved to the
+    classifier the model gets (``auto``: ``hyper`` where the class count is a multiple of n)."""
+    _choice("schedule", config.schedule, SCHEDULES)
+    if not 0.0 <= config.momentum < 1.0:
+        raise ConfigError(f"momentum={config.momentum} must be in [0, 1)")
+    if not 0.0 <= config.weight_decay < math.inf:
+        raise ConfigError(f"weight_decay={config.weight_decay} must be a number >= 0")
+    if config.warmup_epochs < 0 or (config.warmup_epochs and config.warmup_epochs >= config.epochs):
+        raise ConfigError(
+            f"warmup_epochs={config.warmup_epochs} must be in [0, epochs={config.epochs})"
+        )
+    if config.nesterov and config.optimizer != "sgd":
+        raise ConfigError(f"nesterov needs optimizer='sgd', got {config.optimizer!r}")
+    if spec.module is not resnets.ResNet:
+        for name, allowed in (("output_layer", "real"), ("bn_form", None)):
+            if getattr(config, name) != allowed:
+                raise ConfigError(
+                    f"{name}={getattr(config, name)!r} applies to the ResNets only "
+                    f"({', '.join(resnets.LAYOUTS)}); model {config.model} has "
+                    + ("a real output layer" if allowed else "no batch norm")
+                )
+        return config
+    _choice("output_layer", config.output_layer, OUTPUT_LAYERS)
+    _choice("bn_form", config.bn_form, BN_FORMS)
+    if config.hidden:
+        raise ConfigError(f"hidden={list(config.hidden)} does not apply to {config.model}")
+    try:
+        batchnorm.check(config.algebra, config.bn_form, algebras.get(config.algebra).n)
+        classes = qdata.DATASETS[config.dataset].num_classes
+        output = resnets.output_kind(config.algebra, classes, config.output_layer)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return dataclasses.replace(config, output_layer=output)
 
 
 def check_writable(path: Path) -> None:
@@ -226,6 +313,10 @@ def check_run_dir(run: rundir.Run, config: Config) -> None:
         old = Config.from_json(rundir.read_json(run.config))
     except (TypeError, ValueError) as e:
         raise rundir.CorruptFileError(f"{run.config} does not hold a config: {e}") from None
+    try:
+        old = resolve(old)  # fields added since it was written take the model's values
+    except ConfigError:
+        pass  # compared as stored: the difference is reported below
     if old.semantic() != config.semantic():
         diff = {
             k: (v, config.semantic()[k])
@@ -259,7 +350,7 @@ class Experiment:
         self.input_shape = d.train_images.shape[1:]
         self.param_shapes = self._param_shapes()
         self.stats0 = models.init_batch_stats(self.model, self.input_shape)  # None: no batch norm
-        self.tx = train.make_optimizer(config.optimizer, config.lr)
+        self.tx = make_tx(config, trainer.spec.steps)
         train_data = trainer.put_data(d.train_images, d.train_labels)
         val_data = trainer.put_data(d.val_images, d.val_labels)
         eval_data = {"test": trainer.put_data(d.test_images, d.test_labels)}

@@ -188,17 +188,20 @@ def find_round(run: rundir.Run, replicate: int, level: int | None) -> rundir.Rou
 def load_round(run: rundir.Run, rd: rundir.Round):
     """(config, model, trained params, masks, done.json) of a finished round."""
     try:
-        config = Config.from_json(rundir.read_json(run.config))
+        config = experiment.model_defaults(Config.from_json(rundir.read_json(run.config)))
     except (TypeError, ValueError) as e:
         raise rundir.CorruptFileError(f"{run.config} does not hold a config: {e}") from None
     spec = DATASETS[config.dataset]
     model = experiment.create_model(config, spec.num_classes)
+    if models.init_batch_stats(model, spec.image_shape) is not None:
+        raise ExportError(
+            f"{config.model} has batch norm, which export and the numpy runtime do not run yet; "
+            "exportable: the paper's models (lenet300_100, lenet12, conv2, conv4, conv6)"
+        )
     shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), spec.image_shape))
     params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)  # what is restored into
     masks = ckpt.load_masks(rd.masks, qmasks.ones(params))
-    like = train.create_train_state(
-        model, params, masks, train.make_optimizer(config.optimizer, config.lr)
-    )
+    like = train.create_train_state(model, params, masks, experiment.make_tx(config, 1))
     final = ckpt.load_tree(rd.final, like)
     return config, model, final.params, masks, rundir.read_done(rd)
 

@@ -229,6 +229,9 @@ class Spec:
     epochs: int
     batch_size: int
     lr: float
+    recipe: dict = dataclasses.field(default_factory=dict)
+    """Config fields the model's recipe sets beyond these (optimizer, schedule, pruning, ...);
+    the rest take :data:`qsparse.config.MODEL_DEFAULTS`."""
 
 
 REGISTRY: dict[str, Spec] = {
@@ -238,6 +241,7 @@ REGISTRY: dict[str, Spec] = {
     "conv4": Spec(ConvNet, {"stages": ((64, 64), (128, 128))}, "cifar10", 40, 60, 3e-4),
     "conv6": Spec(ConvNet, {"stages": ((64, 64), (128, 128), (256, 256))}, "cifar10", 60, 60, 3e-4),
 }
+PAPER_MODELS = tuple(REGISTRY)  # the paper's five; the ResNets (qsparse.resnets) join REGISTRY
 
 
 def spec(name: str) -> Spec:
@@ -259,7 +263,8 @@ def create(name: str, algebra: str = "real", num_classes: int = 10, **overrides)
         initializers.get(overrides["quat_init"])
     kwargs = {**s.kwargs, **overrides}
     widths = list(kwargs.get("features", ())) + [w for st in kwargs.get("stages", ()) for w in st]
-    widths += list(kwargs.get("dense_features", ()))
+    widths += list(kwargs.get("dense_features", ())) + list(kwargs.get("widths", ()))
+    widths += [kwargs["stem"]] if "stem" in kwargs else []
     n = algebras.get(algebra).n
     bad = [w for w in widths if w % n]
     if bad:
@@ -291,3 +296,6 @@ def init_batch_stats(model: nn.Module, input_shape: Sequence[int]) -> dict | Non
 
 def count_params(params) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+from qsparse import resnets  # noqa: E402, F401  (registers the ResNets, which build on _Body)

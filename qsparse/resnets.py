@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qsparse import algebras, batchnorm, initializers, quaternion
+from qsparse import algebras, batchnorm, initializers, models, quaternion
 from qsparse.models import _Body, _real_dense, algebra_names
 
 OUTPUTS = ("auto", "hyper", "real")
@@ -169,3 +169,44 @@ def create(name: str, algebra: str = "real", num_classes: int = 100, **overrides
     batchnorm.check(algebra, kwargs.get("bn_form", "split"), n)
     output_kind(algebra, num_classes, kwargs.get("output", "auto"))
     return ResNet(algebra=algebra, num_classes=num_classes, **kwargs)
+
+
+_SGD = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "output_layer": "auto"}
+RECIPES = {
+    # open_lth's CIFAR-10 ResNet-20: 160 epochs of batch 128, x0.1 at epochs 80 and 120, global
+    # pruning of 20 % without the output layer; rewound to the end of the first epoch
+    "resnet20": (
+        "cifar10",
+        160,
+        128,
+        0.1,
+        {**_SGD, "schedule": "step", "prune_output": False, "rewind": "1ep", "bn_form": "split"},
+    ),
+    # the authors' CIFAR-100 recipe: Nesterov SGD, 10 warm-up epochs then a cosine, 100 epochs of
+    # batch 100, 30 % of each layer per round, reset to the initial weights
+    **{
+        name: (
+            "cifar100",
+            100,
+            100,
+            0.1,
+            {
+                **_SGD,
+                "nesterov": True,
+                "schedule": "warmup_cosine",
+                "warmup_epochs": 10,
+                "prune_fraction": 0.3,
+                "pruning": "layerwise",
+                "bn_form": "split",
+            },
+        )
+        for name in LAYOUTS
+        if name != "resnet20"
+    },
+}
+models.REGISTRY.update(
+    {
+        name: models.Spec(ResNet, LAYOUTS[name], dataset, epochs, batch, lr, recipe)
+        for name, (dataset, epochs, batch, lr, recipe) in RECIPES.items()
+    }
+)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from qsparse import algebras, ops, rundir
-from qsparse.config import NON_SEMANTIC, Config
+from qsparse.config import MODEL_DEFAULTS, NON_SEMANTIC, Config
 
 # Config fields that do not define a curve: replicates of one experiment (seed, replicates),
 # how far or how often it ran, and bookkeeping. Every other config field does.
@@ -200,7 +200,8 @@ def curve_config(config: dict) -> dict[str, Any]:
     """The curve fields of a run's config (or of a tidy row), a field the run predates at its
     default: such a run ran as the default (the convention that keeps run names valid,
     :meth:`qsparse.config.Config.run_name`), so it pools and compares with newer runs."""
-    defaults = {k: v for k, v in Config().to_json().items() if k not in NOT_CURVE_FIELDS}
+    every = {**Config().to_json(), **MODEL_DEFAULTS}  # what the paper's models resolve to
+    defaults = {k: v for k, v in every.items() if k not in NOT_CURVE_FIELDS}
     return {**defaults, **{k: v for k, v in config.items() if k not in _NOT_CURVE}}
 
 

@@ -121,7 +121,7 @@ def test_conv4_flop_count_matches_a_hand_count():
 
 
 def test_every_model_has_a_window_size():
-    assert set(throughput.WINDOW_STEPS) == set(models.REGISTRY)
+    assert set(throughput.WINDOW_STEPS) == set(models.PAPER_MODELS)
 
 
 def test_cli_refuses_an_unknown_model_with_one_line(run_main, capsys):
@@ -129,7 +129,7 @@ def test_cli_refuses_an_unknown_model_with_one_line(run_main, capsys):
     done = capsys.readouterr()
     assert done.out == ""
     assert done.err.strip() == (
-        f"error: --models=lenet300_100,nope: unknown ['nope']; valid: {sorted(models.REGISTRY)}"
+        f"error: --models=lenet300_100,nope: unknown ['nope']; valid: {sorted(models.PAPER_MODELS)}"
     )
 
 
