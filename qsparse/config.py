@@ -27,7 +27,14 @@ DATASET_NAMES = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 
 # Fields that do not change results: excluded from the run name's hash and from the check that
 # a run directory holds the same experiment.
-NON_SEMANTIC = ("data_dir", "manual_dir", "checkpoint_every_secs", "eval_batch", "log_every")
+NON_SEMANTIC = (
+    "data_dir",
+    "manual_dir",
+    "offline",
+    "checkpoint_every_secs",
+    "eval_batch",
+    "log_every",
+)
 
 
 class ConfigError(ValueError):
@@ -153,6 +160,11 @@ class Config:
     )
     manual_dir: str | None = _field(
         None, "folder with the original dataset archives (MNIST ships with qsparse)"
+    )
+    offline: bool | None = _field(
+        None,
+        "never download: a dataset whose archives are absent is refused (default: offline if "
+        "$QSPARSE_OFFLINE is set, else absent archives are downloaded; --nooffline: download)",
     )
     # bookkeeping
     checkpoint_every_secs: float = _field(

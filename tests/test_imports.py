@@ -35,6 +35,7 @@ CORE = [
 ]
 RUN = [
     "data",
+    "datasets",
     "checkpoints",
     "rundir",
     "summaries",
