@@ -172,8 +172,7 @@ def load(
       name: one of :data:`DATASETS`.
       data_dir: root for prepared data (default :func:`default_data_dir`). The dataset lives in
         ``<data_dir>/<name>``; once prepared there, no archives are needed. A cloud path
-        (``gs://bucket/...``) is only read: a dataset prepared there in tfds's layout
-        (``<data_dir>/<name>/<version>``) or in this one.
+        (``gs://...``) is only read, in tfds's layout (``<data_dir>/<name>/<version>``) or this.
       manual_dir: folder holding the original archives (``DATASETS[name].archives``). Defaults to
         the shipped archives for ``"mnist"`` and to ``<data_dir>/<name>/downloads/manual``
         (tfds's own convention) otherwise; for ``"fashion_mnist"``, archives absent there (or of
@@ -182,31 +181,21 @@ def load(
         random by ``seed``; the test split is never touched.
       seed: seeds the validation and subset selections (deterministic per seed).
       train_subset, test_subset: keep only this many examples (chosen at random by ``seed``;
-        train after the validation hold-out), so small runs fit on a CPU.
-      offline: never download; archives still absent are refused. ``None``: offline when
-        ``$QSPARSE_OFFLINE`` is set (:data:`qsparse.datasets.archives.OFFLINE_ENV`).
-      download_url: fetch the archives from ``<download_url>/<file name>`` instead of their
-        original hosts (default ``$QSPARSE_DOWNLOAD_URL``, else the originals).
-
-    Selected examples keep the order they have in the prepared split.
+        train after the validation hold-out; in their order in the split), so small runs fit
+        on a CPU.
+      offline: never download absent archives (``None``: if ``$QSPARSE_OFFLINE`` is set).
+      download_url: fetch ``<download_url>/<file name>`` (default ``$QSPARSE_DOWNLOAD_URL``).
 
     Raises:
       ValueError: unknown ``name`` or sizes that do not fit the split.
       DatasetUnavailableError: the dataset is not prepared and an archive is missing from
-        ``manual_dir`` and offline, or could not be downloaded; the message names the files, the
-        folder to place them in and, for a failed download, the URL and why.
+        ``manual_dir``, offline or not downloadable; the message names the files, the folder to
+        place them in and, for a failed download, the URL and why.
     """
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
     spec = DATASETS[name]
-    base = default_data_dir() if data_dir is None else data_dir
-    if offline is None:
-        offline = _archives.offline_from_env()
-    if _is_remote(base):
-        splits = _read_remote(name, os.fspath(base).rstrip("/"))
-    else:
-        urls = None if offline else _archives.urls(_original_urls(name), download_url)
-        splits = _load_splits(name, Path(base).expanduser() / name, manual_dir, urls)
+    splits = _splits(name, data_dir, manual_dir, offline, download_url)
     train_images, train_labels, test_images, test_labels = splits
     rng_train = np.random.default_rng([seed, 0])
     rng_test = np.random.default_rng([seed, 1])
@@ -225,6 +214,18 @@ def load(
         test_images=test_images[test_idx],
         test_labels=test_labels[test_idx],
     )
+
+
+def _splits(name: str, data_dir, manual_dir, offline: bool | None, download_url: str | None):
+    """The full splits: read from a cloud data_dir, or from a local one (built there first if
+    need be, downloading absent archives unless offline)."""
+    base = default_data_dir() if data_dir is None else data_dir
+    if _is_remote(base):
+        return _read_remote(name, os.fspath(base).rstrip("/"))
+    if offline is None:
+        offline = _archives.offline_from_env()
+    urls = None if offline else _archives.archive_urls(_original_urls(name), download_url)
+    return _load_splits(name, Path(base).expanduser() / name, manual_dir, urls)
 
 
 def _is_remote(path: str | os.PathLike[str]) -> bool:

@@ -35,7 +35,7 @@ __all__ = [
     "fetch",
     "offline_from_env",
     "rebuild_from_debian",
-    "urls",
+    "archive_urls",
 ]
 
 #: Set to 1 (or true, yes, on) to never download: absent archives are refused, as offline.
@@ -193,7 +193,7 @@ def offline_from_env() -> bool:
     return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-def urls(originals: Mapping[str, str], base: str | None) -> dict[str, str]:
+def archive_urls(originals: Mapping[str, str], base: str | None) -> dict[str, str]:
     """Each archive's URL by file name: the original, or ``<base>/<file name>`` when ``base`` (or
     else :data:`URL_ENV`) is set."""
     base = base or os.environ.get(URL_ENV)
