@@ -161,10 +161,10 @@ class Config:
     manual_dir: str | None = _field(
         None, "folder with the original dataset archives (MNIST ships with qsparse)"
     )
-    offline: bool | None = _field(
-        None,
-        "never download: a dataset whose archives are absent is refused (default: offline if "
-        "$QSPARSE_OFFLINE is set, else absent archives are downloaded; --nooffline: download)",
+    offline: bool = _field(
+        False,
+        "never download a dataset's absent archives, refuse instead (also when $QSPARSE_OFFLINE "
+        "is set; otherwise they are downloaded once)",
     )
     # bookkeeping
     checkpoint_every_secs: float = _field(

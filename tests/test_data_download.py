@@ -186,10 +186,10 @@ def test_unreachable_host_fails_fast_and_writes_nothing(closed_port, tmp_path):
 
 
 def test_the_command_fails_fast_in_one_line(run_main, closed_port, tmp_path, capsys, monkeypatch):
-    """--nooffline asks for the download although the suite's $QSPARSE_OFFLINE is set."""
     monkeypatch.setenv(archives.URL_ENV, closed_port)
+    monkeypatch.delenv(archives.OFFLINE_ENV)
     start = time.perf_counter()
-    status = run_main(imp.main, [*CIFAR_RUN(tmp_path), "--nooffline"])
+    status = run_main(imp.main, CIFAR_RUN(tmp_path))
     assert time.perf_counter() - start < 10  # the command's own checks included
     assert status == 2
     err = capsys.readouterr().err
@@ -326,6 +326,8 @@ def test_cloud_data_dir_survives_config_and_environment(monkeypatch):
     monkeypatch.setattr(experiment.qdata, "load", lambda name, **kw: given.update(kw))
     experiment._load_dataset(config)
     assert (given["data_dir"], given["offline"]) == (BUCKET, True)
+    experiment._load_dataset(Config(model="conv4", dataset="cifar10"))
+    assert given["offline"] is None  # no --offline: $QSPARSE_OFFLINE decides
 
     monkeypatch.setenv(data.DATA_DIR_ENV, BUCKET)
     assert data.default_data_dir() == BUCKET
