@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import os
 import sys
 import types
@@ -32,10 +33,10 @@ __all__ = [
     "Archive",
     "DatasetUnavailableError",
     "DownloadError",
+    "archive_urls",
     "fetch",
     "offline_from_env",
     "rebuild_from_debian",
-    "archive_urls",
 ]
 
 #: Set to 1 (or true, yes, on) to never download: absent archives are refused, as offline.
@@ -238,13 +239,16 @@ def _fetch_one(url: str, archive: Archive, path: Path, timeout: float) -> None:
 
     def write(f) -> None:
         digest, size = hashlib.sha256(), 0
-        try:
-            while chunk := response.read(_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                f.write(chunk)
-        except OSError as e:  # not files.atomic_write's to report: the network failed
-            raise DownloadError(f"{url}: {_reason(e)} after {size:,} bytes") from None
+        while True:
+            try:
+                chunk = response.read(_CHUNK)
+            except (OSError, http.client.HTTPException) as e:  # the network failed, not the file
+                raise DownloadError(f"{url}: {_reason(e)} after {size:,} bytes") from None
+            if not chunk:
+                break
+            digest.update(chunk)
+            size += len(chunk)
+            f.write(chunk)
         if (size, digest.hexdigest()) != (archive.size, archive.sha256):
             raise DownloadError(
                 f"{url}: served {size:,} bytes with sha256 {digest.hexdigest()}, not the original "
