@@ -2,7 +2,7 @@ r"""Lottery-ticket iterative magnitude pruning of a real or quaternion model.
 
     python -m experiments.imp --model=lenet300_100 --algebra=quat --workdir=runs
     python -m experiments.imp --model=conv4 --algebra=quat --dataset=cifar10 \
-        --manual_dir=/path/with/cifar-10-binary.tar.gz --workdir=runs
+        --workdir=runs    # downloads CIFAR-10 once; --offline: only local archives
 
 Several processes (one per host, or several on one host) train one run together through JAX's
 multi-controller runtime: start the same command in each, with its own --process_id,

@@ -47,7 +47,14 @@ DATASET_NAMES = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 
 # Fields that do not change results: excluded from the run name's hash and from the check that
 # a run directory holds the same experiment.
-NON_SEMANTIC = ("data_dir", "manual_dir", "checkpoint_every_secs", "eval_batch", "log_every")
+NON_SEMANTIC = (
+    "data_dir",
+    "manual_dir",
+    "offline",
+    "checkpoint_every_secs",
+    "eval_batch",
+    "log_every",
+)
 
 
 class ConfigError(ValueError):
@@ -208,6 +215,11 @@ class Config:
     )
     manual_dir: str | None = _field(
         None, "folder with the original dataset archives (MNIST ships with qsparse)"
+    )
+    offline: bool = _field(
+        False,
+        "never download a dataset's absent archives, refuse instead (also when $QSPARSE_OFFLINE "
+        "is set; otherwise they are downloaded once)",
     )
     # bookkeeping
     checkpoint_every_secs: float = _field(

@@ -1,4 +1,4 @@
-"""Image-classification data: offline loading through tensorflow-datasets (host side, numpy).
+"""Image-classification data: loading through tensorflow-datasets (host side, numpy).
 
   :func:`load` builds a dataset with tensorflow-datasets from the original archives in a local
   ``manual_dir`` (tfds's offline mechanism: it finds ``manual_dir/<file name>``, checks the
@@ -6,8 +6,12 @@
   an ``.npz`` so later loads skip TensorFlow altogether. Real MNIST ships inside the package
   (``qsparse/datasets/mnist``), so ``load("mnist")`` works on a fresh clone with no network.
   Fashion-MNIST's archives are rebuilt byte for byte from Debian's ``dataset-fashion-mnist``
-  package where it is installed (:func:`rebuild_from_debian`). Other datasets need their archives
-  placed by hand; :data:`DATASETS` lists the exact files.
+  package where it is installed (:func:`rebuild_from_debian`). Archives still absent are
+  downloaded into ``manual_dir`` (:mod:`qsparse.datasets.archives`) unless ``offline``;
+  :data:`DATASETS` lists the exact files, for placing them by hand.
+
+  A ``data_dir`` on a cloud bucket (``gs://...``, any path with a URL scheme) stays a string,
+  which tfds reads directly: a prepared dataset there is read, never built into or cached.
 
   Each dataset gets its own tfds ``data_dir`` (``<data_dir>/<name>``): tfds names its extraction
   cache after the archive's file name only, and MNIST and Fashion-MNIST share file names, so a
@@ -19,17 +23,24 @@ The device-side preprocessing (normalisation, augmentation) is :mod:`qsparse.aug
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
 import types
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from qsparse import files
+from qsparse.datasets import archives as _archives
+from qsparse.datasets.archives import (
+    ARCHIVES,
+    Archive,
+    DatasetUnavailableError,
+    rebuild_from_debian,
+)
 
 __all__ = [
     "DATASETS",
@@ -54,15 +65,6 @@ SHIPPED_MNIST_DIR = Path(__file__).with_name("datasets") / "mnist"
 #: Where Debian's ``dataset-fashion-mnist`` package (``apt-get install dataset-fashion-mnist``)
 #: puts Fashion-MNIST; :func:`load` rebuilds the original archives from it.
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-
-@dataclasses.dataclass(frozen=True)
-class Archive:
-    """One original archive that tfds expects in ``manual_dir`` (from its ``url_checksums``)."""
-
-    filename: str
-    size: int
-    sha256: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,28 +94,7 @@ DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType(
             mean=(0.1307,),
             std=(0.3081,),
             augment=False,
-            archives=(
-                Archive(
-                    "train-images-idx3-ubyte.gz",
-                    9_912_422,
-                    "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-                ),
-                Archive(
-                    "train-labels-idx1-ubyte.gz",
-                    28_881,
-                    "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-                ),
-                Archive(
-                    "t10k-images-idx3-ubyte.gz",
-                    1_648_877,
-                    "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-                ),
-                Archive(
-                    "t10k-labels-idx1-ubyte.gz",
-                    4_542,
-                    "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-                ),
-            ),
+            archives=ARCHIVES["mnist"],
         ),
         "fashion_mnist": DatasetSpec(
             image_shape=(28, 28, 1),
@@ -121,28 +102,7 @@ DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType(
             mean=(0.2860,),
             std=(0.3530,),
             augment=False,
-            archives=(
-                Archive(
-                    "train-images-idx3-ubyte.gz",
-                    26_421_880,
-                    "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
-                ),
-                Archive(
-                    "train-labels-idx1-ubyte.gz",
-                    29_515,
-                    "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
-                ),
-                Archive(
-                    "t10k-images-idx3-ubyte.gz",
-                    4_422_102,
-                    "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
-                ),
-                Archive(
-                    "t10k-labels-idx1-ubyte.gz",
-                    5_148,
-                    "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
-                ),
-            ),
+            archives=ARCHIVES["fashion_mnist"],
         ),
         "cifar10": DatasetSpec(
             image_shape=(32, 32, 3),
@@ -150,13 +110,7 @@ DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType(
             mean=_IMAGENET_MEAN,
             std=_IMAGENET_STD,
             augment=True,
-            archives=(
-                Archive(
-                    "cifar-10-binary.tar.gz",
-                    170_052_171,
-                    "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
-                ),
-            ),
+            archives=ARCHIVES["cifar10"],
         ),
         "cifar100": DatasetSpec(
             image_shape=(32, 32, 3),
@@ -164,75 +118,10 @@ DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType(
             mean=_IMAGENET_MEAN,
             std=_IMAGENET_STD,
             augment=True,
-            archives=(
-                Archive(
-                    "cifar-100-binary.tar.gz",
-                    168_513_733,
-                    "58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec",
-                ),
-            ),
+            archives=ARCHIVES["cifar100"],
         ),
     }
 )
-
-
-class DatasetUnavailableError(ValueError):
-    """The dataset is neither prepared in ``data_dir`` nor buildable from ``manual_dir``."""
-
-
-# The original Fashion-MNIST archives' gzip mtimes, by file-name prefix; Debian replaced them.
-_FASHION_MNIST_MTIMES = {"train": 1_504_176_606, "t10k": 1_504_176_627}
-_DEBIAN_GZIP_START = b"\x1f\x8b\x08\x00"  # gzip magic, deflate, no flags (so no file name)
-
-
-def rebuild_from_debian(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[Path]:
-    """Rebuild the original Fashion-MNIST archives in ``dst`` from Debian's files in ``src``.
-
-    Debian kept the original deflate streams but rewrote each 10-byte gzip header (no file name,
-    its own mtime), so tfds's sha256 check rejects its files; putting the original header back
-    (file-name flag, mtime, name) restores the originals byte for byte. All four are rebuilt and
-    checked against :data:`DATASETS` before any is written, each through a temporary file, so
-    ``dst`` never holds a wrong or partial archive. Returns the paths written.
-
-    Raises:
-      DatasetUnavailableError: a file is missing from ``src``, does not start with Debian's
-        gzip header, or rebuilds to another sha256 than the original's.
-    """
-    src, dst = Path(src), Path(dst)
-    rebuilt = {}
-    for archive in DATASETS["fashion_mnist"].archives:
-        path = src / archive.filename
-        if not path.is_file():
-            raise DatasetUnavailableError(
-                f"{path} is missing; reinstall Debian's dataset-fashion-mnist package"
-            )
-        debian = path.read_bytes()
-        if debian[:4] != _DEBIAN_GZIP_START:
-            raise DatasetUnavailableError(
-                f"{path} starts with {debian[:4].hex(' ')}, not Debian's gzip header "
-                f"{_DEBIAN_GZIP_START.hex(' ')}; the original archive cannot be rebuilt from it"
-            )
-        name = archive.filename.removesuffix(".gz")
-        mtime = _FASHION_MNIST_MTIMES[name.split("-")[0]]
-        blob = b"".join(
-            [
-                b"\x1f\x8b\x08\x08",  # gzip magic, deflate, FNAME
-                mtime.to_bytes(4, "little"),
-                b"\x00\x03",  # no extra flags, Unix
-                name.encode() + b"\x00",
-                debian[10:],
-            ]
-        )
-        digest = hashlib.sha256(blob).hexdigest()
-        if digest != archive.sha256:
-            raise DatasetUnavailableError(
-                f"{archive.filename} rebuilt from {path} has sha256 {digest}, expected "
-                f"{archive.sha256}; the Debian file is damaged or not the original Fashion-MNIST"
-            )
-        rebuilt[dst / archive.filename] = blob
-    for path, blob in rebuilt.items():
-        files.write_bytes(path, blob)
-    return list(rebuilt)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -256,10 +145,13 @@ class Dataset:
     test_labels: np.ndarray
 
 
-def default_data_dir() -> Path:
-    """``$QSPARSE_DATA_DIR`` if set, else ``~/.cache/qsparse/tfds``."""
+def default_data_dir() -> Path | str:
+    """``$QSPARSE_DATA_DIR`` if set (a cloud path, ``gs://...``, as the string it is), else
+    ``~/.cache/qsparse/tfds``."""
     env = os.environ.get(DATA_DIR_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "qsparse" / "tfds"
+    if not env:
+        return Path.home() / ".cache" / "qsparse" / "tfds"
+    return env if _is_remote(env) else Path(env)
 
 
 def load(
@@ -271,13 +163,16 @@ def load(
     seed: int = 0,
     train_subset: int | None = None,
     test_subset: int | None = None,
+    offline: bool | None = None,
+    download_url: str | None = None,
 ) -> Dataset:
-    """Load a dataset into numpy, building it offline with tfds on first use.
+    """Load a dataset into numpy, building it with tfds on first use.
 
     Args:
       name: one of :data:`DATASETS`.
       data_dir: root for prepared data (default :func:`default_data_dir`). The dataset lives in
-        ``<data_dir>/<name>``; once prepared there, no archives are needed.
+        ``<data_dir>/<name>``; once prepared there, no archives are needed. A cloud path
+        (``gs://...``) is only read, in tfds's layout (``<data_dir>/<name>/<version>``) or this.
       manual_dir: folder holding the original archives (``DATASETS[name].archives``). Defaults to
         the shipped archives for ``"mnist"`` and to ``<data_dir>/<name>/downloads/manual``
         (tfds's own convention) otherwise; for ``"fashion_mnist"``, archives absent there (or of
@@ -286,21 +181,22 @@ def load(
         random by ``seed``; the test split is never touched.
       seed: seeds the validation and subset selections (deterministic per seed).
       train_subset, test_subset: keep only this many examples (chosen at random by ``seed``;
-        train after the validation hold-out), so small runs fit on a CPU.
-
-    Selected examples keep the order they have in the prepared split.
+        train after the validation hold-out; in their order in the split), so small runs fit
+        on a CPU.
+      offline: never download absent archives (``None``: if ``$QSPARSE_OFFLINE`` is set).
+      download_url: fetch ``<download_url>/<file name>`` (default ``$QSPARSE_DOWNLOAD_URL``).
 
     Raises:
       ValueError: unknown ``name`` or sizes that do not fit the split.
       DatasetUnavailableError: the dataset is not prepared and an archive is missing from
-        ``manual_dir``; the message names the files and the folder to place them in.
+        ``manual_dir``, offline or not downloadable; the message names the files, the folder to
+        place them in and, for a failed download, the URL and why.
     """
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
     spec = DATASETS[name]
-    root = (Path(data_dir).expanduser() if data_dir is not None else default_data_dir()) / name
-    manual, debian = _archive_dirs(name, root, manual_dir)
-    train_images, train_labels, test_images, test_labels = _load_splits(name, root, manual, debian)
+    splits = _splits(name, data_dir, manual_dir, offline, download_url)
+    train_images, train_labels, test_images, test_labels = splits
     rng_train = np.random.default_rng([seed, 0])
     rng_test = np.random.default_rng([seed, 1])
     train_idx, val_idx = _hold_out(rng_train, len(train_labels), validation_size, train_subset)
@@ -318,6 +214,28 @@ def load(
         test_images=test_images[test_idx],
         test_labels=test_labels[test_idx],
     )
+
+
+def _splits(name: str, data_dir, manual_dir, offline: bool | None, download_url: str | None):
+    """The full splits: read from a cloud data_dir, or from a local one (built there first if
+    need be, downloading absent archives unless offline)."""
+    base = default_data_dir() if data_dir is None else data_dir
+    if _is_remote(base):
+        return _read_remote(name, os.fspath(base).rstrip("/"))
+    if offline is None:
+        offline = _archives.offline_from_env()
+    urls = None if offline else _archives.archive_urls(_original_urls(name), download_url)
+    return _load_splits(name, Path(base).expanduser() / name, manual_dir, urls)
+
+
+def _is_remote(path: str | os.PathLike[str]) -> bool:
+    """A location with a URL scheme (``gs://bucket/x``): pathlib would make it ``gs:/bucket/x``."""
+    return "://" in os.fspath(path)
+
+
+def _original_urls(name: str) -> dict[str, str]:
+    """Each archive's URL by file name, as tfds registers it."""
+    return {info.filename: url for url, info in tfds.builder_cls(name).url_infos.items()}
 
 
 def _archive_dirs(name: str, root: Path, manual_dir) -> tuple[Path, Path | None]:
@@ -347,13 +265,13 @@ _SPLIT_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
 def _load_splits(
-    name: str, root: Path, manual: Path, debian: Path | None
+    name: str, root: Path, manual_dir, urls: dict[str, str] | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Full (train_images, train_labels, test_images, test_labels), from the .npz cache if any.
 
     The cache sits beside tfds's prepared data and is named after the tfds version, so a new
-    tfds version of the dataset is rebuilt rather than mixed with an old cache. ``debian``: the
-    folder of Debian's Fashion-MNIST to rebuild absent or wrong-sized archives from, if any.
+    tfds version of the dataset is rebuilt rather than mixed with an old cache. ``urls``: where
+    to download absent archives from, by file name (``None``: offline).
     """
     cache = root / f"{name}-{tfds.builder_cls(name).VERSION}.npz"
     if cache.exists():
@@ -362,44 +280,77 @@ def _load_splits(
 
     builder = tfds.builder(name, data_dir=root)
     if not builder.is_prepared():
-        if debian is not None and debian.is_dir() and _archive_problems(name, manual):
-            rebuild_from_debian(debian, manual)
-        _check_archives(name, manual, root, debian)
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(
-                manual_dir=os.fspath(manual),
-                compute_stats=tfds.download.ComputeStatsMode.SKIP,
-            )
-        )
-        # The extracted archives are only needed while building; they double the disk use.
-        shutil.rmtree(root / "downloads" / "extracted", ignore_errors=True)
-
+        _prepare(builder, root, *_archive_dirs(name, root, manual_dir), urls)
     splits = _read_split(builder, "train") + _read_split(builder, "test")
     arrays = dict(zip(_SPLIT_KEYS, splits, strict=True))
     files.atomic_write(cache, lambda f: np.savez(f, **arrays))  # readers never see a partial cache
     return splits
 
 
-def _check_archives(name: str, manual: Path, root: Path, debian: Path | None) -> None:
-    """Fail fast, before tfds starts, when an archive is absent or has the wrong size.
+def _prepare(
+    builder: tfds.core.DatasetBuilder,
+    root: Path,
+    manual: Path,
+    debian: Path | None,
+    urls: dict[str, str] | None,
+) -> None:
+    """Build the dataset from the original archives in ``manual``: those absent are rebuilt from
+    ``debian`` (Debian's Fashion-MNIST, if any) or downloaded from ``urls`` (None: offline).
 
-    tfds itself verifies the sha256 while building; this check only catches what would
-    otherwise surface as a long traceback (or, for a missing file, an attempted download).
+    Absent or wrong-sized archives fail here, before tfds starts, rather than as a long
+    traceback (or, for a missing file, tfds's own download attempt); tfds itself verifies the
+    sha256 while building.
     """
-    problems = _archive_problems(name, manual)
-    if problems:
-        debian_hint = (
-            f" Or `apt-get install dataset-fashion-mnist`: Debian's files in {debian} are"
-            " rebuilt into the originals."
-            if debian is not None
-            else ""
+    name = builder.name
+    if debian is not None and debian.is_dir() and _archive_problems(name, manual):
+        rebuild_from_debian(debian, manual)
+    if urls is not None and _archive_problems(name, manual):
+        try:
+            _archives.fetch(DATASETS[name].archives, urls, manual)
+        except _archives.DownloadError as e:
+            _refuse(name, root, manual, debian, f"could not be downloaded ({e})")
+    if _archive_problems(name, manual):
+        _refuse(name, root, manual, debian, "cannot be built offline")
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=os.fspath(manual),
+            compute_stats=tfds.download.ComputeStatsMode.SKIP,
+            try_download_gcs=False,
         )
-        raise DatasetUnavailableError(
-            f"Dataset {name!r} is not prepared in {root} and cannot be built offline: "
-            f"these original archives are needed in {manual}:\n" + "\n".join(problems) + "\n"
-            "Place them there, or point manual_dir=<folder> of qsparse.data.load (a script's"
-            " --manual_dir flag) at the folder that holds them." + debian_hint
-        )
+    )
+    # The extracted archives are only needed while building; they double the disk use.
+    shutil.rmtree(root / "downloads" / "extracted", ignore_errors=True)
+
+
+def _refuse(name: str, root: Path, manual: Path, debian: Path | None, why: str) -> NoReturn:
+    """Raise the error that names the archives still needed and where to place them."""
+    debian_hint = (
+        f" Or `apt-get install dataset-fashion-mnist`: Debian's files in {debian} are"
+        " rebuilt into the originals."
+        if debian is not None
+        else ""
+    )
+    raise DatasetUnavailableError(
+        f"Dataset {name!r} is not prepared in {root} and {why}: "
+        f"these original archives are needed in {manual}:\n"
+        + "\n".join(_archive_problems(name, manual))
+        + "\nPlace them there, or point manual_dir=<folder> of qsparse.data.load (a script's"
+        " --manual_dir flag) at the folder that holds them." + debian_hint
+    )
+
+
+def _read_remote(name: str, base: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The splits of a dataset prepared under a cloud ``base``, in tfds's layout or this one:
+    read as they are, with no cache, since such a folder is not built into here."""
+    for data_dir in (base, f"{base}/{name}"):
+        builder = tfds.builder(name, data_dir=data_dir)
+        if builder.is_prepared():
+            return _read_split(builder, "train") + _read_split(builder, "test")
+    raise DatasetUnavailableError(
+        f"Dataset {name!r} is not prepared in {base} (nor in {base}/{name}), and a cloud data_dir"
+        " is only read, never built into: prepare it in a local data_dir (a script's --data_dir"
+        f" flag) and copy the folder <data_dir>/{name} to {base}/{name}"
+    )
 
 
 def _archive_problems(name: str, manual: Path) -> list[str]:

@@ -420,6 +420,7 @@ def _load_dataset(config: Config) -> qdata.Dataset:
         config.dataset,
         data_dir=config.data_dir,
         manual_dir=config.manual_dir,
+        offline=config.offline or None,  # not --offline: $QSPARSE_OFFLINE decides
         validation_size=config.validation_size,
         seed=config.seed,
         train_subset=config.train_subset,

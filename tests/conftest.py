@@ -15,6 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No test downloads a dataset unless it asks to (offline=False, from a local server): this
+# process and every command it starts are offline.
+os.environ["QSPARSE_OFFLINE"] = "1"
 
 import jax
 

@@ -37,6 +37,7 @@ CORE = [
 ]
 RUN = [
     "data",
+    "datasets",
     "checkpoints",
     "rundir",
     "summaries",
