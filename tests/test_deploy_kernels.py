@@ -233,6 +233,17 @@ def test_threads_are_an_argument_and_bad_counts_are_refused(files):
         deploy.load(path, kernels="numba")
 
 
+def test_float_images_need_their_scale(files):
+    model = deploy.load(files["lenet300_100", "quat", 0.05])
+    x = np.random.default_rng(3).integers(0, 256, (4, 28, 28, 1), np.uint8)
+    ref = model.predict(x)
+    for images in (x / 255.0, x.astype(np.float32)):
+        with pytest.raises(TypeError, match=f"images are {images.dtype}; give raw uint8 pixels"):
+            model.predict(images)
+    assert_close(model.predict(x / 255.0, scale=1.0), ref.astype(np.float64))
+    assert_close(model.predict(x.astype(np.float32), scale=255), ref.astype(np.float64))
+
+
 @pytest.mark.skipif(not kernels.AVAILABLE, reason="compares numba's logits with the fallback's")
 def test_without_numba_the_fallback_gives_the_same_logits(files, monkeypatch):
     rng = np.random.default_rng(2)
@@ -243,7 +254,11 @@ def test_without_numba_the_fallback_gives_the_same_logits(files, monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(kernels, "AVAILABLE", False)
             slow = {c: deploy.load(files[key], kernels=c) for c in deploy.KERNELS}
-        assert "numba" in fast["csr"].describe() and "numba" not in slow["csr"].describe()
+        assert fast["csr"].engine.startswith("numba on") and slow["csr"].engine.startswith("scipy")
+        for model, engine in [(fast["csr"], "numba"), (slow["csr"], "scipy")]:
+            described = model.describe()
+            assert described.endswith(model.engine)
+            assert described.count(f", {engine}, csr\n") == len(model.layers)
         ref = fast["dense"].predict(x).astype(np.float64)
         for choice in deploy.KERNELS:
             assert_close(fast[choice].predict(x), ref)

@@ -56,6 +56,13 @@ def set_threads(threads: int | None) -> int:
     return threads
 
 
+def engine() -> str:
+    """What runs the sparse products now, in words (for ``Model.describe``)."""
+    if AVAILABLE:
+        return f"numba on {numba.get_num_threads()} thread(s)"
+    return "scipy, one thread (numba is not installed or hidden)"
+
+
 @inlined
 def _tile(job, rows, width):
     """(row, first column, end column) of work item ``job``: rows vary fastest, so that

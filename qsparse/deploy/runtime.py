@@ -1,11 +1,13 @@
-"""The numpy runtime of an export file: its layers and :class:`Model` (numpy; scipy for sparse).
+"""The numpy runtime of an export file: its layers and :class:`Model` (sparse products: numba's
+kernels where installed, scipy's otherwise).
 
 The header's ops (:mod:`qsparse.ops`) run in order; encodings, max-pool, the flatten layouts and
 the input normalisation are the array code the JAX models run too. A layer of any algebra
 computes with the real matrix :mod:`qsparse.deploy.matrices` builds from what the file stores
 (its algebra's table, the layer's PHM rules, or the hashed tying's seed), so a file runs where
-its algebra was never registered. How each layer computes (``kernels``: ``csr``, ``bsr``,
-``dense``) is described in ``docs/deployment.md`` and shown by :meth:`Model.describe`.
+its algebra was never registered. How each layer computes (``kernels``: ``auto``, ``csr``,
+``bsr``, ``dense``; ``auto`` by the cost rule :func:`sparse_wins`) is described in
+``docs/deployment.md`` and shown by :meth:`Model.describe`.
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ class _Layer:
         n_out = shape[-1] * (1 if kind == "real" else shape[0])
         if self.bias.shape != (n_out,):
             raise ValueError(f"layer {name}: bias of shape {self.bias.shape}, expected ({n_out},)")
-        self.c_in = shape[-2] * (1 if kind == "real" else shape[0])  # real input features
+        self.c_in = shape[-2] * (1 if kind == "real" else shape[0])  # real features, channels
         if len(shape) != (4 if self.conv else 2) + (kind != "real"):
             raise ValueError(f"layer {name}: {op.op} kernel of shape {shape}")
         if self.conv and (op.padding != "SAME" or op.strides != (1, 1)):
@@ -204,14 +206,13 @@ class _Layer:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Columns ``(K, B)`` -> ``(M, B)`` for a dense op; NHWC -> NHWC for a convolution."""
+        features = x.shape[-1] if self.conv else x.shape[0]
+        if features != self.c_in:  # the kernels index x unchecked
+            raise ValueError(f"layer {self.name}: input has {features} features, not {self.c_in}")
         if not self.conv:
             if self.uses_dense(x.shape[1]):
                 return self._kt @ x + self.bias[:, None]
             return self._sparse(x)
-        if x.shape[-1] != self.c_in:
-            raise ValueError(
-                f"layer {self.name}: input has {x.shape[-1]} channels, not {self.c_in}"
-            )
         n, h, w, _ = x.shape
         if self.uses_dense(n * h * w):
             return self._conv(x)
@@ -246,7 +247,7 @@ class _Layer:
 
 
 class Model:
-    """An exported model: :meth:`predict` maps raw images to logits with numpy (and scipy)."""
+    """An exported model: :meth:`predict` maps raw images to logits (numpy; numba or scipy)."""
 
     def __init__(self, header: dict, arrays: dict[str, np.ndarray], *, kernels: str = "auto"):
         if kernels not in KERNELS:
@@ -263,6 +264,7 @@ class Model:
         self._std = np.asarray(inp["std"], np.float32)
         if self._mean.shape != (self.input_shape[-1],) or self._std.shape != self._mean.shape:
             raise ValueError(f"mean/std do not match the {self.input_shape[-1]} input channels")
+        self.engine = kernels_lib.engine()  # what runs the sparse products, as loaded
         self.layers: list[_Layer] = []
         self._steps: list[tuple[Forward, bool | None]] = []  # (step, on columns?; None: either)
         h, w = self.input_shape[:2]
@@ -278,20 +280,31 @@ class Model:
                     h, w = h // 2, w // 2
                 self._steps.append((_step(op), None if isinstance(op, ops.Relu) else False))
 
-    def preprocess(self, images: np.ndarray) -> np.ndarray:
-        """Raw pixels (uint8, or floats in [0, 255]) -> normalised float32, per channel."""
+    def preprocess(self, images: np.ndarray, scale: float | None = None) -> np.ndarray:
+        """Raw uint8 pixels (or floats in ``[0, scale]``: ``scale`` says what white is, 255 or
+        1.0) -> normalised float32, per channel. Floats without ``scale`` are refused
+        (TypeError): images already scaled to [0, 1] would give wrong logits silently."""
         images = np.asarray(images)
+        if scale is None and images.dtype != np.uint8:
+            raise TypeError(
+                f"images are {images.dtype}; give raw uint8 pixels, or floats with scale= (the "
+                "value of white: 255 for pixels in [0, 255], 1.0 for [0, 1])"
+            )
         if images.ndim == len(self.input_shape) and self.input_shape[-1] == 1:
             images = images[..., None]  # (N, H, W) grayscale
         if images.shape[1:] != self.input_shape:
             raise ValueError(
                 f"images of shape {images.shape}; the model takes (N, {self.input_shape})"
             )
-        return ops.normalize(images, self._mean, self._std, self._scale)
+        white = self._scale if scale is None else float(scale)
+        return ops.normalize(images, self._mean, self._std, white)
 
-    def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Logits ``(N, num_classes)`` float32 of raw ``(N, H, W, C)`` images."""
-        x = self.preprocess(images)
+    def predict(
+        self, images: np.ndarray, batch_size: int = 256, *, scale: float | None = None
+    ) -> np.ndarray:
+        """Logits ``(N, num_classes)`` float32 of raw ``(N, H, W, C)`` uint8 images (floats:
+        with ``scale``, :meth:`preprocess`)."""
+        x = self.preprocess(images, scale)
         out = [self._forward(x[s : s + batch_size]) for s in range(0, len(x), batch_size)]
         if not out:
             return np.zeros((0, self.num_classes), np.float32)
@@ -330,5 +343,5 @@ class Model:
                 f"{s['alive']}/{s['total']} weights alive, {s['bytes']} bytes, {layer.why()}, "
                 f"{layer.path}"
             )
-        lines.append(f"kernel bytes {total}")
+        lines.append(f"kernel bytes {total}; sparse products: {self.engine}")
         return "\n".join(lines)
