@@ -32,8 +32,20 @@ TILE = 256  # columns per work item: a tile of one row of x and y stays in the L
 
 if AVAILABLE:
     prange = numba.prange
-    compiled = numba.njit(parallel=True, cache=True, fastmath={"contract"})
-    inlined = numba.njit(cache=True, inline="always", fastmath={"contract"})
+
+    def _jit(**options):
+        """numba's ``njit``, its machine code cached on disk where a cache folder is writable
+        (else compiled once per process)."""
+
+        def wrap(fn):
+            try:
+                return numba.njit(cache=True, fastmath={"contract"}, **options)(fn)
+            except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+                return numba.njit(fastmath={"contract"}, **options)(fn)
+
+        return wrap
+
+    compiled, inlined = _jit(parallel=True), _jit(inline="always")
 else:
     prange = range
 
