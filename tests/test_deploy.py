@@ -31,6 +31,7 @@ from experiments import export as export_cli
 from qsparse import algebras, augment, data, deploy, export, lottery, models, pruning, rundir
 from qsparse import masks as M
 from qsparse.config import Config
+from qsparse.deploy import kernels as deploy_kernels
 from qsparse.deploy.__main__ import main as deploy_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,12 +236,14 @@ def test_every_algebra_exports_and_runs_as_in_jax(tmp_path, name, algebra):
                 )
             else:
                 assert f"{layer}/phm_rules" not in arrays
-        dense = [op["op"] == "dense" for op in layer_ops(header)]
-        sparse = ["csr" if d else "dense" for d in dense]
-        assert paths["dense"] == ["dense"] * len(dense) and paths["csr"] == sparse
+        layers = len(layer_ops(header))  # convolutions and dense layers alike
+        assert paths["dense"] == ["dense"] * layers and paths["csr"] == ["csr"] * layers
+        signed = (
+            kind == "table" and algebras.get(algebra).signed_blocks and deploy_kernels.AVAILABLE
+        )
         blocks = grouping == "number" and kind != "hashed"  # bsr: stored blocks, a table
-        hidden = ["bsr" if blocks and d else p for d, p in zip(dense, sparse, strict=True)]
-        assert paths["bsr"] == [*hidden[:-1], "csr"]  # the output layer is real
+        hidden = "bsr" if blocks else "hyper" if signed else "csr"
+        assert paths["bsr"] == [hidden] * (layers - 1) + ["csr"]  # the output layer is real
 
 
 DUAL = "dual_numbers_of_test_deploy"
@@ -299,9 +302,10 @@ def test_version_1_files_load_and_give_their_logits(stem, spec):
     assert layouts == ({"nblock", "element"} if "quaternion" in stem else {"element"})
     x = fixture_images(spec.image_shape)
     with np.load(FIXTURES / "logits.npz") as logits:
-        for kernels in deploy.KERNELS:
-            model_np = deploy.load(path, kernels=kernels)
-            assert_close(model_np.predict(x), logits[f"{stem}/{kernels}"])
+        for choice in deploy.KERNELS:  # auto (newer than version 1) picks among the others
+            model_np = deploy.load(path, kernels=choice)
+            ref = logits[f"{stem}/{'dense' if choice == 'auto' else choice}"]
+            assert_close(model_np.predict(x), ref)
     assert model_np.describe().startswith("qsparse-deploy v1,")
 
 

@@ -12,7 +12,8 @@ uint8 images and returns the trained model's logits::
 ``python -m qsparse.deploy FILE`` checks a file and prints what it holds. The file format is
 written out in ``docs/deployment.md``; :mod:`qsparse.deploy.format` implements it (the exporter
 writes through :func:`pack` and :func:`save`), :mod:`qsparse.deploy.runtime` runs it. Nothing
-here imports jax, flax or TensorFlow.
+here imports jax, flax or TensorFlow; the sparse products compile with numba where it is installed
+(``pip install qsparse-jax[fast]``, :mod:`qsparse.deploy.kernels`) and use scipy otherwise.
 """
 
 from qsparse.deploy.format import (
@@ -20,7 +21,6 @@ from qsparse.deploy.format import (
     ENCODINGS,
     FORMAT,
     HEADER,
-    KERNELS,
     LAYOUTS,
     READS,
     VERSION,
@@ -38,7 +38,7 @@ from qsparse.deploy.format import (
     save,
     storage_candidates,
 )
-from qsparse.deploy.runtime import Model, load
+from qsparse.deploy.runtime import KERNELS, Model, load
 
 __all__ = [
     "DTYPES",

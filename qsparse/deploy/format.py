@@ -26,7 +26,6 @@ READS = (1, 2)  # the versions :func:`read` accepts
 HEADER = "header.json"
 DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
 ENCODINGS = tuple(ops.ENCODINGS)
-KERNELS = ("csr", "bsr", "dense")
 LAYOUTS = ("element", "nblock")  # version 1 named nblock "qblock" (quaternions only)
 
 

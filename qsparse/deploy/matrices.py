@@ -1,4 +1,4 @@
-"""A stored layer's real matrix, dense or sparse, from its kernel and its algebra (numpy, scipy).
+"""A stored layer's real matrix, dense or sparse, from its kernel and its algebra.
 
 A component kernel ``(n, ..., n_in, n_out)`` acts on component-blocked features through its
 real block kernel ``(..., n * n_in, n * n_out)``, as :mod:`qsparse.hyper` builds it in JAX:
@@ -7,7 +7,9 @@ constants ``A`` (an algebra's fixed table, or a PHM layer's learned rules), and 
 kind the stored weights are read ``n`` times each at the positions
 :func:`qsparse.algebras.tied_positions` fixes by the layer's seed.
 
-The sparse products are of ``W^T`` as a scipy matrix, applied as ``(W^T x^T)^T``.
+The sparse products are of ``W^T`` with columns ``x`` ``(K, B)`` (a batch of features laid out
+with the batch contiguous, or a convolution's image patches): numba's kernels
+(:mod:`qsparse.deploy.kernels`) where numba imports, scipy's sparse matrices otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from qsparse.algebras import Algebra, tied_positions
+from qsparse.deploy import kernels
 
 Forward = Callable[[np.ndarray], np.ndarray]
 
@@ -54,60 +57,132 @@ def real_kernel(structure: Structure | None, kernel: np.ndarray) -> np.ndarray:
     return real.reshape(*lead, n * n_in, n * n_out).astype(np.float32)
 
 
-def _csr(wt_shape, rows, cols, vals) -> Forward:
-    from scipy import sparse
-
-    wt = sparse.csr_array((vals, (rows, cols)), shape=wt_shape, dtype=np.float32)
-    return lambda x: (wt @ x.T).T
-
-
-def csr_product(structure: Structure | None, shape, positions, values) -> Forward:
-    """The product with a dense layer's kernel of ``shape`` stored as element ``positions`` (flat
-    C-order) and ``values``, as CSR of its real matrix: each stored value placed once per block
-    its component enters (with that block's structure constant), or per tied copy."""
+def real_shape(structure: Structure | None, shape) -> tuple[int, int]:
+    """``(M, K)`` of ``W^T`` for a dense kernel or a convolution's (one row per output channel,
+    one column per patch row, as :func:`qsparse.deploy.kernels.im2col` orders them)."""
     if structure is None:
-        n_in, n_out = shape
-        i, o = np.divmod(positions, n_out)
-        return _csr((n_out, n_in), o, i, values)
-    n, q_in, q_out = shape
+        return shape[-1], int(np.prod(shape[:-1]))
+    n = structure.n
+    return n * shape[-1], n * int(np.prod(shape[1:-1]))
+
+
+def number_coords(flat: np.ndarray, n: int, shape) -> tuple[np.ndarray, np.ndarray]:
+    """(output number ``o``, input row of component 0) of flat positions over a component
+    kernel's grid ``shape[1:]`` ``(..., q_in, q_out)``: the number at patch position ``p``,
+    input ``i`` reads rows ``p n q_in + b q_in + i`` for its components ``b``."""
+    q_in, q_out = shape[-2], shape[-1]
+    r, o = np.divmod(flat, q_out)
+    p, i = np.divmod(r, q_in)
+    return o, p * n * q_in + i
+
+
+def real_entries(structure: Structure | None, shape, positions, values):
+    """(rows, columns, values) of ``W^T``'s nonzeros for a kernel of ``shape`` stored as element
+    ``positions`` (flat C-order) and ``values``: each stored value placed once per block its
+    component enters (with that block's structure constant), or per tied copy."""
+    if structure is None:
+        cols, rows = np.divmod(positions, shape[-1])
+        return rows, cols, values
+    n, q_in, q_out = structure.n, shape[-2], shape[-1]
+    size = int(np.prod(shape[1:]))
     if structure.algebra is None:
-        copies = np.argsort(structure.tied(int(np.prod(shape))), kind="stable").reshape(-1, n)
-        i, o = np.divmod(copies[positions].ravel(), n * q_out)
-        return _csr((n * q_out, n * q_in), o, i, np.repeat(values, n))
-    c, rest = np.divmod(positions, q_in * q_out)
-    i, o = np.divmod(rest, q_out)
+        copies = np.argsort(structure.tied(n * size), kind="stable").reshape(-1, n)
+        cols, rows = np.divmod(copies[positions].ravel(), n * q_out)
+        return rows, cols, np.repeat(values, n)
+    c, rest = np.divmod(positions, size)
+    o, base = number_coords(rest, n, shape)
     rows, cols, vals = [], [], []
     table = structure.algebra.table
     for cc, b, a in zip(*np.nonzero(table), strict=True):
         sel = c == cc
         rows.append(a * q_out + o[sel])
-        cols.append(b * q_in + i[sel])
+        cols.append(base[sel] + b * q_in)
         vals.append(table[cc, b, a] * values[sel])
-    return _csr((n * q_out, n * q_in), *map(np.concatenate, (rows, cols, vals)))
+    return tuple(map(np.concatenate, (rows, cols, vals)))
 
 
-def bsr_product(structure: Structure, shape, positions, values) -> Forward:
-    """The product with a dense layer's kernel stored as ``nblock`` (``values`` ``(count, n)``)
-    as a BSR matrix: block (o, i) of ``W^T``, on features ordered number by number
-    (``x_n[n i + b] = x[b q_in + i]``), is the ``n x n`` real matrix of stored number (i, o)."""
+def by_row(rows: np.ndarray, n_rows: int, *columns: np.ndarray):
+    """(indptr, each of ``columns`` reordered by row): entries grouped as CSR groups them."""
+    order = np.argsort(rows, kind="stable")
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_rows))])
+    return (indptr.astype(np.int64), *(np.ascontiguousarray(c[order]) for c in columns))
+
+
+def csr_product(structure: Structure | None, shape, positions, values, bias) -> tuple[Forward, int]:
+    """(``x -> W^T x + bias`` on columns ``x`` ``(K, B)``, multiply-adds per column) through CSR
+    of the real matrix (element positions): numba's kernel where it imports, scipy's otherwise."""
+    rows, cols, vals = real_entries(structure, shape, positions, values)
+    m, k = real_shape(structure, shape)
+    if kernels.AVAILABLE:
+        indptr, cols, vals = by_row(rows, m, cols.astype(np.int64), vals.astype(np.float32))
+        return (lambda x: kernels.csr_matmul(indptr, cols, vals, bias, x)), len(vals)
     from scipy import sparse
 
-    n, q_in, q_out = shape
-    i, o = np.divmod(positions, q_out)
-    order = np.lexsort((i, o))
-    i, o, values = i[order], o[order], values[order]
-    blocks = np.einsum("cba,kc->kab", structure.algebra.table, values).astype(np.float32)
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(o, minlength=q_out))])
-    wt = sparse.bsr_array(
-        (blocks, i, indptr), shape=(n * q_out, n * q_in), blocksize=(n, n), dtype=np.float32
-    )
+    wt = sparse.csr_array((vals, (rows, cols)), shape=(m, k), dtype=np.float32)
+    return (lambda x: wt @ x + bias[:, None]), len(vals)
+
+
+def _signed_terms(algebra: Algebra) -> tuple[np.ndarray, np.ndarray]:
+    """(``terms[c, j] = (b, a)``, ``signs[c, j]``): the blocks component ``c`` enters, padded
+    with sign 0 where a component enters fewer than another."""
+    per = [[(b, a, s) for b, a, cc, s in algebra.left_terms if cc == c] for c in range(algebra.n)]
+    terms = np.zeros((algebra.n, max(map(len, per)), 2), np.int64)
+    signs = np.zeros(terms.shape[:2], np.float32)
+    for c, blocks in enumerate(per):
+        for j, (b, a, s) in enumerate(blocks):
+            terms[c, j], signs[c, j] = (b, a), s
+    return terms, signs
+
+
+def hyper_product(structure: Structure, shape, positions, values, comps, bias):
+    """(``W^T x + bias``, multiply-adds) through numba's kernel for a table of single signed
+    components: ``positions`` over ``shape[1:]``, ``values`` ``(count, m)`` the stored
+    components ``comps`` (``(count,)``: one each) or, ``comps`` None, all ``n`` of a number."""
+    terms, signs = _signed_terms(structure.algebra)
+    o, base = number_coords(positions, structure.n, shape)
+    if comps is None:  # whole numbers: one index, n values
+        indptr, base, values = by_row(o, shape[-1], base.astype(np.int64), values)
+        comps = np.broadcast_to(np.arange(structure.n), values.shape)  # no memory per number
+    else:
+        indptr, base, comps, values = by_row(o, shape[-1], base.astype(np.int64), comps, values)
+        comps, values = comps[:, None], values[:, None]
+    q_in, macs = shape[-2], int(np.count_nonzero(signs[comps]))
 
     def forward(x):
-        xn = x.reshape(-1, n, q_in).transpose(0, 2, 1).reshape(-1, n * q_in)
-        y = (wt @ xn.T).T  # (batch, n q_out) number by number
-        return y.reshape(-1, q_out, n).transpose(0, 2, 1).reshape(-1, n * q_out)
+        return kernels.hyper_matmul(indptr, base, comps, values, terms, signs, q_in, bias, x)
 
-    return forward
+    return forward, macs
+
+
+def bsr_product(structure: Structure, shape, positions, values, bias) -> tuple[Forward, int]:
+    """(``W^T x + bias``, multiply-adds) for a kernel stored as ``nblock`` (``values``
+    ``(count, n)``), one ``n x n`` block per stored number: numba's register-expanded block for
+    a table of single signed components, else scipy's BSR on features number by number."""
+    n, q_out = structure.n, shape[-1]
+    algebra = structure.algebra
+    if kernels.AVAILABLE and algebra.signed_blocks:
+        return hyper_product(structure, shape, positions, values, None, bias)
+    from scipy import sparse
+
+    m, k = real_shape(structure, shape)
+    i, o = np.divmod(positions, q_out)  # block column i: patch position and input number
+    indptr, i, values = by_row(o, q_out, i, values)
+    blocks = np.einsum("cba,kc->kab", algebra.table, values).astype(np.float32)
+    wt = sparse.bsr_array((blocks, i, indptr), shape=(m, k), blocksize=(n, n), dtype=np.float32)
+
+    def forward(x):
+        xn = x.reshape(-1, n, shape[-2], x.shape[1]).transpose(0, 2, 1, 3).reshape(k, -1)
+        y = wt @ xn  # (n q_out, B), number by number
+        return y.reshape(q_out, n, -1).transpose(1, 0, 2).reshape(m, -1) + bias[:, None]
+
+    return forward, values.size * n
+
+
+def component_product(structure: Structure, shape, positions, values, bias) -> tuple[Forward, int]:
+    """(``W^T x + bias``, multiply-adds) for an element-stored component kernel of a table of
+    single signed components (numba only): each stored component feeds its blocks' outputs."""
+    c, rest = np.divmod(positions, int(np.prod(shape[1:])))
+    return hyper_product(structure, shape, rest, values, c, bias)
 
 
 def element_positions(storage: dict, shape, positions, values):

@@ -1,11 +1,13 @@
-"""The numpy runtime of an export file: its layers and :class:`Model` (numpy; scipy for sparse).
+"""The numpy runtime of an export file: its layers and :class:`Model` (sparse products: numba's
+kernels where installed, scipy's otherwise).
 
 The header's ops (:mod:`qsparse.ops`) run in order; encodings, max-pool, the flatten layouts and
 the input normalisation are the array code the JAX models run too. A layer of any algebra
 computes with the real matrix :mod:`qsparse.deploy.matrices` builds from what the file stores
 (its algebra's table, the layer's PHM rules, or the hashed tying's seed), so a file runs where
-its algebra was never registered. How each layer computes (``kernels``: ``csr``, ``bsr``,
-``dense``) is described in ``docs/deployment.md`` and shown by :meth:`Model.describe`.
+its algebra was never registered. How each layer computes (``kernels``: ``auto``, ``csr``,
+``bsr``, ``dense``; ``auto`` by the cost rule :func:`sparse_wins`) is described in
+``docs/deployment.md`` and shown by :meth:`Model.describe`.
 """
 
 from __future__ import annotations
@@ -17,35 +19,37 @@ import numpy as np
 
 from qsparse import ops
 from qsparse.algebras import KINDS, Algebra
-from qsparse.deploy.format import (
-    DTYPES,
-    FORMAT,
-    KERNELS,
-    ExportFileError,
-    decode_kernel,
-    dense_kernel,
-    read,
-)
+from qsparse.deploy import kernels as kernels_lib
+from qsparse.deploy.format import DTYPES, FORMAT, ExportFileError, decode_kernel, dense_kernel, read
+from qsparse.deploy.kernels import im2col
 from qsparse.deploy.matrices import (
     Forward,
     Structure,
     bsr_product,
+    component_product,
     csr_product,
     element_positions,
     real_kernel,
+    real_shape,
 )
 
+KERNELS = ("auto", "csr", "bsr", "dense")  # how layers compute: load(path, kernels=...)
 
-def load(path: str | os.PathLike, *, kernels: str = "csr") -> Model:
+
+def load(path: str | os.PathLike, *, kernels: str = "auto", threads: int | None = None) -> Model:
     """The model of an export file, ready to :meth:`Model.predict`.
 
-    ``kernels`` says how dense layers compute (convolutions are always dense): ``csr`` (sparse
-    real matrices, a component kernel as its real block matrix), ``bsr`` (as ``csr``, but a
-    kernel of an algebra with structure constants stored as ``nblock`` as one ``n x n`` block
-    per stored number) or ``dense`` (the kernels rebuilt whole, BLAS matrix products).
+    ``kernels`` says how layers (dense and convolutions) compute: ``auto`` (per layer and batch,
+    dense BLAS or the sparse kernel below, by :func:`sparse_wins`), ``csr`` (CSR of the real
+    matrix), ``bsr`` (a kernel of an algebra with structure constants stored as ``nblock``: one
+    ``n x n`` block per stored number; element-stored kernels of a table of single signed
+    components: each stored component feeding its ``n`` outputs; others ``csr``) or ``dense``
+    (the kernels rebuilt whole, BLAS). The sparse products are numba's where it imports
+    (``threads`` cores, None: all), scipy's otherwise.
     """
     if kernels not in KERNELS:
         raise ValueError(f"kernels={kernels!r} is not valid; choose one of {list(KERNELS)}")
+    kernels_lib.set_threads(threads)
     header, arrays = read(path)
     try:
         return Model(header, arrays, kernels=kernels)
@@ -99,14 +103,34 @@ def structure(op: ops.Dense | ops.Conv, entry: dict, algebras: dict, arrays: dic
     return Structure(n, Algebra(f"{op.kind} of {op.name}", components, table.copy()))
 
 
-class _Layer:
-    """A conv or dense op: its kernel decoded, its bias, and how it computes (``path``)."""
+# -- dispatch: dense BLAS or a sparse kernel, per layer and number of columns ------------------
+# A sparse product runs its multiply-adds at a lower rate than BLAS runs a dense product's, so it
+# wins below a break-even density (its multiply-adds / the dense product's). That density is
+# higher for few columns (a matrix-vector product: dense BLAS reads every weight per column and
+# waits on memory) than from MANY_COLUMNS columns on (dense BLAS near the machine's peak). A
+# dense layer has one column per image; a convolution one per output position of each image.
+MANY_COLUMNS = 16
+BREAK_EVEN = {  # engine: (break-even density below MANY_COLUMNS columns, from it)
+    "numba": (0.5, 0.2),
+    "scipy": (0.3, 0.05),
+}
 
-    def __init__(self, op: ops.Dense | ops.Conv, entry: dict, header: dict, arrays: dict, kernels):
-        name, kind = op.name, op.kind
-        self.name, self.kind, self.op = name, kind, op.op
-        self.storage = entry["storage"]
-        self.shape = shape = tuple(entry["kernel_shape"])
+
+def sparse_wins(density: float, columns: int, engine: str) -> bool:
+    """The cost rule: a sparse product of ``density`` on ``columns`` columns beats dense BLAS."""
+    few, many = BREAK_EVEN[engine]
+    return density < (few if columns < MANY_COLUMNS else many)
+
+
+class _Layer:
+    """A conv or dense op: its kernel decoded, its bias, and how it computes (``path``; with
+    ``kernels="auto"`` dense BLAS instead where :func:`sparse_wins` says no)."""
+
+    def __init__(self, op, entry: dict, header: dict, arrays: dict, kernels: str, columns: int):
+        self.name, self.kind, self.op = op.name, op.kind, op.op
+        self.storage, self.shape = entry["storage"], tuple(entry["kernel_shape"])
+        self.conv, self.columns = isinstance(op, ops.Conv), columns  # columns per image
+        name, shape = self.name, self.shape
         parts = {
             k: arrays[f"{name}/{k}"] for k in ("values", "positions") if f"{name}/{k}" in arrays
         }
@@ -115,53 +139,89 @@ class _Layer:
             self.structure = structure(op, entry, header.get("algebras", {}), arrays)
         except ValueError as e:
             raise ValueError(f"layer {name}: {e}") from None
+        self._check(op, arrays)
+        self.choice, self.path = kernels, self._path(kernels)
+        self.engine, self.density = "blas", 1.0
+        if self.path != "dense":
+            self._sparse, macs = self._product(positions, values)
+            self.density = macs / float(np.prod(real_shape(self.structure, shape)))
+            if kernels == "auto" and not sparse_wins(self.density, columns, self.engine):
+                self.path, self._sparse = "dense", None  # dense at every batch
+        if self.path == "dense" or kernels == "auto":
+            dense = dense_kernel(self.storage, shape, positions, values)
+            self.kernel = real_kernel(self.structure, dense)
+            if not self.conv:
+                self._kt = np.ascontiguousarray(self.kernel.T)
+
+    def _check(self, op, arrays: dict) -> None:
+        name, shape, kind = self.name, self.shape, self.kind
         if kind == "real" and self.storage["layout"] != "element":
             raise ValueError(f"layer {name}: a real kernel stored as {self.storage['layout']}")
         self.bias = np.asarray(arrays[f"{name}/bias"], np.float32)
         n_out = shape[-1] * (1 if kind == "real" else shape[0])
         if self.bias.shape != (n_out,):
             raise ValueError(f"layer {name}: bias of shape {self.bias.shape}, expected ({n_out},)")
-        rank = (4 if isinstance(op, ops.Conv) else 2) + (kind != "real")
-        if len(shape) != rank:
+        self.c_in = shape[-2] * (1 if kind == "real" else shape[0])  # real features, channels
+        if len(shape) != (4 if self.conv else 2) + (kind != "real"):
             raise ValueError(f"layer {name}: {op.op} kernel of shape {shape}")
-        if isinstance(op, ops.Conv) and (op.padding != "SAME" or op.strides != (1, 1)):
+        if self.conv and (op.padding != "SAME" or op.strides != (1, 1)):
             raise ValueError(f"layer {name}: only SAME padding and stride 1 are supported")
-        self.path = self._path(op, kernels)
-        if self.path != "dense":
-            product = self._product(positions, values)
-            self.forward = lambda x: product(x) + self.bias
-            return
-        dense = dense_kernel(self.storage, shape, positions, values)
-        self.kernel = real_kernel(self.structure, dense)
-        self.forward = self._conv if isinstance(op, ops.Conv) else self._matmul
 
-    def _path(self, op, kernels: str) -> str:
-        """``dense`` for convolutions and ``kernels="dense"``; ``bsr`` for ``nblock`` storage
-        of a layer with structure constants; ``csr`` otherwise."""
-        if isinstance(op, ops.Conv) or kernels == "dense":
+    def _path(self, kernels: str) -> str:
+        """``dense`` for ``kernels="dense"``; ``bsr`` for ``nblock`` storage of a layer with
+        structure constants; ``hyper`` for element storage of a table of single signed
+        components (numba; ``auto`` or ``bsr``); ``csr`` otherwise (``auto`` may still choose
+        dense BLAS, :func:`sparse_wins`)."""
+        if kernels == "dense":
             return "dense"
-        blocks = self.storage["layout"] == "nblock"
-        if kernels == "bsr" and blocks and self.structure.algebra is not None:
-            return "bsr"
-        return "csr"
+        algebra = self.structure and self.structure.algebra
+        if kernels == "csr" or algebra is None:
+            return "csr"
+        signed = algebra.signed_blocks and kernels_lib.AVAILABLE
+        if self.storage["layout"] == "nblock":
+            return "bsr" if kernels == "bsr" or signed else "csr"
+        return "hyper" if signed else "csr"
 
-    def _product(self, positions, values) -> Forward:
-        """The sparse product (bias not added) of a dense op by :attr:`path`."""
+    def _product(self, positions, values) -> tuple[Forward, int]:
+        """The sparse product on columns (bias added) by :attr:`path`, and its multiply-adds per
+        column; sets :attr:`engine` (``numba`` or ``scipy``)."""
+        s, shape, bias = self.structure, self.shape, self.bias
+        numba = kernels_lib.AVAILABLE
+        self.engine = "numba" if numba else "scipy"
         if self.path == "bsr":
             if positions is None:  # stored dense: every block
-                positions = np.arange(int(np.prod(self.shape[1:])))
-            return bsr_product(self.structure, self.shape, positions, values)
-        positions, values = element_positions(self.storage, self.shape, positions, values)
-        return csr_product(self.structure, self.shape, positions, values)
+                positions = np.arange(int(np.prod(shape[1:])))
+            self.engine = "numba" if numba and s.algebra.signed_blocks else "scipy"
+            return bsr_product(s, shape, positions, values, bias)
+        positions, values = element_positions(self.storage, shape, positions, values)
+        if self.path == "hyper":
+            return component_product(s, shape, positions, values, bias)
+        return csr_product(s, shape, positions, values, bias)
 
-    def _matmul(self, x):
-        return x @ self.kernel + self.bias
+    def uses_dense(self, columns: int) -> bool:
+        """Whether a call on ``columns`` columns runs dense BLAS (the path, or ``auto``'s rule)."""
+        if self.path == "dense":
+            return True
+        return self.choice == "auto" and not sparse_wins(self.density, columns, self.engine)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Columns ``(K, B)`` -> ``(M, B)`` for a dense op; NHWC -> NHWC for a convolution."""
+        features = x.shape[-1] if self.conv else x.shape[0]
+        if features != self.c_in:  # the kernels index x unchecked
+            raise ValueError(f"layer {self.name}: input has {features} features, not {self.c_in}")
+        if not self.conv:
+            if self.uses_dense(x.shape[1]):
+                return self._kt @ x + self.bias[:, None]
+            return self._sparse(x)
+        n, h, w, _ = x.shape
+        if self.uses_dense(n * h * w):
+            return self._conv(x)
+        y = self._sparse(im2col(x, *self.shape[-4:-2]))
+        return y.reshape(-1, n, h, w).transpose(1, 2, 3, 0)
 
     def _conv(self, x):
         """SAME 3x3 (any odd kernel) convolution, stride 1, as a sum of shifted products."""
         kh, kw, c_in, c_out = self.kernel.shape
-        if x.shape[-1] != c_in:
-            raise ValueError(f"layer {self.name}: input has {x.shape[-1]} channels, not {c_in}")
         n, h, w, _ = x.shape
         ph, pw = (kh - 1) // 2, (kw - 1) // 2
         xp = np.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
@@ -172,11 +232,24 @@ class _Layer:
                 y += patch @ self.kernel[dy, dx]
         return y.reshape(n, h, w, c_out) + self.bias
 
+    def why(self) -> str:
+        """What computes the layer and, with ``kernels="auto"``, why (:meth:`Model.describe`)."""
+        if self.choice != "auto":
+            return self.engine
+        few, many = BREAK_EVEN[self.engine]
+        density = f"auto: {self.density:.1%} of the dense multiply-adds"
+        if self.path == "dense":
+            return f"{density}, over {few if self.columns < MANY_COLUMNS else many:.0%}: blas"
+        if sparse_wins(self.density, MANY_COLUMNS, self.engine):
+            return f"{density}, under {many:.0%}: {self.engine}"
+        batch = -(-MANY_COLUMNS // self.columns)
+        return f"{density}: blas from batch {batch}, below it {self.engine}"
+
 
 class Model:
-    """An exported model: :meth:`predict` maps raw images to logits with numpy (and scipy)."""
+    """An exported model: :meth:`predict` maps raw images to logits (numpy; numba or scipy)."""
 
-    def __init__(self, header: dict, arrays: dict[str, np.ndarray], *, kernels: str = "csr"):
+    def __init__(self, header: dict, arrays: dict[str, np.ndarray], *, kernels: str = "auto"):
         if kernels not in KERNELS:
             raise ValueError(f"kernels={kernels!r} is not valid; choose one of {list(KERNELS)}")
         self.header = header
@@ -191,43 +264,65 @@ class Model:
         self._std = np.asarray(inp["std"], np.float32)
         if self._mean.shape != (self.input_shape[-1],) or self._std.shape != self._mean.shape:
             raise ValueError(f"mean/std do not match the {self.input_shape[-1]} input channels")
+        self.engine = kernels_lib.engine()  # what runs the sparse products, as loaded
         self.layers: list[_Layer] = []
-        self._steps: list[Forward] = []
+        self._steps: list[tuple[Forward, bool | None]] = []  # (step, on columns?; None: either)
+        h, w = self.input_shape[:2]
         for entry in header["ops"]:
             op = ops.from_json(entry)
             if isinstance(op, ops.Dense | ops.Conv):
-                self.layers.append(_Layer(op, entry, header, arrays, kernels))
-                self._steps.append(self.layers[-1].forward)
+                conv = isinstance(op, ops.Conv)
+                columns = h * w if conv else 1  # per image
+                self.layers.append(_Layer(op, entry, header, arrays, kernels, columns))
+                self._steps.append((self.layers[-1].forward, not conv))
             else:
-                self._steps.append(_step(op))
+                if isinstance(op, ops.MaxPool2x2):
+                    h, w = h // 2, w // 2
+                self._steps.append((_step(op), None if isinstance(op, ops.Relu) else False))
 
-    def preprocess(self, images: np.ndarray) -> np.ndarray:
-        """Raw pixels (uint8, or floats in [0, 255]) -> normalised float32, per channel."""
+    def preprocess(self, images: np.ndarray, scale: float | None = None) -> np.ndarray:
+        """Raw uint8 pixels (or floats in ``[0, scale]``: ``scale`` says what white is, 255 or
+        1.0) -> normalised float32, per channel. Floats without ``scale`` are refused
+        (TypeError): images already scaled to [0, 1] would give wrong logits silently."""
         images = np.asarray(images)
+        if scale is None and images.dtype != np.uint8:
+            raise TypeError(
+                f"images are {images.dtype}; give raw uint8 pixels, or floats with scale= (the "
+                "value of white: 255 for pixels in [0, 255], 1.0 for [0, 1])"
+            )
         if images.ndim == len(self.input_shape) and self.input_shape[-1] == 1:
             images = images[..., None]  # (N, H, W) grayscale
         if images.shape[1:] != self.input_shape:
             raise ValueError(
                 f"images of shape {images.shape}; the model takes (N, {self.input_shape})"
             )
-        return ops.normalize(images, self._mean, self._std, self._scale)
+        white = self._scale if scale is None else float(scale)
+        return ops.normalize(images, self._mean, self._std, white)
 
-    def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Logits ``(N, num_classes)`` float32 of raw ``(N, H, W, C)`` images."""
-        x = self.preprocess(images)
+    def predict(
+        self, images: np.ndarray, batch_size: int = 256, *, scale: float | None = None
+    ) -> np.ndarray:
+        """Logits ``(N, num_classes)`` float32 of raw ``(N, H, W, C)`` uint8 images (floats:
+        with ``scale``, :meth:`preprocess`)."""
+        x = self.preprocess(images, scale)
         out = [self._forward(x[s : s + batch_size]) for s in range(0, len(x), batch_size)]
         if not out:
             return np.zeros((0, self.num_classes), np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        for step in self._steps:
+        """The ops in order; dense layers take columns ``(features, batch)`` (the batch
+        contiguous), the others ``(batch, ...)``: ``x`` is transposed where that changes."""
+        columns = False
+        for step, wants in self._steps:
+            if wants is not None and wants != columns:
+                x, columns = np.ascontiguousarray(x.T), wants
             x = step(x)
-        return x
+        return x.T if columns else x
 
     def describe(self) -> str:
         """What the file holds: provenance, its algebras, one line per layer (storage, density,
-        bytes, and how it computes: ``csr``, ``bsr`` or ``dense``)."""
+        bytes, what computes it and why, and its path: ``csr``, ``bsr``, ``hyper`` or ``dense``)."""
         h = self.header
         prov = h.get("provenance", {})
         lines = [
@@ -245,7 +340,8 @@ class Model:
             lines.append(
                 f"  {layer.name:12s} {layer.op:5s} {layer.kind:9s} {str(list(layer.shape)):22s} "
                 f"{s['layout']}/{s['positions']}: {s['count']} stored, "
-                f"{s['alive']}/{s['total']} weights alive, {s['bytes']} bytes, {layer.path}"
+                f"{s['alive']}/{s['total']} weights alive, {s['bytes']} bytes, {layer.why()}, "
+                f"{layer.path}"
             )
-        lines.append(f"kernel bytes {total}")
+        lines.append(f"kernel bytes {total}; sparse products: {self.engine}")
         return "\n".join(lines)

@@ -1,0 +1,241 @@
+"""What the numpy runtime's paths cost on pruned models, against dense BLAS and the machine's limit.
+
+``python -m experiments.bench_deploy`` times, on export files or on synthetic pruned models
+(random weights, pruned layer by layer to each density, whole numbers for hypercomplex models),
+``Model.predict`` on random uint8 images (preprocessing included) by each path of
+:func:`qsparse.deploy.load`:
+
+* ``dense``: every kernel rebuilt whole, numpy/BLAS (``kernels="dense"``);
+* ``scipy``: scipy's CSR products, numba hidden (what the runtime does without the ``fast``
+  extra, and did before its kernels);
+* ``numba``: the compiled kernels for every layer (``kernels="bsr"``: blocks per stored number
+  where the algebra allows, CSR otherwise);
+* ``auto``: the default, dense or sparse per layer and batch.
+
+Each as the median of ``repeats`` calls after two warm-up calls, in ms and images/s, and as
+multiply-adds per second (those of the surviving weights, a hypercomplex weight counting as the
+real multiply-adds it feeds, a convolution weight once per output position) against the
+machine's float32 matmul rate measured in the same run (:func:`benchmarks.harness.matmul_peak`,
+jit JAX: the limit). Timings mean something only on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import statistics
+import tempfile
+import timeit
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from benchmarks.harness import cpu_name, dataset_of, load_average, matmul_peak
+from qsparse import deploy, export, models, pruning
+from qsparse import masks as M
+from qsparse.deploy import kernels
+
+IMPLS = ("dense", "scipy", "numba", "auto")
+SMALL = {  # widths for a quick check that the benchmark runs (not a measurement)
+    "lenet300_100": dict(features=(24, 12)),
+    "conv4": dict(stages=((8, 8), (8, 8)), dense_features=(16, 16)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What to time (``files``: export files timed as they are, beside the synthetic models)."""
+
+    models: tuple[str, ...] = ("lenet300_100", "conv4")
+    algebras: tuple[str, ...] = ("real", "quat")
+    densities: tuple[float, ...] = (1.0, 0.2, 0.05, 0.02)
+    batches: tuple[int, ...] = (1, 256)
+    threads: tuple[int | None, ...] = (None,)
+    repeats: int = 20
+    peak_size: int = 1024
+    files: tuple[str, ...] = ()
+    small: bool = False
+
+    def check(self) -> None:
+        """ValueError naming the first bad setting and the valid choices."""
+        known = {"models": list(models.REGISTRY), "algebras": models.algebra_names()}
+        if self.small:
+            known["models"] = list(SMALL)
+        for field, valid in known.items():
+            for value in getattr(self, field):
+                if value not in valid:
+                    raise ValueError(f"{field}: {value!r} is not valid; choose from {valid}")
+        if not all(0 < d <= 1 for d in self.densities):
+            raise ValueError(f"densities: {list(self.densities)}; each must be in (0, 1]")
+        if min(self.batches, default=1) < 1 or self.repeats < 1 or self.peak_size < 1:
+            raise ValueError("batches, repeats and peak_size must be at least 1")
+        for threads in self.threads:
+            kernels.set_threads(threads)
+        for f in self.files:
+            if not Path(f).is_file():
+                raise ValueError(f"files: {f} is not a file")
+
+
+def random_params(model, image_shape, seed: int = 0) -> dict:
+    """Params of ``model`` drawn with numpy (kernels ~ N(0, 1/fan_in)): any values time alike,
+    and the models' initialisers would compile for seconds each."""
+    shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), image_shape))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        scale = 0.1 if M.path_str(path).endswith("bias") else 1 / math.sqrt(math.prod(s.shape[:-1]))
+        return (scale * rng.standard_normal(s.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def synthetic_file(
+    path: Path, name: str, algebra: str, density: float, small: bool = False, seed: int = 0
+) -> Path:
+    """An export file of model ``name`` in ``algebra`` with random weights pruned layer by layer
+    to ``density`` (whole numbers for hypercomplex layers); ``small``: :data:`SMALL` widths."""
+    model = models.create(name, algebra, 10, **(SMALL[name] if small else {}))
+    spec = dataset_of(name)
+    params = random_params(model, spec.image_shape, seed)
+    masks = M.ones(params)
+    if density < 1:
+        masks = pruning.prune(  # a tiny layer may lose every weight: it still times
+            params, masks, 1 - density, method="layerwise", grouping="number", allow_empty=True
+        )
+    entries = export.export_entries(
+        model,
+        M.apply(params, masks),
+        masks,
+        input_shape=spec.image_shape,
+        mean=spec.mean,
+        std=spec.std,
+        check_images=0,
+    )
+    deploy.save(path, entries, overwrite=True)
+    return path
+
+
+@contextlib.contextmanager
+def numba_hidden() -> Iterator[None]:
+    """Models loaded inside take the runtime's fallback, as where numba is not installed."""
+    available = kernels.AVAILABLE
+    kernels.AVAILABLE = False
+    try:
+        yield
+    finally:
+        kernels.AVAILABLE = available
+
+
+def load(path: Path, impl: str, threads: int | None) -> deploy.Model:
+    """The file's model computing by ``impl`` (:data:`IMPLS`)."""
+    if impl == "scipy":
+        with numba_hidden():
+            return deploy.load(path, kernels="csr", threads=threads)
+    choice = {"dense": "dense", "numba": "bsr", "auto": "auto"}[impl]
+    return deploy.load(path, kernels=choice, threads=threads)
+
+
+def multiply_adds(model: deploy.Model) -> tuple[float, float]:
+    """(dense, surviving) real multiply-adds per image of a model loaded with sparse paths."""
+    dense = surviving = 0.0
+    for layer in model.layers:
+        m, k = deploy.matrices.real_shape(layer.structure, layer.shape)
+        dense += m * k * layer.columns
+        surviving += m * k * layer.columns * layer.density
+    return dense, surviving
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """The median wall time of ``repeats`` calls of ``fn`` after two warm-up calls."""
+    fn(), fn()
+    return statistics.median(timeit.repeat(fn, number=1, repeat=repeats))
+
+
+def time_file(path: Path, options: Options, peak_gflops: float, label: dict) -> list[dict]:
+    """One row per implementation, batch and thread count for the model in ``path``."""
+    impls = [i for i in IMPLS if i != "numba" or kernels.AVAILABLE]
+    reference = load(path, "numba" if kernels.AVAILABLE else "scipy", None)
+    dense_macs, macs = multiply_adds(reference)
+    header, _ = deploy.read(path)
+    alive = sum(op["storage"]["alive"] for op in header["ops"] if "storage" in op)
+    total = sum(op["storage"]["total"] for op in header["ops"] if "storage" in op)
+    rng = np.random.default_rng(0)
+    rows = []
+    for threads in options.threads:
+        models_ = {impl: load(path, impl, threads) for impl in impls}
+        for batch in options.batches:
+            images = rng.integers(0, 256, (batch, *reference.input_shape), np.uint8)
+            for impl, model in models_.items():
+                predict = functools.partial(model.predict, images, batch_size=batch)
+                seconds = median_seconds(predict, options.repeats)
+                rows.append(
+                    {
+                        **label,
+                        "density": alive / total,
+                        "batch": batch,
+                        "threads": kernels.set_threads(threads),
+                        "impl": impl,
+                        "ms": 1e3 * seconds,
+                        "images_per_s": batch / seconds,
+                        "dense_macs": dense_macs,
+                        "macs": macs,
+                        "gmacs_per_s": macs * batch / seconds / 1e9,
+                        "of_peak": 2 * macs * batch / seconds / 1e9 / peak_gflops,
+                    }
+                )
+    return rows
+
+
+def run(options: Options) -> dict:
+    """Every file and synthetic model of ``options``, timed: ``{"machine", "peak", "rows"}``."""
+    peak = matmul_peak(options.peak_size, repeats=5)
+    machine = {"cpu": cpu_name(), "load_before": load_average(), "numba": kernels.AVAILABLE}
+    rows = []
+    for f in options.files:
+        rows += time_file(Path(f), options, peak["gflops"], {"model": Path(f).name, "algebra": ""})
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in options.models:
+            for algebra in options.algebras:
+                for density in options.densities:
+                    path = Path(tmp) / f"{name}_{algebra}_{density}.npz"
+                    synthetic_file(path, name, algebra, density, options.small)
+                    label = {"model": name, "algebra": algebra}
+                    rows += time_file(path, options, peak["gflops"], label)
+    machine["load_after"] = load_average()
+    return {"machine": machine, "peak_gflops": peak["gflops"], "rows": rows}
+
+
+def table(result: dict) -> str:
+    """The rows as Markdown, one line per model, density, batch and thread count, the paths
+    side by side: ms, images/s, and multiply-adds/s as a percentage of the matmul peak."""
+    m = result["machine"]
+    lines = [
+        f"CPU {m['cpu']}, numba {m['numba']}, float32 matmul peak "
+        f"{result['peak_gflops']:.1f} GFLOP/s, load {m['load_before']} -> {m['load_after']}",
+        "",
+        "| model | algebra | density | batch | threads | "
+        + " | ".join(f"{i} ms | {i} img/s | {i} % peak" for i in IMPLS)
+        + " |",
+        "|---" * (5 + 3 * len(IMPLS)) + "|",
+    ]
+    keys = ("model", "algebra", "density", "batch", "threads")
+    groups: dict[tuple, dict[str, dict]] = {}
+    for row in result["rows"]:
+        groups.setdefault(tuple(row[k] for k in keys), {})[row["impl"]] = row
+    for (model, algebra, density, batch, threads), by_impl in groups.items():
+        cells = [
+            f"{r['ms']:.3f} | {r['images_per_s']:.0f} | {100 * r['of_peak']:.1f}"
+            if (r := by_impl.get(i))
+            else "- | - | -"
+            for i in IMPLS
+        ]
+        lines.append(
+            f"| {model} | {algebra} | {density:.1%} | {batch} | {threads} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,302 @@
+"""The runtime's sparse kernels (qsparse.deploy.kernels, matrices) and its dispatch.
+
+Every product equals the dense one computed another way (float64 numpy from the definition:
+the real matrix of a component kernel built from its algebra's table), for random sparse
+kernels at several densities, batch 1, a few and more than a tile of columns, by numba's kernels
+and by the scipy fallback (numba hidden); the sparse convolution equals a dense convolution over
+sliding windows; ``kernels="auto"`` picks dense BLAS at full density and the sparse kernel at low
+density for a large batch, and ``describe()`` says which and why; ``threads`` is taken and bad
+values are refused; without numba the runtime gives the same logits.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import sparse_runtime
+from qsparse import algebras, deploy
+from qsparse.deploy import kernels, matrices, runtime
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINES = ["numba", "scipy"]
+DENSITIES = [1.0, 0.3, 0.03, 0.0]
+BATCHES = [1, 5, kernels.TILE + 3]  # a matrix-vector product, a few columns, two tiles
+TABLES = ["quat", "tessarine", "klein4", "complex"]  # tables of single signed components
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request, monkeypatch):
+    """Products built by numba's kernels (where numba is installed) or by scipy's."""
+    if request.param == "numba" and not kernels.AVAILABLE:
+        pytest.skip("numba is not installed (pip install qsparse-jax[fast])")
+    monkeypatch.setattr(kernels, "AVAILABLE", request.param == "numba")
+    return request.param
+
+
+def assert_close(out, ref):
+    """float32 against a float64 reference: within 1e-5 of the largest value."""
+    assert out.dtype == np.float32 and out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(ref).max()))
+
+
+def sparse_kernel(shape, density, rng, whole_numbers=False):
+    """A random kernel, its mask (shared by a number's components when ``whole_numbers``)."""
+    kernel = rng.standard_normal(shape).astype(np.float32)
+    grid = shape[1:] if whole_numbers else shape
+    mask = np.broadcast_to(rng.random(grid) < density, shape)
+    return np.where(mask, kernel, np.float32(0)), mask
+
+
+def stored(kernel, mask, hypercomplex):
+    """(storage, positions, values) as an export file holds and the runtime decodes them."""
+    storage, parts = deploy.encode_kernel(kernel, mask, hypercomplex)
+    positions, values = deploy.decode_kernel(storage, kernel.shape, parts, "float32")
+    return storage, positions, values
+
+
+def real_matrix(algebra, kernel):
+    """The real kernel ``(..., n q_in, n q_out)`` of a component kernel, from the definition:
+    block (input component b, output component a) is ``sum_c A[c, b, a] w_c``."""
+    n, *lead, q_in, q_out = kernel.shape
+    real = np.einsum("cba,c...io->...biao", algebra.table.astype(np.float64), kernel)
+    return real.reshape(*lead, n * q_in, n * q_out)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_csr_product_equals_the_dense_one(engine, density, batch):
+    rng = np.random.default_rng(int(density * 100) + batch)
+    kernel, mask = sparse_kernel((37, 23), density, rng)
+    bias = rng.standard_normal(23).astype(np.float32)
+    x = rng.standard_normal((37, batch)).astype(np.float32)
+    storage, positions, values = stored(kernel, mask, False)
+    positions, values = matrices.element_positions(storage, kernel.shape, positions, values)
+    product, macs = matrices.csr_product(None, kernel.shape, positions, values, bias)
+    assert macs == np.count_nonzero(mask)
+    ref = kernel.T.astype(np.float64) @ x + bias[:, None]
+    assert_close(product(x), ref)
+
+
+def products(engine, algebra, kernel, mask, whole_numbers, bias):
+    """Every sparse product of the runtime for this component kernel: CSR of its real matrix,
+    and by its stored numbers (``nblock``) or components (numba)."""
+    structure = matrices.Structure(algebra.n, algebra)
+    storage, positions, values = stored(kernel, mask, True)
+    blocks = storage["layout"] == "nblock"
+    assert blocks == (whole_numbers and not mask.all())  # all alive: stored dense, as elements
+    out = {}
+    if blocks:
+        out["bsr"] = matrices.bsr_product(structure, kernel.shape, positions, values, bias)
+    positions, values = matrices.element_positions(storage, kernel.shape, positions, values)
+    out["csr"] = matrices.csr_product(structure, kernel.shape, positions, values, bias)
+    if engine == "numba" and not blocks:
+        args = structure, kernel.shape, positions, values, bias
+        out["components"] = matrices.component_product(*args)
+    return out
+
+
+@pytest.mark.parametrize("name", TABLES)
+@pytest.mark.parametrize("whole_numbers", [True, False])
+@pytest.mark.parametrize("batch", BATCHES)
+def test_hypercomplex_products_equal_the_real_matrix(engine, name, whole_numbers, batch):
+    algebra = algebras.get(name)
+    n, q_in, q_out = algebra.n, 9, 6
+    rng = np.random.default_rng(batch + n)
+    for density in (1.0, 0.25, 0.05):
+        kernel, mask = sparse_kernel((n, q_in, q_out), density, rng, whole_numbers)
+        blocks = whole_numbers and density < 1
+        bias = rng.standard_normal(n * q_out).astype(np.float32)
+        x = rng.standard_normal((n * q_in, batch)).astype(np.float32)
+        ref = real_matrix(algebra, kernel).T @ x + bias[:, None]
+        built = products(engine, algebra, kernel, mask, whole_numbers, bias)
+        assert set(built) >= {"csr"} and len(built) == 2 - (engine == "scipy" and not blocks)
+        for product, macs in built.values():
+            assert_close(product(x), ref)
+            assert macs == np.count_nonzero(mask) * n  # each stored value feeds n outputs
+
+
+def conv_reference(x, real):
+    """SAME, stride-1 convolution of NHWC ``x`` by the HWIO ``real`` kernel, over windows."""
+    kh, kw = real.shape[:2]
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    xp = np.pad(x.astype(np.float64), ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
+    windows = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(1, 2))
+    return np.einsum("nhwcyx,yxco->nhwo", windows, real)
+
+
+@pytest.mark.parametrize("name", ["real", "quat", "klein4"])
+@pytest.mark.parametrize("density", [1.0, 0.2, 0.02])
+def test_sparse_convolution_equals_the_dense_one(engine, name, density):
+    rng = np.random.default_rng(int(100 * density))
+    x = rng.standard_normal((3, 5, 6, 8)).astype(np.float32)
+    if name == "real":
+        kernel, mask = sparse_kernel((3, 3, 8, 5), density, rng)
+        structure, real = None, kernel.astype(np.float64)
+    else:
+        algebra = algebras.get(name)
+        kernel, mask = sparse_kernel((4, 3, 3, 2, 3), density, rng, whole_numbers=True)
+        structure, real = matrices.Structure(4, algebra), real_matrix(algebra, kernel)
+    bias = rng.standard_normal(real.shape[-1]).astype(np.float32)
+    storage, positions, values = stored(kernel, mask, name != "real")
+    built = []
+    if storage["layout"] == "nblock":  # numbers stored whole: blocks
+        built.append(matrices.bsr_product(structure, kernel.shape, positions, values, bias))
+    positions, values = matrices.element_positions(storage, kernel.shape, positions, values)
+    built.append(matrices.csr_product(structure, kernel.shape, positions, values, bias))
+    assert len(built) == 1 + (name != "real" and density < 1)
+    patches = kernels.im2col(x, 3, 3)
+    assert patches.shape == (9 * 8, 3 * 5 * 6)
+    ref = conv_reference(x, real) + bias
+    for product, _ in built:
+        y = product(patches).reshape(-1, 3, 5, 6).transpose(1, 2, 3, 0)
+        assert_close(np.ascontiguousarray(y), ref)
+
+
+# -- the runtime: dispatch, describe, threads, the fallback ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Small synthetic exports: (model, algebra, density) -> file."""
+    folder = tmp_path_factory.mktemp("synthetic")
+    out = {}
+    for key in [
+        ("lenet300_100", "real", 1.0),
+        ("lenet300_100", "real", 0.02),
+        ("lenet300_100", "quat", 0.05),
+        ("conv4", "quat", 0.05),
+        ("conv4", "real", 0.2),
+    ]:
+        path = folder / ("_".join(map(str, key)) + ".npz")
+        out[key] = sparse_runtime.synthetic_file(path, *key, small=True)
+    return out
+
+
+def test_the_cost_rule_takes_dense_when_full_and_sparse_when_sparse_and_wide():
+    for engine in runtime.BREAK_EVEN:
+        for columns in (1, runtime.MANY_COLUMNS, 4096):
+            assert not runtime.sparse_wins(1.0, columns, engine)
+            assert runtime.sparse_wins(0.01, columns, engine)
+        few, many = runtime.BREAK_EVEN[engine]
+        assert many < few  # BLAS gains more from many columns than a sparse kernel does
+        middle = (few + many) / 2
+        assert runtime.sparse_wins(middle, 1, engine)
+        assert not runtime.sparse_wins(middle, runtime.MANY_COLUMNS, engine)
+
+
+def test_auto_picks_dense_at_full_density_and_sparse_when_pruned(files, engine):
+    full = deploy.load(files["lenet300_100", "real", 1.0])
+    pruned = deploy.load(files["lenet300_100", "real", 0.02])
+    first_full, first_pruned = full.layers[0], pruned.layers[0]
+    assert first_full.path == "dense" and first_full.uses_dense(1) and first_full.uses_dense(256)
+    assert first_pruned.path == "csr" and not first_pruned.uses_dense(256)
+    described = {line.split()[0]: line for line in pruned.describe().splitlines()[2:-1]}
+    for layer in pruned.layers:
+        line = described[layer.name]
+        assert line.endswith(f", {layer.path}") and "auto: " in line, line
+    few, many = runtime.BREAK_EVEN[engine]
+    assert f"under {many:.0%}: {engine}, csr" in described[first_pruned.name]
+    assert full.describe().splitlines()[2].endswith(f"over {few:.0%}: blas, dense")
+    x = np.random.default_rng(0).integers(0, 256, (300, 28, 28), np.uint8)
+    for density in (1.0, 0.02):
+        path = files["lenet300_100", "real", density]
+        dense = deploy.load(path, kernels="dense").predict(x).astype(np.float64)
+        assert_close(deploy.load(path).predict(x), dense)
+
+
+def test_convolutions_take_the_sparse_kernel_when_pruned(files, engine):
+    model = deploy.load(files["conv4", "quat", 0.05], kernels="bsr")
+    convs = [layer for layer in model.layers if layer.conv]
+    assert len(convs) == 4 and all(layer.path == "bsr" for layer in convs)
+    x = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), np.uint8)
+    dense = deploy.load(files["conv4", "quat", 0.05], kernels="dense")
+    ref = dense.predict(x).astype(np.float64)
+    for choice in ("bsr", "csr", "auto"):
+        assert_close(deploy.load(files["conv4", "quat", 0.05], kernels=choice).predict(x), ref)
+
+
+def test_threads_are_an_argument_and_bad_counts_are_refused(files):
+    path = files["lenet300_100", "quat", 0.05]
+    x = np.zeros((2, 28, 28), np.uint8)
+    ref = deploy.load(path, threads=1).predict(x)
+    assert kernels.set_threads(1) == 1
+    cores = kernels.set_threads(None)
+    assert cores >= 1
+    np.testing.assert_array_equal(deploy.load(path, threads=cores).predict(x), ref)
+    for bad in (0, cores + 1, 1.5, "2", True):
+        with pytest.raises(ValueError, match=rf"threads={bad!r} is not valid; choose 1 to {cores}"):
+            deploy.load(path, threads=bad)
+    with pytest.raises(ValueError, match=r"kernels='numba' is not valid; choose one of \['auto'"):
+        deploy.load(path, kernels="numba")
+
+
+def test_float_images_need_their_scale(files):
+    model = deploy.load(files["lenet300_100", "quat", 0.05])
+    x = np.random.default_rng(3).integers(0, 256, (4, 28, 28, 1), np.uint8)
+    ref = model.predict(x)
+    for images in (x / 255.0, x.astype(np.float32)):
+        with pytest.raises(TypeError, match=f"images are {images.dtype}; give raw uint8 pixels"):
+            model.predict(images)
+    assert_close(model.predict(x / 255.0, scale=1.0), ref.astype(np.float64))
+    assert_close(model.predict(x.astype(np.float32), scale=255), ref.astype(np.float64))
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="compares numba's logits with the fallback's")
+def test_without_numba_the_fallback_gives_the_same_logits(files, monkeypatch):
+    rng = np.random.default_rng(2)
+    for key in [("conv4", "quat", 0.05), ("conv4", "real", 0.2), ("lenet300_100", "quat", 0.05)]:
+        shape = deploy.load(files[key]).input_shape
+        x = rng.integers(0, 256, (5, *shape), np.uint8)
+        fast = {c: deploy.load(files[key], kernels=c) for c in deploy.KERNELS}
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "AVAILABLE", False)
+            slow = {c: deploy.load(files[key], kernels=c) for c in deploy.KERNELS}
+        assert fast["csr"].engine.startswith("numba on") and slow["csr"].engine.startswith("scipy")
+        for model, engine in [(fast["csr"], "numba"), (slow["csr"], "scipy")]:
+            described = model.describe()
+            assert described.endswith(model.engine)
+            assert described.count(f", {engine}, csr\n") == len(model.layers)
+        ref = fast["dense"].predict(x).astype(np.float64)
+        for choice in deploy.KERNELS:
+            assert_close(fast[choice].predict(x), ref)
+            assert_close(slow[choice].predict(x), ref)
+
+
+@pytest.mark.subprocess
+def test_the_runtime_runs_where_numba_cannot_be_imported(files):
+    path = files["lenet300_100", "quat", 0.05]
+    code = (
+        "import sys; sys.modules.update(numba=None, jax=None, jaxlib=None); "
+        "import numpy as np; from qsparse import deploy; from qsparse.deploy import kernels; "
+        f"m = deploy.load({str(path)!r}); "
+        "print(kernels.AVAILABLE, m.predict(np.zeros((3, 28, 28), np.uint8)).shape)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["False", "(3,", "10)"]
+
+
+def test_the_benchmark_runs_and_tabulates(tmp_path):
+    """The benchmark on tiny models (its numbers are no measurement here)."""
+    options = sparse_runtime.Options(
+        models=("lenet300_100",),
+        algebras=("quat",),
+        densities=(0.05,),
+        batches=(1, 3),
+        repeats=1,
+        peak_size=32,
+        small=True,
+    )
+    result = sparse_runtime.run(options)
+    impls = {row["impl"] for row in result["rows"]}
+    assert impls == set(sparse_runtime.IMPLS) - (set() if kernels.AVAILABLE else {"numba"})
+    assert len(result["rows"]) == 2 * len(impls)
+    for row in result["rows"]:
+        assert row["ms"] > 0 and 0 < row["macs"] < row["dense_macs"] and row["of_peak"] > 0
+    lines = sparse_runtime.table(result).splitlines()
+    assert lines[0].startswith("CPU ") and len(lines) == 4 + 2
