@@ -2,6 +2,8 @@
 
 import pytest
 
+from qsparse import models
+
 pytestmark = (
     pytest.mark.subprocess
 )  # starts Python processes: skipped by a quick run (-m "not subprocess")
@@ -50,8 +52,7 @@ def test_unknown_part_algebra_or_model_is_refused(modules):
         "error: --algebras=quat,octonion: unknown ['octonion']; valid: "
         "['real', 'complex', 'quat', 'tessarine', 'klein4', 'phm2', 'phm4', 'hashed4']"
     )
-    result = modules.run("experiments.accelerator_check", "--model=resnet50")
+    result = modules.run("experiments.accelerator_check", "--model=resnet19")
     assert result.returncode == 2 and result.stderr.strip() == (
-        "error: --model=resnet50: unknown; valid: "
-        "['conv2', 'conv4', 'conv6', 'lenet12', 'lenet300_100']"
+        f"error: --model=resnet19: unknown; valid: {sorted(models.REGISTRY)}"
     )

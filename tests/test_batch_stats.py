@@ -35,6 +35,9 @@ class BNNet(nn.Module):
         return nn.Dense(3)(nn.relu(x))
 
 
+MODEL = BNNet()
+
+
 def data(n=120, seed=0):
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, 4, 4, 1), dtype=np.uint8)
@@ -43,7 +46,7 @@ def data(n=120, seed=0):
 
 
 def fresh(seed=0, prune=0.5):
-    model = BNNet()
+    model = MODEL  # one module: stacked states share their apply_fn
     variables = model.init(jax.random.key(seed), jnp.zeros((1, 4, 4, 1)))
     params, stats = variables["params"], variables["batch_stats"]
     masks = pruning.prune(params, M.ones(params), prune)

@@ -19,7 +19,6 @@ import types
 import numpy as np
 import pytest
 
-from experiments import imp
 from qsparse import data, experiment
 from qsparse.config import Config
 from qsparse.datasets import archives
@@ -185,15 +184,24 @@ def test_unreachable_host_fails_fast_and_writes_nothing(closed_port, tmp_path):
     assert listing(tmp_path / "data") == []
 
 
-def test_the_command_fails_fast_in_one_line(run_main, closed_port, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv(archives.URL_ENV, closed_port)
-    monkeypatch.delenv(archives.OFFLINE_ENV)
+def command_env(modules, **extra: str) -> dict:
+    """The command's environment: downloads allowed (the suite sets $QSPARSE_OFFLINE)."""
+    env = modules.env(**extra)
+    env.pop(archives.OFFLINE_ENV, None)
+    return env
+
+
+def test_the_command_fails_fast_in_one_line(modules, closed_port, tmp_path):
+    # in its own interpreter: experiments.imp's flags are not to meet other commands' in this one
+    env = command_env(modules, **{archives.URL_ENV: closed_port})
     start = time.perf_counter()
-    status = run_main(imp.main, CIFAR_RUN(tmp_path))
-    assert time.perf_counter() - start < 10  # the command's own checks included
-    assert status == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: Dataset 'cifar10'")
+    done = modules.run("experiments.imp", *CIFAR_RUN(tmp_path), env=env)
+    assert time.perf_counter() - start < 30  # the interpreter's start and the command's checks
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and done.stderr.splitlines()[-1] == errors[0]  # tfds may warn first
+    err = errors[0]
+    assert err.startswith("error: Dataset 'cifar10'")
     assert f"could not be downloaded ({closed_port}/{CIFAR10.filename}: " in err
     assert listing(tmp_path) == []
 
@@ -235,16 +243,19 @@ def test_offline_refuses_without_a_connection(how, server, tmp_path, monkeypatch
     assert listing(tmp_path / "data") == []
 
 
-def test_offline_command_exits_2_without_a_connection(
-    run_main, tmp_path, capsys, monkeypatch, no_connections
-):
-    monkeypatch.delenv(archives.OFFLINE_ENV)  # the flag alone
-    assert run_main(imp.main, [*CIFAR_RUN(tmp_path), "--offline"]) == 2
-    err = capsys.readouterr().err
+def test_offline_command_exits_2_without_a_connection(modules, server, tmp_path):
+    """The flag alone (no $QSPARSE_OFFLINE); a mirror that would serve the file is asked
+    nothing."""
+    (server.folder / CIFAR10.filename).write_bytes(b"x")
+    env = command_env(modules, **{archives.URL_ENV: server.url})
+    done = modules.run("experiments.imp", *CIFAR_RUN(tmp_path), "--offline", env=env)
+    assert done.returncode == 2, done.stderr
     root = tmp_path / "data" / "cifar10"
     expected = offline_message("cifar10", root, root / "downloads" / "manual")
-    assert err.count("\n") == 1 and err.startswith(f"error: {expected}")
-    assert listing(tmp_path) == []
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {expected}")
+    assert server.asked == []
+    assert listing(tmp_path / "data") == [] and listing(tmp_path / "runs") == []
 
 
 @pytest.mark.parametrize(
@@ -306,15 +317,15 @@ def test_cloud_data_dir_is_read_unmangled(layout, fake_tfds):
     np.testing.assert_array_equal(ds.test_labels, fake_tfds.labels[:4])
 
 
-def test_unprepared_cloud_data_dir_is_named_in_the_refusal(run_main, fake_tfds, capsys, tmp_path):
-    assert run_main(imp.main, [*CIFAR_RUN(tmp_path), f"--data_dir={BUCKET}"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(
-        f"error: Dataset 'cifar10' is not prepared in {BUCKET} (nor in {BUCKET}/cifar10)"
+def test_unprepared_cloud_data_dir_is_named_in_the_refusal(fake_tfds):
+    with pytest.raises(data.DatasetUnavailableError) as e:
+        data.load("cifar10", data_dir=BUCKET)
+    message = str(e.value)
+    assert message.startswith(
+        f"Dataset 'cifar10' is not prepared in {BUCKET} (nor in {BUCKET}/cifar10)"
     )
-    assert "gs:/b" not in err and err.count("\n") == 1
+    assert "gs:/b" not in message and "\n" not in message
     assert fake_tfds.calls == [BUCKET, f"{BUCKET}/cifar10"]
-    assert listing(tmp_path) == []
 
 
 def test_cloud_data_dir_survives_config_and_environment(monkeypatch):
