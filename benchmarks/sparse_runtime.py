@@ -62,7 +62,7 @@ class Options:
 
     def check(self) -> None:
         """ValueError naming the first bad setting and the valid choices."""
-        known = {"models": list(models.REGISTRY), "algebras": models.algebra_names()}
+        known = {"models": list(models.PAPER_MODELS), "algebras": models.algebra_names()}
         if self.small:
             known["models"] = list(SMALL)
         for field, valid in known.items():

@@ -115,7 +115,9 @@ def csr_product(structure: Structure | None, shape, positions, values, bias) -> 
     m, k = real_shape(structure, shape)
     if kernels.AVAILABLE:
         indptr, cols, vals = by_row(rows, m, cols.astype(np.int64), vals.astype(np.float32))
-        return (lambda x: kernels.csr_matmul(indptr, cols, vals, bias, x)), len(vals)
+        return (
+            lambda x: kernels.csr_matmul(indptr, cols, vals, bias, np.ascontiguousarray(x))
+        ), len(vals)
     from scipy import sparse
 
     wt = sparse.csr_array((vals, (rows, cols)), shape=(m, k), dtype=np.float32)
@@ -149,6 +151,7 @@ def hyper_product(structure: Structure, shape, positions, values, comps, bias):
     q_in, macs = shape[-2], int(np.count_nonzero(signs[comps]))
 
     def forward(x):
+        x = np.ascontiguousarray(x)  # rows of x read as contiguous vectors
         return kernels.hyper_matmul(indptr, base, comps, values, terms, signs, q_in, bias, x)
 
     return forward, macs

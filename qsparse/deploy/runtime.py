@@ -106,13 +106,16 @@ def structure(op: ops.Dense | ops.Conv, entry: dict, algebras: dict, arrays: dic
 # -- dispatch: dense BLAS or a sparse kernel, per layer and number of columns ------------------
 # A sparse product runs its multiply-adds at a lower rate than BLAS runs a dense product's, so it
 # wins below a break-even density (its multiply-adds / the dense product's). That density is
-# higher for few columns (a matrix-vector product: dense BLAS reads every weight per column and
-# waits on memory) than from MANY_COLUMNS columns on (dense BLAS near the machine's peak). A
-# dense layer has one column per image; a convolution one per output position of each image.
+# lower for few columns (a matrix-vector product: the kernel's start-up, numba's threads woken,
+# costs as much as a small dense product) than from MANY_COLUMNS columns on. A dense layer has
+# one column per image; a convolution one per output position of each image. Measured on the
+# development machine (results/bench_deploy_cpu.md, LeNet-300-100 at 100/20/5/2 %, batch 1 and
+# 256): at batch 1 dense was as fast as either sparse path down to 2 %; at batch 256 numba's
+# kernels won from 20 % down, scipy's from 5 %.
 MANY_COLUMNS = 16
 BREAK_EVEN = {  # engine: (break-even density below MANY_COLUMNS columns, from it)
-    "numba": (0.5, 0.2),
-    "scipy": (0.3, 0.05),
+    "numba": (0.03, 0.15),
+    "scipy": (0.03, 0.06),
 }
 
 
@@ -145,7 +148,10 @@ class _Layer:
         if self.path != "dense":
             self._sparse, macs = self._product(positions, values)
             self.density = macs / float(np.prod(real_shape(self.structure, shape)))
-            if kernels == "auto" and not sparse_wins(self.density, columns, self.engine):
+            wins = [sparse_wins(self.density, c, self.engine) for c in (columns, MANY_COLUMNS)]
+            # convolutions: im2col's copies cost more than the sparse product saved in every
+            # measurement (results/bench_deploy_conv4_cpu.md), so auto keeps them dense
+            if kernels == "auto" and (self.conv or not any(wins)):
                 self.path, self._sparse = "dense", None  # dense at every batch
         if self.path == "dense" or kernels == "auto":
             dense = dense_kernel(self.storage, shape, positions, values)
@@ -239,11 +245,13 @@ class _Layer:
         few, many = BREAK_EVEN[self.engine]
         density = f"auto: {self.density:.1%} of the dense multiply-adds"
         if self.path == "dense":
-            return f"{density}, over {few if self.columns < MANY_COLUMNS else many:.0%}: blas"
-        if sparse_wins(self.density, MANY_COLUMNS, self.engine):
-            return f"{density}, under {many:.0%}: {self.engine}"
+            reason = "a convolution (im2col costs more than it saves)" if self.conv else None
+            return f"{density}, {reason or f'over {many:.0%}'}: blas"
+        if sparse_wins(self.density, self.columns, self.engine):
+            under = few if self.columns < MANY_COLUMNS else many
+            return f"{density}, under {under:.0%}: {self.engine}"
         batch = -(-MANY_COLUMNS // self.columns)
-        return f"{density}: blas from batch {batch}, below it {self.engine}"
+        return f"{density}: blas below batch {batch}, {self.engine} from it"
 
 
 class Model:
