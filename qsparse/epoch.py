@@ -69,6 +69,11 @@ class EpochSpec:
     augment: bool
 
 
+def batch_stats(state: TrainState) -> Any:
+    """A state's batch statistics; None for a model without batch norm."""
+    return getattr(state, "batch_stats", None)
+
+
 def variables(params, batch_stats=None) -> dict:
     """The flax variables of a model: its params, and its batch statistics if it has any."""
     if batch_stats is None:
@@ -79,7 +84,7 @@ def variables(params, batch_stats=None) -> dict:
 def _loss(params, batch_stats, apply_fn, images, labels):
     """Mean loss, (hits, the updated batch statistics: None for a model without batch norm)."""
     if batch_stats is None:
-        logits = apply_fn({"params": params}, images)
+        logits = apply_fn(variables(params), images)
     else:
         logits, updated = apply_fn(
             variables(params, batch_stats), images, train=True, mutable=["batch_stats"]
@@ -118,7 +123,7 @@ def _prepare(spec: EpochSpec, n_images: int, state: TrainState, key):
 def _step(spec: EpochSpec, n_data: int, images, labels, state: TrainState, order, aug_key, i):
     """One masked training step on global batch ``i``; returns the state, its loss and hits."""
     x, y = _batch(spec, n_data, images, labels, order, aug_key, i)
-    stats = getattr(state, "batch_stats", None)
+    stats = batch_stats(state)
     (loss, (hits, stats)), grads = jax.value_and_grad(_loss, has_aux=True)(
         state.params, stats, state.apply_fn, x, y
     )
@@ -198,7 +203,7 @@ def evaluate(mean, std, batch: int, n_data: int, state: TrainState, images, labe
     labels = jnp.concatenate([labels, jnp.zeros((pad,), labels.dtype)])
     valid = jnp.arange(images.shape[0]) < n
     params = qmasks.apply(state.params, state.masks)
-    stats = getattr(state, "batch_stats", None)
+    stats = batch_stats(state)
     device = jax.lax.axis_index(DATA) if n_data > 1 else 0
 
     def chunk(carry, i):

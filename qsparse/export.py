@@ -139,13 +139,24 @@ def _leaves(tree):
 def check(model, params, header: dict, arrays: dict, n: int, seed: int = 0) -> dict:
     """The file's model (numpy) against the JAX model on ``n`` random uint8 images: the largest
     logit difference, absolute and relative to the largest logit, and argmax agreement."""
-    images = np.random.default_rng(seed).integers(0, 256, (n, *header["input"]["shape"]), np.uint8)
+    images = _random_images(header, n, seed)
     ours = deploy.Model(header, arrays).predict(images)
+    return _compare(ours, _jax_logits(model, params, header, images))
+
+
+def _random_images(header: dict, n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *header["input"]["shape"]), np.uint8)
+
+
+def _jax_logits(model, params, header: dict, images: np.ndarray) -> np.ndarray:
     x = augment.normalize(images, header["input"]["mean"], header["input"]["std"])
-    theirs = np.asarray(jax.jit(model.apply)({"params": params}, x))
+    return np.asarray(jax.jit(model.apply)({"params": params}, x))
+
+
+def _compare(ours: np.ndarray, theirs: np.ndarray) -> dict:
     diff = float(np.max(np.abs(ours - theirs)))
     return {
-        "images": n,
+        "images": len(ours),
         "max_abs_diff": diff,
         "max_rel_diff": diff / max(float(np.max(np.abs(theirs))), 1e-30),
         "argmax_agree": float(np.mean(ours.argmax(1) == theirs.argmax(1))),
@@ -220,9 +231,25 @@ def export_round(
     :class:`qsparse.rundir.CorruptFileError` for a damaged run file and
     :class:`qsparse.files.WriteError` when the file cannot be written (a previous one is kept)."""
     out = Path(out)
+    check_out(out, overwrite)
+    _, _, entries = round_entries(run_dir, replicate, round, dtype)
+    return _save(out, entries, overwrite)
+
+
+def _save(out: Path, entries: dict, overwrite: bool) -> dict:
+    try:
+        size = deploy.save(out, entries, overwrite=overwrite)
+    except FileExistsError as e:
+        raise ExportError(f"--out={out} exists; pass --overwrite to replace it") from e
+    header, _ = deploy.read(out)
+    return {**header, "file_bytes": size}
+
+
+def round_entries(run_dir, replicate: int, round: int | None, dtype: str) -> tuple:
+    """(JAX model, trained params, the export file's entries) of a round, checked against the
+    JAX model (:func:`export_entries`); ExportError for bad input."""
     if dtype not in deploy.DTYPES:
         raise ExportError(f"dtype={dtype!r} is not valid; choose one of {list(deploy.DTYPES)}")
-    check_out(out, overwrite)
     run = rundir.Run(Path(run_dir))
     rd = find_round(run, replicate, round)
     config, model, params, masks, done = load_round(run, rd)
@@ -255,33 +282,18 @@ def export_round(
         dtype=dtype,
         provenance=provenance,
     )
-    try:
-        size = deploy.save(out, entries, overwrite=overwrite)
-    except FileExistsError as e:
-        raise ExportError(f"--out={out} exists; pass --overwrite to replace it") from e
-    header, _ = deploy.read(out)
-    return {**header, "file_bytes": size}
+    return model, params, entries
 
 
-def check_onnx(model, header: dict, arrays: dict, jax_model, params) -> dict:
+def check_onnx(graph, header: dict, arrays: dict, jax_model, params) -> dict:
     """The ONNX graph by onnxruntime against the JAX model and the numpy runtime on random uint8
-    images (as :func:`qsparse.export.check`): the largest logit differences, argmax agreement;
-    CheckError where it differs by more than the tolerance."""
-    shape = header["input"]["shape"]
-    images = np.random.default_rng(0).integers(0, 256, (CHECK_IMAGES, *shape), np.uint8)
-    ours = qonnx.run(model, images)
-    x = augment.normalize(images, header["input"]["mean"], header["input"]["std"])
-    theirs = np.asarray(jax.jit(jax_model.apply)({"params": params}, x))
-    scale = max(float(np.max(np.abs(theirs))), 1e-30)
-    runtime = float(np.max(np.abs(ours - deploy.Model(header, arrays).predict(images)))) / scale
-    diff = float(np.max(np.abs(ours - theirs)))
-    result = {
-        "images": CHECK_IMAGES,
-        "max_abs_diff": diff,
-        "max_rel_diff": diff / scale,
-        "max_rel_diff_runtime": runtime,
-        "argmax_agree": float(np.mean(ours.argmax(1) == theirs.argmax(1))),
-    }
+    images (as :func:`check`): the largest logit differences, argmax agreement; CheckError where
+    it differs by more than the tolerance."""
+    images = _random_images(header, CHECK_IMAGES)
+    ours = qonnx.run(graph, images)
+    result = _compare(ours, _jax_logits(jax_model, params, header, images))
+    runtime = _compare(ours, deploy.Model(header, arrays).predict(images))["max_rel_diff"]
+    result["max_rel_diff_runtime"] = runtime
     jax_off = header["dtype"] == "float32" and result["max_rel_diff"] > FLOAT32_TOLERANCE
     if jax_off or runtime > FLOAT32_TOLERANCE:
         raise CheckError(f"the ONNX graph differs from the JAX model or the runtime: {result}")
@@ -293,23 +305,20 @@ def export_onnx(run_dir, out, *, replicate: int, round: int | None, dtype: str, 
     before it is written; returns the round's header with ``file_bytes`` and the ``check``."""
     out = Path(out)
     check_out(out, overwrite)
-    with tempfile.TemporaryDirectory() as tmp:
-        export_round(
-            run_dir, Path(tmp) / "round.npz", replicate=replicate, round=round, dtype=dtype
-        )
-        header, arrays = deploy.read(Path(tmp) / "round.npz")
-    model = qonnx.to_onnx((header, arrays))
+    model, params, entries = round_entries(run_dir, replicate, round, dtype)
+    with tempfile.TemporaryDirectory() as tmp:  # the file as the runtime reads it
+        path = Path(tmp) / "round.npz"
+        deploy.save(path, entries)
+        header, arrays = deploy.read(path)
+    graph = qonnx.to_onnx((header, arrays))
     try:
         qonnx.require("onnxruntime")
     except ImportError:
         chk = None
     else:
-        source = rundir.Run(Path(run_dir))
-        rd = source.replicate(replicate).round(header["provenance"]["round"])
-        _, jax_model, params, _, _ = load_round(source, rd)
-        chk = check_onnx(model, header, arrays, jax_model, params)
+        chk = check_onnx(graph, header, arrays, model, params)
     try:
-        size = qonnx.save(model, out, overwrite=overwrite)
+        size = qonnx.save(graph, out, overwrite=overwrite)
     except FileExistsError as e:
         raise ExportError(f"--out={out} exists; pass --overwrite to replace it") from e
     return {**header, "file_bytes": size, "check": chk}

@@ -31,7 +31,7 @@ from qsparse import cpu
 from qsparse import epoch as qepoch
 from qsparse import masks as qmasks
 from qsparse.config import OPTIMIZERS, SCHEDULES
-from qsparse.epoch import EpochSpec, slot
+from qsparse.epoch import EpochSpec, batch_stats, slot
 from qsparse.epoch import stack as stack  # the trainer's shape of R states: train.stack
 
 REPLICATE, DATA = "replicate", qepoch.DATA
@@ -47,11 +47,6 @@ class BatchNormState(TrainState):
     (runs written before batch norm existed included), keep their exact structure."""
 
     batch_stats: Any = None
-
-
-def batch_stats(state: TrainState) -> Any:
-    """A state's batch statistics; None for a model without batch norm."""
-    return getattr(state, "batch_stats", None)
 
 
 def rewind_point(params, batch_stats=None) -> Any:
