@@ -17,6 +17,11 @@ CASES = [
     ((2, 7, 9, 3), (3, 2, 3, 5), (1, 1), "VALID", (1, 1), 1),
     ((1, 6, 6, 4), (3, 3, 4, 4), (1, 1), ((2, 0), (1, 2)), (1, 1), 1),
     ((2, 8, 8, 4), (3, 3, 4, 8), (2, 2), "SAME", (1, 1), 1),
+    # strided, as ResNets downsample: 3x3 padding 1 on even and odd sizes, 1x1 shortcuts, others
+    ((2, 8, 8, 4), (3, 3, 4, 8), (2, 2), ((1, 1), (1, 1)), (1, 1), 1),
+    ((2, 7, 9, 4), (3, 3, 4, 8), (2, 2), ((1, 1), (1, 1)), (1, 1), 1),
+    ((2, 8, 7, 4), (1, 1, 4, 8), (2, 2), "VALID", (1, 1), 1),
+    ((1, 10, 9, 3), (3, 2, 3, 5), (3, 2), ((2, 0), (1, 1)), (1, 1), 1),
     ((2, 9, 9, 4), (3, 3, 4, 8), (1, 1), "SAME", (2, 2), 1),
     ((2, 8, 8, 4), (3, 3, 2, 8), (1, 1), "SAME", (1, 1), 2),
     ((2, 8, 8, 4), (3, 3, 4, 8), (1, 1), ((3, 3), (1, 1)), (1, 1), 1),  # padding >= kernel: lax
@@ -135,3 +140,30 @@ def test_forward_mode_through_a_model_built_on_lax():
     lhs = float(jnp.vdot(u, jt))
     rhs = sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(jtu), jax.tree.leaves(tangent)))
     np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
+
+
+def test_a_resnets_strided_and_1x1_convolutions_take_the_cpu_path():
+    """A ResNet downsamples with 3x3 stride-2 and 1x1 stride-2 convolutions: in its CPU gradient
+    program every convolution is a CPU kernel (oneDNN calls, or canonical stride-1 convolutions
+    only), none the strided ones whose XLA gradients are naive loops."""
+    model = models.create(
+        "resnet20", "real", num_classes=3, stage_sizes=(1, 1), widths=(4, 8), stem=4
+    )
+    variables = models.init_variables(model, jax.random.key(0), (8, 8, 3))
+
+    def loss(p, x, y):
+        logits, _ = model.apply(
+            {"params": p, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    x, y = jnp.ones((2, 8, 8, 3)), jnp.zeros((2,), jnp.int32)
+    text = jax.jit(jax.grad(loss)).lower(variables["params"], x, y).as_text()
+    convolutions = _convolutions(text)
+    if onednn.cpu_conv() == "onednn":
+        assert text.count("qsparse_onednn_conv") >= 3 * 6 - 1 and convolutions == []
+    else:
+        assert convolutions and not any("stride = array<i64: 2, 2>" in c for c in convolutions)

@@ -92,19 +92,33 @@ def _plain_padding(
     feature_group_count,
     batch_group_count,
 ):
-    """Explicit ``((lo, hi), (lo, hi))`` if the call is one :func:`conv2d` computes, else None."""
+    """Explicit ``((lo, hi), (lo, hi))`` if the call is one :func:`strided_conv2d` computes,
+    else None."""
     if lhs.ndim != 4 or feature_group_count != 1 or batch_group_count != 1:
         return None
     if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _NHWC_SPECS:
         return None
-    if any(tuple(v or (1, 1)) != (1, 1) for v in (window_strides, lhs_dilation, rhs_dilation)):
+    if any(tuple(v or (1, 1)) != (1, 1) for v in (lhs_dilation, rhs_dilation)):
         return None
     if isinstance(padding, str):
-        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     padding = tuple(tuple(int(p) for p in pair) for pair in padding)
     if not all(0 <= lo < k and 0 <= hi < k for (lo, hi), k in zip(padding, rhs.shape[:2])):
         return None
     return padding
+
+
+def strided_conv2d(inputs, kernel, strides, padding, precision=None, preferred_element_type=None):
+    """:func:`conv2d` at ``strides``: the stride-1 convolution's every ``strides``-th output
+    (the same values; XLA:CPU's strided gradients are naive loops inside the compiled epoch). A
+    1x1 kernel without padding reads only the pixels it keeps, so those are taken first; other
+    kernels pay the stride-1 convolution (a ResNet's few downsampling ones)."""
+    sh, sw = strides
+    if (sh, sw) == (1, 1):
+        return conv2d(inputs, kernel, padding, precision, preferred_element_type)
+    if kernel.shape[:2] == (1, 1):  # padding is 0 for a 1x1 kernel here (pad < kernel size)
+        return conv2d(inputs[:, ::sh, ::sw], kernel, padding, precision, preferred_element_type)
+    return conv2d(inputs, kernel, padding, precision, preferred_element_type)[:, ::sh, ::sw]
 
 
 def conv_general_dilated(
@@ -120,7 +134,8 @@ def conv_general_dilated(
     precision=None,
     preferred_element_type=None,
 ) -> jax.Array:
-    """``lax.conv_general_dilated`` with :func:`conv2d` on CPU for plain 2-D convolutions.
+    """``lax.conv_general_dilated`` with :func:`strided_conv2d` on CPU for plain (undilated,
+    ungrouped, NHWC/HWIO, any stride) 2-D convolutions.
 
     Same arguments and values. ``lax.platform_dependent`` picks the branch when the program is
     lowered, so a program lowered for GPU or TPU holds XLA's own convolution and gradients.
@@ -137,6 +152,7 @@ def conv_general_dilated(
         precision=precision,
         preferred_element_type=preferred_element_type,
     )
+    strides = tuple(window_strides or (1, 1))
     pads = _plain_padding(
         lhs,
         rhs,
@@ -153,6 +169,6 @@ def conv_general_dilated(
     return lax.platform_dependent(
         lhs,
         rhs,
-        cpu=lambda x, w: conv2d(x, w, pads, precision, preferred_element_type),
+        cpu=lambda x, w: strided_conv2d(x, w, strides, pads, precision, preferred_element_type),
         default=xla,
     )
