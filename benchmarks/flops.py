@@ -40,11 +40,15 @@ def _jaxpr_flops(jaxpr: Any) -> int:
     return total
 
 
-def forward_flops(model: nn.Module, params: Any, input_shape: Sequence[int]) -> int:
-    """Multiply-adds x 2 of every dot and convolution in one example's forward pass.
+def forward_flops(
+    model: nn.Module, params: Any, input_shape: Sequence[int], batch_stats: Any = None
+) -> int:
+    """Multiply-adds x 2 of every dot and convolution in one example's forward pass
+    (``batch_stats`` for a model with batch norm).
 
     ``params`` may be abstract (``jax.eval_shape``): only shapes are traced.
     """
     x = jnp.zeros((1, *input_shape))
-    closed = jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))(params, x)
+    extra = {} if batch_stats is None else {"batch_stats": batch_stats}
+    closed = jax.make_jaxpr(lambda p, x: model.apply({"params": p, **extra}, x))(params, x)
     return _jaxpr_flops(closed.jaxpr)

@@ -59,7 +59,8 @@ def matmul_peak(n: int, repeats: int) -> dict[str, Any]:
 
 
 class Setup:
-    """A Trainer, a masked state and synthetic data for one model and algebra.
+    """A Trainer, a masked state and synthetic data for one model and algebra, at the model's
+    batch size and with its optimizer.
 
     The state is masked (20 % pruned, as after IMP's first round) so the step timed is the one
     IMP runs; the data are random images of the model's dataset shape, so no dataset is needed.
@@ -78,11 +79,19 @@ class Setup:
         data = dataset_of(name)
         shape = data.image_shape
         self.model = models.create(name, algebra)
-        params = models.init_params(self.model, jax.random.key(seed), shape)
-        self.fwd_flops = forward_flops(self.model, params, shape)
+        variables = models.init_variables(self.model, jax.random.key(seed), shape)
+        params, stats = variables["params"], variables.get("batch_stats")
+        self.fwd_flops = forward_flops(self.model, params, shape, stats)
         masks = pruning.prune(params, qmasks.ones(params), 0.2)
-        tx = train.make_optimizer("adam", spec.lr)
-        state = train.create_train_state(self.model, params, masks, tx)
+        recipe = spec.recipe  # the model's optimizer (Adam for the paper's), at a constant rate
+        tx = train.make_optimizer(
+            recipe.get("optimizer", "adam"),
+            spec.lr,
+            momentum=recipe.get("momentum", 0.9),
+            nesterov=recipe.get("nesterov", False),
+            weight_decay=recipe.get("weight_decay", 0.0),
+        )
+        state = train.create_train_state(self.model, params, masks, tx, batch_stats=stats)
         self.images_per_call = steps * spec.batch_size * replicates
         epoch = train.EpochSpec(spec.batch_size, steps, data.mean, data.std, data.augment)
         self.trainer = train.Trainer(epoch, replicates=replicates, replicate_mode=replicate_mode)

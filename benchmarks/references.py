@@ -121,7 +121,8 @@ def bench_references(
 
 
 def torch_reference(python: str, windows: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """PyTorch eager Conv-4 and LeNet-300-100 steps, by ``python`` (an interpreter with torch).
+    """PyTorch eager Conv-4, LeNet-300-100 and ResNet-20 steps, by ``python`` (an interpreter
+    with torch).
 
     Raises :class:`TorchReferenceError` (its message starts with ``python``) when ``python``
     cannot run or the script fails, e.g. for want of torch.
@@ -139,6 +140,7 @@ def torch_reference(python: str, windows: int, log: Callable[[str], None]) -> di
     log(
         f"  PyTorch {out['torch']} eager ({out['threads']} threads): "
         f"Conv-4 {out['conv4_eager_images_per_s']:.0f} img/s, "
-        f"LeNet-300-100 {out['lenet300_100_eager_images_per_s']:,.0f} img/s"
+        f"LeNet-300-100 {out['lenet300_100_eager_images_per_s']:,.0f} img/s, "
+        f"ResNet-20 {out['resnet20_eager_images_per_s']:.0f} img/s"
     )
     return out

@@ -48,7 +48,7 @@ class Options:
     def __post_init__(self) -> None:
         for name in ("models", "algebras", "replicate_models", "replicate_modes"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        _choose("models", self.models, sorted(qmodels.PAPER_MODELS))
+        _choose("models", self.models, sorted(throughput.WINDOW_STEPS))
         _choose("algebras", self.algebras, qmodels.algebra_names())
         _choose("replicate_models", self.replicate_models, sorted(qmodels.PAPER_MODELS))
         _choose("replicate_modes", self.replicate_modes, list(train.REPLICATE_MODES))
@@ -94,7 +94,7 @@ def run(options: Options = Options(), log: Callable[[str], None] = print) -> dic
     if o.layers:
         log("Conv-4 convolutions")
         result["layers"] = convolutions.bench_layers(o.windows, log)
-    log("masked train step, batch 60 (median window)")
+    log("masked train step, the model's batch size (median window)")
     result["models"] = {}
     for name in o.models:
         steps = o.window_steps or throughput.WINDOW_STEPS[name]

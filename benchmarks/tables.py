@@ -39,13 +39,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{ref['bare_mlp_epoch']['images_per_s']:,.0f} img/s."
         )
     if result.get("torch"):
-        t = result["torch"]
-        lines.append(
-            f"PyTorch {t['torch']} eager, same run, {t['threads']} threads "
-            f"(`experiments/torch_reference.py`): Conv-4 {t['conv4_eager_images_per_s']:.0f} "
-            f"img/s, LeNet-300-100 {t['lenet300_100_eager_images_per_s']:,.0f} img/s "
-            "(bare train steps, no data handling, no masks)."
-        )
+        lines += _torch_lines(result["torch"], result["models"])
     if result.get("layers"):
         lines += _layers_table(result["layers"])
     if result.get("epochs"):
@@ -60,6 +54,31 @@ def markdown(result: dict[str, Any]) -> str:
         f"load average before/after {env['load_before']} / {env['load_after']}."
     )
     return "\n".join(lines) + "\n"
+
+
+# the models PyTorch's reference script times, by the name of its key
+TORCH_MODELS = {"conv4": "Conv-4", "lenet300_100": "LeNet-300-100", "resnet20": "ResNet-20"}
+
+
+def _torch_lines(t: dict[str, Any], models: dict[str, Any]) -> list[str]:
+    """PyTorch's images/s, and qsparse's over them for every model timed here too."""
+    eager = {
+        m: t[f"{m}_eager_images_per_s"] for m in TORCH_MODELS if f"{m}_eager_images_per_s" in t
+    }
+    rates = ", ".join(f"{TORCH_MODELS[m]} {v:,.0f} img/s" for m, v in eager.items())
+    lines = [
+        f"PyTorch {t['torch']} eager, same run, {t['threads']} threads "
+        f"(`experiments/torch_reference.py`): {rates} (bare train steps, no data handling, no "
+        "masks)."
+    ]
+    ratios = [
+        f"{TORCH_MODELS[m]} {algebra} {models[m][algebra]['images_per_s'] / v:.2f}x"
+        for m, v in eager.items()
+        for algebra in _algebras(models.get(m, {}))
+    ]
+    if ratios:
+        lines.append(f"qsparse's images/s over PyTorch eager's: {', '.join(ratios)}.")
+    return lines
 
 
 def _models_table(models: dict[str, Any]) -> str:

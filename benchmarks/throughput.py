@@ -29,7 +29,14 @@ Log = Callable[[str], None]
 
 # Steps per timed window, by model: enough that a window is long against timer resolution and
 # dispatch, few enough that several windows per model stay cheap on a small CPU.
-WINDOW_STEPS = {"lenet300_100": 1000, "lenet12": 1000, "conv2": 8, "conv4": 5, "conv6": 4}
+WINDOW_STEPS = {
+    "lenet300_100": 1000,
+    "lenet12": 1000,
+    "conv2": 8,
+    "conv4": 5,
+    "conv6": 4,
+    "resnet20": 2,
+}
 
 
 def bench_model(
@@ -123,8 +130,8 @@ def time_ratios(steps: dict[str, Any]) -> dict[str, float]:
 def _has_conv(name: str) -> bool:
     model = models.create(name)
     shape = dataset_of(name).image_shape
-    params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), shape))
-    return cpu.has_conv(model.apply, params, shape)
+    variables = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), shape))
+    return cpu.has_conv(model.apply, variables["params"], shape, variables.get("batch_stats"))
 
 
 def synthetic_mnist(n: int) -> qdata.Dataset:

@@ -7,13 +7,13 @@ r"""Training-throughput benchmark of qsparse's masked train step on this machine
         --epochs=0 --replicates=0 --no_references --no_xla_conv   # algebras against quat
 
 Measures, in one process: the machine's float32 matmul peak; each model's masked train step
-(the Trainer's compiled epoch on synthetic data of the model's dataset shape, batch 60, the
-algebras' windows interleaved; median window) in images/s and GFLOP/s, with each algebra's step
-time against the quaternion one when ``quat`` is among them; whole LeNet-300-100 MNIST epochs;
-R replicates at once against one; optionally plain Flax / PyTorch yardsticks and Conv-4's
-convolutions one by one. Prints a table; writes JSON / Markdown when asked. The code is the
-``benchmarks`` package; this is its command line. Bad flag values exit with status 2 and one
-line on stderr naming the value and the valid choices.
+(the Trainer's compiled epoch on synthetic data of the model's dataset shape, at its batch size
+with its optimizer, the algebras' windows interleaved; median window) in images/s and GFLOP/s,
+with each algebra's step time against the quaternion one when ``quat`` is among them; whole
+LeNet-300-100 MNIST epochs; R replicates at once against one; optionally plain Flax / PyTorch
+yardsticks and Conv-4's convolutions one by one. Prints a table; writes JSON / Markdown when
+asked. The code is the ``benchmarks`` package; this is its command line. Bad flag values exit
+with status 2 and one line on stderr naming the value and the valid choices.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ flags.DEFINE_list(
     "models",
     list(_D.models),
     "models whose masked train step is timed, of lenet300_100, lenet12, conv2, "
-    "conv4, conv6 (none: --models=)",
+    "conv4, conv6, resnet20 (none: --models=)",
 )
 flags.DEFINE_list(
     "algebras",
@@ -61,7 +61,8 @@ flags.DEFINE_bool(
 flags.DEFINE_string(
     "torch_python",
     _D.torch_python,
-    "a Python interpreter with torch: also time PyTorch eager Conv-4 / LeNet-300-100 in this run",
+    "a Python interpreter with torch: also time PyTorch eager Conv-4, LeNet-300-100 and "
+    "ResNet-20 in this run",
 )
 flags.DEFINE_bool("layers", _D.layers, "time each Conv-4 convolution, oneDNN vs XLA")
 flags.DEFINE_bool(

@@ -24,11 +24,15 @@ def _has_conv(jaxpr) -> bool:
 
 
 def has_conv(apply_fn: Callable, params, image_shape: Sequence[int], batch_stats=None) -> bool:
-    """Whether ``apply_fn`` (a flax ``apply``) convolves one image of ``image_shape``."""
-    x = jnp.zeros((1, *image_shape), jnp.float32)
-    extra = {} if batch_stats is None else {"batch_stats": batch_stats}
-    jaxpr = jax.make_jaxpr(lambda p, x: apply_fn({"params": p, **extra}, x))(params, x).jaxpr
-    return _has_conv(jaxpr)
+    """Whether ``apply_fn`` (a flax ``apply``) convolves one image of ``image_shape``; the
+    variables may be abstract (``jax.eval_shape``)."""
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+
+    def forward(params, batch_stats, x):
+        extra = {} if batch_stats is None else {"batch_stats": batch_stats}
+        return apply_fn({"params": params, **extra}, x)
+
+    return _has_conv(jax.make_jaxpr(forward)(params, batch_stats, x).jaxpr)
 
 
 def compiler_options(
