@@ -1,6 +1,7 @@
 """The deploy ops: a model's forward pass as steps the numpy runtime runs, and their array code.
 
-Each model of :mod:`qsparse.models` states its ops (``deploy_ops``) beside its ``__call__``;
+Each model of :mod:`qsparse.models` and :mod:`qsparse.resnets` states its ops (``deploy_ops``)
+beside its ``__call__`` (a ResNet's blocks as :class:`Residual` ops holding op lists);
 :mod:`qsparse.export` writes them into an export file's header (as :func:`to_json`) and
 :mod:`qsparse.deploy` runs them. The array functions below take the array module as ``xp``
 (numpy, the default, or jax.numpy), so that the JAX models and the numpy runtime run the same

@@ -1,12 +1,13 @@
 """The numpy runtime of an export file: its layers and :class:`Model` (sparse products: numba's
 kernels where installed, scipy's otherwise).
 
-The header's ops (:mod:`qsparse.ops`) run in order; encodings, max-pool, the flatten layouts and
-the input normalisation are the array code the JAX models run too. A layer of any algebra
-computes with the real matrix :mod:`qsparse.deploy.matrices` builds from what the file stores
-(its algebra's table, the layer's PHM rules, or the hashed tying's seed), so a file runs where
-its algebra was never registered. How each layer computes (``kernels``: ``auto``, ``csr``,
-``bsr``, ``dense``; ``auto`` by the cost rule :func:`sparse_wins`) is described in
+The header's ops (:mod:`qsparse.ops`) run in order (a residual op: its two op lists, added);
+encodings, the pools, the flatten layouts and the input normalisation are the array code the JAX
+models run too, a batch norm op its stored affine map (:mod:`qsparse.deploy.batchnorm`). A layer
+of any algebra computes with the real matrix :mod:`qsparse.deploy.matrices` builds from what the
+file stores (its algebra's table, the layer's PHM rules, or the hashed tying's seed), so a file
+runs where its algebra was never registered. How each layer computes (``kernels``: ``auto``,
+``csr``, ``bsr``, ``dense``; ``auto`` by the cost rule :func:`sparse_wins`) is described in
 ``docs/deployment.md`` and shown by :meth:`Model.describe`.
 """
 
