@@ -16,7 +16,8 @@ import math
 import jax
 import numpy as np
 import pytest
-from test_deploy import assert_close
+from test_deploy import assert_close, pruned, write
+from test_deploy import images as random_images
 
 from qsparse import augment, data, deploy, export, lottery, models, ops, resnets, rundir, train
 from qsparse import masks as M
@@ -197,6 +198,26 @@ def test_bad_batch_norm_input_is_refused_in_one_line():
         ops.from_json({"op": "batchnorm", "name": "b", "form": "batch", "n": 4})
     with pytest.raises(ValueError, match="padding 'SAME' with strides \\[2, 2\\]"):
         ops.from_json({"op": "conv", "name": "c", "kind": "real", "strides": [2, 2]})
+
+
+def test_version_2_files_load_and_run_as_written(tmp_path, monkeypatch):
+    """A paper model's file as version 2 wrote it (no ``bias`` or ``folded`` on its convolutions,
+    no batch-norm bytes) loads and gives the logits of the version-3 file of the same round."""
+    model, params, masks, spec, _ = pruned("conv2", "quat", "element")
+    now = write(tmp_path / "v3.npz", model, params, masks, spec)
+    header, arrays = deploy.read(now)
+    for entry in header["ops"]:
+        for field in ("bias", "folded") if entry["op"] == "conv" else ():
+            del entry[field]
+    del header["bytes"]["batchnorm"]
+    monkeypatch.setattr(deploy.format, "VERSION", 2)
+    old = {k: v for k, v in header.items() if k not in ("format", "version", "arrays", "sha256")}
+    deploy.save(tmp_path / "v2.npz", deploy.pack(old, arrays))
+    assert deploy.read(tmp_path / "v2.npz")[0]["version"] == 2
+    x = random_images(spec)
+    np.testing.assert_array_equal(
+        deploy.load(tmp_path / "v2.npz").predict(x), deploy.load(now).predict(x)
+    )
 
 
 # -- a real run's round -------------------------------------------------------------------------
