@@ -4,7 +4,10 @@ The file holds each layer's surviving weights and their positions (a bitmask or 
 whichever is smaller; component kernels as blocks of ``n`` values when whole numbers are
 pruned), the biases, what the layers' algebras need (a table's structure constants, PHM layers'
 learned rules, the hashed layers' seed), the architecture as a list of ops, the input
-preprocessing and where it came from (run, replicate, round, density, test accuracy). Before
+preprocessing and where it came from (run, replicate, round, density, test accuracy). A batch norm
+(the ResNets') is written as the affine map its running statistics give in eval mode, folded into
+the convolution before it where that keeps the kernel's structure
+(:mod:`qsparse.deploy.batchnorm`). Before
 writing, the exporter runs the file's model and the JAX model on a few random images and records
 the largest logit difference in the header (``check``); a float32 export that differs by more
 than 1e-4 (relative) is refused. The command line is ``experiments/export.py``.
@@ -19,15 +22,21 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from qsparse import algebras, augment, deploy, experiment, files, models, ops, rundir, train
+from qsparse import algebras, augment, deploy, epoch, experiment, files, models, ops, rundir, train
 from qsparse import checkpoints as ckpt
 from qsparse import masks as qmasks
+from qsparse.batchnorm import HyperBatchNorm
 from qsparse.config import Config
 from qsparse.data import DATASETS
+from qsparse.deploy import batchnorm as dbn
 from qsparse.deploy import onnx as qonnx
 
+EPSILON = HyperBatchNorm.epsilon  # the ResNets' batch norms keep the layer's default
 CHECK_IMAGES = 16  # random images the exported model is compared with the JAX model on
 FLOAT32_TOLERANCE = 1e-4  # largest relative logit difference a float32 export may have
+
+
+BN_ARRAYS = ("/scale", "/shift")  # a batch norm op's arrays
 
 
 class ExportError(ValueError):
@@ -43,13 +52,50 @@ class CheckError(RuntimeError):
 
 def architecture(model, input_shape: tuple[int, ...]) -> list[dict]:
     """The header's ops of a model: its ``deploy_ops`` (:mod:`qsparse.ops`, stated beside its
-    forward pass by :mod:`qsparse.models`' LeNet and ConvNet), without kernel shapes."""
+    forward pass by :mod:`qsparse.models`' LeNet and ConvNet and :mod:`qsparse.resnets`' ResNet),
+    every batch norm its own op, without kernel shapes."""
     if not hasattr(model, "deploy_ops"):
         raise ValueError(
             f"cannot export a {type(model).__name__}: it states no deploy_ops (qsparse.models' "
-            "LeNet and ConvNet do)"
+            "LeNet and ConvNet and qsparse.resnets' ResNet do)"
         )
     return [ops.to_json(op) for op in model.deploy_ops(input_shape)]
+
+
+def fold_batchnorm(steps: list[dict]) -> list[dict]:
+    """``steps`` with every bias-free convolution followed by a :func:`~qsparse.deploy.batchnorm.
+    foldable` batch norm made one convolution (``bias`` true, ``folded`` naming the norm), in a
+    residual's branches too."""
+    out: list[dict] = []
+    for entry in steps:
+        entry = dict(entry)
+        for branch in ops.BRANCHES if entry["op"] == ops.Residual.op else ():
+            entry[branch] = fold_batchnorm(entry[branch])
+        prev = out[-1] if out else {}
+        fits = prev.get("op") == ops.Conv.op and not prev.get("bias", True)
+        if entry["op"] == ops.BatchNorm.op and fits and dbn.foldable(entry["form"], entry["n"]):
+            prev.update(bias=True, folded=entry["name"])
+            continue
+        out.append(entry)
+    return out
+
+
+def batchnorm_maps(steps: list[dict], params, batch_stats) -> dict[str, tuple]:
+    """``{name: (form, scale, shift)}``: each batch norm op's eval-mode map
+    (:func:`qsparse.deploy.batchnorm.affine`) from its params and running statistics."""
+    norms = [e for e in ops.walk(steps) if e["op"] == ops.BatchNorm.op]
+    if norms and batch_stats is None:
+        raise ValueError(f"a model with batch norm ({norms[0]['name']}, ...) needs batch_stats")
+    maps = {}
+    for e in norms:
+        path = e["name"].split("/")
+        p, s = params, batch_stats
+        for key in path:
+            p, s = p[key], s[key]
+        p = {k: np.asarray(v) for k, v in p.items()}
+        s = {k: np.asarray(v) for k, v in s.items()}
+        maps[e["name"]] = (e["form"], *dbn.affine(e["form"], e["n"], p, s, EPSILON))
+    return maps
 
 
 def export_entries(
@@ -63,8 +109,12 @@ def export_entries(
     dtype: str = "float32",
     provenance: dict | None = None,
     check_images: int = CHECK_IMAGES,
+    batch_stats=None,
+    fold: bool = True,
 ) -> dict[str, np.ndarray]:
-    """The file's entries (:func:`qsparse.deploy.pack`) for a model, its params and masks.
+    """The file's entries (:func:`qsparse.deploy.pack`) for a model, its params and masks (and
+    running ``batch_stats`` for a model with batch norm; with ``fold``, those that can are
+    folded into their convolutions: :func:`fold_batchnorm`).
 
     With ``check_images``, the packed model is run (numpy) beside ``model`` (JAX) on that many
     random images; the largest differences go into the header's ``check``.
@@ -72,8 +122,10 @@ def export_entries(
     if dtype not in deploy.DTYPES:
         raise ValueError(f"dtype={dtype!r} is not valid; choose one of {list(deploy.DTYPES)}")
     steps = architecture(model, input_shape)
-    layers = [op for op in steps if "name" in op]
-    arrays = layer_arrays(layers, params, masks, dtype)
+    norms = batchnorm_maps(steps, params, batch_stats)
+    steps = fold_batchnorm(steps) if fold else steps
+    layers = [op for op in ops.walk(steps) if op["op"] in (ops.Conv.op, ops.Dense.op)]
+    arrays = layer_arrays(layers, params, masks, dtype, norms)
     header = {
         "dtype": dtype,
         "input": {
@@ -93,22 +145,30 @@ def export_entries(
             "kernels": sum(op["storage"]["bytes"] for op in layers),
             "biases": sum(a.nbytes for k, a in arrays.items() if k.endswith("/bias")),
             "rules": sum(a.nbytes for k, a in arrays.items() if k.endswith("/phm_rules")),
+            "batchnorm": sum(a.nbytes for k, a in arrays.items() if k.endswith(BN_ARRAYS)),
         },
         "provenance": provenance or {},
     }
     if check_images:
-        header["check"] = check(model, params, header, arrays, check_images)
+        header["check"] = check(model, params, header, arrays, check_images, batch_stats)
         if dtype == "float32" and header["check"]["max_rel_diff"] > FLOAT32_TOLERANCE:
             raise CheckError(f"the exported model differs from the JAX model: {header['check']}")
     return deploy.pack(header, arrays)
 
 
-def layer_arrays(layers: list[dict], params, masks, dtype: str) -> dict[str, np.ndarray]:
+def layer_arrays(
+    layers: list[dict], params, masks, dtype: str, norms: dict | None = None
+) -> dict[str, np.ndarray]:
     """The file's arrays of the layer ops ``layers`` (each completed with its ``kernel_shape``
-    and ``storage``): each kernel's surviving values and positions, biases and PHM rules."""
+    and ``storage``): each kernel's surviving values and positions, biases and PHM rules; and
+    of the batch norms ``norms`` (:func:`batchnorm_maps`): a folded one's map scales its
+    convolution's kernel (positions from the mask, unchanged) and is its bias, another's is
+    stored as ``<name>/scale`` and ``<name>/shift``."""
+    norms = dict(norms or {})
     flat_params = {qmasks.path_str(p): np.asarray(x) for p, x in _leaves(params)}
     flat_masks = {qmasks.path_str(p): np.asarray(m, bool) for p, m in _leaves(masks)}
-    expected = {f"{op['name']}/{name}" for op in layers for name in param_names(op["kind"])}
+    expected = {f"{op['name']}/{k}" for op in layers for k in param_names(op["kind"], op)}
+    expected |= {f"{k}/{p}" for k, (form, *_) in norms.items() for p in dbn.param_names(form)}
     if expected != set(flat_params) or set(flat_masks) != set(flat_params):
         raise ValueError(
             f"params {sorted(flat_params)} (masks {sorted(flat_masks)}) do not fit the "
@@ -116,41 +176,53 @@ def layer_arrays(layers: list[dict], params, masks, dtype: str) -> dict[str, np.
         )
     arrays = {}
     for op in layers:
-        key, *extra = (f"{op['name']}/{name}" for name in param_names(op["kind"]))
+        key, *extra = (f"{op['name']}/{k}" for k in param_names(op["kind"], op))
         kernel, mask = flat_params[key], flat_masks[key]
+        if op.get("folded"):
+            form, scale, shift = norms.pop(op["folded"])
+            kernel = dbn.fold(kernel, form, scale)
+            arrays[f"{op['name']}/bias"] = shift.astype("<f4")
         storage, parts = deploy.encode_kernel(kernel, mask, op["kind"] != "real", dtype)
         op.update(kernel_shape=list(kernel.shape), storage=storage)
         arrays.update({f"{op['name']}/{k}": v for k, v in parts.items()})
         arrays.update({k: flat_params[k].astype("<f4") for k in extra})  # bias, PHM rules
+    for name, (_, scale, shift) in norms.items():  # the batch norms left as ops
+        arrays.update({f"{name}/scale": scale.astype("<f4"), f"{name}/shift": shift.astype("<f4")})
     return arrays
 
 
-def param_names(kind: str) -> tuple[str, ...]:
+def param_names(kind: str, op: dict | None = None) -> tuple[str, ...]:
     """A layer's params in an algebra (:mod:`qsparse.ops`), its kernel first: ``kernel`` (real),
-    ``qkernel`` (quat) or ``hkernel``, then the bias, and the PHM kinds' ``phm_rules``."""
+    ``qkernel`` (quat) or ``hkernel``, then the bias (unless the op has none: a convolution
+    before batch norm), and the PHM kinds' ``phm_rules``."""
     rules = ("phm_rules",) if algebras.get(kind).kind == "phm" else ()
-    return (ops.kernel_name(kind), "bias", *rules)
+    bias = ("bias",) if (op or {}).get("bias", True) and not (op or {}).get("folded") else ()
+    return (ops.kernel_name(kind), *bias, *rules)
 
 
 def _leaves(tree):
     return jax.tree_util.tree_leaves_with_path(tree)
 
 
-def check(model, params, header: dict, arrays: dict, n: int, seed: int = 0) -> dict:
-    """The file's model (numpy) against the JAX model on ``n`` random uint8 images: the largest
-    logit difference, absolute and relative to the largest logit, and argmax agreement."""
+def check(
+    model, params, header: dict, arrays: dict, n: int, batch_stats=None, seed: int = 0
+) -> dict:
+    """The file's model (numpy) against the JAX model (in eval mode, with ``batch_stats``) on
+    ``n`` random uint8 images: the largest logit difference, absolute and relative to the
+    largest logit, and argmax agreement."""
     images = _random_images(header, n, seed)
     ours = deploy.Model(header, arrays).predict(images)
-    return _compare(ours, _jax_logits(model, params, header, images))
+    return _compare(ours, _jax_logits(model, params, header, images, batch_stats))
 
 
 def _random_images(header: dict, n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, *header["input"]["shape"]), np.uint8)
 
 
-def _jax_logits(model, params, header: dict, images: np.ndarray) -> np.ndarray:
+def _jax_logits(model, params, header: dict, images: np.ndarray, batch_stats=None) -> np.ndarray:
+    """The JAX model's logits; a model with batch norm in eval mode (its default)."""
     x = augment.normalize(images, header["input"]["mean"], header["input"]["std"])
-    return np.asarray(jax.jit(model.apply)({"params": params}, x))
+    return np.asarray(jax.jit(model.apply)(epoch.variables(params, batch_stats), x))
 
 
 def _compare(ours: np.ndarray, theirs: np.ndarray) -> dict:
@@ -197,24 +269,28 @@ def find_round(run: rundir.Run, replicate: int, level: int | None) -> rundir.Rou
 
 
 def load_round(run: rundir.Run, rd: rundir.Round):
-    """(config, model, trained params, masks, done.json) of a finished round."""
+    """(config, model, trained params, masks, done.json) of a finished round
+    (:func:`load_state` has the batch statistics too)."""
+    config, model, final, masks, done = load_state(run, rd)
+    return config, model, final.params, masks, done
+
+
+def load_state(run: rundir.Run, rd: rundir.Round):
+    """(config, model, final train state, masks, done.json) of a finished round; the state of a
+    model with batch norm holds its running statistics (:func:`qsparse.train.batch_stats`)."""
     try:
         config = experiment.model_defaults(Config.from_json(rundir.read_json(run.config)))
     except (TypeError, ValueError) as e:
         raise rundir.CorruptFileError(f"{run.config} does not hold a config: {e}") from None
     spec = DATASETS[config.dataset]
     model = experiment.create_model(config, spec.num_classes)
-    if models.init_batch_stats(model, spec.image_shape) is not None:
-        raise ExportError(
-            f"{config.model} has batch norm, which export and the numpy runtime do not run yet; "
-            "exportable: the paper's models (lenet300_100, lenet12, conv2, conv4, conv6)"
-        )
+    stats = models.init_batch_stats(model, spec.image_shape)  # None: no batch norm
     shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), spec.image_shape))
     params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)  # what is restored into
     masks = ckpt.load_masks(rd.masks, qmasks.ones(params))
-    like = train.create_train_state(model, params, masks, experiment.make_tx(config, 1))
-    final = ckpt.load_tree(rd.final, like)
-    return config, model, final.params, masks, rundir.read_done(rd)
+    tx = experiment.make_tx(config, 1)
+    like = train.create_train_state(model, params, masks, tx, batch_stats=stats)
+    return config, model, ckpt.load_tree(rd.final, like), masks, rundir.read_done(rd)
 
 
 def export_round(
@@ -232,7 +308,7 @@ def export_round(
     :class:`qsparse.files.WriteError` when the file cannot be written (a previous one is kept)."""
     out = Path(out)
     check_out(out, overwrite)
-    _, _, entries = round_entries(run_dir, replicate, round, dtype)
+    *_, entries = round_entries(run_dir, replicate, round, dtype)
     return _save(out, entries, overwrite)
 
 
@@ -246,13 +322,15 @@ def _save(out: Path, entries: dict, overwrite: bool) -> dict:
 
 
 def round_entries(run_dir, replicate: int, round: int | None, dtype: str) -> tuple:
-    """(JAX model, trained params, the export file's entries) of a round, checked against the
-    JAX model (:func:`export_entries`); ExportError for bad input."""
+    """(JAX model, trained params, batch statistics (None without batch norm), the export file's
+    entries) of a round, checked against the JAX model (:func:`export_entries`); ExportError for
+    bad input."""
     if dtype not in deploy.DTYPES:
         raise ExportError(f"dtype={dtype!r} is not valid; choose one of {list(deploy.DTYPES)}")
     run = rundir.Run(Path(run_dir))
     rd = find_round(run, replicate, round)
-    config, model, params, masks, done = load_round(run, rd)
+    config, model, final, masks, done = load_state(run, rd)
+    params, stats = final.params, train.batch_stats(final)
     spec = DATASETS[config.dataset]
     provenance = {
         "run": run.path.name,
@@ -281,17 +359,18 @@ def round_entries(run_dir, replicate: int, round: int | None, dtype: str) -> tup
         std=spec.std,
         dtype=dtype,
         provenance=provenance,
+        batch_stats=stats,
     )
-    return model, params, entries
+    return model, params, stats, entries
 
 
-def check_onnx(graph, header: dict, arrays: dict, jax_model, params) -> dict:
+def check_onnx(graph, header: dict, arrays: dict, jax_model, params, batch_stats=None) -> dict:
     """The ONNX graph by onnxruntime against the JAX model and the numpy runtime on random uint8
     images (as :func:`check`): the largest logit differences, argmax agreement; CheckError where
     it differs by more than the tolerance."""
     images = _random_images(header, CHECK_IMAGES)
     ours = qonnx.run(graph, images)
-    result = _compare(ours, _jax_logits(jax_model, params, header, images))
+    result = _compare(ours, _jax_logits(jax_model, params, header, images, batch_stats))
     runtime = _compare(ours, deploy.Model(header, arrays).predict(images))["max_rel_diff"]
     result["max_rel_diff_runtime"] = runtime
     jax_off = header["dtype"] == "float32" and result["max_rel_diff"] > FLOAT32_TOLERANCE
@@ -305,7 +384,7 @@ def export_onnx(run_dir, out, *, replicate: int, round: int | None, dtype: str, 
     before it is written; returns the round's header with ``file_bytes`` and the ``check``."""
     out = Path(out)
     check_out(out, overwrite)
-    model, params, entries = round_entries(run_dir, replicate, round, dtype)
+    model, params, stats, entries = round_entries(run_dir, replicate, round, dtype)
     with tempfile.TemporaryDirectory() as tmp:  # the file as the runtime reads it
         path = Path(tmp) / "round.npz"
         deploy.save(path, entries)
@@ -316,7 +395,7 @@ def export_onnx(run_dir, out, *, replicate: int, round: int | None, dtype: str, 
     except ImportError:
         chk = None
     else:
-        chk = check_onnx(graph, header, arrays, model, params)
+        chk = check_onnx(graph, header, arrays, model, params, stats)
     try:
         size = qonnx.save(graph, out, overwrite=overwrite)
     except FileExistsError as e:

@@ -1,6 +1,7 @@
 """The deploy ops: a model's forward pass as steps the numpy runtime runs, and their array code.
 
-Each model of :mod:`qsparse.models` states its ops (``deploy_ops``) beside its ``__call__``;
+Each model of :mod:`qsparse.models` and :mod:`qsparse.resnets` states its ops (``deploy_ops``)
+beside its ``__call__`` (a ResNet's blocks as :class:`Residual` ops holding op lists);
 :mod:`qsparse.export` writes them into an export file's header (as :func:`to_json`) and
 :mod:`qsparse.deploy` runs them. The array functions below take the array module as ``xp``
 (numpy, the default, or jax.numpy), so that the JAX models and the numpy runtime run the same
@@ -77,42 +78,110 @@ class Dense:
 
 @dataclasses.dataclass(frozen=True)
 class Conv:
-    """A convolution plus bias; kernels HWIO (real) or ``(n, kh, kw, in/n, out/n)``."""
+    """A convolution, plus a bias unless ``bias`` is false; kernels HWIO (real) or ``(n, kh, kw,
+    in/n, out/n)``. ``padding``: ``SAME`` (stride 1) or ``p`` zeros on every side; ``folded``
+    names the batch norm the exporter folded into the kernel and bias (empty: none)."""
 
     name: str
     kind: str
     hash_seed: int = 0
-    padding: str = "SAME"
+    padding: str | int = "SAME"
     strides: tuple[int, int] = (1, 1)
+    bias: bool = True
+    folded: str = ""
     op: ClassVar[str] = "conv"
 
 
-Op = Encode | Flatten | Relu | MaxPool2x2 | Dense | Conv
-OPS: dict[str, type] = {cls.op: cls for cls in (Encode, Flatten, Relu, MaxPool2x2, Dense, Conv)}
-RELU, MAXPOOL2X2 = Relu(), MaxPool2x2()
+@dataclasses.dataclass(frozen=True)
+class BatchNorm:
+    """Eval-mode batch norm of ``form`` (``split``, ``shared``, ``whiten``) over ``n``-component
+    channels: an affine map per hypercomplex channel, stored as ``<name>/scale`` and
+    ``<name>/shift`` (:mod:`qsparse.deploy.batchnorm`)."""
+
+    name: str
+    form: str
+    n: int = 1
+    op: ClassVar[str] = "batchnorm"
+
+
+@dataclasses.dataclass(frozen=True)
+class Residual:
+    """``body(x) + shortcut(x)``: two op lists on the same input (an empty shortcut: ``x``)."""
+
+    body: tuple
+    shortcut: tuple = ()
+    op: ClassVar[str] = "residual"
+
+
+@dataclasses.dataclass(frozen=True)
+class AvgPool:
+    """The global average pool: ``(B, H, W, C)`` -> ``(B, C)``, the mean over H and W."""
+
+    op: ClassVar[str] = "avgpool"
+
+
+Op = Encode | Flatten | Relu | MaxPool2x2 | Dense | Conv | BatchNorm | Residual | AvgPool
+OPS: dict[str, type] = {
+    cls.op: cls
+    for cls in (Encode, Flatten, Relu, MaxPool2x2, Dense, Conv, BatchNorm, Residual, AvgPool)
+}
+RELU, MAXPOOL2X2, AVGPOOL = Relu(), MaxPool2x2(), AvgPool()
+BN_FORMS = ("split", "shared", "whiten")
+BRANCHES = ("body", "shortcut")  # a residual op's op lists
 
 
 def to_json(op: Op) -> dict:
-    """The op as an export header holds it: ``{"op": name, **fields}`` (tuples as lists)."""
-    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(op).items()}
+    """The op as an export header holds it: ``{"op": name, **fields}`` (tuples as lists, a
+    residual's branches as lists of such entries)."""
+    fields = {f.name: getattr(op, f.name) for f in dataclasses.fields(op)}
+    if isinstance(op, Residual):
+        fields = {k: [to_json(o) for o in fields[k]] for k in BRANCHES}
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
     return {"op": op.op, **fields}
 
 
 def from_json(entry: dict) -> Op:
-    """The op of a header entry (keys beyond its fields, such as a layer's storage, are left);
-    ValueError naming an unknown op or a bad field."""
+    """The op of a header entry (keys beyond its fields, such as a layer's storage, are left;
+    a residual's branches are read too); ValueError naming an unknown op or a bad field."""
     cls = OPS.get(entry.get("op"))
     if cls is None:
         raise ValueError(f"unknown op {entry.get('op')!r}; valid: {list(OPS)}")
     fields = {f.name: entry[f.name] for f in dataclasses.fields(cls) if f.name in entry}
     if "strides" in fields:
         fields["strides"] = tuple(fields["strides"])
+    if cls is Residual:
+        fields = {k: tuple(from_json(e) for e in entry.get(k, [])) for k in BRANCHES}
     op = cls(**fields)
     if isinstance(op, Flatten) and op.layout not in LAYOUTS:
         raise ValueError(f"unknown flatten layout {op.layout!r}; valid: {list(LAYOUTS)}")
     if isinstance(op, Encode) and op.encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {op.encoding!r}; valid: {list(ENCODINGS)}")
+    if isinstance(op, BatchNorm) and op.form not in BN_FORMS:
+        raise ValueError(f"unknown batch norm form {op.form!r}; valid: {list(BN_FORMS)}")
+    if isinstance(op, Conv):
+        conv_pads(op, 1, 1)  # checks the padding
     return op
+
+
+def walk(entries: list[dict]):
+    """Every op entry of a header's ``ops``, a residual's branches included, in order."""
+    for entry in entries:
+        yield entry
+        for branch in BRANCHES if entry.get("op") == Residual.op else ():
+            yield from walk(entry.get(branch, []))
+
+
+def conv_pads(op: Conv, kh: int, kw: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """A convolution's zeros (before, after) on H and W: ``SAME`` (stride 1 only) puts the odd
+    one after; an integer ``p`` puts ``p`` on every side."""
+    if op.padding == "SAME" and tuple(op.strides) == (1, 1):
+        return ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2)
+    if isinstance(op.padding, int) and not isinstance(op.padding, bool) and op.padding >= 0:
+        return (op.padding, op.padding), (op.padding, op.padding)
+    raise ValueError(
+        f"conv {op.name}: padding {op.padding!r} with strides {list(op.strides)}; valid: "
+        "'SAME' with strides [1, 1], or a number of zeros >= 0"
+    )
 
 
 # -- preprocessing -------------------------------------------------------------------------------
@@ -215,6 +284,11 @@ def flatten(x, layout: str, n: int = 4, *, xp: ModuleType = np):
     if layout == "blocked":
         return blocked_flatten(x, n, xp=xp)
     return x.reshape(x.shape[0], -1)
+
+
+def avg_pool(x):
+    """The :class:`AvgPool` op: the mean over H and W of NHWC ``x`` (numpy or jax arrays)."""
+    return x.mean(axis=(1, 2))
 
 
 def max_pool_2x2(x):

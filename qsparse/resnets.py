@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qsparse import algebras, batchnorm, initializers, models, quaternion
+from qsparse import algebras, batchnorm, initializers, models, ops, quaternion
 from qsparse.models import _Body, _real_dense, algebra_names
 
 OUTPUTS = ("auto", "hyper", "real")
@@ -96,6 +96,14 @@ class _ResNetBody(_Body):
         )
         return bn(conv(x), use_running_average=not train)
 
+    def conv_bn_ops(self, name: str, kernel: int, stride: int) -> list[ops.Op]:
+        """:meth:`conv_bn` as :mod:`qsparse.ops`: the bias-free convolution, its batch norm."""
+        seed = self.hash_seed if algebras.get(self.algebra).kind == "hashed" else 0
+        conv = ops.Conv(
+            name, self.algebra, seed, padding=kernel // 2, strides=(stride, stride), bias=False
+        )
+        return [conv, ops.BatchNorm(f"{name}_bn", self.bn_form, self.n)]
+
 
 class Block(_ResNetBody):
     """A basic block (two 3x3 convolutions) or a bottleneck (1x1, 3x3 carrying the stride, 1x1
@@ -118,6 +126,23 @@ class Block(_ResNetBody):
         if self.stride != 1 or x.shape[-1] != out_width:
             x = self.conv_bn(x, out_width, 1, self.stride, train, "shortcut")
         return nn.relu(x + y)
+
+    def deploy_ops(self, prefix: str, in_width: int) -> list[ops.Op]:
+        """:meth:`__call__` as :mod:`qsparse.ops` for ``in_width`` real input channels, its layers
+        named under ``prefix``: the residual op, then ReLU."""
+        out_width = EXPANSION[self.block] * self.width
+
+        def conv(name, kernel, stride):
+            return self.conv_bn_ops(f"{prefix}/{name}", kernel, stride)
+
+        if self.block == "basic":
+            body = [*conv("conv1", 3, self.stride), ops.RELU, *conv("conv2", 3, 1)]
+        else:
+            body = [*conv("conv1", 1, 1), ops.RELU, *conv("conv2", 3, self.stride), ops.RELU]
+            body += conv("conv3", 1, 1)
+        projects = self.stride != 1 or in_width != out_width
+        shortcut = conv("shortcut", 1, self.stride) if projects else []
+        return [ops.Residual(tuple(body), tuple(shortcut)), ops.RELU]
 
 
 class ResNet(_ResNetBody):
@@ -152,6 +177,30 @@ class ResNet(_ResNetBody):
             return _real_dense(self.num_classes, x.shape[-1], name="output")(x)
         dense, _, options = self._layers()
         return dense(self.num_classes, name="output", **options)(x)
+
+    def deploy_ops(self, input_shape: Sequence[int]) -> list[ops.Op]:
+        """:meth:`__call__` as :mod:`qsparse.ops`, for images of ``input_shape`` (H, W, C); every
+        batch norm its own op (the exporter folds those it can)."""
+        channels = input_shape[-1]
+        if self.algebra == "real":
+            out = [ops.Encode("rgb_gray", 1)] if channels == 3 else []
+        else:
+            out = self._encode_ops(channels)
+        out += [*self.conv_bn_ops("stem", 3, 1), ops.RELU]
+        width = self.stem
+        for stage, (blocks, block_width) in enumerate(
+            zip(self.stage_sizes, self.widths, strict=True)
+        ):
+            for index in range(blocks):
+                stride = 2 if stage > 0 and index == 0 else 1
+                settings = {**self.settings(), "block": self.block, "stride": stride}
+                block = Block(**settings, width=block_width, parent=None)  # a description only
+                out += block.deploy_ops(f"stage{stage + 1}_block{index + 1}", width)
+                width = EXPANSION[self.block] * block_width
+        output = output_kind(self.algebra, self.num_classes, self.output)
+        kind = "real" if output == "real" else self.algebra
+        seed = self.hash_seed if algebras.get(kind).kind == "hashed" else 0
+        return [*out, ops.AVGPOOL, ops.Dense("output", kind, seed)]
 
 
 def create(name: str, algebra: str = "real", num_classes: int = 100, **overrides) -> ResNet:

@@ -132,6 +132,7 @@ def test_export_is_deterministic_and_states_the_models_ops(tmp_path):
         )
     header = json.loads(first[deploy.HEADER].tobytes())
     conv = {"op": "conv", "kind": "quat", "hash_seed": 0, "padding": "SAME", "strides": [1, 1]}
+    conv.update(bias=True, folded="")
     dense = {"op": "dense", "hash_seed": 0}
     assert [
         {k: v for k, v in op.items() if k not in ("kernel_shape", "storage")}
@@ -160,7 +161,7 @@ def test_export_is_deterministic_and_states_the_models_ops(tmp_path):
     for i, row in enumerate(hamilton):
         for j, (sign, k) in enumerate(row):
             table[i, j, k] = sign
-    assert header["version"] == 2
+    assert header["version"] == 3
     assert header["algebras"] == {"quat": {"kind": "table", "n": 4, "table": table.tolist()}}
     shapes = {op["name"]: op["kernel_shape"] for op in header["ops"] if "name" in op}
     assert shapes == {

@@ -1,9 +1,10 @@
 """The export file: its constants, the value and kernel codec, and pack/read/save.
 
 The format is written out once, in ``docs/deployment.md`` (the file's entries, its header, how
-kernels are stored); this module implements it. It writes version 2 and reads versions 1 and 2
-(:func:`read` gives a version-1 header the shape of a version-2 one). Numpy only; files are
-written through :mod:`qsparse.files`.
+kernels are stored); this module implements it. It writes version 3 (version 2 and the residual
+networks' ops: batch norm, residual blocks, average pool, strided bias-free convolutions) and
+reads versions 1 to 3 (:func:`read` gives a version-1 header the shape of a version-2 one). Numpy
+only; files are written through :mod:`qsparse.files`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from qsparse import files, ops
 from qsparse.algebras import QUATERNION, Algebra
 
 FORMAT = "qsparse-deploy"
-VERSION = 2
-READS = (1, 2)  # the versions :func:`read` accepts
+VERSION = 3
+READS = (1, 2, 3)  # the versions :func:`read` accepts
 HEADER = "header.json"
 DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
 ENCODINGS = tuple(ops.ENCODINGS)

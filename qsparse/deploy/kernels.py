@@ -117,14 +117,19 @@ def hyper_matmul(indptr, bases, comps, values, terms, signs, in_stride, bias, x)
     return y
 
 
-def im2col(x: np.ndarray, kh: int, kw: int) -> np.ndarray:
-    """The patches of a SAME, stride-1 convolution of NHWC ``x``, with the batch contiguous:
-    ``(kh kw C, N H W)``, row ``(dy kw + dx) C + c``, column ``(n, h, w)`` in C order."""
-    n, h, w, c = x.shape
-    ph, pw = (kh - 1) // 2, (kw - 1) // 2
-    xt = np.pad(x.transpose(3, 0, 1, 2), ((0, 0), (0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw)))
+def im2col(x: np.ndarray, kh: int, kw: int, pads=None, strides=(1, 1)) -> np.ndarray:
+    """The patches of a convolution of NHWC ``x``, with the batch contiguous: ``(kh kw C, N H'
+    W')``, row ``(dy kw + dx) C + c``, column ``(n, h', w')`` in C order. ``pads``: zeros
+    ``((top, bottom), (left, right))``, default SAME (the odd one after); ``strides`` (sh, sw)."""
+    n, _, _, c = x.shape
+    (pt, pb), (pl, pr) = pads or (((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2))
+    sh, sw = strides
+    xt = np.pad(x.transpose(3, 0, 1, 2), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    h, w = (xt.shape[2] - kh) // sh + 1, (xt.shape[3] - kw) // sw + 1
     patches = np.empty((kh * kw, c, n, h, w), np.float32)
     for dy in range(kh):
         for dx in range(kw):
-            patches[dy * kw + dx] = xt[:, :, dy : dy + h, dx : dx + w]
+            patches[dy * kw + dx] = xt[
+                :, :, dy : dy + sh * (h - 1) + 1 : sh, dx : dx + sw * (w - 1) + 1 : sw
+            ]
     return patches.reshape(kh * kw * c, n * h * w)

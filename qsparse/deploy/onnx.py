@@ -6,8 +6,10 @@ ONNX model that takes what :meth:`qsparse.deploy.Model.predict` takes, raw uint8
 forward pass: the normalisation ``(pixels / scale - mean) / std``, the input encoding into
 hypercomplex channels (a matrix over the channel axis), each layer's real kernel as the numpy
 runtime rebuilds it (:mod:`qsparse.deploy.matrices`: an algebra's table, a PHM layer's rules, the
-hashed tying) with pruned weights as zeros, ``Gemm`` and ``Conv`` (NCHW inside the graph),
-``Relu``, ``MaxPool`` and the flatten layouts of :mod:`qsparse.ops` as reshapes and transposes.
+hashed tying) with pruned weights as zeros, ``Gemm`` and ``Conv`` (NCHW inside the graph, strided
+and padded as the op says), ``Relu``, ``MaxPool``, ``GlobalAveragePool``, the flatten layouts of
+:mod:`qsparse.ops` as reshapes and transposes, a batch norm op's stored map as ``Mul`` and ``Add``
+(``whiten``: a 1x1 ``Conv``) and a residual op's branches joined by ``Add``.
 :func:`to_onnx` converts a file and writes the result atomically (:mod:`qsparse.files`).
 
 Numpy only at import; ``onnx`` (and, for :func:`run`, ``onnxruntime``) are imported when used,
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from qsparse import files, ops
+from qsparse.deploy import batchnorm as bn_lib
 from qsparse.deploy.format import ExportFileError, decode_kernel, dense_kernel, read
 from qsparse.deploy.matrices import real_kernel
 from qsparse.deploy.runtime import structure
@@ -133,14 +136,16 @@ def layer_kernel(op: ops.Dense | ops.Conv, entry: dict, header: dict, arrays: di
     positions, values = decode_kernel(entry["storage"], shape, parts, header["dtype"])
     layer_structure = structure(op, entry, header.get("algebras", {}), arrays)
     kernel = real_kernel(layer_structure, dense_kernel(entry["storage"], shape, positions, values))
-    bias = np.asarray(arrays[f"{op.name}/bias"], np.float32)
+    has_bias = getattr(op, "bias", True)
+    bias = np.asarray(arrays[f"{op.name}/bias"] if has_bias else np.zeros(kernel.shape[-1]))
+    bias = bias.astype(np.float32)
     if bias.shape != (kernel.shape[-1],):
         raise ValueError(f"bias of shape {bias.shape}, expected ({kernel.shape[-1]},)")
     return np.asarray(kernel, np.float32), bias
 
 
 def _layer(g: _Graph, op: ops.Dense | ops.Conv, entry: dict, header: dict, arrays: dict) -> None:
-    """A dense layer as ``Gemm``, a convolution (SAME, stride 1) as ``Conv`` on NCHW."""
+    """A dense layer as ``Gemm``, a convolution as ``Conv`` on NCHW."""
     try:
         kernel, bias = layer_kernel(op, entry, header, arrays)
     except KeyError as e:
@@ -155,14 +160,66 @@ def _layer(g: _Graph, op: ops.Dense | ops.Conv, entry: dict, header: dict, array
             raise ValueError(f"layer {op.name}: a dense layer on unflattened {g.shape} features")
         g.add("Gemm", g.const(f"{op.name}/kernel", kernel), b)
     else:
-        if kernel.ndim != 4 or op.padding != "SAME" or tuple(op.strides) != (1, 1):
-            raise ValueError(f"layer {op.name}: only SAME 2-D convolutions of stride 1 run")
+        if kernel.ndim != 4:
+            raise ValueError(f"layer {op.name}: only 2-D convolutions run")
         kh, kw = kernel.shape[:2]
+        (pt, pb), (pl, pr) = ops.conv_pads(op, kh, kw)
+        (sh, sw), (h, w) = op.strides, g.shape[:2]
         g.to("nchw")
         oihw = g.const(f"{op.name}/kernel", np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
-        pads = [(kh - 1) // 2, (kw - 1) // 2, kh // 2, kw // 2]  # SAME: the extra one after
-        g.add("Conv", oihw, b, kernel_shape=[kh, kw], pads=pads, strides=[1, 1])
+        g.add("Conv", oihw, b, kernel_shape=[kh, kw], pads=[pt, pl, pb, pr], strides=[sh, sw])
+        g.shape = ((h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1, g.shape[-1])
     g.shape = (*g.shape[:-1], kernel.shape[-1])
+
+
+def _batchnorm(g: _Graph, op: ops.BatchNorm, arrays: dict) -> None:
+    """The stored map (:mod:`qsparse.deploy.batchnorm`) on NCHW: ``Mul`` and ``Add`` per real
+    channel (``shared``: each channel's number for its ``n`` components), ``whiten`` a 1x1
+    ``Conv`` whose matrix holds each channel's ``n x n`` block."""
+    norm = bn_lib.Norm(op, arrays)
+    f = g.shape[-1]
+    if norm.shift.shape != (f,):
+        raise ValueError(f"batch norm {op.name}: shift {norm.shift.shape} on {f} features")
+    g.to("nchw")
+    if op.form == "whiten":
+        n, c = op.n, f // op.n
+        matrix = np.zeros((n, c, n, c), np.float32)  # [a, c, d, c']: output a c, input d c'
+        matrix[:, np.arange(c), :, np.arange(c)] = norm.scale  # (c, a, d) on the diagonal c = c'
+        weight = g.const(f"{op.name}/matrix", matrix.reshape(f, f, 1, 1))
+        g.add("Conv", weight, g.const(f"{op.name}/shift", norm.shift), kernel_shape=[1, 1])
+        return
+    scale = norm.scale if op.form == "split" else np.tile(norm.scale, op.n)
+    g.add("Mul", g.const(f"{op.name}/scale", scale.reshape(f, 1, 1).astype(np.float32)))
+    g.add("Add", g.const(f"{op.name}/shift", norm.shift.reshape(f, 1, 1)))
+
+
+def _residual(g: _Graph, entry: dict, header: dict, arrays: dict) -> None:
+    """Both branches from the running tensor (NCHW), then ``Add``."""
+    g.to("nchw")
+    start = g.x, g.shape
+    _ops(g, entry["body"], header, arrays)
+    g.to("nchw")
+    body, body_shape = g.x, g.shape
+    g.x, g.shape, g.layout = *start, "nchw"
+    _ops(g, entry.get("shortcut", []), header, arrays)
+    g.to("nchw")
+    if g.shape != body_shape:
+        raise ValueError(f"a residual's body ends in {body_shape}, its shortcut in {g.shape}")
+    g.add("Add", body)
+
+
+def _ops(g: _Graph, entries: list[dict], header: dict, arrays: dict) -> None:
+    """The header's ``entries`` in order."""
+    for entry in entries:
+        op = ops.from_json(entry)
+        if isinstance(op, ops.Dense | ops.Conv):
+            _layer(g, op, entry, header, arrays)
+        elif isinstance(op, ops.BatchNorm):
+            _batchnorm(g, op, arrays)
+        elif isinstance(op, ops.Residual):
+            _residual(g, entry, header, arrays)
+        else:
+            _step(g, op)
 
 
 def _step(g: _Graph, op: ops.Op) -> None:
@@ -175,6 +232,11 @@ def _step(g: _Graph, op: ops.Op) -> None:
         g.shape = (g.shape[0] // 2, g.shape[1] // 2, g.shape[2])
     elif isinstance(op, ops.Flatten):
         _flatten(g, op)
+    elif isinstance(op, ops.AvgPool):
+        g.to("nchw")
+        g.add("GlobalAveragePool")
+        g.reshape((g.shape[-1],))
+        g.shape, g.layout = (g.shape[-1],), "flat"
     else:
         _encode(g, op)
 
@@ -190,12 +252,7 @@ def build(header: dict, arrays: dict[str, np.ndarray]):
         shape = tuple(int(s) for s in header["input"]["shape"])
         g = _Graph(onnx, shape)
         _normalize(g, header["input"])
-        for entry in header["ops"]:
-            op = ops.from_json(entry)
-            if isinstance(op, ops.Dense | ops.Conv):
-                _layer(g, op, entry, header, arrays)
-            else:
-                _step(g, op)
+        _ops(g, header["ops"], header, arrays)
         classes = int(header["num_classes"])
         if g.shape != (classes,) or g.layout != "flat":
             raise ValueError(f"the ops end in features {g.shape}, not {classes} logits")

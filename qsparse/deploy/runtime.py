@@ -1,12 +1,13 @@
 """The numpy runtime of an export file: its layers and :class:`Model` (sparse products: numba's
 kernels where installed, scipy's otherwise).
 
-The header's ops (:mod:`qsparse.ops`) run in order; encodings, max-pool, the flatten layouts and
-the input normalisation are the array code the JAX models run too. A layer of any algebra
-computes with the real matrix :mod:`qsparse.deploy.matrices` builds from what the file stores
-(its algebra's table, the layer's PHM rules, or the hashed tying's seed), so a file runs where
-its algebra was never registered. How each layer computes (``kernels``: ``auto``, ``csr``,
-``bsr``, ``dense``; ``auto`` by the cost rule :func:`sparse_wins`) is described in
+The header's ops (:mod:`qsparse.ops`) run in order (a residual op: its two op lists, added);
+encodings, the pools, the flatten layouts and the input normalisation are the array code the JAX
+models run too, a batch norm op its stored affine map (:mod:`qsparse.deploy.batchnorm`). A layer
+of any algebra computes with the real matrix :mod:`qsparse.deploy.matrices` builds from what the
+file stores (its algebra's table, the layer's PHM rules, or the hashed tying's seed), so a file
+runs where its algebra was never registered. How each layer computes (``kernels``: ``auto``,
+``csr``, ``bsr``, ``dense``; ``auto`` by the cost rule :func:`sparse_wins`) is described in
 ``docs/deployment.md`` and shown by :meth:`Model.describe`.
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from qsparse import ops
 from qsparse.algebras import KINDS, Algebra
+from qsparse.deploy import batchnorm as bn_lib
 from qsparse.deploy import kernels as kernels_lib
 from qsparse.deploy.format import DTYPES, FORMAT, ExportFileError, decode_kernel, dense_kernel, read
 from qsparse.deploy.kernels import im2col
@@ -61,6 +63,22 @@ def _relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(x, np.float32(0))
 
 
+def _run(steps: list, x: np.ndarray) -> np.ndarray:
+    """Steps in order; dense layers take columns ``(features, batch)`` (the batch contiguous),
+    the others ``(batch, ...)``: ``x`` is transposed where that changes."""
+    columns = False
+    for step, wants in steps:
+        if wants is not None and wants != columns:
+            x, columns = np.ascontiguousarray(x.T), wants
+        x = step(x)
+    return x.T if columns else x
+
+
+def _residual(body: list, shortcut: list, x: np.ndarray) -> np.ndarray:
+    """The :class:`~qsparse.ops.Residual` op: both branches on ``x``, added."""
+    return _run(body, x) + _run(shortcut, x)
+
+
 def _step(op: ops.Op) -> Forward:
     """The array function of an op without weights."""
     if isinstance(op, ops.Relu):
@@ -69,6 +87,8 @@ def _step(op: ops.Op) -> Forward:
         return ops.max_pool_2x2
     if isinstance(op, ops.Flatten):
         return functools.partial(ops.flatten, layout=op.layout, n=op.n)
+    if isinstance(op, ops.AvgPool):
+        return ops.avg_pool
     return functools.partial(ops.ENCODINGS[op.encoding], n=op.n)
 
 
@@ -127,13 +147,16 @@ def sparse_wins(density: float, columns: int, engine: str) -> bool:
 
 class _Layer:
     """A conv or dense op: its kernel decoded, its bias, and how it computes (``path``; with
-    ``kernels="auto"`` dense BLAS instead where :func:`sparse_wins` says no)."""
+    ``kernels="auto"`` dense BLAS instead where :func:`sparse_wins` says no). ``hw``: a
+    convolution's input (H, W); :attr:`hw` its output's."""
 
-    def __init__(self, op, entry: dict, header: dict, arrays: dict, kernels: str, columns: int):
-        self.name, self.kind, self.op = op.name, op.kind, op.op
+    def __init__(self, op, entry: dict, header: dict, arrays: dict, kernels: str, hw=None):
+        self.name, self.kind, self.op, self.folded = op.name, op.kind, op.op, ""
         self.storage, self.shape = entry["storage"], tuple(entry["kernel_shape"])
-        self.conv, self.columns = isinstance(op, ops.Conv), columns  # columns per image
+        self.conv, self.columns = isinstance(op, ops.Conv), 1  # columns per image
         name, shape = self.name, self.shape
+        if self.conv:
+            self._geometry(op, hw)
         parts = {
             k: arrays[f"{name}/{k}"] for k in ("values", "positions") if f"{name}/{k}" in arrays
         }
@@ -148,7 +171,7 @@ class _Layer:
         if self.path != "dense":
             self._sparse, macs = self._product(positions, values)
             self.density = macs / float(np.prod(real_shape(self.structure, shape)))
-            wins = [sparse_wins(self.density, c, self.engine) for c in (columns, MANY_COLUMNS)]
+            wins = [sparse_wins(self.density, c, self.engine) for c in (self.columns, MANY_COLUMNS)]
             # convolutions: im2col's copies cost more than the sparse product saved in every
             # measurement (results/bench_deploy_conv4_cpu.md), so auto keeps them dense
             if kernels == "auto" and (self.conv or not any(wins)):
@@ -163,15 +186,26 @@ class _Layer:
         name, shape, kind = self.name, self.shape, self.kind
         if kind == "real" and self.storage["layout"] != "element":
             raise ValueError(f"layer {name}: a real kernel stored as {self.storage['layout']}")
-        self.bias = np.asarray(arrays[f"{name}/bias"], np.float32)
         n_out = shape[-1] * (1 if kind == "real" else shape[0])
+        has_bias = getattr(op, "bias", True)
+        self.bias = np.asarray(arrays[f"{name}/bias"] if has_bias else np.zeros(n_out), np.float32)
         if self.bias.shape != (n_out,):
             raise ValueError(f"layer {name}: bias of shape {self.bias.shape}, expected ({n_out},)")
         self.c_in = shape[-2] * (1 if kind == "real" else shape[0])  # real features, channels
         if len(shape) != (4 if self.conv else 2) + (kind != "real"):
             raise ValueError(f"layer {name}: {op.op} kernel of shape {shape}")
-        if self.conv and (op.padding != "SAME" or op.strides != (1, 1)):
-            raise ValueError(f"layer {name}: only SAME padding and stride 1 are supported")
+
+    def _geometry(self, op: ops.Conv, hw) -> None:
+        """Zeros, strides, the output's (H, W) and the columns per image of a convolution."""
+        self.folded = op.folded
+        self.pads, self.strides = ops.conv_pads(op, *self.shape[-4:-2]), tuple(op.strides)
+        kh, kw = self.shape[-4:-2]
+        (pt, pb), (pl, pr) = self.pads
+        sh, sw = self.strides
+        self.hw = ((hw[0] + pt + pb - kh) // sh + 1, (hw[1] + pl + pr - kw) // sw + 1)
+        if min(self.hw) < 1 or min(self.strides) < 1:
+            raise ValueError(f"layer {self.name}: strides {op.strides} on (H, W) {hw}")
+        self.columns = self.hw[0] * self.hw[1]
 
     def _path(self, kernels: str) -> str:
         """``dense`` for ``kernels="dense"``; ``bsr`` for ``nblock`` storage of a layer with
@@ -219,23 +253,22 @@ class _Layer:
             if self.uses_dense(x.shape[1]):
                 return self._kt @ x + self.bias[:, None]
             return self._sparse(x)
-        n, h, w, _ = x.shape
+        n, (h, w) = x.shape[0], self.hw
         if self.uses_dense(n * h * w):
             return self._conv(x)
-        y = self._sparse(im2col(x, *self.shape[-4:-2]))
+        y = self._sparse(im2col(x, *self.shape[-4:-2], self.pads, self.strides))
         return y.reshape(-1, n, h, w).transpose(1, 2, 3, 0)
 
     def _conv(self, x):
-        """SAME 3x3 (any odd kernel) convolution, stride 1, as a sum of shifted products."""
+        """The convolution (:attr:`pads`, :attr:`strides`) as a sum of shifted products."""
         kh, kw, c_in, c_out = self.kernel.shape
-        n, h, w, _ = x.shape
-        ph, pw = (kh - 1) // 2, (kw - 1) // 2
-        xp = np.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
+        n, (h, w), (sh, sw) = x.shape[0], self.hw, self.strides
+        xp = np.pad(x, ((0, 0), *self.pads, (0, 0)))
         y = np.zeros((n * h * w, c_out), np.float32)
         for dy in range(kh):
             for dx in range(kw):
-                patch = xp[:, dy : dy + h, dx : dx + w].reshape(-1, c_in)
-                y += patch @ self.kernel[dy, dx]
+                patch = xp[:, dy : dy + sh * (h - 1) + 1 : sh, dx : dx + sw * (w - 1) + 1 : sw]
+                y += patch.reshape(-1, c_in) @ self.kernel[dy, dx]
         return y.reshape(n, h, w, c_out) + self.bias
 
     def why(self) -> str:
@@ -274,19 +307,33 @@ class Model:
             raise ValueError(f"mean/std do not match the {self.input_shape[-1]} input channels")
         self.engine = kernels_lib.engine()  # what runs the sparse products, as loaded
         self.layers: list[_Layer] = []
-        self._steps: list[tuple[Forward, bool | None]] = []  # (step, on columns?; None: either)
-        h, w = self.input_shape[:2]
-        for entry in header["ops"]:
+        self.norms: list[bn_lib.Norm] = []
+        self._steps, _ = self._build(header["ops"], arrays, kernels, self.input_shape[:2])
+
+    def _build(self, entries: list, arrays: dict, kernels: str, hw: tuple) -> tuple[list, tuple]:
+        """The steps of ``entries`` on images of ``hw`` (H, W), and the (H, W) they end with:
+        ``(step, on columns?)`` pairs (None: either)."""
+        steps: list[tuple[Forward, bool | None]] = []
+        for entry in entries:
             op = ops.from_json(entry)
             if isinstance(op, ops.Dense | ops.Conv):
                 conv = isinstance(op, ops.Conv)
-                columns = h * w if conv else 1  # per image
-                self.layers.append(_Layer(op, entry, header, arrays, kernels, columns))
-                self._steps.append((self.layers[-1].forward, not conv))
+                self.layers.append(_Layer(op, entry, self.header, arrays, kernels, hw))
+                hw = self.layers[-1].hw if conv else hw
+                steps.append((self.layers[-1].forward, not conv))
+            elif isinstance(op, ops.BatchNorm):
+                self.norms.append(bn_lib.Norm(op, arrays))
+                steps.append((self.norms[-1].forward, False))
+            elif isinstance(op, ops.Residual):
+                body, hw_body = self._build(entry["body"], arrays, kernels, hw)
+                short, hw = self._build(entry.get("shortcut", []), arrays, kernels, hw)
+                if hw_body != hw:
+                    raise ValueError(f"a residual's body ends at {hw_body}, its shortcut at {hw}")
+                steps.append((functools.partial(_residual, body, short), False))
             else:
-                if isinstance(op, ops.MaxPool2x2):
-                    h, w = h // 2, w // 2
-                self._steps.append((_step(op), None if isinstance(op, ops.Relu) else False))
+                hw = (hw[0] // 2, hw[1] // 2) if isinstance(op, ops.MaxPool2x2) else hw
+                steps.append((_step(op), None if isinstance(op, ops.Relu) else False))
+        return steps, hw
 
     def preprocess(self, images: np.ndarray, scale: float | None = None) -> np.ndarray:
         """Raw uint8 pixels (or floats in ``[0, scale]``: ``scale`` says what white is, 255 or
@@ -319,14 +366,7 @@ class Model:
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        """The ops in order; dense layers take columns ``(features, batch)`` (the batch
-        contiguous), the others ``(batch, ...)``: ``x`` is transposed where that changes."""
-        columns = False
-        for step, wants in self._steps:
-            if wants is not None and wants != columns:
-                x, columns = np.ascontiguousarray(x.T), wants
-            x = step(x)
-        return x.T if columns else x
+        return _run(self._steps, x)
 
     def describe(self) -> str:
         """What the file holds: provenance, its algebras, one line per layer (storage, density,
@@ -349,7 +389,8 @@ class Model:
                 f"  {layer.name:12s} {layer.op:5s} {layer.kind:9s} {str(list(layer.shape)):22s} "
                 f"{s['layout']}/{s['positions']}: {s['count']} stored, "
                 f"{s['alive']}/{s['total']} weights alive, {s['bytes']} bytes, {layer.why()}, "
-                f"{layer.path}"
+                f"{layer.path}" + (f", batch norm {layer.folded} folded in" if layer.folded else "")
             )
+        lines += [f"  {m.name:12s} batchnorm {m.form}, n={m.n}, its own op" for m in self.norms]
         lines.append(f"kernel bytes {total}; sparse products: {self.engine}")
         return "\n".join(lines)
