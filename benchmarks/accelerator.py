@@ -1,7 +1,8 @@
-"""Lottery tickets (Conv-4 by default) on an accelerator, through the library's IMP
-(:mod:`qsparse.lottery`).
+"""Lottery tickets (Conv-4, ResNet-18) on an accelerator, through the library's IMP
+(:mod:`qsparse.lottery`), each model with its own recipe.
 
-Synthetic CIFAR-shaped data stand in for CIFAR-10 (no dataset to fetch), so the accuracy is chance;
+Synthetic CIFAR-shaped data stand in for the model's dataset (CIFAR-10 or CIFAR-100; no dataset
+to fetch), so the accuracy is chance;
 what the table shows is the machine: per algebra and round, the density, the fastest epoch, the
 train loss, how often the compiled epoch was traced (once per run: every round reuses it) and
 whether round 0 trained a second time, in a fresh run directory, ends bit for bit the same (what
@@ -22,8 +23,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 
-from qsparse import files, lottery, rundir
+from qsparse import files, lottery, models, rundir
 from qsparse.config import Config
+from qsparse.data import DATASETS
 from qsparse.report import markdown_table
 
 HEADER = (
@@ -40,19 +42,20 @@ HEADER = (
 _TRACE = "/jax/core/compile/jaxpr_trace_duration"
 
 
-def synthetic_cifar10(data_dir: Path, n_images: int, n_test: int) -> None:
-    """Random CIFAR-10-shaped images as the dataset cache that :func:`qsparse.data.load` reads
-    before any archive; the test split is the first ``n_test`` training images."""
+def synthetic_cifar(data_dir: Path, name: str, n_images: int, n_test: int) -> None:
+    """Random images and labels of dataset ``name`` (``cifar10`` or ``cifar100``) as the dataset
+    cache that :func:`qsparse.data.load` reads before any archive; the test split is the first
+    ``n_test`` training images."""
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (n_images, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, n_images).astype(np.int32)
+    images = rng.integers(0, 256, (n_images, *DATASETS[name].image_shape), dtype=np.uint8)
+    labels = rng.integers(0, DATASETS[name].num_classes, n_images).astype(np.int32)
     arrays = dict(
         train_images=images,
         train_labels=labels,
         test_images=images[:n_test],
         test_labels=labels[:n_test],
     )
-    cache = data_dir / "cifar10" / f"cifar10-{tfds.builder_cls('cifar10').VERSION}.npz"
+    cache = data_dir / name / f"{name}-{tfds.builder_cls(name).VERSION}.npz"
     files.atomic_write(cache, lambda f: np.savez(f, **arrays))
 
 
@@ -92,17 +95,19 @@ def imp_table(
     algebras: tuple[str, ...] = ("real", "quat"),
     model: str = "conv4",
 ) -> str:
-    """IMP of ``model`` (the paper's settings: 20 % pruned globally per round, rewound to θ₀) in
-    each of ``algebras``, on ``n_images`` synthetic images: the Markdown table."""
+    """IMP of ``model`` with its recipe (the paper's models: 20 % pruned globally per round,
+    rewound to θ₀; the ResNets: their optimizer, schedule, batch norm and pruning) in each of
+    ``algebras``, on ``n_images`` synthetic images of its dataset: the Markdown table."""
     n_test = min(n_images, 1000)
+    dataset = models.spec(model).dataset
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        synthetic_cifar10(Path(tmp) / "data", n_images, n_test)
+        synthetic_cifar(Path(tmp) / "data", dataset, n_images, n_test)
         for algebra in algebras:
             config = Config(
                 model=model,
                 algebra=algebra,
-                dataset="cifar10",
+                dataset=dataset,
                 rounds=rounds,
                 epochs=epochs,
                 data_dir=str(Path(tmp) / "data"),
@@ -118,7 +123,7 @@ def imp_table(
             rows += _rows(run, algebra, n_images, epoch_traces(counts, longest), repeatable)
     header = [h.format(n_test) for h in HEADER]
     return (
-        f"{model} IMP on {n_images:,} synthetic CIFAR-shaped images, {epochs} epochs per round "
+        f"{model} IMP on {n_images:,} synthetic {dataset}-shaped images, {epochs} epochs per round "
         f"(accuracy is chance: the labels are random):\n\n" + markdown_table(header, rows)
     )
 

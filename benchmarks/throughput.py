@@ -36,6 +36,7 @@ WINDOW_STEPS = {
     "conv4": 5,
     "conv6": 4,
     "resnet20": 2,
+    "resnet18": 2,
 }
 
 

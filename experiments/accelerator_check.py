@@ -5,13 +5,14 @@ r"""Check qsparse on a GPU or TPU machine, and write one report.
 Three parts, each in a fresh process on the machine's default backend:
 
 1. the test suite (``pytest``) with ``JAX_PLATFORMS`` set to that backend;
-2. the benchmark (``experiments.bench``): LeNet-300-100 and Conv-2/4/6, real and quaternion, and
+2. the benchmark (``experiments.bench``): LeNet-300-100, Conv-2/4/6 and ResNet-20/18, real and
+   quaternion, and
    R = 1 against R = ``--replicates`` replicates in one compiled epoch, replicates sharing a device
    run both unrolled and vmapped (the faster one should be the backend's default);
-3. a Conv-4 (``--model``) lottery-ticket run of ``--rounds`` pruning rounds on synthetic
-   CIFAR-shaped data through the library's IMP (:mod:`benchmarks.accelerator`), timed per epoch,
-   with the compiled epoch traced once and round 0 trained twice to check that it is bit-for-bit
-   repeatable.
+3. lottery-ticket runs of Conv-4 and the CIFAR-100 ResNet-18 (``--models``), each with its own
+   recipe, ``--rounds`` pruning rounds on synthetic data of the model's dataset shape through the
+   library's IMP (:mod:`benchmarks.accelerator`), timed per epoch, with the compiled epoch traced
+   once and round 0 trained twice to check that it is bit-for-bit repeatable.
 
 On GPU, XLA's determinism flag (``--xla_gpu_deterministic_ops``) is set for every part:
 qsparse promises identical results when a run resumes. The report (Markdown) holds the pytest
@@ -40,8 +41,10 @@ flags.DEFINE_integer("rounds", 3, "pruning rounds of the IMP run (after the dens
 flags.DEFINE_integer("epochs", 2, "epochs per round of the IMP run")
 flags.DEFINE_integer("images", 50_000, "synthetic CIFAR-shaped training images of the IMP run")
 flags.DEFINE_list("algebras", ["real", "quat"], "the IMP run's algebras")
-flags.DEFINE_string(
-    "model", "conv4", "the IMP part's model (conv4 on a GPU; a tiny one such as lenet12 on a CPU)"
+flags.DEFINE_list(
+    "models",
+    ["conv4", "resnet18"],
+    "the IMP part's models (on a CPU, a tiny one such as lenet12)",
 )
 flags.DEFINE_string("pytest_args", "-q -x", "arguments for the test-suite part")
 FLAGS = flags.FLAGS
@@ -72,7 +75,7 @@ def run_bench(platform: str, json_path: Path) -> str:
         sys.executable,
         "-m",
         "experiments.bench",
-        "--models=lenet300_100,conv2,conv4,conv6",
+        "--models=lenet300_100,conv2,conv4,conv6,resnet20,resnet18",
         f"--windows={FLAGS.windows}",
         "--epochs=0",
         f"--replicates={FLAGS.replicates}",
@@ -98,8 +101,9 @@ def main(argv: list[str]) -> None:
         bad = sorted(set(FLAGS[name].value) - set(valid))
         if bad:
             fail(f"--{name}={','.join(FLAGS[name].value)}: unknown {bad}; valid: {list(valid)}")
-    if FLAGS.model not in REGISTRY:
-        fail(f"--model={FLAGS.model}: unknown; valid: {sorted(REGISTRY)}")
+    bad = sorted(set(FLAGS.models) - set(REGISTRY))
+    if bad:
+        fail(f"--models={','.join(FLAGS.models)}: unknown {bad}; valid: {sorted(REGISTRY)}")
     import jax
 
     from benchmarks.accelerator import imp_table
@@ -127,12 +131,10 @@ def main(argv: list[str]) -> None:
     if "bench" in FLAGS.parts:
         print("benchmark ...", flush=True)
         parts += ["## Benchmark\n", run_bench(platform, out.with_name(out.stem + "_bench.json"))]
-    if "imp" in FLAGS.parts:
-        print(f"{FLAGS.model} IMP ...", flush=True)
-        table = imp_table(
-            FLAGS.rounds, FLAGS.epochs, FLAGS.images, tuple(FLAGS.algebras), FLAGS.model
-        )
-        parts += [f"## {FLAGS.model} IMP\n", table + "\n"]
+    for model in FLAGS.models if "imp" in FLAGS.parts else ():
+        print(f"{model} IMP ...", flush=True)
+        table = imp_table(FLAGS.rounds, FLAGS.epochs, FLAGS.images, tuple(FLAGS.algebras), model)
+        parts += [f"## {model} IMP\n", table + "\n"]
     report = "\n".join(parts)
     try:
         files.write_text(out, report)

@@ -32,6 +32,7 @@ BatchNorm; the default ``momentum=0.9`` is PyTorch's ``momentum=0.1`` (flax's ow
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -187,6 +188,71 @@ def initial_stats(form: str, n: int, channels: int) -> dict[str, jax.Array]:
     return {"mean": jnp.zeros((features,), jnp.float32), second[0]: second[1]}
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _normalize_batch(x: jax.Array, n: int, form: str, epsilon: float):
+    """``(x^, mean, second)`` of ``split`` or ``shared`` under the batch's own statistics: both
+    moments in one pass over ``x`` (``var = E[x^2] - E[x]^2``, as flax's BatchNorm) and the
+    batch-norm gradient written out (:func:`_normalize_batch_bwd`), not differentiated through
+    the reductions: half the passes over the activations of autodiff's."""
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    var = jnp.maximum(jnp.square(x).mean(axes) - jnp.square(mean), 0.0)
+    second = _blocked(var, n).mean(0) if form == "shared" else var
+    return (x - mean) * jax.lax.rsqrt(_per_feature(second, n, form) + epsilon), mean, second
+
+
+def _per_feature(v: jax.Array, n: int, form: str) -> jax.Array:
+    """A ``shared`` per-channel ``(C,)`` quantity spread over the channel's n features."""
+    return jnp.tile(v, n) if form == "shared" else v
+
+
+def _normalize_batch_fwd(x, n, form, epsilon):
+    out = _normalize_batch(x, n, form, epsilon)
+    return out, (out[0], out[2])
+
+
+def _normalize_batch_bwd(n, form, epsilon, residuals, cotangents):
+    """``dx = (g - E[g] - x^ E[g x^]) / sigma`` (``E[g x^]`` averaged over a channel's n
+    features for ``shared``), plus what reaches ``x`` through the returned mean and second
+    moment: ``d mean / dx = 1 / N``, ``d var / dx = 2 (x - mean) / N`` (``/ n`` shared)."""
+    xhat, second = residuals
+    g, ct_mean, ct_second = cotangents
+    axes = tuple(range(xhat.ndim - 1))
+    count = xhat.size // xhat.shape[-1]
+    g_xhat = (g * xhat).mean(axes)
+    if form == "shared":
+        g_xhat, ct_second = _blocked(g_xhat, n).mean(0), ct_second / n
+    sigma = jnp.sqrt(_per_feature(second, n, form) + epsilon)
+    ct_var = (2 / count) * _per_feature(ct_second, n, form) * sigma
+    dx = (g - g.mean(axes) - xhat * _per_feature(g_xhat, n, form)) / sigma
+    return (dx + ct_mean / count + ct_var * xhat,)
+
+
+_normalize_batch.defvjp(_normalize_batch_fwd, _normalize_batch_bwd)
+
+
+def train_apply(
+    x: jax.Array,
+    n: int,
+    form: str,
+    params: list,
+    epsilon: float,
+    dtype,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, Stats]:
+    """Training mode: the layer's output under the batch's statistics, and those statistics
+    (:func:`batch_stats`'s). ``split`` and ``shared`` on one device take :func:`_normalize_batch`;
+    ``whiten``, or statistics averaged over ``axis_name``, are differentiated as written."""
+    dtype = dtype or jnp.result_type(x, *params)
+    x = jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32))
+    if form == "whiten" or axis_name is not None:
+        stats = batch_stats(x, n, form, axis_name=axis_name)
+        xhat = normalize(x, n, form, stats, epsilon)
+    else:
+        xhat, *stats = _normalize_batch(x, n, form, epsilon)
+    return scale_shift(xhat, n, form, *params).astype(dtype), tuple(stats)
+
+
 def apply(x: jax.Array, n: int, form: str, stats: Stats, params: list, epsilon: float, dtype):
     """The layer's output: ``x`` normalised under ``stats``, then scaled and shifted by
     ``params`` (scale or gamma, bias), in ``dtype`` (None: ``x``'s and the params' type)."""
@@ -230,10 +296,10 @@ class HyperBatchNorm(nn.Module):
             for name, (init, shape) in param_specs(self.form, n, channels).items()
         ]
         stats = tuple(v.value for v in running)
-        if not eval_mode:
-            batch = batch_stats(x, n, self.form, axis_name=self.axis_name)
-            if not self.is_initializing():
-                for v, value in zip(running, update(stats, batch, self.momentum), strict=True):
-                    v.value = value
-            stats = batch
-        return apply(x, n, self.form, stats, params, self.epsilon, self.dtype)
+        if eval_mode:
+            return apply(x, n, self.form, stats, params, self.epsilon, self.dtype)
+        y, batch = train_apply(x, n, self.form, params, self.epsilon, self.dtype, self.axis_name)
+        if not self.is_initializing():
+            for v, value in zip(running, update(stats, batch, self.momentum), strict=True):
+                v.value = value
+        return y

@@ -316,11 +316,13 @@ class HyperBatchNorm(nnx.Module):
         eval_mode = self.use_running_average if use_running_average is None else use_running_average
         n = self.algebra.n
         stats = tuple(getattr(self, name)[...] for name in self.stat_names)
-        if not eval_mode:
-            batch = batchnorm.batch_stats(x, n, self.form, axis_name=self.axis_name)
-            new = batchnorm.update(stats, batch, self.momentum)
-            for name, value in zip(self.stat_names, new, strict=True):
-                getattr(self, name)[...] = value
-            stats = batch
         params = [getattr(self, name)[...] for name in self.param_names]
-        return batchnorm.apply(x, n, self.form, stats, params, self.epsilon, self.dtype)
+        if eval_mode:
+            return batchnorm.apply(x, n, self.form, stats, params, self.epsilon, self.dtype)
+        y, batch = batchnorm.train_apply(
+            x, n, self.form, params, self.epsilon, self.dtype, self.axis_name
+        )
+        new = batchnorm.update(stats, batch, self.momentum)
+        for name, value in zip(self.stat_names, new, strict=True):
+            getattr(self, name)[...] = value
+        return y

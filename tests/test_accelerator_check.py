@@ -1,8 +1,10 @@
 """experiments.accelerator_check on the CPU, tiny sizes: the report it writes on a GPU or TPU."""
 
+import numpy as np
 import pytest
 
-from qsparse import models
+from benchmarks import accelerator
+from qsparse import data, models
 
 pytestmark = (
     pytest.mark.subprocess
@@ -18,7 +20,7 @@ def test_imp_part_writes_its_table(tmp_path, modules):
         "--epochs=1",
         "--images=120",
         "--algebras=real",  # both run the same code (real compiles faster); the GPU report has both
-        "--model=lenet12",  # the same IMP code as the GPU report's conv4, faster
+        "--models=lenet12",  # the same IMP code as the GPU report's models, faster
         f"--out={out}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -52,7 +54,21 @@ def test_unknown_part_algebra_or_model_is_refused(modules):
         "error: --algebras=quat,octonion: unknown ['octonion']; valid: "
         "['real', 'complex', 'quat', 'tessarine', 'klein4', 'phm2', 'phm4', 'hashed4']"
     )
-    result = modules.run("experiments.accelerator_check", "--model=resnet19")
+    result = modules.run("experiments.accelerator_check", "--models=conv4,resnet19")
     assert result.returncode == 2 and result.stderr.strip() == (
-        f"error: --model=resnet19: unknown; valid: {sorted(models.REGISTRY)}"
+        f"error: --models=conv4,resnet19: unknown ['resnet19']; valid: {sorted(models.REGISTRY)}"
     )
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_synthetic_data_is_what_the_models_dataset_loads_as(name, tmp_path):
+    """The IMP part's stand-in data load as the model's dataset: its shape and class count, the
+    test split the first training images."""
+    accelerator.synthetic_cifar(tmp_path, name, 50, 10)
+    ds = data.load(name, data_dir=tmp_path)
+    spec = data.DATASETS[name]
+    assert ds.train_images.shape == (50, *spec.image_shape) and ds.num_classes == spec.num_classes
+    assert ds.train_labels.max() < spec.num_classes and len(set(ds.train_labels)) > 10 * (
+        name == "cifar100"
+    )
+    np.testing.assert_array_equal(ds.test_images, ds.train_images[:10])

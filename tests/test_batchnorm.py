@@ -251,6 +251,42 @@ def test_gradients_are_finite_even_for_degenerate_batches(form):
     assert float(jnp.abs(jax.grad(loss, argnums=1)(variables["params"], x)).max()) > 0
 
 
+@pytest.mark.parametrize("form,algebra", [("split", "real"), ("split", "quat"), ("shared", "quat")])
+def test_training_mode_values_and_gradients_equal_the_formulas_differentiated(form, algebra):
+    """Training mode's one-pass statistics and written-out gradient give what autodiff of the
+    two-pass formulas gives (batch_stats, normalize, scale_shift), for every output: the layer's
+    values and the batch's mean and second moment, with random cotangents for all three."""
+    n = N[algebra]
+    x = jnp.asarray(3.0 + 2.0 * correlated((6, 5, 5), n, seed=12), jnp.float32)  # mean far from 0
+    rng = np.random.default_rng(1)
+    params = [
+        jnp.asarray(1 + rng.standard_normal(s), jnp.float32)
+        for s in [spec[1] for spec in batchnorm.param_specs(form, n, C).values()]
+    ]
+
+    def written(x, params):
+        stats = batchnorm.batch_stats(x, n, form)
+        return batchnorm.scale_shift(
+            batchnorm.normalize(x, n, form, stats, EPS), n, form, *params
+        ), stats
+
+    def ours(x, params):
+        return batchnorm.train_apply(x, n, form, params, EPS, None)
+
+    (y_ref, stats_ref), vjp_ref = jax.vjp(written, x, params)
+    (y, stats), vjp = jax.vjp(ours, x, params)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5)
+    for a, b in zip(stats, stats_ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    cotangents = jax.tree.map(
+        lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), (y, stats)
+    )
+    for g, g_ref in zip(
+        jax.tree.leaves(vjp(cotangents)), jax.tree.leaves(vjp_ref(cotangents)), strict=True
+    ):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * float(jnp.abs(g_ref).max()))
+
+
 def test_batch_statistics_average_over_a_device_axis():
     x = jnp.asarray(correlated((4, 8, 3), 4, seed=11), jnp.float32)  # 4 shards of 8
     for form in FORMS:

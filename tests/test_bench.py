@@ -121,7 +121,7 @@ def test_conv4_flop_count_matches_a_hand_count():
 
 
 def test_every_model_has_a_window_size():
-    assert set(throughput.WINDOW_STEPS) == {*models.PAPER_MODELS, "resnet20"}
+    assert set(throughput.WINDOW_STEPS) == {*models.PAPER_MODELS, "resnet20", "resnet18"}
 
 
 def test_cli_refuses_an_unknown_model_with_one_line(run_main, capsys):
