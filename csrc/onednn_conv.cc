@@ -1,4 +1,4 @@
-// Stride-1 NHWC x HWIO 2-D convolution (forward, input gradient, kernel gradient) as XLA FFI
+// NHWC x HWIO 2-D convolution (forward, input gradient, kernel gradient) as XLA FFI
 // handlers backed by oneDNN, for XLA:CPU. Loaded by qsparse/cpu/onednn.py; optional at build time.
 // Builds against oneDNN 2.x (Debian 12's libdnnl-dev 2.6) and 3.x (PyPI's onednn-devel-cpu-gomp
 // 3.2, what setup.py prefers).
@@ -25,9 +25,9 @@ using tag = memory::format_tag;
 
 namespace {
 
-// N, H, W, C (input), KH, KW, O (kernel), padding lo/hi for H and W.
+// N, H, W, C (input), KH, KW, O (kernel), padding lo/hi for H and W, strides for H and W.
 using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                       int64_t>;
+                       int64_t, int64_t, int64_t>;
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -44,9 +44,10 @@ struct Conv {
   dnnl::convolution_backward_weights bwd_weights;
 
   explicit Conv(const Key& k) {
-    auto [n, h, w, c, kh, kw, o, pt, pb, pl, pr] = k;
-    const memory::dims x_dims{n, c, h, w}, w_dims{o, c, kh, kw}, y_dims{n, o, h + pt + pb - kh + 1, w + pl + pr - kw + 1};
-    const memory::dims strides{1, 1}, pad_lo{pt, pl}, pad_hi{pb, pr};
+    auto [n, h, w, c, kh, kw, o, pt, pb, pl, pr, sh, sw] = k;
+    const memory::dims x_dims{n, c, h, w}, w_dims{o, c, kh, kw},
+        y_dims{n, o, (h + pt + pb - kh) / sh + 1, (w + pl + pr - kw) / sw + 1};
+    const memory::dims strides{sh, sw}, pad_lo{pt, pl}, pad_hi{pb, pr};
     x_md = memory::desc(x_dims, memory::data_type::f32, tag::nhwc);
     y_md = memory::desc(y_dims, memory::data_type::f32, tag::nhwc);
     w_user_md = memory::desc(w_dims, memory::data_type::f32, tag::hwio);
@@ -111,17 +112,17 @@ ffi::Error Guarded(F&& f) {
 }
 
 Key MakeKey(ffi::Span<const int64_t> x, int64_t kh, int64_t kw, int64_t o, int64_t pt, int64_t pb, int64_t pl,
-            int64_t pr) {
-  return Key{x[0], x[1], x[2], x[3], kh, kw, o, pt, pb, pl, pr};
+            int64_t pr, int64_t sh, int64_t sw) {
+  return Key{x[0], x[1], x[2], x[3], kh, kw, o, pt, pb, pl, pr, sh, sw};
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int64_t pt,
-                   int64_t pb, int64_t pl, int64_t pr) {
+                   int64_t pb, int64_t pl, int64_t pr, int64_t sh, int64_t sw) {
   auto wd = w.dimensions();
   if (x.dimensions().size() != 4 || wd.size() != 4 || wd[2] != x.dimensions()[3])
     return ffi::Error::InvalidArgument("conv: expected (N,H,W,C) x (KH,KW,C,O)");
   return Guarded([&] {
-    const Conv& c = Get(MakeKey(x.dimensions(), wd[0], wd[1], wd[3], pt, pb, pl, pr));
+    const Conv& c = Get(MakeKey(x.dimensions(), wd[0], wd[1], wd[3], pt, pb, pl, pr, sh, sw));
     memory xm(c.x_md, Engine(), x.typed_data()), ym(c.y_md, Engine(), y->typed_data());
     memory wm = KernelAs(c.fwd_pd.weights_desc(), c.w_user_md, w.typed_data());
     c.fwd.execute(Stream(), {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym}});
@@ -129,10 +130,10 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Result
 }
 
 ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx, int64_t pt,
-                     int64_t pb, int64_t pl, int64_t pr) {
+                     int64_t pb, int64_t pl, int64_t pr, int64_t sh, int64_t sw) {
   auto wd = w.dimensions();
   return Guarded([&] {
-    const Conv& c = Get(MakeKey(dx->dimensions(), wd[0], wd[1], wd[3], pt, pb, pl, pr));
+    const Conv& c = Get(MakeKey(dx->dimensions(), wd[0], wd[1], wd[3], pt, pb, pl, pr, sh, sw));
     memory dym(c.y_md, Engine(), dy.typed_data()), dxm(c.x_md, Engine(), dx->typed_data());
     memory wm = KernelAs(c.bwd_data_pd.weights_desc(), c.w_user_md, w.typed_data());
     c.bwd_data.execute(Stream(), {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DIFF_SRC, dxm}});
@@ -140,10 +141,10 @@ ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::Res
 }
 
 ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw, int64_t pt,
-                      int64_t pb, int64_t pl, int64_t pr) {
+                      int64_t pb, int64_t pl, int64_t pr, int64_t sh, int64_t sw) {
   auto wd = dw->dimensions();
   return Guarded([&] {
-    const Conv& c = Get(MakeKey(x.dimensions(), wd[0], wd[1], wd[3], pt, pb, pl, pr));
+    const Conv& c = Get(MakeKey(x.dimensions(), wd[0], wd[1], wd[3], pt, pb, pl, pr, sh, sw));
     memory xm(c.x_md, Engine(), x.typed_data()), dym(c.y_md, Engine(), dy.typed_data());
     memory user(c.w_user_md, Engine(), dw->typed_data());
     const bool direct = c.bwd_weights_pd.diff_weights_desc() == c.w_user_md;
@@ -163,7 +164,9 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Re
       .Attr<int64_t>("pad_top")                                                                      \
       .Attr<int64_t>("pad_bottom")                                                                   \
       .Attr<int64_t>("pad_left")                                                                     \
-      .Attr<int64_t>("pad_right")
+      .Attr<int64_t>("pad_right")                                                                    \
+      .Attr<int64_t>("stride_h")                                                                     \
+      .Attr<int64_t>("stride_w")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QsparseConvForward, Forward, QSPARSE_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QsparseConvInputGrad, InputGrad, QSPARSE_CONV_BINDING);

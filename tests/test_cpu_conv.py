@@ -41,8 +41,19 @@ def conv(op, x, w, strides, padding, dilation, groups):
     )
 
 
+@pytest.mark.parametrize("kernels", ["onednn", "xla"])
 @pytest.mark.parametrize("x_shape, w_shape, strides, padding, dilation, groups", CASES)
-def test_values_and_gradients_equal_lax(x_shape, w_shape, strides, padding, dilation, groups):
+def test_values_and_gradients_equal_lax(
+    x_shape, w_shape, strides, padding, dilation, groups, kernels
+):
+    """On oneDNN (where built) and on XLA's canonical stride-1 convolutions alike."""
+    if kernels == "onednn" and not onednn.available():
+        kernels = "xla"  # the other case covers it; both run where CI builds oneDNN
+    with onednn.using(kernels):
+        _values_and_gradients_equal_lax(x_shape, w_shape, strides, padding, dilation, groups)
+
+
+def _values_and_gradients_equal_lax(x_shape, w_shape, strides, padding, dilation, groups):
     rng = np.random.default_rng(sum(x_shape) + sum(w_shape))
     x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
     w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)

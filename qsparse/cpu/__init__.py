@@ -2,10 +2,9 @@
 
 * :mod:`qsparse.cpu.conv`: :func:`conv_general_dilated`, a drop-in for
   ``lax.conv_general_dilated`` that qsparse's models pass to ``nn.Conv`` (Flax's hook) and
-  :class:`qsparse.layers.QConv`. Lowered for the CPU, plain NHWC convolutions run on
-  :func:`conv2d`, whose gradients XLA:CPU computes fast (strided ones as its stride-1 convolution
-  subsampled, :func:`strided_conv2d`); lowered for any other backend the program holds XLA's own
-  convolution and its own autodiff gradients.
+  :class:`qsparse.layers.QConv`. Lowered for the CPU, plain NHWC convolutions (any stride) run
+  on :func:`conv2d`, whose gradients XLA:CPU computes fast; lowered for any other backend the
+  program holds XLA's own convolution and its own autodiff gradients.
 * :mod:`qsparse.cpu.onednn`: the optional oneDNN kernels behind :func:`conv2d` (``jax.ffi``).
 * :mod:`qsparse.cpu.options`: XLA compiler options for models without convolutions.
 
@@ -13,7 +12,7 @@ Nothing outside this package knows about XLA:CPU; on GPU and TPU none of it runs
 """
 
 from qsparse.cpu import onednn
-from qsparse.cpu.conv import conv2d, conv_general_dilated, strided_conv2d
+from qsparse.cpu.conv import conv2d, conv_general_dilated
 from qsparse.cpu.options import DENSE_COMPILER_OPTIONS, compiler_options, has_conv
 
 __all__ = [
@@ -23,5 +22,4 @@ __all__ = [
     "conv_general_dilated",
     "has_conv",
     "onednn",
-    "strided_conv2d",
 ]

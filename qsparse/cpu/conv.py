@@ -24,23 +24,24 @@ _NHWC_SPECS = lax.ConvDimensionNumbers(
 )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv2d(inputs, kernel, padding, precision=None, preferred_element_type=None):
-    """Stride-1 2-D convolution for the CPU,
-    ``(N, H, W, C_in) x (kh, kw, C_in, C_out) -> (N, H', W', C_out)``, with explicit ``padding``
-    ``((lo, hi), (lo, hi))`` (each ``0 <= pad < kernel size``).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def conv2d(inputs, kernel, padding, precision=None, preferred_element_type=None, strides=(1, 1)):
+    """2-D convolution for the CPU, ``(N, H, W, C_in) x (kh, kw, C_in, C_out) -> (N, H', W',
+    C_out)``, with explicit ``padding`` ``((lo, hi), (lo, hi))`` (each ``0 <= pad < kernel
+    size``) and ``strides``.
 
     Equal to ``lax.conv_general_dilated`` with the same arguments; only the kernels differ. Float32
-    convolutions run on oneDNN when the extension is built; otherwise the gradients are forward
-    convolutions in the canonical NHWC/HWIO layout (input gradient: the flipped, transposed
-    kernel; kernel gradient: input channels as the batch and examples as the features).
-    Reverse-mode only (a ``custom_vjp``): pass ``lax.conv_general_dilated`` to a model for
-    forward-mode autodiff.
+    convolutions run on oneDNN (strides included) when the extension is built. Otherwise a
+    strided convolution is the stride-1 one's every ``strides``-th output, and the gradients are
+    forward convolutions in the canonical NHWC/HWIO layout (input gradient: the flipped,
+    transposed kernel; kernel gradient: input channels as the batch and examples as the
+    features) of the stride-1 cotangent (the strided one with zeros between). Reverse-mode only
+    (a ``custom_vjp``): pass ``lax.conv_general_dilated`` to a model for forward-mode autodiff.
     """
-    padding = tuple(map(tuple, padding))
+    padding, strides = tuple(map(tuple, padding)), tuple(strides)
     if onednn.applies(inputs, kernel, preferred_element_type):
-        return onednn.forward(inputs, kernel, padding)
-    return lax.conv_general_dilated(
+        return onednn.forward(inputs, kernel, padding, strides)
+    y = lax.conv_general_dilated(
         inputs,
         kernel,
         (1, 1),
@@ -49,19 +50,33 @@ def conv2d(inputs, kernel, padding, precision=None, preferred_element_type=None)
         precision=precision,
         preferred_element_type=preferred_element_type,
     )
+    return y[:, :: strides[0], :: strides[1]]
 
 
-def _conv2d_fwd(inputs, kernel, padding, precision, preferred_element_type):
-    return conv2d(inputs, kernel, padding, precision, preferred_element_type), (inputs, kernel)
+def _conv2d_fwd(inputs, kernel, padding, precision, preferred_element_type, strides):
+    y = conv2d(inputs, kernel, padding, precision, preferred_element_type, strides)
+    return y, (inputs, kernel)
 
 
-def _conv2d_bwd(padding, precision, preferred_element_type, residuals, dy):
+def _stride_one_cotangent(dy, x_shape, w_shape, padding, strides):
+    """The cotangent of the stride-1 convolution whose every ``strides``-th output is ``dy``:
+    ``dy`` with ``stride - 1`` zeros between its values, padded to the stride-1 output size."""
+    config = [(0, 0, 0)]
+    for axis, (size, k, (lo, hi), s) in enumerate(zip(x_shape[1:3], w_shape[:2], padding, strides)):
+        full = size + lo + hi - k + 1
+        config.append((0, full - ((dy.shape[axis + 1] - 1) * s + 1), s - 1))
+    return lax.pad(dy, jnp.zeros((), dy.dtype), [*config, (0, 0, 0)])
+
+
+def _conv2d_bwd(padding, precision, preferred_element_type, strides, residuals, dy):
     x, w = residuals
-    padding = tuple(map(tuple, padding))
+    padding, strides = tuple(map(tuple, padding)), tuple(strides)
     if dy.dtype == jnp.float32 and onednn.applies(x, w, preferred_element_type):
-        return onednn.input_grad(dy, w, padding, x.shape), onednn.kernel_grad(
-            x, dy, padding, w.shape
+        return onednn.input_grad(dy, w, padding, x.shape, strides), onednn.kernel_grad(
+            x, dy, padding, w.shape, strides
         )
+    if strides != (1, 1):
+        dy = _stride_one_cotangent(dy, x.shape, w.shape, padding, strides)
     kh, kw = w.shape[:2]
     # dx[i] = sum_o dy[o] w[i - o + lo]: correlate dy with the flipped kernel, in/out swapped
     w_t = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2)).astype(dy.dtype)
@@ -92,8 +107,7 @@ def _plain_padding(
     feature_group_count,
     batch_group_count,
 ):
-    """Explicit ``((lo, hi), (lo, hi))`` if the call is one :func:`strided_conv2d` computes,
-    else None."""
+    """Explicit ``((lo, hi), (lo, hi))`` if the call is one :func:`conv2d` computes, else None."""
     if lhs.ndim != 4 or feature_group_count != 1 or batch_group_count != 1:
         return None
     if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _NHWC_SPECS:
@@ -106,19 +120,6 @@ def _plain_padding(
     if not all(0 <= lo < k and 0 <= hi < k for (lo, hi), k in zip(padding, rhs.shape[:2])):
         return None
     return padding
-
-
-def strided_conv2d(inputs, kernel, strides, padding, precision=None, preferred_element_type=None):
-    """:func:`conv2d` at ``strides``: the stride-1 convolution's every ``strides``-th output
-    (the same values; XLA:CPU's strided gradients are naive loops inside the compiled epoch). A
-    1x1 kernel without padding reads only the pixels it keeps, so those are taken first; other
-    kernels pay the stride-1 convolution (a ResNet's few downsampling ones)."""
-    sh, sw = strides
-    if (sh, sw) == (1, 1):
-        return conv2d(inputs, kernel, padding, precision, preferred_element_type)
-    if kernel.shape[:2] == (1, 1):  # padding is 0 for a 1x1 kernel here (pad < kernel size)
-        return conv2d(inputs[:, ::sh, ::sw], kernel, padding, precision, preferred_element_type)
-    return conv2d(inputs, kernel, padding, precision, preferred_element_type)[:, ::sh, ::sw]
 
 
 def conv_general_dilated(
@@ -134,8 +135,8 @@ def conv_general_dilated(
     precision=None,
     preferred_element_type=None,
 ) -> jax.Array:
-    """``lax.conv_general_dilated`` with :func:`strided_conv2d` on CPU for plain (undilated,
-    ungrouped, NHWC/HWIO, any stride) 2-D convolutions.
+    """``lax.conv_general_dilated`` with :func:`conv2d` on CPU for plain (undilated, ungrouped,
+    NHWC/HWIO, any stride) 2-D convolutions.
 
     Same arguments and values. ``lax.platform_dependent`` picks the branch when the program is
     lowered, so a program lowered for GPU or TPU holds XLA's own convolution and gradients.
@@ -169,6 +170,6 @@ def conv_general_dilated(
     return lax.platform_dependent(
         lhs,
         rhs,
-        cpu=lambda x, w: strided_conv2d(x, w, strides, pads, precision, preferred_element_type),
+        cpu=lambda x, w: conv2d(x, w, pads, precision, preferred_element_type, strides),
         default=xla,
     )

@@ -156,7 +156,9 @@ def applies(inputs: jax.Array, kernel: jax.Array, preferred_element_type=None) -
     )
 
 
-def _call(name: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array, padding) -> jax.Array:
+def _call(
+    name: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array, padding, strides
+) -> jax.Array:
     (top, bottom), (left, right) = padding
     call = jax.ffi.ffi_call(
         _PREFIX + name,
@@ -170,25 +172,31 @@ def _call(name: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array, paddi
         pad_bottom=np.int64(bottom),
         pad_left=np.int64(left),
         pad_right=np.int64(right),
+        stride_h=np.int64(strides[0]),
+        stride_w=np.int64(strides[1]),
     )
 
 
-def forward(x: jax.Array, w: jax.Array, padding) -> jax.Array:
-    """``(N, H, W, C) x (KH, KW, C, O) -> (N, H', W', O)``, stride 1, padding
+def forward(x: jax.Array, w: jax.Array, padding, strides=(1, 1)) -> jax.Array:
+    """``(N, H, W, C) x (KH, KW, C, O) -> (N, H', W', O)`` at ``strides``, padding
     ``((lo, hi), (lo, hi))``."""
     (top, bottom), (left, right) = padding
     n, h, wd, _ = x.shape
     kh, kw, _, o = w.shape
-    return _call(
-        "forward", (n, h + top + bottom - kh + 1, wd + left + right - kw + 1, o), x, w, padding
-    )
+    sh, sw = strides
+    out = (n, (h + top + bottom - kh) // sh + 1, (wd + left + right - kw) // sw + 1, o)
+    return _call("forward", out, x, w, padding, strides)
 
 
-def input_grad(dy: jax.Array, w: jax.Array, padding, x_shape: Sequence[int]) -> jax.Array:
+def input_grad(
+    dy: jax.Array, w: jax.Array, padding, x_shape: Sequence[int], strides=(1, 1)
+) -> jax.Array:
     """Gradient of :func:`forward` with respect to ``x``."""
-    return _call("input_grad", x_shape, dy, w, padding)
+    return _call("input_grad", x_shape, dy, w, padding, strides)
 
 
-def kernel_grad(x: jax.Array, dy: jax.Array, padding, w_shape: Sequence[int]) -> jax.Array:
+def kernel_grad(
+    x: jax.Array, dy: jax.Array, padding, w_shape: Sequence[int], strides=(1, 1)
+) -> jax.Array:
     """Gradient of :func:`forward` with respect to ``w``."""
-    return _call("kernel_grad", w_shape, x, dy, padding)
+    return _call("kernel_grad", w_shape, x, dy, padding, strides)
