@@ -108,6 +108,7 @@ def main(argv: list[str]) -> None:
 
     from benchmarks.accelerator import imp_table
     from qsparse import files
+    from qsparse.config import ConfigError
 
     platform = jax.default_backend()
     if platform == "gpu" and DETERMINISM not in os.environ.get("XLA_FLAGS", ""):
@@ -133,7 +134,12 @@ def main(argv: list[str]) -> None:
         parts += ["## Benchmark\n", run_bench(platform, out.with_name(out.stem + "_bench.json"))]
     for model in FLAGS.models if "imp" in FLAGS.parts else ():
         print(f"{model} IMP ...", flush=True)
-        table = imp_table(FLAGS.rounds, FLAGS.epochs, FLAGS.images, tuple(FLAGS.algebras), model)
+        try:
+            table = imp_table(
+                FLAGS.rounds, FLAGS.epochs, FLAGS.images, tuple(FLAGS.algebras), model
+            )
+        except ConfigError as e:  # e.g. a recipe's rewind point past --epochs
+            fail(f"--models={model} with --epochs={FLAGS.epochs}, --images={FLAGS.images}: {e}")
         parts += [f"## {model} IMP\n", table + "\n"]
     report = "\n".join(parts)
     try:

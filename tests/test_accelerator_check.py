@@ -54,6 +54,14 @@ def test_unknown_part_algebra_or_model_is_refused(modules):
         "error: --algebras=quat,octonion: unknown ['octonion']; valid: "
         "['real', 'complex', 'quat', 'tessarine', 'klein4', 'phm2', 'phm4', 'hashed4']"
     )
+    # ResNet-20's recipe rewinds to the end of epoch 1: a one-epoch round cannot, in one line
+    result = modules.run(
+        "experiments.accelerator_check", "--parts=imp", "--models=resnet20", "--epochs=1"
+    )
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: --models=resnet20 with --epochs=1, --images=50000: rewind=1ep is step 390, not "
+        "before the end of training (390 steps)"
+    )
     result = modules.run("experiments.accelerator_check", "--models=conv4,resnet19")
     assert result.returncode == 2 and result.stderr.strip() == (
         f"error: --models=conv4,resnet19: unknown ['resnet19']; valid: {sorted(models.REGISTRY)}"
