@@ -18,6 +18,7 @@ layers do. How the real kernel is built depends on the algebra's kind:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -47,23 +48,68 @@ def table_kernel(table: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Ar
     return real.reshape(*lead, n * n_in, n * n_out)
 
 
+def _mix(rules: jax.Array, parts: jax.Array) -> jax.Array:
+    """``y[B, a, o] = sum_{b, c} rules[c, b, a] parts[B, b, c, o]`` as n² scaled slices added:
+    XLA fuses it into one pass over ``parts``, where an einsum transposed ``parts`` first."""
+    n = parts.shape[1]
+    pairs = [(b, c) for b in range(n) for c in range(n)]
+    terms = [[rules[c, b, a] * parts[:, b, c] for b, c in pairs] for a in range(n)]
+    return jnp.stack([sum(t) for t in terms], axis=1)
+
+
+def _unmix(rules: jax.Array, dy: jax.Array) -> jax.Array:
+    """The cotangent of ``parts`` under :func:`_mix`: ``sum_a rules[c, b, a] dy[B, a, o]``."""
+    n = dy.shape[1]
+    rows = [[sum(rules[c, b, a] * dy[:, a] for a in range(n)) for c in range(n)] for b in range(n)]
+    return jnp.stack([jnp.stack(r, axis=1) for r in rows], axis=1)
+
+
+def _phm_parts(x, hkernel, precision):
+    n, n_in, n_out = hkernel.shape
+    side_by_side = jnp.concatenate(list(hkernel), axis=1)  # (i, (c, o))
+    parts = jnp.dot(x.reshape(-1, n_in), side_by_side, precision=precision)
+    return parts.reshape(-1, n, n, n_out), side_by_side  # (B, b, c, o)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def phm_dense(
     x: jax.Array, rules: jax.Array, hkernel: jax.Array, precision: Any = None
 ) -> jax.Array:
     """``x @ table_kernel(rules, hkernel)`` without the real kernel: every input component
-    meets every component kernel in one matmul of the real layer's size, then the rules mix
+    meets every component kernel in one matmul of the real layer's size (the component kernels
+    laid side by side, ``(n_in, n * n_out)``, so the matmul is a plain one), then the rules mix
     the ``n x n`` products into the ``n`` output components. At the models' batch this costs
     far less than expanding the kernel through the traced rules, whose einsum and gradient
     (reductions over the whole real kernel) cost about as much as the matmul on CPU. The
-    component kernels are laid side by side, ``(n_in, n * n_out)``, so the matmul is a plain
-    one: XLA's CPU matmul on ``hkernel``'s own layout (contracting its middle axis) took twice
-    as long (docs/performance.md)."""
-    n, n_in, n_out = hkernel.shape
-    side_by_side = jnp.concatenate(list(hkernel), axis=1)  # (i, (c, o))
-    parts = jnp.dot(x.reshape(-1, n_in), side_by_side, precision=precision)
-    parts = parts.reshape(-1, n, n, n_out)  # (B, b, c, o)
-    y = jnp.einsum("cba,Bbco->Bao", rules.astype(parts.dtype), parts, precision=precision)
-    return y.reshape(*x.shape[:-1], n * n_out)
+    gradient is written out (:func:`_phm_dense_bwd`) so that XLA keeps the mixing elementwise
+    (docs/performance.md)."""
+    return _phm_dense_fwd(x, rules, hkernel, precision)[0]
+
+
+def _phm_dense_fwd(x, rules, hkernel, precision):
+    n, _, n_out = hkernel.shape
+    parts, side_by_side = _phm_parts(x, hkernel, precision)
+    y = _mix(rules.astype(parts.dtype), parts).reshape(*x.shape[:-1], n * n_out)
+    return y, (x, rules, side_by_side, parts)
+
+
+def _phm_dense_bwd(precision, residuals, dy):
+    """Cotangents of :func:`phm_dense`: the input and the side-by-side kernels through the
+    cotangent of the products (two matmuls of the layer's size), the rules from the products
+    themselves (``sum_{B, o} dy[B, a, o] parts[B, b, c, o]``)."""
+    x, rules, side_by_side, parts = residuals
+    n, n_in = rules.shape[0], side_by_side.shape[0]
+    dy = dy.reshape(parts.shape[0], n, -1)
+    d_parts = _unmix(rules.astype(dy.dtype), dy).reshape(-1, side_by_side.shape[1])
+    rows = x.reshape(-1, n_in)
+    d_side = jnp.dot(rows.T, d_parts, precision=precision)
+    dx = jnp.dot(d_parts, side_by_side.T, precision=precision).reshape(x.shape)
+    d_rules = jnp.einsum("Bao,Bbco->cba", dy, parts, precision=precision)
+    d_kernel = jnp.stack(jnp.split(d_side, n, axis=1)).astype(side_by_side.dtype)
+    return dx.astype(x.dtype), d_rules.astype(rules.dtype), d_kernel
+
+
+phm_dense.defvjp(_phm_dense_fwd, _phm_dense_bwd)
 
 
 def dense(

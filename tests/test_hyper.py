@@ -309,3 +309,27 @@ def test_nnx_twins_have_linen_params_and_outputs(name):
         assert jax.tree.map(lambda v: v.shape, state) == jax.tree.map(np.shape, params), kind
         nnx.update(twin, params)
         np.testing.assert_allclose(twin(inputs), run(linen, params, inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_phm_dense_written_gradient_equals_autodiff_of_the_expanded_kernel(n):
+    """phm_dense's hand-written VJP against autodiff of ``x @ table_kernel(rules, hkernel)``,
+    for the input (which the layer tests above do not reach), the rules and the kernels, with
+    inputs carrying two leading axes."""
+    x = normal(12, 2, 3, n * 5)
+    rules, hkernel = normal(13, n, n, n), normal(14, n, 5, 3)
+    ct = normal(15, 2, 3, n * 3)
+
+    def written(x, rules, hkernel):
+        return jnp.sum(hyper.phm_dense(x, rules, hkernel) * ct)
+
+    def expanded(x, rules, hkernel):
+        return jnp.sum(jnp.dot(x, hyper.table_kernel(rules, hkernel)) * ct)
+
+    precise = jax.default_matmul_precision("highest")
+    with precise:
+        got = jax.grad(written, argnums=(0, 1, 2))(x, rules, hkernel)
+        want = jax.grad(expanded, argnums=(0, 1, 2))(x, rules, hkernel)
+    for name, g, w in zip(("x", "rules", "hkernel"), got, want):
+        assert g.shape == w.shape, name
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
