@@ -188,17 +188,14 @@ def initial_stats(form: str, n: int, channels: int) -> dict[str, jax.Array]:
     return {"mean": jnp.zeros((features,), jnp.float32), second[0]: second[1]}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _normalize_batch(x: jax.Array, n: int, form: str, epsilon: float):
-    """``(x^, mean, second)`` of ``split`` or ``shared`` under the batch's own statistics: both
-    moments in one pass over ``x`` (``var = E[x^2] - E[x]^2``, as flax's BatchNorm) and the
-    batch-norm gradient written out (:func:`_normalize_batch_bwd`), not differentiated through
-    the reductions: half the passes over the activations of autodiff's."""
-    axes = tuple(range(x.ndim - 1))
-    mean = x.mean(axes)
-    var = jnp.maximum(jnp.square(x).mean(axes) - jnp.square(mean), 0.0)
-    second = _blocked(var, n).mean(0) if form == "shared" else var
-    return (x - mean) * jax.lax.rsqrt(_per_feature(second, n, form) + epsilon), mean, second
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, n: int, form: str, epsilon: float):
+    """``(y, mean, second)`` of ``split`` or ``shared`` under the batch's own statistics, ``y =
+    x^ scale + bias``: both moments in one pass over ``x`` (``var = E[x^2] - E[x]^2``, as flax's
+    BatchNorm) and the gradient of normalisation and affine map together written out
+    (:func:`_batch_norm_bwd`): it keeps ``x`` (alive anyway) instead of writing ``x^``, and reads
+    the activations twice, where autodiff of the two steps read them about twice as often."""
+    return _batch_norm_fwd(x, scale, bias, n, form, epsilon)[0]
 
 
 def _per_feature(v: jax.Array, n: int, form: str) -> jax.Array:
@@ -206,29 +203,43 @@ def _per_feature(v: jax.Array, n: int, form: str) -> jax.Array:
     return jnp.tile(v, n) if form == "shared" else v
 
 
-def _normalize_batch_fwd(x, n, form, epsilon):
-    out = _normalize_batch(x, n, form, epsilon)
-    return out, (out[0], out[2])
+def _batch_norm_fwd(x, scale, bias, n, form, epsilon):
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    var = jnp.maximum(jnp.square(x).mean(axes) - jnp.square(mean), 0.0)
+    second = _blocked(var, n).mean(0) if form == "shared" else var
+    inv = jax.lax.rsqrt(_per_feature(second, n, form) + epsilon)
+    y = (x - mean) * (inv * _per_feature(scale, n, form)) + bias
+    return (y, mean, second), (x, mean, inv, scale)
 
 
-def _normalize_batch_bwd(n, form, epsilon, residuals, cotangents):
-    """``dx = (g - E[g] - x^ E[g x^]) / sigma`` (``E[g x^]`` averaged over a channel's n
-    features for ``shared``), plus what reaches ``x`` through the returned mean and second
-    moment: ``d mean / dx = 1 / N``, ``d var / dx = 2 (x - mean) / N`` (``/ n`` shared)."""
-    xhat, second = residuals
+def _batch_norm_bwd(n, form, epsilon, residuals, cotangents):
+    """With ``g`` the output's cotangent, ``N`` the count per feature and ``x^ = (x - mean) /
+    sigma``: ``d bias = sum g``, ``d scale = sum g x^`` (summed over a channel's n features for
+    ``shared``), and ``dx = scale / sigma (g - d bias / N - x^ G / N)`` with ``G = sum g x^`` per
+    feature (its mean over the channel's features for ``shared``): autodiff of the affine map,
+    then of normalisation, ``(dx^ - E[dx^] - x^ E[dx^ x^]) / sigma``. Plus what reaches ``x``
+    through the returned moments: ``d mean / dx = 1 / N``, ``d var / dx = 2 (x - mean) / N``
+    (``/ n`` shared)."""
+    x, mean, inv, scale = residuals
     g, ct_mean, ct_second = cotangents
-    axes = tuple(range(xhat.ndim - 1))
-    count = xhat.size // xhat.shape[-1]
-    g_xhat = (g * xhat).mean(axes)
+    axes = tuple(range(x.ndim - 1))
+    count = x.size // x.shape[-1]
+    xhat = (x - mean) * inv
+    d_bias = g.sum(axes)
+    g_xhat = (g * xhat).sum(axes)
     if form == "shared":
         g_xhat, ct_second = _blocked(g_xhat, n).mean(0), ct_second / n
-    sigma = jnp.sqrt(_per_feature(second, n, form) + epsilon)
-    ct_var = (2 / count) * _per_feature(ct_second, n, form) * sigma
-    dx = (g - g.mean(axes) - xhat * _per_feature(g_xhat, n, form)) / sigma
-    return (dx + ct_mean / count + ct_var * xhat,)
+        d_scale = n * g_xhat
+    else:
+        d_scale = g_xhat
+    scale_f = _per_feature(scale, n, form)
+    ct_var = (2 / count) * _per_feature(ct_second, n, form) / inv
+    dx = (g - d_bias / count - xhat * _per_feature(g_xhat, n, form) / count) * (scale_f * inv)
+    return dx + ct_mean / count + ct_var * xhat, d_scale, d_bias
 
 
-_normalize_batch.defvjp(_normalize_batch_fwd, _normalize_batch_bwd)
+_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 def train_apply(
@@ -241,16 +252,17 @@ def train_apply(
     axis_name: str | None = None,
 ) -> tuple[jax.Array, Stats]:
     """Training mode: the layer's output under the batch's statistics, and those statistics
-    (:func:`batch_stats`'s). ``split`` and ``shared`` on one device take :func:`_normalize_batch`;
+    (:func:`batch_stats`'s). ``split`` and ``shared`` on one device take :func:`_batch_norm`;
     ``whiten``, or statistics averaged over ``axis_name``, are differentiated as written."""
     dtype = dtype or jnp.result_type(x, *params)
     x = jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32))
     if form == "whiten" or axis_name is not None:
         stats = batch_stats(x, n, form, axis_name=axis_name)
-        xhat = normalize(x, n, form, stats, epsilon)
+        y = scale_shift(normalize(x, n, form, stats, epsilon), n, form, *params)
     else:
-        xhat, *stats = _normalize_batch(x, n, form, epsilon)
-    return scale_shift(xhat, n, form, *params).astype(dtype), tuple(stats)
+        scale, bias = (jnp.asarray(p, x.dtype) for p in params)
+        y, *stats = _batch_norm(x, scale, bias, n, form, epsilon)
+    return y.astype(dtype), tuple(stats)
 
 
 def apply(x: jax.Array, n: int, form: str, stats: Stats, params: list, epsilon: float, dtype):
