@@ -1,9 +1,10 @@
 """Same-run yardsticks: how fast plain code trains on this machine, beside qsparse's trainer.
 
 A plain Flax Conv-4 train step (jit, no epoch loop, no masks), a bare scanned epoch of a plain
-real MLP of LeNet-300-100's shape, and optionally PyTorch eager steps of both, run by another
-interpreter (``experiments/torch_reference.py``; qsparse does not depend on torch). Measured in
-the same process as qsparse's numbers, so a ratio to them survives a busy or drifting machine.
+real MLP of LeNet-300-100's shape, and optionally PyTorch eager steps of Conv-4, LeNet-300-100
+and ResNet-20, run by another interpreter (``experiments/torch_reference.py``; qsparse does not
+depend on torch) in windows interleaved with qsparse's. Measured beside qsparse's numbers, so a
+ratio to them survives a busy or drifting machine.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -120,27 +122,61 @@ def bench_references(
     return out
 
 
-def torch_reference(python: str, windows: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """PyTorch eager Conv-4, LeNet-300-100 and ResNet-20 steps, by ``python`` (an interpreter
-    with torch).
+class TorchReference:
+    """PyTorch eager train steps of Conv-4, LeNet-300-100 and ResNet-20, timed by ``python`` (an
+    interpreter with torch) running ``experiments/torch_reference.py`` as a child process, one
+    window at a time on request: :func:`benchmarks.throughput.bench_model` interleaves these
+    windows with qsparse's, so the ratio of the two is measured under the same machine
+    conditions (two separate runs a minute apart differed by more than 1.2x on the shared
+    development CPU).
 
     Raises :class:`TorchReferenceError` (its message starts with ``python``) when ``python``
     cannot run or the script fails, e.g. for want of torch.
     """
-    try:
-        done = subprocess.run(
-            [python, str(TORCH_SCRIPT), str(windows)], capture_output=True, text=True, timeout=1800
-        )
-    except OSError as e:
-        raise TorchReferenceError(f"{python} cannot run: {e}") from None
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        raise TorchReferenceError(f"{python} failed: {last}")
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    log(
-        f"  PyTorch {out['torch']} eager ({out['threads']} threads): "
-        f"Conv-4 {out['conv4_eager_images_per_s']:.0f} img/s, "
-        f"LeNet-300-100 {out['lenet300_100_eager_images_per_s']:,.0f} img/s, "
-        f"ResNet-20 {out['resnet20_eager_images_per_s']:.0f} img/s"
-    )
-    return out
+
+    MODELS = ("conv4", "lenet300_100", "resnet20")
+
+    def __init__(self, python: str):
+        self.python = python
+        self._stderr = tempfile.TemporaryFile("w+")  # a pipe nobody reads could fill and block
+        try:
+            self._child = subprocess.Popen(
+                [python, str(TORCH_SCRIPT)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr,
+                text=True,
+            )
+        except OSError as e:
+            self._stderr.close()
+            raise TorchReferenceError(f"{python} cannot run: {e}") from None
+        self.info: dict[str, Any] = self._reply()
+
+    def _reply(self) -> dict[str, Any]:
+        line = self._child.stdout.readline()
+        if not line:
+            self._child.kill()
+            status = self._child.wait()
+            self._stderr.seek(0)
+            lines = self._stderr.read().strip().splitlines()
+            self.close()
+            raise TorchReferenceError(
+                f"{self.python} failed: {(lines or [f'status {status}'])[-1]}"
+            )
+        return json.loads(line)
+
+    def window(self, model: str, steps: int) -> tuple[float, int]:
+        """Wall seconds of ``steps`` eager train steps of ``model`` (one of :data:`MODELS`,
+        warmed up the first time it is asked for), and its batch size."""
+        self._child.stdin.write(f"{model} {steps}\n")
+        self._child.stdin.flush()
+        reply = self._reply()
+        return reply["seconds"], reply["batch"]
+
+    def close(self) -> None:
+        """End the child process."""
+        if not self._child.stdin.closed:
+            self._child.stdin.close()
+        self._child.wait(timeout=60)
+        self._child.stdout.close()
+        self._stderr.close()

@@ -89,18 +89,24 @@ def run(options: Options = Options(), log: Callable[[str], None] = print) -> dic
     if o.references:
         log("references")
         result["references"] = references.bench_references(o.windows, log)
-    if o.torch_python:
-        result["torch"] = references.torch_reference(o.torch_python, o.windows, log)
+    torch = references.TorchReference(o.torch_python) if o.torch_python else None
+    if torch:
+        result["torch"] = torch.info
+        log(f"PyTorch {torch.info['torch']} eager ({torch.info['threads']} threads), interleaved")
     if o.layers:
         log("Conv-4 convolutions")
         result["layers"] = convolutions.bench_layers(o.windows, log)
     log("masked train step, the model's batch size (median window)")
     result["models"] = {}
-    for name in o.models:
-        steps = o.window_steps or throughput.WINDOW_STEPS[name]
-        result["models"][name] = throughput.bench_model(
-            name, o.algebras, o.windows, steps, peak, log, o.xla_conv
-        )
+    try:
+        for name in o.models:
+            steps = o.window_steps or throughput.WINDOW_STEPS[name]
+            result["models"][name] = throughput.bench_model(
+                name, o.algebras, o.windows, steps, peak, log, o.xla_conv, torch
+            )
+    finally:
+        if torch:
+            torch.close()
     if o.epochs:
         log("whole MNIST epochs")
         result["epochs"] = throughput.bench_epochs(

@@ -61,20 +61,20 @@ TORCH_MODELS = {"conv4": "Conv-4", "lenet300_100": "LeNet-300-100", "resnet20": 
 
 
 def _torch_lines(t: dict[str, Any], models: dict[str, Any]) -> list[str]:
-    """PyTorch's images/s, and qsparse's over them for every model timed here too."""
-    eager = {
-        m: t[f"{m}_eager_images_per_s"] for m in TORCH_MODELS if f"{m}_eager_images_per_s" in t
-    }
-    rates = ", ".join(f"{TORCH_MODELS[m]} {v:,.0f} img/s" for m, v in eager.items())
+    """PyTorch's images/s, and qsparse's over them, for every model timed against it."""
+    timed = {m: r for m, r in models.items() if "torch_eager_images_per_s" in r}
+    rates = ", ".join(
+        f"{TORCH_MODELS[m]} {r['torch_eager_images_per_s']:,.0f} img/s" for m, r in timed.items()
+    )
     lines = [
-        f"PyTorch {t['torch']} eager, same run, {t['threads']} threads "
-        f"(`experiments/torch_reference.py`): {rates} (bare train steps, no data handling, no "
-        "masks)."
+        f"PyTorch {t['torch']} eager, {t['threads']} threads (`experiments/torch_reference.py`), "
+        f"its windows interleaved with qsparse's: {rates or 'no model with a PyTorch twin'} "
+        "(bare train steps, no data handling, no masks)."
     ]
     ratios = [
-        f"{TORCH_MODELS[m]} {algebra} {models[m][algebra]['images_per_s'] / v:.2f}x"
-        for m, v in eager.items()
-        for algebra in _algebras(models.get(m, {}))
+        f"{TORCH_MODELS[m]} {algebra} {r[algebra]['over_torch_eager']:.2f}x"
+        for m, r in timed.items()
+        for algebra in _algebras(r)
     ]
     if ratios:
         lines.append(f"qsparse's images/s over PyTorch eager's: {', '.join(ratios)}.")

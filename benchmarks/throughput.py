@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.harness import Setup, dataset_of
+from benchmarks.references import TorchReference
 from qsparse import cpu, models, train
 from qsparse import data as qdata
 from qsparse import masks as qmasks
@@ -48,12 +49,15 @@ def bench_model(
     peak: float,
     log: Log,
     compare_xla_conv: bool = False,
+    torch: TorchReference | None = None,
 ) -> dict[str, Any]:
     """The masked train step of ``name`` per algebra: median window, GFLOP/s, share of ``peak``,
     and the step-time ratios of :func:`time_ratios`.
 
     GFLOP/s count 3 x the forward FLOPs (forward, input gradient, weight gradient). With
     ``compare_xla_conv`` and oneDNN convolutions, the same steps with XLA's convolutions too.
+    With ``torch``, PyTorch eager windows of the same model and step count join the interleaved
+    windows (``torch_eager_*`` in the result; each algebra's ``over_torch_eager``).
     """
     has_conv = _has_conv(name)
     backends = [onednn.cpu_conv() if has_conv else "none"]
@@ -67,7 +71,10 @@ def bench_model(
                 s = setups[algebra, backend] = Setup(name, algebra, steps)
                 first[algebra, backend] = s.first_call()
             s.window(record=False)  # warm-up
-    order = list(setups.values())
+    order: list[Any] = list(setups.values())
+    eager = _TorchWindows(torch, name, steps) if torch and name in torch.MODELS else None
+    if eager:
+        order.append(eager)
     for w in range(windows):  # interleaved: ratios are measured under the same conditions
         for s in order[w % len(order) :] + order[: w % len(order)]:
             s.window()
@@ -105,6 +112,13 @@ def bench_model(
             f"{r['gflops']:7.1f} GFLOP/s ({100 * r['peak_fraction']:4.1f}% of peak) "
             f"compile {r['compile_s']:5.1f} s"
         )
+    if eager:
+        out.update(eager.result())
+        torch_rate = out["torch_eager_images_per_s"]
+        log(f"  {name:13s} {'PyTorch':9s} {'':9s}          {torch_rate:10.0f} img/s eager")
+        for algebra in algebras:
+            out[algebra]["over_torch_eager"] = out[algebra]["images_per_s"] / torch_rate
+            log(f"  {name:13s} {algebra:9s} {out[algebra]['over_torch_eager']:9.2f} x PyTorch's")
     ratios = time_ratios(out)
     for algebra in out:
         if f"{algebra}_quat_time_ratio" in ratios:
@@ -112,6 +126,30 @@ def bench_model(
             log(f"  {name:13s} {algebra:9s} {ratio:9.3f} x quat's step time")
     out.update(ratios)
     return out
+
+
+class _TorchWindows:
+    """PyTorch eager windows of a model, in the interface of :class:`Setup` that the
+    interleaving loop uses."""
+
+    def __init__(self, torch: TorchReference, name: str, steps: int):
+        self.torch, self.name, self.steps = torch, name, steps
+        self.windows: list[float] = []
+        self.batch = torch.window(name, steps)[1]  # warm-up, untimed
+
+    def window(self) -> float:
+        seconds = self.torch.window(self.name, self.steps)[0]
+        self.windows.append(seconds)
+        return seconds
+
+    def result(self) -> dict[str, Any]:
+        """``torch_eager_*`` entries of a model's result: windows, step time, images/s."""
+        median = statistics.median(self.windows)
+        return {
+            "torch_eager_windows_s": self.windows,
+            "torch_eager_step_ms": 1e3 * median / self.steps,
+            "torch_eager_images_per_s": self.batch * self.steps / median,
+        }
 
 
 def time_ratios(steps: dict[str, Any]) -> dict[str, float]:

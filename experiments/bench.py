@@ -62,7 +62,7 @@ flags.DEFINE_string(
     "torch_python",
     _D.torch_python,
     "a Python interpreter with torch: also time PyTorch eager Conv-4, LeNet-300-100 and "
-    "ResNet-20 in this run",
+    "ResNet-20 (those of --models), their windows interleaved with qsparse's",
 )
 flags.DEFINE_bool("layers", _D.layers, "time each Conv-4 convolution, oneDNN vs XLA")
 flags.DEFINE_bool(

@@ -4,12 +4,12 @@ Conv-4 (the architecture of the plain Flax reference in ``benchmarks/references.
 padding 1, Adam 3e-4, batch 60, random input), LeNet-300-100 (Adam 1.2e-3, batch 60) and
 open_lth's ResNet-20 as ``qsparse.resnets`` builds it (4-channel 32x32 input, bias-free
 convolutions with batch norm, 1x1 projection shortcuts; SGD with momentum 0.9 and weight decay
-1e-4, batch 128), one eager train step at a time with 2 threads; prints one JSON line. qsparse
-does not depend on torch: this script is all that imports it, in a process of its own.
+1e-4, batch 128), one eager train step at a time with 2 threads, in windows the benchmark asks for
+on stdin (:func:`serve`). qsparse does not depend on torch: this script is all that imports it,
+in a process of its own.
 """
 
 import json
-import statistics
 import sys
 import time
 
@@ -75,56 +75,55 @@ def resnet20() -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def step_images_per_s(
-    model: nn.Module,
-    lr: float,
-    shape: tuple[int, ...],
-    steps: int,
-    windows: int,
-    batch: int = 60,
-    sgd: bool = False,
-) -> float:
-    """Images/s of one eager train step (median of ``windows`` of ``steps``): Adam, or SGD with
-    momentum 0.9 and weight decay 1e-4."""
-    if sgd:
-        opt = torch.optim.SGD(model.parameters(), lr, momentum=0.9, weight_decay=1e-4)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr)
-    x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
-
-    def step():
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    for _ in range(max(3, steps // 5)):
-        step()
-    times = []
-    for _ in range(windows):
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        times.append((time.perf_counter() - t) / steps)
-    return batch / statistics.median(times)
+# model -> (builder, learning rate, input shape, batch, SGD with momentum (else Adam))
+MODELS = {
+    "conv4": (conv4, 3e-4, (3, 32, 32), 60, False),
+    "lenet300_100": (lenet300_100, 1.2e-3, (1, 28, 28), 60, False),
+    "resnet20": (resnet20, 0.1, (4, 32, 32), 128, True),
+}
 
 
-def main() -> None:
-    windows = int(sys.argv[1]) if len(sys.argv) > 1 else 7
+class Stepper:
+    """One eager train step of a model of :data:`MODELS` on a fixed random batch: Adam, or SGD
+    with momentum 0.9 and weight decay 1e-4; warmed up on construction."""
+
+    def __init__(self, name: str):
+        build, lr, shape, self.batch, sgd = MODELS[name]
+        self.model = build()
+        params = self.model.parameters()
+        if sgd:
+            self.opt = torch.optim.SGD(params, lr, momentum=0.9, weight_decay=1e-4)
+        else:
+            self.opt = torch.optim.Adam(params, lr)
+        self.x, self.y = torch.randn(self.batch, *shape), torch.randint(0, 10, (self.batch,))
+        for _ in range(3):
+            self.step()
+
+    def step(self) -> None:
+        self.opt.zero_grad()
+        F.cross_entropy(self.model(self.x), self.y).backward()
+        self.opt.step()
+
+
+def serve() -> None:
+    """Print the versions as one JSON line, then for every stdin line ``<model> <steps>`` time a
+    window of that many steps and print ``{"seconds": ..., "batch": ...}``: the caller
+    interleaves these windows with its own, so both are timed under the same conditions."""
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    out = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "conv4_eager_images_per_s": step_images_per_s(conv4(), 3e-4, (3, 32, 32), 5, windows),
-        "lenet300_100_eager_images_per_s": step_images_per_s(
-            lenet300_100(), 1.2e-3, (1, 28, 28), 500, windows
-        ),
-        "resnet20_eager_images_per_s": step_images_per_s(
-            resnet20(), 0.1, (4, 32, 32), 2, windows, batch=128, sgd=True
-        ),
-    }
-    print(json.dumps(out))
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+    steppers: dict[str, Stepper] = {}
+    for line in sys.stdin:
+        name, steps = line.split()
+        if name not in steppers:
+            steppers[name] = Stepper(name)
+        stepper = steppers[name]
+        t = time.perf_counter()
+        for _ in range(int(steps)):
+            stepper.step()
+        seconds = time.perf_counter() - t
+        print(json.dumps({"seconds": seconds, "batch": stepper.batch}), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    serve()

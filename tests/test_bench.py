@@ -107,9 +107,9 @@ def test_bench_torch_reference_failure_is_an_error():
     # an interpreter without torch: one error naming the interpreter, no traceback
     python = re.escape(sys.executable)
     with pytest.raises(references.TorchReferenceError, match=f"^{python} failed: .*torch"):
-        references.torch_reference(sys.executable, 1, print)
+        references.TorchReference(sys.executable)
     with pytest.raises(references.TorchReferenceError, match="^/no/python cannot run: .*No such"):
-        references.torch_reference("/no/python", 1, print)
+        references.TorchReference("/no/python")
 
 
 def test_conv4_flop_count_matches_a_hand_count():
@@ -209,3 +209,49 @@ def test_algebras_side_by_side_against_quat(monkeypatch):
     assert (
         rows["phm4"][10] == "1.500" and rows["tessarine"][10] == "1.250" and rows["quat"][10] == ""
     )
+
+
+FAKE_TORCH = """
+import json, sys
+print(json.dumps({"torch": "fake", "threads": 2}), flush=True)
+for line in sys.stdin:
+    name, steps = line.split()
+    with open(sys.argv[0] + ".log", "a") as log:
+        log.write(line)
+    print(json.dumps({"seconds": 0.1 * int(steps), "batch": 30}), flush=True)
+"""
+
+
+def test_pytorch_windows_interleave_with_qsparses(tmp_path, monkeypatch):
+    """The PyTorch reference answers window requests from a child process; its windows join the
+    round-robin after the algebras', and each algebra's rate is divided by PyTorch's."""
+    script = tmp_path / "fake_torch.py"
+    script.write_text(FAKE_TORCH)
+    monkeypatch.setattr(references, "TORCH_SCRIPT", script)
+    monkeypatch.setattr(throughput, "Setup", FakeSetup)
+    monkeypatch.setattr(FakeSetup, "CALLS", [])
+    monkeypatch.setattr(throughput, "_has_conv", lambda name: False)
+    torch = references.TorchReference(sys.executable)
+    assert torch.info == {"torch": "fake", "threads": 2}
+    lines = []
+    try:
+        out = throughput.bench_model(
+            "lenet300_100", ["quat", "phm4"], 3, 5, 1.0, lines.append, torch=torch
+        )
+    finally:
+        torch.close()
+    # one untimed warm-up window, then one per round, each round starting one place later
+    assert script.with_suffix(".py.log").read_text() == "lenet300_100 5\n" * 4
+    assert FakeSetup.CALLS == "quat phm4 phm4 quat quat phm4".split()
+    torch_rate = 30 * 5 / 0.5
+    assert out["torch_eager_images_per_s"] == pytest.approx(torch_rate)
+    assert out["torch_eager_windows_s"] == [0.5] * 3
+    for algebra in ("quat", "phm4"):
+        rate = out[algebra]["images_per_s"]
+        assert out[algebra]["over_torch_eager"] == pytest.approx(rate / torch_rate)
+    assert "phm4_quat_time_ratio" in out and "torch_eager_quat_time_ratio" not in out
+    result = {"torch": torch.info, "models": {"lenet300_100": out}}
+    text = "\n".join(tables._torch_lines(result["torch"], result["models"]))
+    assert "LeNet-300-100 300 img/s" in text
+    quat = out["quat"]["over_torch_eager"]
+    assert f"LeNet-300-100 quat {quat:.2f}x" in text
