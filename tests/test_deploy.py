@@ -320,6 +320,23 @@ def test_predict_takes_grayscale_without_channel_axis_and_checks_shapes(tmp_path
         m.predict(np.zeros((2, 32, 32, 3), np.uint8))
 
 
+@pytest.mark.parametrize("algebra", ["real", "quat"])
+def test_dense_first_models_normalise_raw_images_as_the_first_layers_columns(tmp_path, algebra):
+    """LeNet-300-100 takes the raw images through its flatten and normalises them as they are
+    laid out for its first layer (one pass): the logits equal normalising first, for uint8 and
+    for scaled floats, in batches; Conv-2 (a convolution first, RGB) normalises first."""
+    model, params, masks, spec, apply = pruned("lenet300_100", algebra, "quaternion")
+    m = deploy.load(write(tmp_path / "m.npz", model, params, masks, spec))
+    assert m._raw_steps == 1
+    x = images(spec, 5)
+    normalised_first = deploy.runtime._run(m._steps, m.preprocess(x))
+    assert_close(m.predict(x, batch_size=2), normalised_first, rtol=1e-6)
+    assert_close(m.predict(x.astype(np.float32) / 255, scale=1.0), normalised_first, rtol=1e-6)
+    assert_close(m.predict(x[..., 0]), normalised_first, rtol=1e-6)
+    conv = pruned("conv2", algebra, "quaternion")
+    assert deploy.load(write(tmp_path / "c.npz", *conv[:4]))._raw_steps == 0
+
+
 def test_low_precision_exports_are_smaller_and_close(tmp_path):
     for name, algebra, grouping in [
         ("lenet300_100", "quat", "quaternion"),

@@ -63,10 +63,10 @@ def _relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(x, np.float32(0))
 
 
-def _run(steps: list, x: np.ndarray) -> np.ndarray:
+def _run(steps: list, x: np.ndarray, columns: bool = False) -> np.ndarray:
     """Steps in order; dense layers take columns ``(features, batch)`` (the batch contiguous),
-    the others ``(batch, ...)``: ``x`` is transposed where that changes."""
-    columns = False
+    the others ``(batch, ...)``: ``x`` is transposed where that changes (``columns``: ``x``
+    comes as columns)."""
     for step, wants in steps:
         if wants is not None and wants != columns:
             x, columns = np.ascontiguousarray(x.T), wants
@@ -309,6 +309,17 @@ class Model:
         self.layers: list[_Layer] = []
         self.norms: list[bn_lib.Norm] = []
         self._steps, _ = self._build(header["ops"], arrays, kernels, self.input_shape[:2])
+        self._raw_steps = self._flattens_before_a_dense_layer(header["ops"])
+
+    def _flattens_before_a_dense_layer(self, entries: list) -> int:
+        """How many leading steps are reshapes of the raw image before a dense layer, where all
+        channels share one normalisation (MNIST-shaped models such as LeNet-300-100): the image
+        is then normalised as it is laid out in columns for that layer, one pass over it
+        instead of three (normalise, reshape, transpose). 0 where that does not apply."""
+        shared = np.all(self._mean == self._mean[0]) and np.all(self._std == self._std[0])
+        ops_ = [ops.from_json(e) for e in entries]
+        k = next((i for i, op in enumerate(ops_) if not isinstance(op, ops.Flatten)), 0)
+        return k if shared and k and isinstance(ops_[k], ops.Dense) else 0
 
     def _build(self, entries: list, arrays: dict, kernels: str, hw: tuple) -> tuple[list, tuple]:
         """The steps of ``entries`` on images of ``hw`` (H, W), and the (H, W) they end with:
@@ -339,6 +350,12 @@ class Model:
         """Raw uint8 pixels (or floats in ``[0, scale]``: ``scale`` says what white is, 255 or
         1.0) -> normalised float32, per channel. Floats without ``scale`` are refused
         (TypeError): images already scaled to [0, 1] would give wrong logits silently."""
+        images, white = self._checked(images, scale)
+        return ops.normalize(images, self._mean, self._std, white)
+
+    def _checked(self, images: np.ndarray, scale: float | None) -> tuple[np.ndarray, float]:
+        """``images`` as ``(N, *input_shape)`` and the value of white, or the refusals of
+        :meth:`preprocess`."""
         images = np.asarray(images)
         if scale is None and images.dtype != np.uint8:
             raise TypeError(
@@ -351,22 +368,36 @@ class Model:
             raise ValueError(
                 f"images of shape {images.shape}; the model takes (N, {self.input_shape})"
             )
-        white = self._scale if scale is None else float(scale)
-        return ops.normalize(images, self._mean, self._std, white)
+        return images, self._scale if scale is None else float(scale)
 
     def predict(
         self, images: np.ndarray, batch_size: int = 256, *, scale: float | None = None
     ) -> np.ndarray:
         """Logits ``(N, num_classes)`` float32 of raw ``(N, H, W, C)`` uint8 images (floats:
         with ``scale``, :meth:`preprocess`)."""
-        x = self.preprocess(images, scale)
-        out = [self._forward(x[s : s + batch_size]) for s in range(0, len(x), batch_size)]
+        if self._raw_steps:
+            images, white = self._checked(images, scale)
+            forward = functools.partial(self._forward_raw, white=white)
+        else:
+            images, forward = self.preprocess(images, scale), self._forward
+        out = [forward(images[s : s + batch_size]) for s in range(0, len(images), batch_size)]
         if not out:
             return np.zeros((0, self.num_classes), np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         return _run(self._steps, x)
+
+    def _forward_raw(self, images: np.ndarray, white: float) -> np.ndarray:
+        """:meth:`_forward` of raw images through the leading reshapes, normalised while laid
+        out as the first dense layer's columns (``x a + b``, ``a = 1 / (white std)``, ``b =
+        -mean / std``)."""
+        k = self._raw_steps
+        x = _run(self._steps[:k], images)
+        a = np.float32(1.0) / (np.float32(white) * self._std[0])
+        columns = np.multiply(x.T, a, dtype=np.float32, order="C")
+        columns -= self._mean[0] / self._std[0]
+        return _run(self._steps[k:], columns, columns=True)
 
     def describe(self) -> str:
         """What the file holds: provenance, its algebras, one line per layer (storage, density,
