@@ -115,7 +115,7 @@ def bench_model(
     if eager:
         out.update(eager.result())
         torch_rate = out["torch_eager_images_per_s"]
-        log(f"  {name:13s} {'PyTorch':9s} {'':9s}          {torch_rate:10.0f} img/s eager")
+        log(f"  {name:13s} {'PyTorch':9s} {torch_rate:10.0f} img/s eager")
         for algebra in algebras:
             out[algebra]["over_torch_eager"] = out[algebra]["images_per_s"] / torch_rate
             log(f"  {name:13s} {algebra:9s} {out[algebra]['over_torch_eager']:9.2f} x PyTorch's")

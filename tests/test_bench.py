@@ -255,3 +255,18 @@ def test_pytorch_windows_interleave_with_qsparses(tmp_path, monkeypatch):
     assert "LeNet-300-100 300 img/s" in text
     quat = out["quat"]["over_torch_eager"]
     assert f"LeNet-300-100 quat {quat:.2f}x" in text
+
+
+def test_a_pytorch_child_that_dies_is_one_error_naming_its_last_words(tmp_path, monkeypatch):
+    script = tmp_path / "dying_torch.py"
+    script.write_text(
+        "import json, sys\n"
+        'print(json.dumps({"torch": "fake", "threads": 1}), flush=True)\n'
+        "sys.stdin.readline()\n"
+        'sys.exit("RuntimeError: out of memory")\n'
+    )
+    monkeypatch.setattr(references, "TORCH_SCRIPT", script)
+    torch = references.TorchReference(sys.executable)
+    python = re.escape(sys.executable)
+    with pytest.raises(references.TorchReferenceError, match=f"^{python} failed: .*out of memory$"):
+        torch.window("resnet20", 2)
