@@ -314,8 +314,9 @@ class Model:
     def _flattens_before_a_dense_layer(self, entries: list) -> int:
         """How many leading steps are reshapes of the raw image before a dense layer, where all
         channels share one normalisation (MNIST-shaped models such as LeNet-300-100): the image
-        is then normalised as it is laid out in columns for that layer, one pass over it
-        instead of three (normalise, reshape, transpose). 0 where that does not apply."""
+        is then normalised as it is laid out in columns for that layer, two passes over it (a
+        scaling transposed copy, a shift in place) where normalising, then transposing, took
+        five. 0 where that does not apply."""
         shared = np.all(self._mean == self._mean[0]) and np.all(self._std == self._std[0])
         ops_ = [ops.from_json(e) for e in entries]
         k = next((i for i, op in enumerate(ops_) if not isinstance(op, ops.Flatten)), 0)
