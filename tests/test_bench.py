@@ -27,7 +27,7 @@ def test_bench_smoke(tmp_path):
             train_subset=600,
             synthetic_epochs=True,
             replicates=2,
-            replicate_modes=["unroll", "vmap"],
+            replicate_modes=["vmap"],  # unroll, the CPU default, is what every other test runs
             references=False,
         )
     )
@@ -41,7 +41,7 @@ def test_bench_smoke(tmp_path):
         # 784*300 + 300*100 + 100*10 multiply-adds per example: the same for both algebras
         assert r["forward_gflop_per_image"] * 1e9 == 2 * (784 * 300 + 300 * 100 + 100 * 10)
         assert result["epochs"][algebra]["epoch_s"] > 0
-        assert [rep["mode"] for rep in result["replicas"]] == ["unroll", "vmap"]
+        assert [rep["mode"] for rep in result["replicas"]] == ["vmap"]
         assert all(rep[algebra]["factor"] > 0 for rep in result["replicas"])
     assert lenet["quat_real_time_ratio"] > 0
     assert result["epochs"]["train_images"] == 600
