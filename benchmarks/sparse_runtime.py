@@ -10,7 +10,12 @@
   extra, and did before its kernels);
 * ``numba``: the compiled kernels for every layer (``kernels="bsr"``: blocks per stored number
   where the algebra allows, CSR otherwise);
-* ``auto``: the default, dense or sparse per layer and batch.
+* ``auto``: the default, dense or sparse per layer and batch;
+* ``jax`` (synthetic models only): the JAX model of the same weights, jit-compiled, on the same
+  uint8 images (normalisation included, numpy images in, logits out).
+
+``best dense`` is the faster of ``dense`` and ``jax``; ``auto / best`` how many times faster
+``auto`` runs than it (the runtime's goals are stated against it: docs/deployment.md).
 
 Each as the median of ``repeats`` calls after two warm-up calls, in ms and images/s, and as
 multiply-adds per second (those of the surviving weights, a hypercomplex weight counting as the
@@ -28,18 +33,18 @@ import math
 import statistics
 import tempfile
 import timeit
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from benchmarks.harness import cpu_name, dataset_of, load_average, matmul_peak
-from qsparse import deploy, export, models, pruning
+from qsparse import augment, deploy, export, models, pruning
 from qsparse import masks as M
 from qsparse.deploy import kernels
 
-IMPLS = ("dense", "scipy", "numba", "auto")
+IMPLS = ("dense", "scipy", "numba", "auto", "jax")
 SMALL = {  # widths for a quick check that the benchmark runs (not a measurement)
     "lenet300_100": dict(features=(24, 12)),
     "conv4": dict(stages=((8, 8), (8, 8)), dense_features=(16, 16)),
@@ -98,6 +103,13 @@ def synthetic_file(
 ) -> Path:
     """An export file of model ``name`` in ``algebra`` with random weights pruned layer by layer
     to ``density`` (whole numbers for hypercomplex layers); ``small``: :data:`SMALL` widths."""
+    return synthetic(path, name, algebra, density, small, seed)[0]
+
+
+def synthetic(
+    path: Path, name: str, algebra: str, density: float, small: bool = False, seed: int = 0
+) -> tuple[Path, Callable]:
+    """:func:`synthetic_file` and the jit JAX forward of the same weights (uint8 images in)."""
     model = models.create(name, algebra, 10, **(SMALL[name] if small else {}))
     spec = dataset_of(name)
     params = random_params(model, spec.image_shape, seed)
@@ -116,7 +128,13 @@ def synthetic_file(
         check_images=0,
     )
     deploy.save(path, entries, overwrite=True)
-    return path
+    weights = jax.device_put(M.apply(params, masks))
+
+    @jax.jit
+    def forward(images):
+        return model.apply({"params": weights}, augment.normalize(images, spec.mean, spec.std))
+
+    return path, lambda images: forward(images).block_until_ready()
 
 
 @contextlib.contextmanager
@@ -155,9 +173,12 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(timeit.repeat(fn, number=1, repeat=repeats))
 
 
-def time_file(path: Path, options: Options, peak_gflops: float, label: dict) -> list[dict]:
-    """One row per implementation, batch and thread count for the model in ``path``."""
-    impls = [i for i in IMPLS if i != "numba" or kernels.AVAILABLE]
+def time_file(
+    path: Path, options: Options, peak_gflops: float, label: dict, jax_forward=None
+) -> list[dict]:
+    """One row per implementation, batch and thread count for the model in ``path`` (``jax``
+    where ``jax_forward`` is given)."""
+    impls = [i for i in IMPLS if i != "jax" and (i != "numba" or kernels.AVAILABLE)]
     reference = load(path, "numba" if kernels.AVAILABLE else "scipy", None)
     dense_macs, macs = multiply_adds(reference)
     header, _ = deploy.read(path)
@@ -169,8 +190,13 @@ def time_file(path: Path, options: Options, peak_gflops: float, label: dict) -> 
         models_ = {impl: load(path, impl, threads) for impl in impls}
         for batch in options.batches:
             images = rng.integers(0, 256, (batch, *reference.input_shape), np.uint8)
-            for impl, model in models_.items():
-                predict = functools.partial(model.predict, images, batch_size=batch)
+            calls = {
+                impl: functools.partial(model.predict, images, batch_size=batch)
+                for impl, model in models_.items()
+            }
+            if jax_forward is not None:
+                calls["jax"] = functools.partial(jax_forward, images)
+            for impl, predict in calls.items():
                 seconds = median_seconds(predict, options.repeats)
                 rows.append(
                     {
@@ -202,16 +228,17 @@ def run(options: Options) -> dict:
             for algebra in options.algebras:
                 for density in options.densities:
                     path = Path(tmp) / f"{name}_{algebra}_{density}.npz"
-                    synthetic_file(path, name, algebra, density, options.small)
+                    _, forward = synthetic(path, name, algebra, density, options.small)
                     label = {"model": name, "algebra": algebra}
-                    rows += time_file(path, options, peak["gflops"], label)
+                    rows += time_file(path, options, peak["gflops"], label, forward)
     machine["load_after"] = load_average()
     return {"machine": machine, "peak_gflops": peak["gflops"], "rows": rows}
 
 
 def table(result: dict) -> str:
     """The rows as Markdown, one line per model, density, batch and thread count, the paths
-    side by side: ms, images/s, and multiply-adds/s as a percentage of the matmul peak."""
+    side by side: ms, images/s, and multiply-adds/s as a percentage of the matmul peak; then the
+    best dense path's ms and how many times faster ``auto`` is."""
     m = result["machine"]
     lines = [
         f"CPU {m['cpu']}, numba {m['numba']}, float32 matmul peak "
@@ -219,8 +246,8 @@ def table(result: dict) -> str:
         "",
         "| model | algebra | density | batch | threads | "
         + " | ".join(f"{i} ms | {i} img/s | {i} % peak" for i in IMPLS)
-        + " |",
-        "|---" * (5 + 3 * len(IMPLS)) + "|",
+        + " | best dense ms | auto / best |",
+        "|---" * (7 + 3 * len(IMPLS)) + "|",
     ]
     keys = ("model", "algebra", "density", "batch", "threads")
     groups: dict[tuple, dict[str, dict]] = {}
@@ -233,6 +260,8 @@ def table(result: dict) -> str:
             else "- | - | -"
             for i in IMPLS
         ]
+        best = min(by_impl[i]["ms"] for i in ("dense", "jax") if i in by_impl)
+        cells.append(f"{best:.3f} | {best / by_impl['auto']['ms']:.2f}x")
         lines.append(
             f"| {model} | {algebra} | {density:.1%} | {batch} | {threads} | "
             + " | ".join(cells)

@@ -321,16 +321,24 @@ def test_predict_takes_grayscale_without_channel_axis_and_checks_shapes(tmp_path
 
 
 @pytest.mark.parametrize("algebra", ["real", "quat"])
-def test_dense_first_models_normalise_raw_images_as_the_first_layers_columns(tmp_path, algebra):
+@pytest.mark.parametrize("kernels", ["auto", "bsr"])
+def test_dense_first_models_normalise_raw_images_as_the_first_layers_columns(
+    tmp_path, algebra, kernels
+):
     """LeNet-300-100 takes the raw images through its flatten and normalises them as they are
-    laid out for its first layer (one pass): the logits equal normalising first, for uint8 and
-    for scaled floats, in batches; Conv-2 (a convolution first, RGB) normalises first."""
+    laid out for its first layer (one pass), or, where numba's kernel computes that layer, folds
+    the normalisation into its weights and reads the bytes: the logits equal normalising first,
+    for uint8 and for scaled floats, in batches; Conv-2 (a convolution first, RGB) normalises
+    first. Every ReLU after a layer runs inside it."""
     model, params, masks, spec, apply = pruned("lenet300_100", algebra, "quaternion")
-    m = deploy.load(write(tmp_path / "m.npz", model, params, masks, spec))
+    m = deploy.load(write(tmp_path / "m.npz", model, params, masks, spec), kernels=kernels)
     assert m._raw_steps == 1
+    assert [layer.relu for layer in m.layers] == [True, True, False]
+    assert m.layers[0].takes_bytes(2) == (kernels == "bsr" and deploy.kernels.AVAILABLE)
     x = images(spec, 5)
     normalised_first = deploy.runtime._run(m._steps, m.preprocess(x))
     assert_close(m.predict(x, batch_size=2), normalised_first, rtol=1e-6)
+    assert_close(m.predict(x, batch_size=5), normalised_first, rtol=1e-6)
     assert_close(m.predict(x.astype(np.float32) / 255, scale=1.0), normalised_first, rtol=1e-6)
     assert_close(m.predict(x[..., 0]), normalised_first, rtol=1e-6)
     conv = pruned("conv2", algebra, "quaternion")

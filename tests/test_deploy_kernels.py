@@ -78,6 +78,20 @@ def test_csr_product_equals_the_dense_one(engine, density, batch):
     assert macs == np.count_nonzero(mask)
     ref = kernel.T.astype(np.float64) @ x + bias[:, None]
     assert_close(product(x), ref)
+    assert_close(product(x, relu=True), np.maximum(ref, 0))
+    u = rng.integers(0, 256, x.shape, dtype=np.uint8)  # raw pixels, read as they are
+    assert_close(product(u), kernel.T.astype(np.float64) @ u + bias[:, None])
+
+
+@pytest.mark.parametrize("shape", [(1, 784), (8, 16), (5, 30), (259, 784), (16, 13)])
+def test_byte_columns_are_the_images_transposed(shape):
+    """The 8x8-block byte transpose (shapes padded to multiples of 8 inside) against numpy's."""
+    if not kernels.AVAILABLE:
+        pytest.skip("numba is not installed (pip install qsparse-jax[fast])")
+    images = np.random.default_rng(shape[0]).integers(0, 256, shape, dtype=np.uint8)
+    out = kernels.byte_columns(images)
+    assert out.flags.c_contiguous and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, images.T)
 
 
 def products(engine, algebra, kernel, mask, whole_numbers, bias):
@@ -115,6 +129,7 @@ def test_hypercomplex_products_equal_the_real_matrix(engine, name, whole_numbers
         assert set(built) >= {"csr"} and len(built) == 2 - (engine == "scipy" and not blocks)
         for product, macs in built.values():
             assert_close(product(x), ref)
+            assert_close(product(x, relu=True), np.maximum(ref, 0))
             assert macs == np.count_nonzero(mask) * n  # each stored value feeds n outputs
 
 
@@ -301,3 +316,7 @@ def test_the_benchmark_runs_and_tabulates(tmp_path):
         assert row["ms"] > 0 and 0 < row["macs"] < row["dense_macs"] and row["of_peak"] > 0
     lines = sparse_runtime.table(result).splitlines()
     assert lines[0].startswith("CPU ") and len(lines) == 4 + 2
+    for line, batch in zip(lines[-2:], (1, 3), strict=True):  # best dense over auto, as printed
+        rows = {r["impl"]: r["ms"] for r in result["rows"] if r["batch"] == batch}
+        ratio = min(rows["dense"], rows["jax"]) / rows["auto"]
+        assert line.endswith(f"| {ratio:.2f}x |")

@@ -75,29 +75,42 @@ def engine() -> str:
 
 
 @compiled
-def csr_matmul(indptr, cols, values, bias, x):
+def csr_matmul(indptr, cols, values, bias, x, relu):
     """``y[r] = bias[r] + sum_k values[k] x[cols[k]]`` over row ``r``'s entries
-    ``indptr[r]:indptr[r + 1]``; ``x`` ``(K, B)`` C-contiguous float32, ``y`` ``(rows, B)``."""
+    ``indptr[r]:indptr[r + 1]``, then ``max(y, 0)`` where ``relu``; ``x`` ``(K, B)`` C-contiguous
+    (float32, or raw uint8 pixels), ``y`` ``(rows, B)`` float32. Entries go four at a time: one
+    pass over ``y[r]`` per four rows of ``x`` (measured 25-35 % faster than one at a time)."""
     rows, width = indptr.size - 1, x.shape[1]
     y = np.empty((rows, width), np.float32)
     for r in prange(rows):
         yr = y[r]
         yr[:] = bias[r]
-        for k in range(indptr[r], indptr[r + 1]):
-            v, xr = values[k], x[cols[k]]
+        k, end = indptr[r], indptr[r + 1]
+        while k + 4 <= end:
+            v0, v1, v2, v3 = values[k], values[k + 1], values[k + 2], values[k + 3]
+            x0, x1, x2, x3 = x[cols[k]], x[cols[k + 1]], x[cols[k + 2]], x[cols[k + 3]]
             for t in range(width):  # whole rows: a loop over the width vectorises
+                yr[t] += v0 * x0[t] + v1 * x1[t] + v2 * x2[t] + v3 * x3[t]
+            k += 4
+        for j in range(k, end):
+            v, xr = values[j], x[cols[j]]
+            for t in range(width):
                 yr[t] += v * xr[t]
+        if relu:
+            for t in range(width):
+                yr[t] = max(yr[t], np.float32(0))
     return y
 
 
 @compiled
-def hyper_matmul(indptr, bases, comps, values, terms, signs, in_stride, bias, x):
+def hyper_matmul(indptr, bases, comps, values, terms, signs, in_stride, bias, x, relu):
     """Component kernels of a table of single signed components: entry ``k`` of output number
     ``o`` stores components ``comps[k, m]`` with values ``values[k, m]`` (``m < values.shape[1]``:
     all ``n`` of a number stored whole, or one); component ``c`` adds
     ``s values[k, m] x[bases[k] + b in_stride]`` to ``y[a q_out + o]`` for each block
     ``(b, a) = terms[c, j]``, ``s = signs[c, j]``, that it enters (signs 0 pad a component
-    entering fewer blocks). A quaternion stored whole: 4 values loaded, 16 multiply-adds."""
+    entering fewer blocks), then ``max(y, 0)`` where ``relu``. A quaternion stored whole: 4
+    values loaded, 16 multiply-adds."""
     n, q_out, width = terms.shape[0], indptr.size - 1, x.shape[1]
     y = np.empty((n * q_out, width), np.float32)
     for o in prange(q_out):
@@ -114,7 +127,70 @@ def hyper_matmul(indptr, bases, comps, values, terms, signs, in_stride, bias, x)
                     yr = y[terms[c, j, 1] * q_out + o]
                     for t in range(width):
                         yr[t] += v * xr[t]
+        if relu:
+            for a in range(n):
+                ya = y[a * q_out + o]
+                for t in range(width):
+                    ya[t] = max(ya[t], np.float32(0))
     return y
+
+
+_M32, _M16, _M8 = (np.uint64(m) for m in (0xFFFFFFFF, 0x0000FFFF0000FFFF, 0x00FF00FF00FF00FF))
+_S32, _S16, _S8 = np.uint64(32), np.uint64(16), np.uint64(8)
+
+
+@compiled
+def _transpose_bytes(rows):
+    """The 8x8 byte blocks of ``rows`` ``(B, K / 8)`` uint64 (B a multiple of 8) transposed: the
+    result ``(K, B / 8)`` uint64 viewed as bytes is ``rows.view(uint8).T``. Each block is eight
+    words swapped in three rounds of masked shifts (32-, 16-, 8-bit halves), where a byte-wise
+    transpose makes one load and one store per byte (measured: 18 us against numpy's 72 us for
+    256 x 784 bytes on 2 threads). Cores split the output rows, so no two write one cache line."""
+    b8, words = rows.shape[0] // 8, rows.shape[1]
+    out = np.empty((words * 8, b8), np.uint64)
+    for j in prange(words):
+        for bb in range(b8):
+            r = rows[bb * 8 : bb * 8 + 8, j]
+            w0, w1, w2, w3, w4, w5, w6, w7 = r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]
+            t = ((w0 >> _S32) ^ w4) & _M32
+            w4, w0 = w4 ^ t, w0 ^ (t << _S32)
+            t = ((w1 >> _S32) ^ w5) & _M32
+            w5, w1 = w5 ^ t, w1 ^ (t << _S32)
+            t = ((w2 >> _S32) ^ w6) & _M32
+            w6, w2 = w6 ^ t, w2 ^ (t << _S32)
+            t = ((w3 >> _S32) ^ w7) & _M32
+            w7, w3 = w7 ^ t, w3 ^ (t << _S32)
+            t = ((w0 >> _S16) ^ w2) & _M16
+            w2, w0 = w2 ^ t, w0 ^ (t << _S16)
+            t = ((w1 >> _S16) ^ w3) & _M16
+            w3, w1 = w3 ^ t, w1 ^ (t << _S16)
+            t = ((w4 >> _S16) ^ w6) & _M16
+            w6, w4 = w6 ^ t, w4 ^ (t << _S16)
+            t = ((w5 >> _S16) ^ w7) & _M16
+            w7, w5 = w7 ^ t, w5 ^ (t << _S16)
+            t = ((w0 >> _S8) ^ w1) & _M8
+            w1, w0 = w1 ^ t, w0 ^ (t << _S8)
+            t = ((w2 >> _S8) ^ w3) & _M8
+            w3, w2 = w3 ^ t, w2 ^ (t << _S8)
+            t = ((w4 >> _S8) ^ w5) & _M8
+            w5, w4 = w5 ^ t, w4 ^ (t << _S8)
+            t = ((w6 >> _S8) ^ w7) & _M8
+            w7, w6 = w7 ^ t, w6 ^ (t << _S8)
+            o = out[j * 8 : j * 8 + 8, bb]
+            o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7] = w0, w1, w2, w3, w4, w5, w6, w7
+    return out
+
+
+def byte_columns(images: np.ndarray) -> np.ndarray:
+    """``images.T`` (C-contiguous) of uint8 ``images`` ``(B, K)``: raw pixels laid out as a
+    dense layer's columns (numba; shapes padded to multiples of 8 inside)."""
+    n, k = images.shape
+    rows = np.ascontiguousarray(images)
+    if n % 8 or k % 8:
+        rows = np.zeros((-(-n // 8) * 8, -(-k // 8) * 8), np.uint8)
+        rows[:n, :k] = images
+    columns = _transpose_bytes(rows.view(np.uint64)).view(np.uint8)
+    return np.ascontiguousarray(columns[:k, :n])  # a copy only where padded
 
 
 def im2col(x: np.ndarray, kh: int, kw: int, pads=None, strides=(1, 1)) -> np.ndarray:

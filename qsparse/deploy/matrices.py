@@ -22,7 +22,12 @@ import numpy as np
 from qsparse.algebras import Algebra, tied_positions
 from qsparse.deploy import kernels
 
-Forward = Callable[[np.ndarray], np.ndarray]
+Forward = Callable[..., np.ndarray]  # (x, relu=False) -> y: relu applies max(y, 0) in place
+
+
+def relu_in_place(y: np.ndarray, relu: bool) -> np.ndarray:
+    """``max(y, 0)`` written over ``y`` where ``relu`` (a layer's ReLU, no array of its own)."""
+    return np.maximum(y, np.float32(0), out=y) if relu else y
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,12 +121,14 @@ def csr_product(structure: Structure | None, shape, positions, values, bias) -> 
     if kernels.AVAILABLE:
         indptr, cols, vals = by_row(rows, m, cols.astype(np.int64), vals.astype(np.float32))
         return (
-            lambda x: kernels.csr_matmul(indptr, cols, vals, bias, np.ascontiguousarray(x))
+            lambda x, relu=False: kernels.csr_matmul(
+                indptr, cols, vals, bias, np.ascontiguousarray(x), relu
+            )
         ), len(vals)
     from scipy import sparse
 
     wt = sparse.csr_array((vals, (rows, cols)), shape=(m, k), dtype=np.float32)
-    return (lambda x: wt @ x + bias[:, None]), len(vals)
+    return (lambda x, relu=False: relu_in_place(wt @ x + bias[:, None], relu)), len(vals)
 
 
 def _signed_terms(algebra: Algebra) -> tuple[np.ndarray, np.ndarray]:
@@ -150,9 +157,9 @@ def hyper_product(structure: Structure, shape, positions, values, comps, bias):
         comps, values = comps[:, None], values[:, None]
     q_in, macs = shape[-2], int(np.count_nonzero(signs[comps]))
 
-    def forward(x):
+    def forward(x, relu=False):
         x = np.ascontiguousarray(x)  # rows of x read as contiguous vectors
-        return kernels.hyper_matmul(indptr, base, comps, values, terms, signs, q_in, bias, x)
+        return kernels.hyper_matmul(indptr, base, comps, values, terms, signs, q_in, bias, x, relu)
 
     return forward, macs
 
@@ -173,10 +180,11 @@ def bsr_product(structure: Structure, shape, positions, values, bias) -> tuple[F
     blocks = np.einsum("cba,kc->kab", algebra.table, values).astype(np.float32)
     wt = sparse.bsr_array((blocks, i, indptr), shape=(m, k), blocksize=(n, n), dtype=np.float32)
 
-    def forward(x):
+    def forward(x, relu=False):
         xn = x.reshape(-1, n, shape[-2], x.shape[1]).transpose(0, 2, 1, 3).reshape(k, -1)
         y = wt @ xn  # (n q_out, B), number by number
-        return y.reshape(q_out, n, -1).transpose(1, 0, 2).reshape(m, -1) + bias[:, None]
+        y = y.reshape(q_out, n, -1).transpose(1, 0, 2).reshape(m, -1) + bias[:, None]
+        return relu_in_place(y, relu)
 
     return forward, values.size * n
 

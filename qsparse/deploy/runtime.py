@@ -33,6 +33,7 @@ from qsparse.deploy.matrices import (
     element_positions,
     real_kernel,
     real_shape,
+    relu_in_place,
 )
 
 KERNELS = ("auto", "csr", "bsr", "dense")  # how layers compute: load(path, kernels=...)
@@ -167,9 +168,10 @@ class _Layer:
             raise ValueError(f"layer {name}: {e}") from None
         self._check(op, arrays)
         self.choice, self.path = kernels, self._path(kernels)
-        self.engine, self.density = "blas", 1.0
+        self.engine, self.density, self.relu = "blas", 1.0, False
+        self._stored, self._raw = (positions, values), None
         if self.path != "dense":
-            self._sparse, macs = self._product(positions, values)
+            self._sparse, macs = self._product(positions, values, self.bias)
             self.density = macs / float(np.prod(real_shape(self.structure, shape)))
             wins = [sparse_wins(self.density, c, self.engine) for c in (self.columns, MANY_COLUMNS)]
             # convolutions: im2col's copies cost more than the sparse product saved in every
@@ -222,10 +224,10 @@ class _Layer:
             return "bsr" if kernels == "bsr" or signed else "csr"
         return "hyper" if signed else "csr"
 
-    def _product(self, positions, values) -> tuple[Forward, int]:
-        """The sparse product on columns (bias added) by :attr:`path`, and its multiply-adds per
-        column; sets :attr:`engine` (``numba`` or ``scipy``)."""
-        s, shape, bias = self.structure, self.shape, self.bias
+    def _product(self, positions, values, bias) -> tuple[Forward, int]:
+        """The sparse product on columns (``bias`` added) by :attr:`path`, and its multiply-adds
+        per column; sets :attr:`engine` (``numba`` or ``scipy``)."""
+        s, shape = self.structure, self.shape
         numba = kernels_lib.AVAILABLE
         self.engine = "numba" if numba else "scipy"
         if self.path == "bsr":
@@ -238,6 +240,26 @@ class _Layer:
             return component_product(s, shape, positions, values, bias)
         return csr_product(s, shape, positions, values, bias)
 
+    def fold_input(self, a: np.float32, b: np.float32) -> None:
+        """A second sparse product, :meth:`forward_raw`'s, for raw uint8 columns ``u`` of a
+        dense layer whose input is ``u a + b``: ``W^T (u a + b) = (a W)^T u + b W^T 1``, the
+        scale folded into the stored values and the shift into the bias (numba's kernels read
+        the bytes directly: no float copy of the images)."""
+        if self.path == "dense" or self.engine != "numba" or self.conv:
+            return
+        positions, values = self._stored
+        shift = self._sparse(np.ones((self.c_in, 1), np.float32))[:, 0] - self.bias
+        bias = (self.bias + b * shift).astype(np.float32)
+        self._raw = self._product(positions, (values * a).astype(np.float32), bias)[0]
+
+    def takes_bytes(self, columns: int) -> bool:
+        """Whether :meth:`forward_raw` runs for a call on ``columns`` columns."""
+        return self._raw is not None and not self.uses_dense(columns)
+
+    def forward_raw(self, u: np.ndarray) -> np.ndarray:
+        """:meth:`forward` of the normalised pixels, from raw uint8 columns (:meth:`fold_input`)."""
+        return self._raw(u, relu=self.relu)
+
     def uses_dense(self, columns: int) -> bool:
         """Whether a call on ``columns`` columns runs dense BLAS (the path, or ``auto``'s rule)."""
         if self.path == "dense":
@@ -245,18 +267,20 @@ class _Layer:
         return self.choice == "auto" and not sparse_wins(self.density, columns, self.engine)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """Columns ``(K, B)`` -> ``(M, B)`` for a dense op; NHWC -> NHWC for a convolution."""
+        """Columns ``(K, B)`` -> ``(M, B)`` for a dense op; NHWC -> NHWC for a convolution; the
+        ReLU that follows applied in place where :attr:`relu` (by the sparse kernels as they
+        write each row)."""
         features = x.shape[-1] if self.conv else x.shape[0]
         if features != self.c_in:  # the kernels index x unchecked
             raise ValueError(f"layer {self.name}: input has {features} features, not {self.c_in}")
         if not self.conv:
             if self.uses_dense(x.shape[1]):
-                return self._kt @ x + self.bias[:, None]
-            return self._sparse(x)
+                return relu_in_place(self._kt @ x + self.bias[:, None], self.relu)
+            return self._sparse(x, relu=self.relu)
         n, (h, w) = x.shape[0], self.hw
         if self.uses_dense(n * h * w):
-            return self._conv(x)
-        y = self._sparse(im2col(x, *self.shape[-4:-2], self.pads, self.strides))
+            return relu_in_place(self._conv(x), self.relu)
+        y = self._sparse(im2col(x, *self.shape[-4:-2], self.pads, self.strides), relu=self.relu)
         return y.reshape(-1, n, h, w).transpose(1, 2, 3, 0)
 
     def _conv(self, x):
@@ -310,6 +334,9 @@ class Model:
         self.norms: list[bn_lib.Norm] = []
         self._steps, _ = self._build(header["ops"], arrays, kernels, self.input_shape[:2])
         self._raw_steps = self._flattens_before_a_dense_layer(header["ops"])
+        if self._raw_steps:
+            a, b = self._affine(self._scale)
+            self.layers[0].fold_input(a, b)
 
     def _flattens_before_a_dense_layer(self, entries: list) -> int:
         """How many leading steps are reshapes of the raw image before a dense layer, where all
@@ -328,6 +355,10 @@ class Model:
         steps: list[tuple[Forward, bool | None]] = []
         for entry in entries:
             op = ops.from_json(entry)
+            last = steps[-1][0] if steps else None
+            if isinstance(op, ops.Relu) and self.layers and last == self.layers[-1].forward:
+                self.layers[-1].relu = True  # on the layer's output, in place: no pass of its own
+                continue
             if isinstance(op, ops.Dense | ops.Conv):
                 conv = isinstance(op, ops.Conv)
                 self.layers.append(_Layer(op, entry, self.header, arrays, kernels, hw))
@@ -393,12 +424,20 @@ class Model:
         """:meth:`_forward` of raw images through the leading reshapes, normalised while laid
         out as the first dense layer's columns (``x a + b``, ``a = 1 / (white std)``, ``b =
         -mean / std``)."""
-        k = self._raw_steps
+        k, first = self._raw_steps, self.layers[0]
         x = _run(self._steps[:k], images)
-        a = np.float32(1.0) / (np.float32(white) * self._std[0])
+        if x.dtype == np.uint8 and first.takes_bytes(len(x)):
+            y = first.forward_raw(kernels_lib.byte_columns(x))
+            return _run(self._steps[k + 1 :], y, columns=True)
+        a, b = self._affine(white)
         columns = np.multiply(x.T, a, dtype=np.float32, order="C")
-        columns -= self._mean[0] / self._std[0]
+        columns += b
         return _run(self._steps[k:], columns, columns=True)
+
+    def _affine(self, white: float) -> tuple[np.float32, np.float32]:
+        """(a, b): the normalised pixels are ``x a + b`` (every channel alike)."""
+        a = np.float32(1.0) / (np.float32(white) * self._std[0])
+        return a, np.float32(-self._mean[0] / self._std[0])
 
     def describe(self) -> str:
         """What the file holds: provenance, its algebras, one line per layer (storage, density,
