@@ -17,7 +17,8 @@
 ``best dense`` is the faster of ``dense`` and ``jax``; ``auto / best`` how many times faster
 ``auto`` runs than it (the runtime's goals are stated against it: docs/deployment.md).
 
-Each as the median of ``repeats`` calls after two warm-up calls, in ms and images/s, and as
+Each as the median of ``repeats`` calls after two warm-up calls (the paths' calls timed in turn,
+in :data:`WINDOWS` rounds), in ms and images/s, and as
 multiply-adds per second (those of the surviving weights, a hypercomplex weight counting as the
 real multiply-adds it feeds, a convolution weight once per output position) against the
 machine's float32 matmul rate measured in the same run (:func:`benchmarks.harness.matmul_peak`,
@@ -167,10 +168,21 @@ def multiply_adds(model: deploy.Model) -> tuple[float, float]:
     return dense, surviving
 
 
-def median_seconds(fn, repeats: int) -> float:
-    """The median wall time of ``repeats`` calls of ``fn`` after two warm-up calls."""
-    fn(), fn()
-    return statistics.median(timeit.repeat(fn, number=1, repeat=repeats))
+WINDOWS = 5  # rounds in which every path's calls are timed in turn
+
+
+def median_seconds(calls: dict, repeats: int) -> dict:
+    """The median wall time of ``repeats`` calls of each function in ``calls``, after two
+    warm-up calls each: in :data:`WINDOWS` rounds, each function's calls timed in a window of
+    their own in turn, so that the machine's drift (its rates moved by a third within minutes on
+    the development machine) reaches every path alike."""
+    for fn in calls.values():
+        fn(), fn()
+    times: dict = {name: [] for name in calls}
+    for _ in range(WINDOWS):
+        for name, fn in calls.items():
+            times[name] += timeit.repeat(fn, number=1, repeat=max(1, repeats // WINDOWS))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def time_file(
@@ -196,8 +208,7 @@ def time_file(
             }
             if jax_forward is not None:
                 calls["jax"] = functools.partial(jax_forward, images)
-            for impl, predict in calls.items():
-                seconds = median_seconds(predict, options.repeats)
+            for impl, seconds in median_seconds(calls, options.repeats).items():
                 rows.append(
                     {
                         **label,

@@ -47,12 +47,15 @@ if AVAILABLE:
         return wrap
 
     compiled = _jit(parallel=True)
+    serial = _jit()  # one core: no threads to wake, for work smaller than waking them costs
 else:
     prange = range
 
     def compiled(fn):
         """Without numba the kernels stay plain Python, and the runtime never calls them."""
         return fn
+
+    serial = compiled
 
 
 def set_threads(threads: int | None) -> int:
@@ -99,6 +102,28 @@ def csr_matmul(indptr, cols, values, bias, x, relu):
         if relu:
             for t in range(width):
                 yr[t] = max(yr[t], np.float32(0))
+    return y
+
+
+@serial
+def csr_matvec(indptr, cols, values, bias, x, relu):
+    """:func:`csr_matmul` of one column ``x`` ``(K, 1)`` on one core: each row's sum in four
+    running sums (one chain of dependent adds would wait on each add's latency)."""
+    rows = indptr.size - 1
+    y = np.empty((rows, 1), np.float32)
+    for r in range(rows):
+        s0, s1, s2, s3 = bias[r], np.float32(0), np.float32(0), np.float32(0)
+        k, end = indptr[r], indptr[r + 1]
+        while k + 4 <= end:
+            s0 += values[k] * x[cols[k], 0]
+            s1 += values[k + 1] * x[cols[k + 1], 0]
+            s2 += values[k + 2] * x[cols[k + 2], 0]
+            s3 += values[k + 3] * x[cols[k + 3], 0]
+            k += 4
+        for j in range(k, end):
+            s0 += values[j] * x[cols[j], 0]
+        s = (s0 + s1) + (s2 + s3)
+        y[r, 0] = max(s, np.float32(0)) if relu else s
     return y
 
 
@@ -183,8 +208,11 @@ def _transpose_bytes(rows):
 
 def byte_columns(images: np.ndarray) -> np.ndarray:
     """``images.T`` (C-contiguous) of uint8 ``images`` ``(B, K)``: raw pixels laid out as a
-    dense layer's columns (numba; shapes padded to multiples of 8 inside)."""
+    dense layer's columns (numba; shapes padded to multiples of 8 inside). One image comes as
+    float32 (its one column is a reshape; a matrix-vector kernel reads floats ~20 % faster)."""
     n, k = images.shape
+    if n == 1:
+        return images.reshape(k, 1).astype(np.float32)
     rows = np.ascontiguousarray(images)
     if n % 8 or k % 8:
         rows = np.zeros((-(-n // 8) * 8, -(-k // 8) * 8), np.uint8)

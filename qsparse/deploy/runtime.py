@@ -131,11 +131,12 @@ def structure(op: ops.Dense | ops.Conv, entry: dict, algebras: dict, arrays: dic
 # costs as much as a small dense product) than from MANY_COLUMNS columns on. A dense layer has
 # one column per image; a convolution one per output position of each image. Measured on the
 # development machine (results/bench_deploy_cpu.md, LeNet-300-100 at 100/20/5/2 %, batch 1 and
-# 256): at batch 1 dense was as fast as either sparse path down to 2 %; at batch 256 numba's
-# kernels won from 20 % down, scipy's from 5 %.
+# 256): at batch 256 numba's kernels won from 20 % down, scipy's from 5 %; at batch 1 scipy's
+# from 2 % and numba's matrix-vector kernel (csr_matvec, one core) from 7 % (LeNet-300-100 at
+# 7/5/3.5 %).
 MANY_COLUMNS = 16
 BREAK_EVEN = {  # engine: (break-even density below MANY_COLUMNS columns, from it)
-    "numba": (0.03, 0.15),
+    "numba": (0.08, 0.15),
     "scipy": (0.03, 0.06),
 }
 
@@ -183,6 +184,12 @@ class _Layer:
             self.kernel = real_kernel(self.structure, dense)
             if not self.conv:
                 self._kt = np.ascontiguousarray(self.kernel.T)
+        dense = self.path == "dense"
+        auto = kernels == "auto" and not dense
+        self._dense = tuple(  # (below MANY_COLUMNS columns, from it): decided once, not per call
+            dense or (auto and not sparse_wins(self.density, c, self.engine))
+            for c in (1, MANY_COLUMNS)
+        )
 
     def _check(self, op, arrays: dict) -> None:
         name, shape, kind = self.name, self.shape, self.kind
@@ -234,11 +241,24 @@ class _Layer:
             if positions is None:  # stored dense: every block
                 positions = np.arange(int(np.prod(shape[1:])))
             self.engine = "numba" if numba and s.algebra.signed_blocks else "scipy"
-            return bsr_product(s, shape, positions, values, bias)
+            product = bsr_product(s, shape, positions, values, bias)
+            if self.engine == "scipy":
+                return product
+            positions, values = element_positions(self.storage, shape, positions, values)
+            return self._one_column_by_csr(product, positions, values, bias)
         positions, values = element_positions(self.storage, shape, positions, values)
         if self.path == "hyper":
-            return component_product(s, shape, positions, values, bias)
+            return self._one_column_by_csr(
+                component_product(s, shape, positions, values, bias), positions, values, bias
+            )
         return csr_product(s, shape, positions, values, bias)
+
+    def _one_column_by_csr(self, product, positions, values, bias) -> tuple[Forward, int]:
+        """``product`` on many columns, numba's CSR matrix-vector kernel on one (the number
+        kernels' loops over columns cost more than their shared loads save there)."""
+        matvec = csr_product(self.structure, self.shape, positions, values, bias)[0]
+        many = product[0]
+        return (lambda x, relu=False: (matvec if x.shape[1] == 1 else many)(x, relu)), product[1]
 
     def fold_input(self, a: np.float32, b: np.float32) -> None:
         """A second sparse product, :meth:`forward_raw`'s, for raw uint8 columns ``u`` of a
@@ -262,9 +282,7 @@ class _Layer:
 
     def uses_dense(self, columns: int) -> bool:
         """Whether a call on ``columns`` columns runs dense BLAS (the path, or ``auto``'s rule)."""
-        if self.path == "dense":
-            return True
-        return self.choice == "auto" and not sparse_wins(self.density, columns, self.engine)
+        return self._dense[columns >= MANY_COLUMNS]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Columns ``(K, B)`` -> ``(M, B)`` for a dense op; NHWC -> NHWC for a convolution; the
@@ -412,6 +430,8 @@ class Model:
             forward = functools.partial(self._forward_raw, white=white)
         else:
             images, forward = self.preprocess(images, scale), self._forward
+        if 0 < len(images) <= batch_size:
+            return forward(images).astype(np.float32, copy=False)
         out = [forward(images[s : s + batch_size]) for s in range(0, len(images), batch_size)]
         if not out:
             return np.zeros((0, self.num_classes), np.float32)
