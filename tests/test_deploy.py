@@ -335,8 +335,12 @@ def test_dense_first_models_normalise_raw_images_as_the_first_layers_columns(
     assert m._raw_steps == 1
     assert [layer.relu for layer in m.layers] == [True, True, False]
     assert m.layers[0].takes_bytes(2) == (kernels == "bsr" and deploy.kernels.AVAILABLE)
+    if kernels == "bsr":  # one image: every layer in one call of numba's kernel
+        assert (m._chain is not None) == deploy.kernels.AVAILABLE
     x = images(spec, 5)
     normalised_first = deploy.runtime._run(m._steps, m.preprocess(x))
+    for i in range(2):
+        assert_close(m.predict(x[i : i + 1]), normalised_first[i : i + 1], rtol=1e-6)
     assert_close(m.predict(x, batch_size=2), normalised_first, rtol=1e-6)
     assert_close(m.predict(x, batch_size=5), normalised_first, rtol=1e-6)
     assert_close(m.predict(x.astype(np.float32) / 255, scale=1.0), normalised_first, rtol=1e-6)

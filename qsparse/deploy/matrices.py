@@ -127,6 +127,7 @@ def csr_product(structure: Structure | None, shape, positions, values, bias) -> 
             kernel = kernels.csr_matvec if x.shape[1] == 1 else kernels.csr_matmul
             return kernel(indptr, cols, vals, bias, x, relu)
 
+        forward.csr = indptr, cols, vals, bias  # for kernels.chain_matvec
         return forward, len(vals)
     from scipy import sparse
 

@@ -258,7 +258,12 @@ class _Layer:
         kernels' loops over columns cost more than their shared loads save there)."""
         matvec = csr_product(self.structure, self.shape, positions, values, bias)[0]
         many = product[0]
-        return (lambda x, relu=False: (matvec if x.shape[1] == 1 else many)(x, relu)), product[1]
+
+        def forward(x, relu=False):
+            return (matvec if x.shape[1] == 1 else many)(x, relu)
+
+        forward.csr = matvec.csr
+        return forward, product[1]
 
     def fold_input(self, a: np.float32, b: np.float32) -> None:
         """A second sparse product, :meth:`forward_raw`'s, for raw uint8 columns ``u`` of a
@@ -355,6 +360,27 @@ class Model:
         if self._raw_steps:
             a, b = self._affine(self._scale)
             self.layers[0].fold_input(a, b)
+        self._chain = self._one_image_chain()
+
+    def _one_image_chain(self) -> tuple | None:
+        """The arguments of :func:`~qsparse.deploy.kernels.chain_matvec` after the image where
+        one raw image runs every layer in one call: a model of raw reshapes, then dense layers
+        only (ReLUs inside them), each computed by numba's CSR kernel at one column, the first
+        on raw pixels (:meth:`_Layer.fold_input`). None otherwise."""
+        rest, layers = self._steps[self._raw_steps :], self.layers
+        if not self._raw_steps or len(rest) != len(layers) or not layers[0].takes_bytes(1):
+            return None
+        if any(step != layer.forward or layer.conv for (step, _), layer in zip(rest, layers)):
+            return None
+        csrs = [layers[0]._raw] + [getattr(layer, "_sparse", None) for layer in layers[1:]]
+        csrs = [getattr(f, "csr", None) for f in csrs]
+        if any(c is None for c in csrs) or any(layer.uses_dense(1) for layer in layers):
+            return None
+        ends = np.cumsum([0] + [len(c[2]) for c in csrs])  # entries before each layer
+        indptr = np.concatenate([c[0][:-1] + e for c, e in zip(csrs, ends)] + [ends[-1:]])
+        bounds = np.cumsum([0] + [len(c[3]) for c in csrs])
+        relu = np.array([layer.relu for layer in layers])
+        return (indptr, *(np.concatenate([c[i] for c in csrs]) for i in (1, 2, 3)), bounds, relu)
 
     def _flattens_before_a_dense_layer(self, entries: list) -> int:
         """How many leading steps are reshapes of the raw image before a dense layer, where all
@@ -446,6 +472,8 @@ class Model:
         -mean / std``)."""
         k, first = self._raw_steps, self.layers[0]
         x = _run(self._steps[:k], images)
+        if x.dtype == np.uint8 and len(x) == 1 and self._chain is not None:
+            return kernels_lib.chain_matvec(x.reshape(-1).astype(np.float32), *self._chain)[None]
         if x.dtype == np.uint8 and first.takes_bytes(len(x)):
             y = first.forward_raw(kernels_lib.byte_columns(x))
             return _run(self._steps[k + 1 :], y, columns=True)
