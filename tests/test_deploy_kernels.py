@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from benchmarks import sparse_runtime
-from qsparse import algebras, deploy
-from qsparse.deploy import kernels, matrices, runtime
+from qsparse import algebras, deploy, ops
+from qsparse.deploy import kernels, matrices, planes, runtime
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = ["numba", "scipy"]
@@ -170,6 +170,55 @@ def test_sparse_convolution_equals_the_dense_one(engine, name, density):
         assert_close(np.ascontiguousarray(y), ref)
 
 
+needs_numba = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
+
+
+@needs_numba
+@pytest.mark.parametrize("name", ["real", "quat"])
+@pytest.mark.parametrize("density", [1.0, 0.2, 0.02])
+@pytest.mark.parametrize("size", [(3, 5, 6), (2, 33, 31), (1, 1, 1)])
+def test_convolution_on_planes_equals_the_dense_one(name, density, size):
+    """Planes (a ring of zeros per image, every tap one shifted multiply-add, several tiles for
+    the larger size) against sliding windows, 3x3 and 1x1 kernels, with and without ReLU; the
+    result's rings and margins stay zero, so it feeds the next convolution as it is."""
+    rng = np.random.default_rng(int(100 * density) + size[1])
+    n, h, w = size
+    x = rng.standard_normal((n, h, w, 8)).astype(np.float32)
+    for k in (3, 1):
+        if name == "real":
+            kernel, mask = sparse_kernel((k, k, 8, 5), density, rng)
+            structure, real = None, kernel.astype(np.float64)
+        else:
+            kernel, mask = sparse_kernel((4, k, k, 2, 3), density, rng, whole_numbers=True)
+            structure = matrices.Structure(4, algebras.get(name))
+            real = real_matrix(algebras.get(name), kernel)
+        bias = rng.standard_normal(real.shape[-1]).astype(np.float32)
+        storage, positions, values = stored(kernel, mask, name != "real")
+        positions, values = matrices.element_positions(storage, kernel.shape, positions, values)
+        entries = matrices.real_entries(structure, kernel.shape, positions, values)
+        taps = planes.taps(*entries, kernel.shape, w, 8, real.shape[-1])
+        p = planes.to_planes(x)
+        assert p.data.shape == (8, 2 * planes.margin(w) + planes.length(n, h, w))
+        np.testing.assert_array_equal(planes.from_planes(p), x)
+        ref = conv_reference(x, real) + bias
+        for relu in (False, True):
+            y = planes.conv(taps, bias, p, relu)
+            assert_close(planes.from_planes(y), np.maximum(ref, 0) if relu else ref)
+            ring = y.data.copy()
+            ring[:, y.margin : y.margin + y.length] *= 1 - planes.interior(n, h, w)
+            assert not ring.any()
+
+
+@needs_numba
+@pytest.mark.parametrize("size", [(2, 6, 8), (3, 7, 5), (1, 1, 3)])
+def test_max_pool_on_planes_equals_the_ops_one(size):
+    x = np.random.default_rng(size[1]).standard_normal((*size, 4)).astype(np.float32)
+    pooled = planes.max_pool(planes.to_planes(x))
+    np.testing.assert_array_equal(planes.from_planes(pooled), ops.max_pool_2x2(x))
+    inside = pooled.data[:, pooled.margin : pooled.margin + pooled.length]
+    assert not (inside * (1 - planes.interior(pooled.n, pooled.h, pooled.w))).any()
+
+
 # -- the runtime: dispatch, describe, threads, the fallback ------------------------------------
 
 
@@ -227,6 +276,9 @@ def test_convolutions_take_the_sparse_kernel_when_pruned(files, engine):
     model = deploy.load(files["conv4", "quat", 0.05], kernels="bsr")
     convs = [layer for layer in model.layers if layer.conv]
     assert len(convs) == 4 and all(layer.path == "bsr" for layer in convs)
+    auto = deploy.load(files["conv4", "quat", 0.05]).layers  # auto: on planes, with numba
+    direct = "direct" if engine == "numba" else "dense"
+    assert [layer.path for layer in auto if layer.conv] == [direct] * 4
     x = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), np.uint8)
     dense = deploy.load(files["conv4", "quat", 0.05], kernels="dense")
     ref = dense.predict(x).astype(np.float64)

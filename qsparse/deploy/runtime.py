@@ -13,6 +13,7 @@ runs where its algebra was never registered. How each layer computes (``kernels`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -22,6 +23,7 @@ from qsparse import ops
 from qsparse.algebras import KINDS, Algebra
 from qsparse.deploy import batchnorm as bn_lib
 from qsparse.deploy import kernels as kernels_lib
+from qsparse.deploy import planes as planes_lib
 from qsparse.deploy.format import DTYPES, FORMAT, ExportFileError, decode_kernel, dense_kernel, read
 from qsparse.deploy.kernels import im2col
 from qsparse.deploy.matrices import (
@@ -31,6 +33,7 @@ from qsparse.deploy.matrices import (
     component_product,
     csr_product,
     element_positions,
+    real_entries,
     real_kernel,
     real_shape,
     relu_in_place,
@@ -60,19 +63,43 @@ def load(path: str | os.PathLike, *, kernels: str = "auto", threads: int | None 
         raise ExportFileError(f"export file {path}: {type(e).__name__}: {e}") from None
 
 
-def _relu(x: np.ndarray) -> np.ndarray:
+def _relu(x):
+    if isinstance(x, planes_lib.Planes):  # the rings stay zero
+        return dataclasses.replace(x, data=np.maximum(x.data, np.float32(0)))
     return np.maximum(x, np.float32(0))
 
 
-def _run(steps: list, x: np.ndarray, columns: bool = False) -> np.ndarray:
-    """Steps in order; dense layers take columns ``(features, batch)`` (the batch contiguous),
-    the others ``(batch, ...)``: ``x`` is transposed where that changes (``columns``: ``x``
-    comes as columns)."""
+def _max_pool(x):
+    if isinstance(x, planes_lib.Planes):
+        return planes_lib.max_pool(x)
+    return ops.max_pool_2x2(x)
+
+
+# Layouts of the activations between steps: ``rows`` (batch first: NHWC, or (batch, features)),
+# ``columns`` ((features, batch), the batch contiguous: dense layers' sparse and BLAS products),
+# ``planes`` (:class:`qsparse.deploy.planes.Planes`: direct sparse convolutions).
+ROWS, COLUMNS, PLANES = "rows", "columns", "planes"
+
+
+def _convert(x, have: str, want: str):
+    """``x`` from layout ``have`` to ``want``."""
+    if have == PLANES:
+        x, have = planes_lib.from_planes(x), ROWS
+    if have == want:
+        return x
+    if want == PLANES:
+        return planes_lib.to_planes(x)
+    return np.ascontiguousarray(x.T)  # rows <-> columns
+
+
+def _run(steps: list, x, layout: str = ROWS) -> np.ndarray:
+    """Steps in order, each given ``x`` in the layout it takes (``(step, layout)``; None: any),
+    ``x`` converted where that changes; ``layout``: how ``x`` comes. The result as rows."""
     for step, wants in steps:
-        if wants is not None and wants != columns:
-            x, columns = np.ascontiguousarray(x.T), wants
+        if wants is not None and wants != layout:
+            x, layout = _convert(x, layout, wants), wants
         x = step(x)
-    return x.T if columns else x
+    return _convert(x, layout, ROWS)
 
 
 def _residual(body: list, shortcut: list, x: np.ndarray) -> np.ndarray:
@@ -85,7 +112,7 @@ def _step(op: ops.Op) -> Forward:
     if isinstance(op, ops.Relu):
         return _relu
     if isinstance(op, ops.MaxPool2x2):
-        return ops.max_pool_2x2
+        return _max_pool
     if isinstance(op, ops.Flatten):
         return functools.partial(ops.flatten, layout=op.layout, n=op.n)
     if isinstance(op, ops.AvgPool):
@@ -141,6 +168,12 @@ BREAK_EVEN = {  # engine: (break-even density below MANY_COLUMNS columns, from i
 }
 
 
+# A convolution on planes (qsparse.deploy.planes: 3x3 or smaller, stride 1, SAME, numba) beats the
+# dense one below this density; others stay dense with auto (im2col's copies cost more than the
+# skipped multiply-adds in every measurement, results/bench_deploy_conv4_cpu.md).
+DIRECT_BREAK_EVEN = 0.3
+
+
 def sparse_wins(density: float, columns: int, engine: str) -> bool:
     """The cost rule: a sparse product of ``density`` on ``columns`` columns beats dense BLAS."""
     few, many = BREAK_EVEN[engine]
@@ -170,8 +203,10 @@ class _Layer:
         self._check(op, arrays)
         self.choice, self.path = kernels, self._path(kernels)
         self.engine, self.density, self.relu = "blas", 1.0, False
-        self._stored, self._raw = (positions, values), None
-        if self.path != "dense":
+        self._stored, self._raw, self.direct = (positions, values), None, False
+        if self.path != "dense" and self._direct(kernels):
+            pass  # a direct sparse convolution on planes
+        elif self.path != "dense":
             self._sparse, macs = self._product(positions, values, self.bias)
             self.density = macs / float(np.prod(real_shape(self.structure, shape)))
             wins = [sparse_wins(self.density, c, self.engine) for c in (self.columns, MANY_COLUMNS)]
@@ -187,9 +222,27 @@ class _Layer:
         dense = self.path == "dense"
         auto = kernels == "auto" and not dense
         self._dense = tuple(  # (below MANY_COLUMNS columns, from it): decided once, not per call
-            dense or (auto and not sparse_wins(self.density, c, self.engine))
+            dense or (auto and not self.direct and not sparse_wins(self.density, c, self.engine))
             for c in (1, MANY_COLUMNS)
         )
+
+    def _direct(self, kernels: str) -> bool:
+        """Whether the layer is a convolution computed directly on planes
+        (:mod:`qsparse.deploy.planes`: ``auto``, numba, a geometry planes take, under
+        :data:`DIRECT_BREAK_EVEN`); sets it up if so."""
+        if not (self.conv and kernels == "auto" and kernels_lib.AVAILABLE):
+            return False
+        if not planes_lib.supported(self.shape, self.pads, self.strides):
+            return False
+        positions, values = element_positions(self.storage, self.shape, *self._stored)
+        rows, cols, vals = real_entries(self.structure, self.shape, positions, values)
+        m, k = real_shape(self.structure, self.shape)
+        density = len(vals) / float(m * k)
+        if density >= DIRECT_BREAK_EVEN:
+            return False
+        self.direct, self.path, self.engine, self.density = True, "direct", "numba", density
+        self._taps = planes_lib.taps(rows, cols, vals, self.shape, self.hw[1], self.c_in, m)
+        return True
 
     def _check(self, op, arrays: dict) -> None:
         name, shape, kind = self.name, self.shape, self.kind
@@ -293,6 +346,10 @@ class _Layer:
         """Columns ``(K, B)`` -> ``(M, B)`` for a dense op; NHWC -> NHWC for a convolution; the
         ReLU that follows applied in place where :attr:`relu` (by the sparse kernels as they
         write each row)."""
+        if self.direct:
+            if x.data.shape[0] != self.c_in:
+                raise ValueError(f"layer {self.name}: {x.data.shape[0]} channels, not {self.c_in}")
+            return planes_lib.conv(self._taps, self.bias, x, self.relu)
         features = x.shape[-1] if self.conv else x.shape[0]
         if features != self.c_in:  # the kernels index x unchecked
             raise ValueError(f"layer {self.name}: input has {features} features, not {self.c_in}")
@@ -322,10 +379,14 @@ class _Layer:
         """What computes the layer and, with ``kernels="auto"``, why (:meth:`Model.describe`)."""
         if self.choice != "auto":
             return self.engine
-        few, many = BREAK_EVEN[self.engine]
         density = f"auto: {self.density:.1%} of the dense multiply-adds"
+        if self.direct:
+            return f"{density}, under {DIRECT_BREAK_EVEN:.0%}: numba"
+        few, many = BREAK_EVEN[self.engine]
         if self.path == "dense":
-            reason = "a convolution (im2col costs more than it saves)" if self.conv else None
+            reason = None
+            if self.conv:
+                reason = f"a convolution over {DIRECT_BREAK_EVEN:.0%}, or one planes do not take"
             return f"{density}, {reason or f'over {many:.0%}'}: blas"
         if sparse_wins(self.density, self.columns, self.engine):
             under = few if self.columns < MANY_COLUMNS else many
@@ -407,19 +468,21 @@ class Model:
                 conv = isinstance(op, ops.Conv)
                 self.layers.append(_Layer(op, entry, self.header, arrays, kernels, hw))
                 hw = self.layers[-1].hw if conv else hw
-                steps.append((self.layers[-1].forward, not conv))
+                layer = self.layers[-1]
+                steps.append((layer.forward, PLANES if layer.direct else ROWS if conv else COLUMNS))
             elif isinstance(op, ops.BatchNorm):
                 self.norms.append(bn_lib.Norm(op, arrays))
-                steps.append((self.norms[-1].forward, False))
+                steps.append((self.norms[-1].forward, ROWS))
             elif isinstance(op, ops.Residual):
                 body, hw_body = self._build(entry["body"], arrays, kernels, hw)
                 short, hw = self._build(entry.get("shortcut", []), arrays, kernels, hw)
                 if hw_body != hw:
                     raise ValueError(f"a residual's body ends at {hw_body}, its shortcut at {hw}")
-                steps.append((functools.partial(_residual, body, short), False))
+                steps.append((functools.partial(_residual, body, short), ROWS))
             else:
                 hw = (hw[0] // 2, hw[1] // 2) if isinstance(op, ops.MaxPool2x2) else hw
-                steps.append((_step(op), None if isinstance(op, ops.Relu) else False))
+                anywhere = isinstance(op, ops.Relu | ops.MaxPool2x2)
+                steps.append((_step(op), None if anywhere else ROWS))
         return steps, hw
 
     def preprocess(self, images: np.ndarray, scale: float | None = None) -> np.ndarray:
@@ -476,11 +539,11 @@ class Model:
             return kernels_lib.chain_matvec(x.reshape(-1).astype(np.float32), *self._chain)[None]
         if x.dtype == np.uint8 and first.takes_bytes(len(x)):
             y = first.forward_raw(kernels_lib.byte_columns(x))
-            return _run(self._steps[k + 1 :], y, columns=True)
+            return _run(self._steps[k + 1 :], y, COLUMNS)
         a, b = self._affine(white)
         columns = np.multiply(x.T, a, dtype=np.float32, order="C")
         columns += b
-        return _run(self._steps[k:], columns, columns=True)
+        return _run(self._steps[k:], columns, COLUMNS)
 
     def _affine(self, white: float) -> tuple[np.float32, np.float32]:
         """(a, b): the normalised pixels are ``x a + b`` (every channel alike)."""
