@@ -132,10 +132,10 @@ def synthetic(
     weights = jax.device_put(M.apply(params, masks))
 
     @jax.jit
-    def forward(images):
+    def forward(weights, images):  # weights an argument: XLA sees no constants to fold
         return model.apply({"params": weights}, augment.normalize(images, spec.mean, spec.std))
 
-    return path, lambda images: forward(images).block_until_ready()
+    return path, lambda images: forward(weights, images).block_until_ready()
 
 
 @contextlib.contextmanager

@@ -96,6 +96,8 @@ def _run(steps: list, x, layout: str = ROWS) -> np.ndarray:
     """Steps in order, each given ``x`` in the layout it takes (``(step, layout)``; None: any),
     ``x`` converted where that changes; ``layout``: how ``x`` comes. The result as rows."""
     for step, wants in steps:
+        if wants == PLANES and layout == ROWS and len(x) < DIRECT_MIN_BATCH:
+            wants = ROWS  # few images: the dense convolution costs less than laying out planes
         if wants is not None and wants != layout:
             x, layout = _convert(x, layout, wants), wants
         x = step(x)
@@ -172,6 +174,7 @@ BREAK_EVEN = {  # engine: (break-even density below MANY_COLUMNS columns, from i
 # dense one below this density; others stay dense with auto (im2col's copies cost more than the
 # skipped multiply-adds in every measurement, results/bench_deploy_conv4_cpu.md).
 DIRECT_BREAK_EVEN = 0.3
+DIRECT_MIN_BATCH = 8  # fewer images: dense, planes' tiles then are too few to split across cores
 
 
 def sparse_wins(density: float, columns: int, engine: str) -> bool:
@@ -346,6 +349,8 @@ class _Layer:
         """Columns ``(K, B)`` -> ``(M, B)`` for a dense op; NHWC -> NHWC for a convolution; the
         ReLU that follows applied in place where :attr:`relu` (by the sparse kernels as they
         write each row)."""
+        if self.direct and not isinstance(x, planes_lib.Planes):
+            return relu_in_place(self._conv(x), self.relu)  # few images: dense (_run)
         if self.direct:
             if x.data.shape[0] != self.c_in:
                 raise ValueError(f"layer {self.name}: {x.data.shape[0]} channels, not {self.c_in}")
