@@ -218,6 +218,44 @@ def labels(deployments: Sequence[Deployment]) -> list[str]:
     ]
 
 
+@dataclasses.dataclass(frozen=True)
+class Pooled:
+    """One curve's replicates pooled, per round every replicate finished: the mean of ``x`` and
+    of the test accuracy (%), and the accuracy's range (``low``, ``high``) over replicates."""
+
+    label: str
+    algebra: str
+    replicates: int
+    x: np.ndarray
+    acc: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+
+def pool(deployments: Sequence[Deployment], field: str) -> list[Pooled]:
+    """The deployments of each curve (:func:`qsparse.results.labels`: replicates and runs of one
+    configuration) as one :class:`Pooled` over ``field`` (a round field: ``file_bytes``, a
+    latency). Only rounds that every replicate finished count: a round that some replicates
+    never reached would average its survivors alone."""
+    groups: dict[str, list[Deployment]] = {}
+    for name, d in zip(results.labels(deployments), deployments):
+        groups.setdefault(name, []).append(d)
+    pooled = []
+    for name, group in groups.items():
+        rounds = set.intersection(*({int(r) for r in d.column("round")} for d in group))
+        levels = sorted(rounds)
+        xs, accs = [], []
+        for d in group:
+            at = {int(r): i for i, r in enumerate(d.column("round"))}
+            keep = [at[level] for level in levels]
+            xs.append(d.column(field)[keep])
+            accs.append(100 * d.column("test_acc")[keep])
+        x, acc = np.array(xs).reshape(len(group), -1), np.array(accs).reshape(len(group), -1)
+        low, high = acc.min(0), acc.max(0)
+        pooled.append(Pooled(name, group[0].algebra, len(group), x.mean(0), acc.mean(0), low, high))
+    return pooled
+
+
 # -- the table ----------------------------------------------------------------------------------
 
 

@@ -200,24 +200,21 @@ def deployment_figure(
 ) -> Figure:
     """Test accuracy (%) of every round against its exported file's bytes (``x='bytes'``) or
     the sparse runtime's median batch-1 latency (``x='latency'``), log x; one curve per
-    deployment (each algebra, each grouping), labelled as :func:`qsparse.accounting.labels`.
+    configuration (each algebra, each grouping; :func:`qsparse.accounting.pool`): the mean over
+    its replicates at every round they all finished, shaded over their range.
     """
     if x not in DEPLOYMENT_X:
         raise ValueError(f"x={x!r}; valid: {list(DEPLOYMENT_X)}")
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.add_subplot()
-    for name, d in zip(accounting.labels(deployments), deployments):
-        if x == "bytes":
-            xs = d.column("file_bytes")
-        else:
-            xs = 1e3 * d.column(accounting.latency_field("sparse", 1))
-        ax.plot(
-            xs,
-            100 * d.column("test_acc"),
-            marker=marker(d.algebra),
-            ms=4,
-            label=name,
-        )
+    field = "file_bytes" if x == "bytes" else accounting.latency_field("sparse", 1)
+    for curve in accounting.pool(deployments, field):
+        xs = curve.x if x == "bytes" else 1e3 * curve.x
+        n = curve.replicates
+        label = curve.label + (f" (mean of {n}, range shaded)" if n > 1 else "")
+        (line,) = ax.plot(xs, curve.acc, marker=marker(curve.algebra), ms=4, label=label)
+        if n > 1:
+            ax.fill_between(xs, curve.low, curve.high, color=line.get_color(), alpha=0.2)
     ax.set_xscale("log")
     ax.set_xlabel(DEPLOYMENT_X[x])
     ax.set_ylabel("test accuracy (%)")

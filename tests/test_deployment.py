@@ -24,7 +24,7 @@ import pytest
 from benchmarks import deployment
 from benchmarks.flops import forward_flops
 from experiments import deployment as command
-from qsparse import accounting, deploy, export, lottery, models, pruning, rundir
+from qsparse import accounting, deploy, export, lottery, models, plots, pruning, results, rundir
 from qsparse import masks as M
 from qsparse.config import Config
 from qsparse.data import DATASETS
@@ -370,3 +370,32 @@ def test_best_within_pools_replicates_and_picks_the_smallest_and_fastest():
     assert five["fastest"]["round"] == 1  # round 3 is not in every replicate
     text = accounting.best_within_markdown([one, five])
     assert "| R (lenet12, n=2) | 5 pp | 98.00 | 2 |" in text and "1.6 |" in text
+
+
+def _deployment(algebra: str, replicate: int, accs: list[float]) -> accounting.Deployment:
+    """A deployment record of ``len(accs)`` rounds, bytes falling 10x per round."""
+    rows = [
+        {"round": r, "test_acc": a, "file_bytes": 1e6 / 10**r + replicate}
+        for r, a in enumerate(accs)
+    ]
+    record = {"run": f"run_{algebra}", "replicate": replicate, "rounds": rows}
+    config = results.curve_config({"model": "lenet12", "dataset": "mnist", "algebra": algebra})
+    return accounting.Deployment(Path("deployment.json"), record, config)
+
+
+def test_figures_pool_replicates_over_the_rounds_all_of_them_finished():
+    """One curve per configuration: the mean of its replicates at the rounds every replicate
+    reached (one stopped a round early), shaded over their range; one replicate: no shade."""
+    real = [_deployment("real", 0, [0.9, 0.8, 0.5, 0.2]), _deployment("real", 1, [0.7, 0.6, 0.3])]
+    quat = [_deployment("quat", 0, [0.95, 0.9, 0.85, 0.8])]
+    pooled = {c.label: c for c in accounting.pool(real + quat, "file_bytes")}
+    assert set(pooled) == {"R", "Q"} and (pooled["R"].replicates, pooled["Q"].replicates) == (2, 1)
+    r = pooled["R"]
+    np.testing.assert_allclose(r.acc, [80, 70, 40])
+    np.testing.assert_allclose(r.low, [70, 60, 30])
+    np.testing.assert_allclose(r.high, [90, 80, 50])
+    np.testing.assert_allclose(r.x, [1e6 + 0.5, 1e5 + 0.5, 1e4 + 0.5])
+    np.testing.assert_allclose(pooled["Q"].acc, [95, 90, 85, 80])
+    ax = plots.deployment_figure(real + quat, "bytes").axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == ["R (mean of 2, range shaded)", "Q"]
+    assert len(ax.collections) == 1  # R's range only
