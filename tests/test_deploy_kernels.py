@@ -133,6 +133,31 @@ def test_hypercomplex_products_equal_the_real_matrix(engine, name, whole_numbers
             assert macs == np.count_nonzero(mask) * n  # each stored value feeds n outputs
 
 
+@pytest.mark.parametrize("name", [*TABLES, "random"])
+def test_block_matvec_equals_the_real_matrix(name):
+    """One column through numbers stored whole, block by block (the unrolled n = 4 path and
+    the general one), with and without ReLU; ``random``: a table of no signed structure."""
+    if not kernels.AVAILABLE:
+        pytest.skip("numba is not installed (pip install qsparse-jax[fast])")
+    rng = np.random.default_rng(len(name))
+    if name == "random":
+        table = rng.standard_normal((4, 4, 4)).astype(np.float32)
+        algebra = algebras.Algebra("random", ("a", "b", "c", "d"), table)
+    else:
+        algebra = algebras.get(name)
+    n, q_in, q_out = algebra.n, 9, 6
+    kernel, mask = sparse_kernel((n, q_in, q_out), 0.3, rng, whole_numbers=True)
+    bias = rng.standard_normal(n * q_out).astype(np.float32)
+    x = rng.standard_normal((n * q_in, 1)).astype(np.float32)
+    ref = real_matrix(algebra, kernel).T @ x + bias[:, None]
+    storage, positions, values = stored(kernel, mask, True)
+    assert storage["layout"] == "nblock"
+    structure = matrices.Structure(n, algebra)
+    product = matrices.block_product(structure, kernel.shape, positions, values, bias)
+    assert_close(product(x), ref)
+    assert_close(product(x, relu=True), np.maximum(ref, 0))
+
+
 def conv_reference(x, real):
     """SAME, stride-1 convolution of NHWC ``x`` by the HWIO ``real`` kernel, over windows."""
     kh, kw = real.shape[:2]

@@ -128,6 +128,61 @@ def csr_matvec(indptr, cols, values, bias, x, relu):
 
 
 @serial
+def block_matvec(indptr, bases, blocks, in_stride, bias, x, relu):
+    """One column ``x`` ``(K, 1)`` through numbers stored whole, on one core: number ``k`` of
+    output number ``o`` is the ``n x n`` real block ``blocks[k]`` (``[a, b]``: input component
+    ``b`` to output component ``a``) on inputs ``bases[k] + b in_stride``; output ``a q_out +
+    o``. Its ``n`` inputs are loaded once for ``n^2`` multiply-adds (a quaternion: 4 loads, 16
+    multiply-adds, where CSR of the real matrix loads an index and an input for each)."""
+    q_out, n = indptr.size - 1, blocks.shape[1]
+    y = np.empty((n * q_out, 1), np.float32)
+    acc = np.empty(n, np.float32)
+    xs = np.empty(n, np.float32)
+    for o in range(q_out):
+        if n == 4:  # unrolled: the sums and inputs in registers
+            s0, s1 = bias[o], bias[q_out + o]
+            s2, s3 = bias[2 * q_out + o], bias[3 * q_out + o]
+            for k in range(indptr[o], indptr[o + 1]):
+                base, w = bases[k], blocks[k]
+                x0, x1 = x[base, 0], x[base + in_stride, 0]
+                x2, x3 = x[base + 2 * in_stride, 0], x[base + 3 * in_stride, 0]
+                s0 += w[0, 0] * x0
+                s1 += w[1, 0] * x0
+                s2 += w[2, 0] * x0
+                s3 += w[3, 0] * x0
+                s0 += w[0, 1] * x1
+                s1 += w[1, 1] * x1
+                s2 += w[2, 1] * x1
+                s3 += w[3, 1] * x1
+                s0 += w[0, 2] * x2
+                s1 += w[1, 2] * x2
+                s2 += w[2, 2] * x2
+                s3 += w[3, 2] * x2
+                s0 += w[0, 3] * x3
+                s1 += w[1, 3] * x3
+                s2 += w[2, 3] * x3
+                s3 += w[3, 3] * x3
+            acc[0], acc[1], acc[2], acc[3] = s0, s1, s2, s3
+            for a in range(n):
+                y[a * q_out + o, 0] = max(acc[a], np.float32(0)) if relu else acc[a]
+            continue
+        for a in range(n):
+            acc[a] = bias[a * q_out + o]
+        for k in range(indptr[o], indptr[o + 1]):
+            for b in range(n):
+                xs[b] = x[bases[k] + b * in_stride, 0]
+            block = blocks[k]
+            for a in range(n):
+                s = acc[a]
+                for b in range(n):
+                    s += block[a, b] * xs[b]
+                acc[a] = s
+        for a in range(n):
+            y[a * q_out + o, 0] = max(acc[a], np.float32(0)) if relu else acc[a]
+    return y
+
+
+@serial
 def chain_matvec(x, indptr, cols, values, bias, bounds, relu):
     """Dense layers one after another on one column ``x`` ``(K,)`` float32, in one call (each
     numba call costs ~1.5 us, as much as a small layer's work): layer ``l`` is rows

@@ -168,6 +168,23 @@ def hyper_product(structure: Structure, shape, positions, values, comps, bias):
     return forward, macs
 
 
+def block_product(structure: Structure, shape, positions, values, bias) -> Forward:
+    """``W^T x + bias`` on one column ``x`` ``(K, 1)`` for a kernel stored as ``nblock``
+    (``values`` ``(count, n)``): numba's :func:`~qsparse.deploy.kernels.block_matvec` on each
+    stored number's real block."""
+    o, base = number_coords(positions, structure.n, shape)
+    blocks = np.einsum("cba,kc->kab", structure.algebra.table, values).astype(np.float32)
+    # unsigned indices: numba skips the wrap-around of negative ones
+    indptr, base, blocks = by_row(o, shape[-1], base.astype(np.uint64), blocks)
+    q_in = np.uint64(shape[-2])
+
+    def forward(x, relu=False):
+        x = np.ascontiguousarray(x)
+        return kernels.block_matvec(indptr, base, blocks, q_in, bias, x, relu)
+
+    return forward
+
+
 def bsr_product(structure: Structure, shape, positions, values, bias) -> tuple[Forward, int]:
     """(``W^T x + bias``, multiply-adds) for a kernel stored as ``nblock`` (``values``
     ``(count, n)``), one ``n x n`` block per stored number: numba's register-expanded block for

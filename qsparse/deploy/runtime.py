@@ -29,6 +29,7 @@ from qsparse.deploy.kernels import im2col
 from qsparse.deploy.matrices import (
     Forward,
     Structure,
+    block_product,
     bsr_product,
     component_product,
     csr_product,
@@ -125,6 +126,20 @@ def _step(op: ops.Op) -> Forward:
 # -- layers and the model -----------------------------------------------------------------------
 
 
+def _one_column(product: tuple[Forward, int], matvec: Forward) -> tuple[Forward, int]:
+    """``product`` (and its multiply-adds) on many columns, ``matvec`` on one (numba's
+    one-core matrix-vector kernels: :func:`~qsparse.deploy.kernels.csr_matvec`,
+    :func:`~qsparse.deploy.kernels.block_matvec`)."""
+    many = product[0]
+
+    def forward(x, relu=False):
+        return (matvec if x.shape[1] == 1 else many)(x, relu)
+
+    if hasattr(matvec, "csr"):
+        forward.csr = matvec.csr  # for kernels.chain_matvec
+    return forward, product[1]
+
+
 def structure(op: ops.Dense | ops.Conv, entry: dict, algebras: dict, arrays: dict):
     """The :class:`~qsparse.deploy.matrices.Structure` of a layer (None for a real one) from the
     header's ``algebras`` entry of its kind: the stored table, the layer's ``phm_rules``, or its
@@ -162,10 +177,13 @@ def structure(op: ops.Dense | ops.Conv, entry: dict, algebras: dict, arrays: dic
 # development machine (results/bench_deploy_cpu.md, LeNet-300-100 at 100/20/5/2 %, batch 1 and
 # 256): at batch 256 numba's kernels won from 20 % down, scipy's from 5 %; at batch 1 scipy's
 # from 2 % and numba's matrix-vector kernel (csr_matvec, one core) from 7 % (LeNet-300-100 at
-# 7/5/3.5 %).
+# 7/5/3.5 %). Quaternions stored whole (blocks, numba): at one column block_matvec beat BLAS at
+# 13.8 % (22 against 31 us, LeNet-300-100 at the file size of the real one at 3.5 %); at 256
+# the hypercomplex kernel broke even with BLAS near 20 %.
 MANY_COLUMNS = 16
 BREAK_EVEN = {  # engine: (break-even density below MANY_COLUMNS columns, from it)
     "numba": (0.08, 0.15),
+    "blocks": (0.15, 0.2),
     "scipy": (0.03, 0.06),
 }
 
@@ -212,7 +230,7 @@ class _Layer:
         elif self.path != "dense":
             self._sparse, macs = self._product(positions, values, self.bias)
             self.density = macs / float(np.prod(real_shape(self.structure, shape)))
-            wins = [sparse_wins(self.density, c, self.engine) for c in (self.columns, MANY_COLUMNS)]
+            wins = [sparse_wins(self.density, c, self.rule) for c in (self.columns, MANY_COLUMNS)]
             # convolutions: im2col's copies cost more than the sparse product saved in every
             # measurement (results/bench_deploy_conv4_cpu.md), so auto keeps them dense
             if kernels == "auto" and (self.conv or not any(wins)):
@@ -225,7 +243,7 @@ class _Layer:
         dense = self.path == "dense"
         auto = kernels == "auto" and not dense
         self._dense = tuple(  # (below MANY_COLUMNS columns, from it): decided once, not per call
-            dense or (auto and not self.direct and not sparse_wins(self.density, c, self.engine))
+            dense or (auto and not self.direct and not sparse_wins(self.density, c, self.rule))
             for c in (1, MANY_COLUMNS)
         )
 
@@ -300,26 +318,12 @@ class _Layer:
             product = bsr_product(s, shape, positions, values, bias)
             if self.engine == "scipy":
                 return product
-            positions, values = element_positions(self.storage, shape, positions, values)
-            return self._one_column_by_csr(product, positions, values, bias)
+            return _one_column(product, block_product(s, shape, positions, values, bias))
         positions, values = element_positions(self.storage, shape, positions, values)
-        if self.path == "hyper":
-            return self._one_column_by_csr(
-                component_product(s, shape, positions, values, bias), positions, values, bias
-            )
+        if self.path == "hyper":  # one column: CSR (the kernel's loops over columns cost more)
+            matvec = csr_product(s, shape, positions, values, bias)[0]
+            return _one_column(component_product(s, shape, positions, values, bias), matvec)
         return csr_product(s, shape, positions, values, bias)
-
-    def _one_column_by_csr(self, product, positions, values, bias) -> tuple[Forward, int]:
-        """``product`` on many columns, numba's CSR matrix-vector kernel on one (the number
-        kernels' loops over columns cost more than their shared loads save there)."""
-        matvec = csr_product(self.structure, self.shape, positions, values, bias)[0]
-        many = product[0]
-
-        def forward(x, relu=False):
-            return (matvec if x.shape[1] == 1 else many)(x, relu)
-
-        forward.csr = matvec.csr
-        return forward, product[1]
 
     def fold_input(self, a: np.float32, b: np.float32) -> None:
         """A second sparse product, :meth:`forward_raw`'s, for raw uint8 columns ``u`` of a
@@ -340,6 +344,13 @@ class _Layer:
     def forward_raw(self, u: np.ndarray) -> np.ndarray:
         """:meth:`forward` of the normalised pixels, from raw uint8 columns (:meth:`fold_input`)."""
         return self._raw(u, relu=self.relu)
+
+    @property
+    def rule(self) -> str:
+        """The :data:`BREAK_EVEN` entry that decides the layer: its engine's, or ``blocks``
+        for numbers stored whole under numba (one column: :func:`~qsparse.deploy.kernels.
+        block_matvec`, twice CSR's rate on a quaternion layer)."""
+        return "blocks" if self.path == "bsr" and self.engine == "numba" else self.engine
 
     def uses_dense(self, columns: int) -> bool:
         """Whether a call on ``columns`` columns runs dense BLAS (the path, or ``auto``'s rule)."""
@@ -387,13 +398,13 @@ class _Layer:
         density = f"auto: {self.density:.1%} of the dense multiply-adds"
         if self.direct:
             return f"{density}, under {DIRECT_BREAK_EVEN:.0%}: numba"
-        few, many = BREAK_EVEN[self.engine]
+        few, many = BREAK_EVEN[self.rule]
         if self.path == "dense":
             reason = None
             if self.conv:
                 reason = f"a convolution over {DIRECT_BREAK_EVEN:.0%}, or one planes do not take"
             return f"{density}, {reason or f'over {many:.0%}'}: blas"
-        if sparse_wins(self.density, self.columns, self.engine):
+        if sparse_wins(self.density, self.columns, self.rule):
             under = few if self.columns < MANY_COLUMNS else many
             return f"{density}, under {under:.0%}: {self.engine}"
         batch = -(-MANY_COLUMNS // self.columns)
