@@ -175,12 +175,15 @@ def median_seconds(calls: dict, repeats: int) -> dict:
     """The median wall time of ``repeats`` calls of each function in ``calls``, after two
     warm-up calls each: in :data:`WINDOWS` rounds, each function's calls timed in a window of
     their own in turn, so that the machine's drift (its rates moved by a third within minutes on
-    the development machine) reaches every path alike."""
+    the development machine) reaches every path alike. Each window starts with an untimed call:
+    the call right after another path's ran up to twice as slow (BLAS's and numba's threads
+    still spinning for the cores)."""
     for fn in calls.values():
         fn(), fn()
     times: dict = {name: [] for name in calls}
     for _ in range(WINDOWS):
         for name, fn in calls.items():
+            fn()
             times[name] += timeit.repeat(fn, number=1, repeat=max(1, repeats // WINDOWS))
     return {name: statistics.median(t) for name, t in times.items()}
 
