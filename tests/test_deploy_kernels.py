@@ -235,6 +235,32 @@ def test_convolution_on_planes_equals_the_dense_one(name, density, size):
 
 
 @needs_numba
+def test_planes_are_reused_without_aliasing_and_kept_bounded():
+    """A convolution never writes the planes it reads (two arrays alternate along a chain of
+    one shape), later calls reuse the arrays, and a thread keeps at most KEPT of them."""
+    rng = np.random.default_rng(3)
+    kernel, mask = sparse_kernel((3, 3, 4, 4), 0.5, rng)
+    bias = np.zeros(4, np.float32)
+    storage, positions, values = stored(kernel, mask, False)
+    positions, values = matrices.element_positions(storage, kernel.shape, positions, values)
+    taps = planes.taps(
+        *matrices.real_entries(None, kernel.shape, positions, values), kernel.shape, 6, 4, 4
+    )
+    x = rng.standard_normal((2, 5, 6, 4)).astype(np.float32)
+    p0 = planes.to_planes(x)
+    p1 = planes.conv(taps, bias, p0, False)
+    p2 = planes.conv(taps, bias, p1, False)
+    p3 = planes.conv(taps, bias, p2, False)
+    assert p1.data is not p2.data and p3.data is p1.data  # two arrays, alternating
+    ref = conv_reference(conv_reference(x, kernel.astype(np.float64)), kernel.astype(np.float64))
+    assert_close(planes.from_planes(p2), ref)
+    assert planes.to_planes(x).data is p0.data  # the next call's input: the same array
+    for n in range(1, planes.KEPT + 5):  # many shapes (models, batch sizes): bounded
+        planes.to_planes(np.zeros((n, 30, 30, 1), np.float32))
+    assert len(planes._LOCAL.pool) == planes.KEPT
+
+
+@needs_numba
 @pytest.mark.parametrize("size", [(2, 6, 8), (3, 7, 5), (1, 1, 3)])
 def test_max_pool_on_planes_equals_the_ops_one(size):
     x = np.random.default_rng(size[1]).standard_normal((*size, 4)).astype(np.float32)

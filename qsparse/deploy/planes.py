@@ -19,6 +19,7 @@ which took a quarter of a Conv-4 forward (batch 64) on the development machine.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import threading
@@ -70,16 +71,23 @@ def interior(n: int, h: int, w: int) -> np.ndarray:
 
 
 _LOCAL = threading.local()
+KEPT = 16  # arrays (roles and shapes) a thread keeps, the least recently used dropped first
 
 
-def workspace(key, shape: tuple, zeros: bool) -> np.ndarray:
-    """A float32 array of ``shape`` for ``key``, the same one on later calls in this thread (a
-    new one when the shape changes; ``zeros``: zero when new, for the rings of planes that only
-    their interiors are written to)."""
-    pool = _LOCAL.__dict__.setdefault("pool", {})
-    out = pool.get(key)
-    if out is None or out.shape != shape:
-        out = pool[key] = (np.zeros if zeros else np.empty)(shape, np.float32)
+def workspace(role: str, shape: tuple, zeros: bool, avoid: np.ndarray | None = None) -> np.ndarray:
+    """A float32 array of ``shape`` for ``role``, the same one on later calls in this thread
+    (``zeros``: zero when new, for planes whose interiors alone are written), never ``avoid``
+    (a convolution's input: two alternate between convolutions of one shape). A thread keeps
+    :data:`KEPT` of them, so models loaded one after another reuse them instead of piling up."""
+    pool = _LOCAL.__dict__.setdefault("pool", collections.OrderedDict())
+    arrays = pool.pop((role, shape), [])
+    pool[(role, shape)] = arrays
+    out = next((a for a in arrays if a is not avoid), None)
+    if out is None:
+        out = (np.zeros if zeros else np.empty)(shape, np.float32)
+        arrays.append(out)
+    while len(pool) > KEPT:
+        pool.popitem(last=False)
     return out
 
 
@@ -103,7 +111,7 @@ def supported(kernel_shape: tuple, pads, strides) -> bool:
 def to_planes(x: np.ndarray) -> Planes:
     """NHWC float32 ``x`` as :class:`Planes`."""
     n, h, w, c = x.shape
-    out = workspace(("input", c, n, h, w), _shape(c, n, h, w), zeros=True)
+    out = workspace("input", _shape(c, n, h, w), zeros=True)
     _to_planes(np.ascontiguousarray(x, np.float32), margin(w), out)
     return Planes(out, n, h, w)
 
@@ -137,7 +145,7 @@ def conv(entries: tuple, bias: np.ndarray, p: Planes, relu: bool) -> Planes:
     ``relu``: planes of the same size."""
     indptr, channel, shift, values = entries
     mask = interior(p.n, p.h, p.w)
-    out = workspace(("conv", id(entries)), _shape(bias.size, p.n, p.h, p.w), zeros=False)
+    out = workspace("conv", _shape(bias.size, p.n, p.h, p.w), zeros=False, avoid=p.data)
     _conv(indptr, channel, shift, values, bias, p.data, p.margin, mask, relu, out)
     return Planes(out, p.n, p.h, p.w)
 
@@ -145,7 +153,7 @@ def conv(entries: tuple, bias: np.ndarray, p: Planes, relu: bool) -> Planes:
 def max_pool(p: Planes) -> Planes:
     """2x2 max-pool, stride 2 (VALID, the odd row or column dropped) of planes ``p``."""
     c, ho, wo = p.data.shape[0], p.h // 2, p.w // 2
-    out = workspace(("pool", c, p.n, ho, wo), _shape(c, p.n, ho, wo), zeros=True)
+    out = workspace("pool", _shape(c, p.n, ho, wo), zeros=True)
     _max_pool(p.data, p.n, p.h, p.w, p.margin, margin(wo), out)
     return Planes(out, p.n, ho, wo)
 
