@@ -342,6 +342,9 @@ def test_dense_first_models_normalise_raw_images_as_the_first_layers_columns(
     normalised_first = deploy.runtime._run(m._steps, m.preprocess(x))
     for i in range(2):
         assert_close(m.predict(x[i : i + 1]), normalised_first[i : i + 1], rtol=1e-6)
+    white_one = deploy.runtime._run(m._steps, m.preprocess(x, scale=1.0))  # bytes, white = 1
+    for n in (1, 5):  # not the folded weights' white
+        assert_close(m.predict(x[:n], scale=1.0), white_one[:n], rtol=1e-6)
     assert_close(m.predict(x, batch_size=2), normalised_first, rtol=1e-6)
     assert_close(m.predict(x, batch_size=5), normalised_first, rtol=1e-6)
     assert_close(m.predict(x.astype(np.float32) / 255, scale=1.0), normalised_first, rtol=1e-6)

@@ -231,8 +231,8 @@ class _Layer:
             self._sparse, macs = self._product(positions, values, self.bias)
             self.density = macs / float(np.prod(real_shape(self.structure, shape)))
             wins = [sparse_wins(self.density, c, self.rule) for c in (self.columns, MANY_COLUMNS)]
-            # convolutions: im2col's copies cost more than the sparse product saved in every
-            # measurement (results/bench_deploy_conv4_cpu.md), so auto keeps them dense
+            # convolutions not on planes: im2col's copies cost more than the sparse product saved
+            # in every measurement (results/bench_deploy_conv4_cpu.md), so auto keeps them dense
             if kernels == "auto" and (self.conv or not any(wins)):
                 self.path, self._sparse = "dense", None  # dense at every batch
         if self.path == "dense" or kernels == "auto":
@@ -472,8 +472,9 @@ class Model:
 
     def _build(self, entries: list, arrays: dict, kernels: str, hw: tuple) -> tuple[list, tuple]:
         """The steps of ``entries`` on images of ``hw`` (H, W), and the (H, W) they end with:
-        ``(step, on columns?)`` pairs (None: either)."""
-        steps: list[tuple[Forward, bool | None]] = []
+        ``(step, the layout it takes)`` pairs (:data:`ROWS`, :data:`COLUMNS`, :data:`PLANES`;
+        None: any)."""
+        steps: list[tuple[Forward, str | None]] = []
         for entry in entries:
             op = ops.from_json(entry)
             last = steps[-1][0] if steps else None
@@ -551,9 +552,10 @@ class Model:
         -mean / std``)."""
         k, first = self._raw_steps, self.layers[0]
         x = _run(self._steps[:k], images)
-        if x.dtype == np.uint8 and len(x) == 1 and self._chain is not None:
+        folded = x.dtype == np.uint8 and white == self._scale  # the first layer's fold holds
+        if folded and len(x) == 1 and self._chain is not None:
             return kernels_lib.chain_matvec(x.reshape(-1).astype(np.float32), *self._chain)[None]
-        if x.dtype == np.uint8 and first.takes_bytes(len(x)):
+        if folded and first.takes_bytes(len(x)):
             y = first.forward_raw(kernels_lib.byte_columns(x))
             return _run(self._steps[k + 1 :], y, COLUMNS)
         a, b = self._affine(white)
