@@ -33,14 +33,13 @@ import functools
 import math
 import statistics
 import tempfile
-import timeit
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from benchmarks.harness import cpu_name, dataset_of, load_average, matmul_peak
+from benchmarks.harness import cpu_name, dataset_of, load_average, matmul_peak, timed
 from qsparse import augment, deploy, export, models, pruning
 from qsparse import masks as M
 from qsparse.deploy import kernels
@@ -178,13 +177,10 @@ def median_seconds(calls: dict, repeats: int) -> dict:
     the development machine) reaches every path alike. Each window starts with an untimed call:
     the call right after another path's ran up to twice as slow (BLAS's and numba's threads
     still spinning for the cores)."""
-    for fn in calls.values():
-        fn(), fn()
     times: dict = {name: [] for name in calls}
-    for _ in range(WINDOWS):
+    for w in range(WINDOWS):
         for name, fn in calls.items():
-            fn()
-            times[name] += timeit.repeat(fn, number=1, repeat=max(1, repeats // WINDOWS))
+            times[name] += timed(fn, max(1, repeats // WINDOWS), warmup=3 if w == 0 else 1)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -162,9 +162,10 @@ def block_matvec(indptr, bases, blocks, in_stride, bias, x, relu):
                 s1 += w[1, 3] * x3
                 s2 += w[2, 3] * x3
                 s3 += w[3, 3] * x3
-            acc[0], acc[1], acc[2], acc[3] = s0, s1, s2, s3
-            for a in range(n):
-                y[a * q_out + o, 0] = max(acc[a], np.float32(0)) if relu else acc[a]
+            if relu:
+                s0, s1 = max(s0, np.float32(0)), max(s1, np.float32(0))
+                s2, s3 = max(s2, np.float32(0)), max(s3, np.float32(0))
+            y[o, 0], y[q_out + o, 0], y[2 * q_out + o, 0], y[3 * q_out + o, 0] = s0, s1, s2, s3
             continue
         for a in range(n):
             acc[a] = bias[a * q_out + o]

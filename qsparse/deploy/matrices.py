@@ -168,12 +168,18 @@ def hyper_product(structure: Structure, shape, positions, values, comps, bias):
     return forward, macs
 
 
+def number_blocks(table: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The real ``n x n`` block ``[k, a, b]`` (input component ``b`` to output ``a``) of each
+    stored number ``values[k]`` under structure constants ``table``."""
+    return np.einsum("cba,kc->kab", table, values).astype(np.float32)
+
+
 def block_product(structure: Structure, shape, positions, values, bias) -> Forward:
     """``W^T x + bias`` on one column ``x`` ``(K, 1)`` for a kernel stored as ``nblock``
     (``values`` ``(count, n)``): numba's :func:`~qsparse.deploy.kernels.block_matvec` on each
     stored number's real block."""
     o, base = number_coords(positions, structure.n, shape)
-    blocks = np.einsum("cba,kc->kab", structure.algebra.table, values).astype(np.float32)
+    blocks = number_blocks(structure.algebra.table, values)
     # unsigned indices: numba skips the wrap-around of negative ones
     indptr, base, blocks = by_row(o, shape[-1], base.astype(np.uint64), blocks)
     q_in = np.uint64(shape[-2])
@@ -198,7 +204,7 @@ def bsr_product(structure: Structure, shape, positions, values, bias) -> tuple[F
     m, k = real_shape(structure, shape)
     i, o = np.divmod(positions, q_out)  # block column i: patch position and input number
     indptr, i, values = by_row(o, q_out, i, values)
-    blocks = np.einsum("cba,kc->kab", algebra.table, values).astype(np.float32)
+    blocks = number_blocks(algebra.table, values)
     wt = sparse.bsr_array((blocks, i, indptr), shape=(m, k), blocksize=(n, n), dtype=np.float32)
 
     def forward(x, relu=False):
