@@ -45,27 +45,24 @@ def test_imp_part_writes_its_table(tmp_path, modules):
 
 
 def test_unknown_part_algebra_or_model_is_refused(modules):
-    result = modules.run("experiments.accelerator_check", "--parts=imp,gpu")
-    assert result.returncode == 2 and result.stderr.strip() == (
-        "error: --parts=imp,gpu: unknown ['gpu']; valid: ['tests', 'bench', 'imp']"
+    results = modules.batch(
+        "experiments.accelerator_check",
+        ["--parts=imp,gpu"],
+        ["--algebras=quat,octonion"],
+        ["--parts=imp", "--models=resnet20", "--epochs=1"],
+        ["--models=conv4,resnet19"],
     )
-    result = modules.run("experiments.accelerator_check", "--algebras=quat,octonion")
-    assert result.returncode == 2 and result.stderr.strip() == (
+    expected = [
+        "error: --parts=imp,gpu: unknown ['gpu']; valid: ['tests', 'bench', 'imp']",
         "error: --algebras=quat,octonion: unknown ['octonion']; valid: "
-        "['real', 'complex', 'quat', 'tessarine', 'klein4', 'phm2', 'phm4', 'hashed4']"
-    )
-    # ResNet-20's recipe rewinds to the end of epoch 1: a one-epoch round cannot, in one line
-    result = modules.run(
-        "experiments.accelerator_check", "--parts=imp", "--models=resnet20", "--epochs=1"
-    )
-    assert result.returncode == 2 and result.stderr.strip() == (
+        "['real', 'complex', 'quat', 'tessarine', 'klein4', 'phm2', 'phm4', 'hashed4']",
+        # ResNet-20's recipe rewinds to the end of epoch 1: a one-epoch round cannot, in one line
         "error: --models=resnet20 with --epochs=1, --images=50000: rewind=1ep is step 390, not "
-        "before the end of training (390 steps)"
-    )
-    result = modules.run("experiments.accelerator_check", "--models=conv4,resnet19")
-    assert result.returncode == 2 and result.stderr.strip() == (
-        f"error: --models=conv4,resnet19: unknown ['resnet19']; valid: {sorted(models.REGISTRY)}"
-    )
+        "before the end of training (390 steps)",
+        f"error: --models=conv4,resnet19: unknown ['resnet19']; valid: {sorted(models.REGISTRY)}",
+    ]
+    for result, line in zip(results, expected, strict=True):
+        assert result.returncode == 2 and result.stderr.strip() == line, result.stderr
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])

@@ -166,7 +166,7 @@ TWO_DEVICES = textwrap.dedent("""
 def test_two_data_devices_average_the_running_statistics():
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2",
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join(
             [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]

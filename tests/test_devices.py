@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent("""
 def test_twenty_two_device_runs_finish():
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2",
         "JAX_PLATFORMS": "cpu",
     }
     result = subprocess.run(

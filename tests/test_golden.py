@@ -2,22 +2,21 @@
 ``make_golden.py`` at the commit named in its README) are resumed and read back by this code, and
 fresh runs of the same configs compute the same numbers, bit for bit, into the same layout.
 
-Bit equality is a statement about the code only under the same compiler: with another jax
-version than the fixture's, numbers are compared to float tolerance instead (layouts, counts and
-statuses still exactly).
+Bit equality is a statement about the code only under the same compiler: the runs train in a
+process at XLA's default optimisations, as the fixture's were (the other tests compile without
+them, see conftest.py), and with another jax version than the fixture's numbers are compared to
+float tolerance instead (layouts, counts and statuses still exactly).
 """
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-
-from qsparse import lottery
-from qsparse.config import Config
 
 GOLDEN = Path(__file__).parent / "golden"
 sys.path.insert(0, str(GOLDEN))
@@ -45,12 +44,30 @@ def assert_same(actual, expected, where=""):
         )
 
 
-def config(name: str, data_dir) -> Config:
-    fields = {
-        k: tuple(v) if isinstance(v, list) else v
-        for k, v in EXPECTED["runs"][name]["config"].items()
-    }
-    return Config(**fields, data_dir=str(data_dir))
+_RUN = """
+import json, sys
+import jax
+jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
+from qsparse import lottery
+from qsparse.config import Config
+fields, workdir, run_dir = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3] or None
+config = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+print(lottery.run(config, workdir, run_dir=run_dir, log=lambda s: None))
+"""
+
+
+def run_optimized(modules, name: str, data_dir, workdir: Path, run_dir: Path | None = None) -> Path:
+    """``lottery.run`` of the golden config ``name`` in a process compiling as the fixture's did."""
+    fields = {**EXPECTED["runs"][name]["config"], "data_dir": str(data_dir)}
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN, json.dumps(fields), str(workdir), str(run_dir or "")],
+        env=modules.env(optimized=True),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return Path(done.stdout.strip())
 
 
 def assert_run_matches(run_dir: Path, name: str) -> None:
@@ -65,21 +82,20 @@ def test_old_run_directory_reads_back_the_same():
     assert_same(make_golden.reads(GOLDEN / "partial_run"), EXPECTED["partial_reads"], "reads")
 
 
-def test_old_run_directory_resumes_to_the_uninterrupted_numbers(mnist_dir, tmp_path):
+@pytest.mark.subprocess
+def test_old_run_directory_resumes_to_the_uninterrupted_numbers(modules, mnist_dir, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(GOLDEN / "partial_run", run_dir)
-    lottery.run(
-        config(make_golden.PARTIAL, mnist_dir), tmp_path, run_dir=run_dir, log=lambda s: None
-    )
+    run_optimized(modules, make_golden.PARTIAL, mnist_dir, tmp_path, run_dir)
     assert_run_matches(run_dir, make_golden.PARTIAL)
     assert (
         len((run_dir / "runs.jsonl").read_text().splitlines()) == 2
     )  # the old invocation, and this one
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("name", sorted(EXPECTED["runs"]))
-def test_fresh_run_computes_the_golden_numbers(mnist_dir, tmp_path, name):
-    cfg = config(name, mnist_dir)
-    run_dir = lottery.run(cfg, tmp_path, log=lambda s: None)
+def test_fresh_run_computes_the_golden_numbers(modules, mnist_dir, tmp_path, name):
+    run_dir = run_optimized(modules, name, mnist_dir, tmp_path)
     assert run_dir.name == EXPECTED["runs"][name]["run_name"]
     assert_run_matches(run_dir, name)

@@ -174,7 +174,7 @@ def test_replicates_on_two_devices_are_bit_equal_to_lone_runs():
     """R = 2 on two devices: each device group trains one replicate with the lone run's program."""
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2",
         "JAX_PLATFORMS": "cpu",
     }
     result = subprocess.run(

@@ -178,7 +178,7 @@ TWO_DEVICES = textwrap.dedent("""
 def test_two_cpu_devices_equal_one_device():
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2",
         "JAX_PLATFORMS": "cpu",
     }
     result = subprocess.run(
