@@ -15,10 +15,13 @@ each (:func:`qsparse.export.export_round`, float32) and records per round (the f
   (:func:`qsparse.accounting.header_flops`, which must give ``flops_dense`` when counting every
   weight);
 * latencies at each batch size (default 1 and 256) of the jit-compiled dense JAX model on the
-  CPU (uint8 images in, normalisation included, ``block_until_ready``) and of the sparse numpy
-  runtime (``qsparse.deploy.load(file).predict``, the same uint8 images): one warm-up call, then
-  ``repeats`` timed calls; the median is ``latency_<jax|sparse>_b<batch>_s``, every timing is
-  in ``timings_s``. One process, one run: the numbers describe this machine under its load then;
+  CPU (uint8 images in, normalisation included, ``block_until_ready``), of the runtime on the
+  dense export (``numpy``: every layer a BLAS product, the best numpy path for dense weights)
+  and of the runtime on the round's sparse export (``qsparse.deploy.load(file).predict``, the
+  same uint8 images): one warm-up call, then ``repeats`` timed calls; the median is
+  ``latency_<jax|numpy|sparse>_b<batch>_s``, every timing is in ``timings_s``. The best dense
+  path is the faster of ``jax`` and ``numpy``. One process, one run: the numbers describe this
+  machine under its load then;
 * the round's status and test accuracy, from its done.json. A finished round whose status is
   not ``ok`` (a non-finite loss: the replicate's last round) is not exported; it is listed in
   the record's ``skipped``.
@@ -93,8 +96,11 @@ def _dense_jax(model, spec) -> Callable:
     return forward
 
 
-def _dense_file_bytes(path: Path, model, params, spec, provenance: dict) -> int:
-    """Bytes on disk of a float32 export of ``params`` with every weight kept (deleted after)."""
+def _dense_export(
+    path: Path, model, params, spec, provenance: dict, images: dict[int, np.ndarray], repeats: int
+) -> tuple[int, dict[str, list[float]]]:
+    """Bytes on disk of a float32 export of ``params`` with every weight kept, and the runtime's
+    timings on it at each batch (``latency_numpy_b<b>_s``); the file is deleted after."""
     entries = export.export_entries(
         model,
         params,
@@ -106,7 +112,15 @@ def _dense_file_bytes(path: Path, model, params, spec, provenance: dict) -> int:
         check_images=0,
     )
     try:
-        return deploy.save(path, entries)
+        size = deploy.save(path, entries)
+        dense = deploy.load(path)
+        timings = {
+            accounting.latency_field("numpy", b): timed(
+                lambda x=x: dense.predict(x, batch_size=len(x)), repeats
+            )
+            for b, x in images.items()
+        }
+        return size, timings
     finally:
         path.unlink(missing_ok=True)
 
@@ -131,8 +145,8 @@ def account_round(
     row.update({k: done[k] for k in accounting.ROUND_FIELDS if k in done})
     row["file_bytes"] = (folder / name).stat().st_size
     row["kernel_bytes"] = header["bytes"]["kernels"]
-    row["dense_file_bytes"] = _dense_file_bytes(
-        folder / f".dense_{name}", model, params, spec, header["provenance"]
+    row["dense_file_bytes"], timings = _dense_export(
+        folder / f".dense_{name}", model, params, spec, header["provenance"], images, repeats
     )
     row.update(accounting.mask_counts(rundir.load_masks(rd)))
     if "flops_dense" not in cache:
@@ -149,7 +163,6 @@ def account_round(
     on_cpu = jax.device_put(params, cpu)  # committed: the jit runs on the CPU
     forward = cache["forward"]
     sparse = deploy.load(folder / name)
-    timings = {}
     for b, x in images.items():
         timings[accounting.latency_field("jax", b)] = timed(lambda x=x: forward(on_cpu, x), repeats)
         timings[accounting.latency_field("sparse", b)] = timed(

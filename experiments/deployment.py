@@ -6,8 +6,8 @@ r"""What every finished round of a run costs deployed: bytes, FLOPs, CPU latency
 For each run directory (``--runs``: runs, or folders holding runs) exports every finished round
 of the replicate and measures it (:mod:`benchmarks.deployment`): weights and parameters alive,
 the exported file's bytes on disk and a dense float32 file's, dense and sparse-effective FLOPs
-per image, and the median latency of the dense JAX model and of the sparse numpy runtime at
-batch 1 and 256 on the CPU. Writes ``<out>/<run>/replicate_<r>/deployment.json``,
+per image, and the median latency of the dense JAX model, of the runtime on a dense export and on
+the sparse one at batch 1 and 256 on the CPU. Writes ``<out>/<run>/replicate_<r>/deployment.json``,
 ``deployment.md`` and the exported ``round_<LL>.npz`` files, and prints the table of them all.
 ``python -m experiments.report --deployment=<out>`` and ``python -m experiments.plot
 --deployment=<out>`` read them back.

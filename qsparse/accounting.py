@@ -3,10 +3,10 @@
 ``python -m experiments.deployment`` (the measuring side, :mod:`benchmarks.deployment`) writes,
 per run and replicate, ``<out>/<run>/replicate_<r>/deployment.json``: per finished round its
 weights and parameters alive, the bytes of its exported file and of a dense float32 file, its
-inference FLOPs (dense and sparse-effective) and the CPU latency of the dense JAX model and of
-the sparse numpy runtime. This module reads those files back with numpy alone (no jax, no
-matplotlib), counts FLOPs from an export file's header, and writes the Markdown table;
-:func:`qsparse.plots.deployment_figure` draws them.
+inference FLOPs (dense and sparse-effective) and the CPU latency of the dense JAX model, of the
+numpy runtime on a dense export and on the sparse one. This module reads those files back with
+numpy alone (no jax, no matplotlib), counts FLOPs from an export file's header, and writes the
+Markdown table; :func:`qsparse.plots.deployment_figure` draws them.
 
 FLOPs are 2 x multiply-adds of the dots and convolutions of one image's forward pass (biases,
 ReLUs and pooling are not counted, as :func:`benchmarks.flops.forward_flops`). Dense: every
@@ -52,7 +52,9 @@ ROUND_FIELDS = (
     "flops_dense",
     "flops_sparse",
 )
-IMPLEMENTATIONS = {"jax": "dense JAX", "sparse": "sparse runtime"}
+IMPLEMENTATIONS = {"jax": "dense JAX", "numpy": "dense numpy", "sparse": "sparse runtime"}
+DENSE = ("jax", "numpy")  # the best dense path is the faster of these (records before the
+# numpy column have jax alone)
 
 PathLike = str | os.PathLike
 
@@ -62,7 +64,8 @@ class DeploymentFileError(ValueError):
 
 
 def latency_field(impl: str, batch: int) -> str:
-    """The row field of the median latency (seconds) of ``impl`` (jax | sparse) at ``batch``."""
+    """The row field of the median latency (seconds) of ``impl`` (jax | numpy | sparse) at
+    ``batch``."""
     return f"latency_{impl}_b{batch}_s"
 
 
@@ -289,8 +292,9 @@ def markdown(deployments: Sequence[Deployment]) -> str:
         "(real components), parameters alive (biases included), the exported float32 file's "
         "bytes on disk and those of a dense float32 export of the same round (every weight kept), "
         "FLOPs per image (2 x multiply-adds; sparse: surviving weights only), and the median "
-        "latency of one call at batch b of the jit-compiled dense JAX model and of the sparse "
-        "numpy runtime (`qsparse.deploy`), in ms, on the CPU named below.",
+        "latency of one call at batch b of the jit-compiled dense JAX model, of the runtime "
+        "(`qsparse.deploy`) on the dense export (numpy: every layer a BLAS product; — in records "
+        "made before it was timed) and on the sparse export, in ms, on the CPU named below.",
     ]
     for (model, dataset), group in results.by_pair(deployments).items():
         names = labels(group)
@@ -310,7 +314,7 @@ def markdown(deployments: Sequence[Deployment]) -> str:
             "FLOPs sparse",
         ]
         for b in batches:
-            header += [f"JAX b{b} ms", f"sparse b{b} ms"]
+            header += [f"JAX b{b} ms", f"numpy b{b} ms", f"sparse b{b} ms"]
         rows = []
         for name, d in zip(names, group):
             for r in d.rows:
@@ -343,6 +347,14 @@ def markdown(deployments: Sequence[Deployment]) -> str:
 # -- the answer: how small and how fast, at a given accuracy --------------------------------------
 
 
+def best_dense(deployments: Sequence[Deployment], level: int, batch: int) -> float:
+    """The best dense path's latency at ``batch`` on round ``level``: the faster of the dense
+    implementations (:data:`DENSE`) each record timed, each the mean over ``deployments``."""
+    rows = [r for d in deployments for r in d.rows if r["round"] == level]
+    fields = [latency_field(impl, batch) for impl in DENSE]
+    return min(float(np.mean([r[f] for r in rows])) for f in fields if all(f in r for r in rows))
+
+
 def best_within(
     deployments: Sequence[Deployment], points: Sequence[float] = (1.0, 5.0), batch: int = 1
 ) -> list[dict[str, Any]]:
@@ -357,7 +369,7 @@ def best_within(
     curves: dict[str, list[Deployment]] = {}
     for name, d in zip(names, deployments):
         curves.setdefault(name, []).append(d)
-    sparse, jax_dense = latency_field("sparse", batch), latency_field("jax", batch)
+    sparse = latency_field("sparse", batch)
     out = []
     for name, group in curves.items():
         rounds = sorted(set.intersection(*({r["round"] for r in d.rows} for d in group)))
@@ -388,7 +400,7 @@ def best_within(
                     "within_pp": pp,
                     "dense": dense,
                     "dense_file_bytes": mean("dense_file_bytes", rounds[0]),
-                    "dense_jax_latency_s": mean(jax_dense, rounds[0]),
+                    "best_dense_latency_s": best_dense(group, rounds[0], batch),
                     "smallest": min(ok, key=lambda t: t["file_bytes"]),
                     "fastest": min(ok, key=lambda t: t[sparse]),
                 }
@@ -410,7 +422,7 @@ def best_within_markdown(best: Sequence[dict[str, Any]], batch: int = 1) -> str:
         "fastest: round",
         "acc",
         f"sparse b{batch} ms",
-        f"dense JAX b{batch} ms",
+        f"best dense b{batch} ms",
     ]
     sparse = latency_field("sparse", batch)
     rows = []
@@ -429,7 +441,7 @@ def best_within_markdown(best: Sequence[dict[str, Any]], batch: int = 1) -> str:
                 f["round"],
                 f"{f['test_acc']:.2f}",
                 _ms(f[sparse]),
-                _ms(b["dense_jax_latency_s"]),
+                _ms(b["best_dense_latency_s"]),
             ]
         )
     return report.markdown_table(header, rows)

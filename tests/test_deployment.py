@@ -335,9 +335,10 @@ def test_rounds_that_did_not_end_ok_are_skipped(tiny_runs, tmp_path):
     rec = deployment.account_run(run, tmp_path / "out", repeats=1, batches=(3,), log=lines.append)
     assert [r["round"] for r in rec["rounds"]] == [0, 1]
     assert rec["skipped"] == [{"round": 2, "status": "nonfinite"}] and "skipped" in lines[-1]
-    assert rec["batches"] == [3] and all(len(r["timings_s"]) == 2 for r in rec["rounds"])
+    assert rec["batches"] == [3] and all(len(r["timings_s"]) == 3 for r in rec["rounds"])
     table = (tmp_path / "out" / run.name / "replicate_0" / accounting.TABLE).read_text()
-    assert "not exported: round 2 (status nonfinite)" in table and "| JAX b3 ms |" in table
+    assert "not exported: round 2 (status nonfinite)" in table
+    assert "| JAX b3 ms | numpy b3 ms | sparse b3 ms |" in table
 
 
 def test_best_within_pools_replicates_and_picks_the_smallest_and_fastest():
@@ -370,6 +371,13 @@ def test_best_within_pools_replicates_and_picks_the_smallest_and_fastest():
     assert five["fastest"]["round"] == 1  # round 3 is not in every replicate
     text = accounting.best_within_markdown([one, five])
     assert "| R (lenet12, n=2) | 5 pp | 98.00 | 2 |" in text and "1.6 |" in text
+    # the best dense path: JAX's 0.5 ms in records without the numpy column; where every
+    # replicate timed numpy too, the faster of the two (means over the replicates)
+    assert one["best_dense_latency_s"] == 0.5e-3 and text.rstrip().endswith("| 0.5 |")
+    a.rows[0]["latency_numpy_b1_s"], b.rows[0]["latency_numpy_b1_s"] = 0.2e-3, 0.4e-3
+    assert accounting.best_within([a, b])[0]["best_dense_latency_s"] == pytest.approx(0.3e-3)
+    del b.rows[0]["latency_numpy_b1_s"]  # one replicate without it: JAX's, as for old records
+    assert accounting.best_within([a, b])[0]["best_dense_latency_s"] == 0.5e-3
 
 
 def _deployment(algebra: str, replicate: int, accs: list[float]) -> accounting.Deployment:
