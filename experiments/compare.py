@@ -2,6 +2,7 @@ r"""Two curves of the same model and dataset at matched x: Welch's t per point, 
 
     python -m experiments.compare --runs=results/paper_mnist --a=algebra=real --b=algebra=quat
     python -m experiments.compare --runs=runs --a=algebra=quat --b=algebra=tessarine --x=own
+    python -m experiments.compare --runs=runs --a=algebra=quat --b=algebra=real,hidden=3,9
     python -m experiments.compare --runs=results/paper_mnist,results/science \
         --a=algebra=quat --b=algebra=quat,prune_output=False --label_a=Q --label_b="Q, output kept"
     python -m experiments.compare --aa=results/paper_mnist,results/deployment_lenet300_100
@@ -67,11 +68,17 @@ FLAGS = flags.FLAGS
 
 
 def _pairs(name: str, items: list[str]) -> dict[str, str]:
-    pairs = dict(item.split("=", 1) for item in items if "=" in item)
-    bad = [item for item in items if "=" not in item]
-    if bad or not pairs:
+    """``key=value`` pairs; an item without ``=`` continues the value before it, so that a list
+    value reads as its flag does (``--b=algebra=real,hidden=3,9``)."""
+    if not items or "=" not in items[0]:
         fail(f"--{name}={','.join(items)}: expected key=value pairs, e.g. --{name}=algebra=real")
-    return pairs
+    joined: list[str] = []
+    for item in items:
+        if "=" in item:
+            joined.append(item)
+        else:
+            joined[-1] += f",{item}"
+    return dict(item.split("=", 1) for item in joined)
 
 
 def _band() -> tuple[float, float] | None:

@@ -314,10 +314,14 @@ def alive(curve: Curve, layer: str) -> dict[int, float]:
 
 
 def select(curves: Sequence[Curve], where: Mapping[str, Any]) -> list[Curve]:
-    """The curves whose config has every ``key=value`` of ``where`` (values compared as text)."""
-    return [
-        c for c in curves if all(config_text(c.config.get(k)) == str(v) for k, v in where.items())
-    ]
+    """The curves whose config has every ``key=value`` of ``where`` (values compared as text; a
+    list, e.g. ``hidden``, also as a flag spells it: ``3,9``)."""
+    return [c for c in curves if all(_equal(c.config.get(k), str(v)) for k, v in where.items())]
+
+
+def _equal(value: Any, text: str) -> bool:
+    flag = ",".join(map(str, value)) if isinstance(value, list | tuple) else None
+    return text in (config_text(value), flag)
 
 
 def pick(

@@ -253,6 +253,10 @@ def test_select_by_config_and_markdown_rows():
     (kept,) = compare.select(curves, {"algebra": "quat", "prune_output": "False"})
     assert kept.acc_mean[0] == pytest.approx(75.0)
     assert compare.select(curves, {"algebra": "real"}) == []
+    narrow = results.aggregate(_rows("real", [10.0], [[0.5]], hidden=[3, 9]))
+    for text in ("3,9", "[3, 9]"):  # as the flag spells it, and as config_text does
+        assert compare.select(narrow, {"algebra": "real", "hidden": text}) == narrow
+    assert compare.select(narrow, {"hidden": "3"}) == []
     table = compare.markdown(compare.matched(REAL, QUAT), "R", "Q").splitlines()
     assert table[0].startswith("| Q: % of R | round | Q acc | R: % of R |")
     assert len(table) == 2 + len(compare.matched(REAL, QUAT))
@@ -453,3 +457,10 @@ def test_cli_own_density_axis_and_band_line(cli):
     assert "stopped replicates: counted at chance, 10 %" in done.stdout
     # Q's own density ends at 1.75 %: the band is cut there and says so.
     assert "Mean Q − R over 1.75-4.00 own density % (of 1-4: what every" in done.stdout
+
+
+def test_a_list_value_reads_as_its_flag_does():
+    from experiments.compare import _pairs
+
+    assert _pairs("b", ["algebra=real", "hidden=3", "9"]) == {"algebra": "real", "hidden": "3,9"}
+    assert _pairs("a", ["model=lenet12"]) == {"model": "lenet12"}
