@@ -9,6 +9,7 @@ density for a large batch, and ``describe()`` says which and why; ``threads`` is
 values are refused; without numba the runtime gives the same logits.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -398,6 +399,36 @@ def test_the_runtime_runs_where_numba_cannot_be_imported(files):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["False", "(3,", "10)"]
+
+
+@pytest.mark.subprocess
+def test_numba_gets_wide_vectors_only_where_nobody_chose():
+    """On an AVX-512 host, numba imported after the kernels vectorises at 512 bits; numba
+    imported first, or CPU settings of the user's, are left as they are."""
+    code = (
+        "import sys, llvmlite.binding as llvm; first = sys.argv[1] == 'numba_first'; "
+        "first and __import__('numba'); from qsparse.deploy import kernels; import numba; "
+        "print(bool(llvm.get_host_cpu_features().get('avx512f')), numba.config.CPU_FEATURES)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CPU")}
+
+    def features(order: str, **extra: str) -> tuple[bool, str]:
+        done = subprocess.run(
+            [sys.executable, "-c", code, order],
+            cwd=REPO,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        avx512, chosen = done.stdout.split()
+        return avx512 == "True", chosen
+
+    avx512, chosen = features("kernels_first")
+    assert chosen.endswith(kernels.WIDE) if avx512 else chosen == "None"
+    assert features("numba_first")[1] == "None"
+    assert features("kernels_first", NUMBA_CPU_FEATURES="+avx2")[1] == "+avx2"
 
 
 def test_the_benchmark_runs_and_tabulates(tmp_path):

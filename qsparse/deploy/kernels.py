@@ -21,8 +21,32 @@ products instead. numba compiles each kernel on its first call and caches it on 
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
+
+WIDE = ",-prefer-256-bit"  # LLVM's tuning flag that caps vectors at 256 bits, turned off
+
+
+def _wide_vectors() -> None:
+    """Ask numba, before it starts, for 512-bit vectors on a CPU with AVX-512: LLVM's tuning for
+    these CPUs stops at 256 bits, and with 512 the planes convolutions ran 1.5x faster on one
+    core (Conv-4's, at 10 % of the weights, batch 64; the dense-layer kernels no slower). numba
+    fixes its CPU features when imported, for the whole process, so this only acts when numba
+    is not imported yet and the user has chosen nothing (``NUMBA_CPU_NAME`` and
+    ``NUMBA_CPU_FEATURES`` unset): then ``NUMBA_CPU_FEATURES`` is the host's with ``WIDE``."""
+    if "numba" in sys.modules or {"NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES"} & set(os.environ):
+        return
+    try:
+        import llvmlite.binding as llvm
+    except ImportError:
+        return
+    features = llvm.get_host_cpu_features()
+    if features.get("avx512f"):
+        os.environ["NUMBA_CPU_FEATURES"] = features.flatten() + WIDE
+
+
+_wide_vectors()
 
 try:
     import numba
