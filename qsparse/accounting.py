@@ -53,8 +53,8 @@ ROUND_FIELDS = (
     "flops_sparse",
 )
 IMPLEMENTATIONS = {"jax": "dense JAX", "numpy": "dense numpy", "sparse": "sparse runtime"}
-DENSE = ("jax", "numpy")  # the best dense path is the faster of these (records before the
-# numpy column have jax alone)
+# The best dense path is the faster of these (records made before the numpy column: jax alone).
+DENSE = ("jax", "numpy")
 
 PathLike = str | os.PathLike
 
