@@ -68,17 +68,10 @@ FLAGS = flags.FLAGS
 
 
 def _pairs(name: str, items: list[str]) -> dict[str, str]:
-    """``key=value`` pairs; an item without ``=`` continues the value before it, so that a list
-    value reads as its flag does (``--b=algebra=real,hidden=3,9``)."""
-    if not items or "=" not in items[0]:
+    try:
+        return compare.parse_where(items)
+    except ValueError:
         fail(f"--{name}={','.join(items)}: expected key=value pairs, e.g. --{name}=algebra=real")
-    joined: list[str] = []
-    for item in items:
-        if "=" in item:
-            joined.append(item)
-        else:
-            joined[-1] += f",{item}"
-    return dict(item.split("=", 1) for item in joined)
 
 
 def _band() -> tuple[float, float] | None:

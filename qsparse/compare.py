@@ -313,6 +313,21 @@ def alive(curve: Curve, layer: str) -> dict[int, float]:
     return {level: float(np.mean(c)) for level, c in sorted(counts.items())}
 
 
+def parse_where(items: Sequence[str]) -> dict[str, str]:
+    """``key=value`` items (a comma-separated flag's) as a dict; an item without ``=`` continues
+    the value before it, so that a list value reads as its flag does: ``algebra=real,hidden=3,9``
+    gives ``{"algebra": "real", "hidden": "3,9"}``. A ValueError where the first has no ``=``."""
+    if not items or "=" not in items[0]:
+        raise ValueError(f"expected key=value pairs, got {list(items)}")
+    joined: list[str] = []
+    for item in items:
+        if "=" in item:
+            joined.append(item)
+        else:
+            joined[-1] += f",{item}"
+    return dict(item.split("=", 1) for item in joined)
+
+
 def select(curves: Sequence[Curve], where: Mapping[str, Any]) -> list[Curve]:
     """The curves whose config has every ``key=value`` of ``where`` (values compared as text; a
     list, e.g. ``hidden``, also as a flag spells it: ``3,9``)."""

@@ -460,7 +460,9 @@ def test_cli_own_density_axis_and_band_line(cli):
 
 
 def test_a_list_value_reads_as_its_flag_does():
-    from experiments.compare import _pairs
-
-    assert _pairs("b", ["algebra=real", "hidden=3", "9"]) == {"algebra": "real", "hidden": "3,9"}
-    assert _pairs("a", ["model=lenet12"]) == {"model": "lenet12"}
+    pairs = compare.parse_where(["algebra=real", "hidden=3", "9"])
+    assert pairs == {"algebra": "real", "hidden": "3,9"}
+    assert compare.parse_where(["model=lenet12"]) == {"model": "lenet12"}
+    for bad in ([], ["algebra"], ["3", "algebra=real"]):
+        with pytest.raises(ValueError, match="expected key=value pairs"):
+            compare.parse_where(bad)
