@@ -39,9 +39,10 @@ def _wide_vectors() -> None:
         return
     try:
         import llvmlite.binding as llvm
-    except ImportError:
+
+        features = llvm.get_host_cpu_features()
+    except (ImportError, RuntimeError):  # RuntimeError: a host whose features LLVM cannot read
         return
-    features = llvm.get_host_cpu_features()
     if features.get("avx512f"):
         os.environ["NUMBA_CPU_FEATURES"] = features.flatten() + WIDE
 
