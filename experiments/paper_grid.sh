@@ -5,9 +5,10 @@
 # rounds below 30 %. Then the arms that decide whether the quaternion advantage at the paper's
 # CIFAR-10 headline (Conv-4, ~3 % of the real model's weights) comes from the quaternion weights,
 # the output layer or the mask search (results/findings.md): Conv-4 on CIFAR-10, R and Q, with the
-# paper's mask search (--protocol=paper), the output layer kept (both protocols), layerwise
-# pruning, reinit and shuffle controls, and Q from the consistent-fan-in init. Then the figures
-# and the report. Rerunning resumes where it stopped.
+# paper's mask search (--protocol=paper), the output layer kept (both protocols) and pruned at
+# half rate, layerwise pruning, the reinit and shuffle controls as branches of the lottery ticket
+# run (--ticket_run: its masks at every round), and Q from the consistent-fan-in init. Then the
+# figures and the report. Rerunning resumes where it stopped.
 #
 #   CIFAR_DIR=/data/archives bash experiments/paper_grid.sh [WORKDIR]
 #
@@ -29,13 +30,19 @@ for algebra in real quat; do
   done
 done
 conv4() { imp --model=conv4 --dataset=cifar10 --manual_dir="$CIFAR_DIR" "$@"; }
+ticket() {  # the run name of the grid's Conv-4 CIFAR-10 lottery run of algebra $1
+  python -c "from qsparse import experiment; from qsparse.config import Config; print(experiment.resolve(Config(model='conv4', algebra='$1', dataset='cifar10', stop_accuracy=0.3, replicates=$REPLICATES)).run_name())"
+}
 for algebra in real quat; do
   for protocol in lottery paper; do
     [ $protocol = paper ] && conv4 --algebra=$algebra --protocol=paper
     conv4 --algebra=$algebra --protocol=$protocol --noprune_output
     conv4 --algebra=$algebra --protocol=$protocol --pruning=layerwise
   done
-  for control in reinit shuffle; do conv4 --algebra=$algebra --control=$control; done
+  conv4 --algebra=$algebra --layer_fractions='output/*=0.1'
+  for control in reinit shuffle; do
+    conv4 --algebra=$algebra --control=$control --ticket_run="$WORKDIR/$(ticket $algebra)"
+  done
 done
 conv4 --algebra=quat --quat_init=htorch_consistent
 python -m experiments.plot --runs="$WORKDIR" --out="$WORKDIR/figures"
