@@ -22,7 +22,9 @@ The device-side preprocessing (normalisation, augmentation) is :mod:`qsparse.aug
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import shutil
 import types
@@ -274,17 +276,31 @@ def _load_splits(
     to download absent archives from, by file name (``None``: offline).
     """
     cache = root / f"{name}-{tfds.builder_cls(name).VERSION}.npz"
-    if cache.exists():
-        with np.load(cache) as arrays:
-            return tuple(arrays[k] for k in _SPLIT_KEYS)
+    if not cache.exists():
+        with _building(root, name):
+            if not cache.exists():  # not built by a process this one waited for
+                builder = tfds.builder(name, data_dir=root)
+                if not builder.is_prepared():
+                    _prepare(builder, root, *_archive_dirs(name, root, manual_dir), urls)
+                splits = _read_split(builder, "train") + _read_split(builder, "test")
+                arrays = dict(zip(_SPLIT_KEYS, splits, strict=True))
+                # readers never see a partial cache
+                files.atomic_write(cache, lambda f: np.savez(f, **arrays))
+                return splits
+    with np.load(cache) as arrays:
+        return tuple(arrays[k] for k in _SPLIT_KEYS)
 
-    builder = tfds.builder(name, data_dir=root)
-    if not builder.is_prepared():
-        _prepare(builder, root, *_archive_dirs(name, root, manual_dir), urls)
-    splits = _read_split(builder, "train") + _read_split(builder, "test")
-    arrays = dict(zip(_SPLIT_KEYS, splits, strict=True))
-    files.atomic_write(cache, lambda f: np.savez(f, **arrays))  # readers never see a partial cache
-    return splits
+
+@contextlib.contextmanager
+def _building(root: Path, name: str):
+    """An exclusive lock on building ``name`` in ``root``: of several processes started at once
+    on a new machine (a grid launched in parallel), one builds and the others wait, then read
+    its cache. Unlocked, tfds fails in all but the first ("Cannot rename ... incomplete...
+    already exists"). The kernel drops the lock if the builder dies."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _prepare(
