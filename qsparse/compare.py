@@ -330,13 +330,21 @@ def parse_where(items: Sequence[str]) -> dict[str, str]:
 
 def select(curves: Sequence[Curve], where: Mapping[str, Any]) -> list[Curve]:
     """The curves whose config has every ``key=value`` of ``where`` (values compared as text; a
-    list, e.g. ``hidden``, also as a flag spells it: ``3,9``)."""
+    list also as a flag spells it: ``hidden`` as ``3,9``, ``layer_fractions`` as
+    ``output/*=0.1``)."""
     return [c for c in curves if all(_equal(c.config.get(k), str(v)) for k, v in where.items())]
 
 
 def _equal(value: Any, text: str) -> bool:
-    flag = ",".join(map(str, value)) if isinstance(value, list | tuple) else None
-    return text in (config_text(value), flag)
+    return text in (config_text(value), _flag_text(value))
+
+
+def _flag_text(value: Any) -> str | None:
+    """A list value as its flag spells it (items joined by commas, a pair as ``key=value``)."""
+    if not isinstance(value, list | tuple):
+        return None
+    pair = [isinstance(x, list | tuple) and len(x) == 2 for x in value]
+    return ",".join(f"{x[0]}={x[1]}" if p else str(x) for x, p in zip(value, pair, strict=True))
 
 
 def pick(

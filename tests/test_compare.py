@@ -257,6 +257,10 @@ def test_select_by_config_and_markdown_rows():
     for text in ("3,9", "[3, 9]"):  # as the flag spells it, and as config_text does
         assert compare.select(narrow, {"algebra": "real", "hidden": text}) == narrow
     assert compare.select(narrow, {"hidden": "3"}) == []
+    half = results.aggregate(_rows("real", [10.0], [[0.5]], layer_fractions=[["output/*", 0.1]]))
+    assert compare.select(half + narrow, {"layer_fractions": "output/*=0.1"}) == half
+    assert compare.select(half + narrow, {"layer_fractions": ""}) == narrow
+    assert compare.select(half, {"layer_fractions": "output/*=0.2"}) == []
     table = compare.markdown(compare.matched(REAL, QUAT), "R", "Q").splitlines()
     assert table[0].startswith("| Q: % of R | round | Q acc | R: % of R |")
     assert len(table) == 2 + len(compare.matched(REAL, QUAT))
