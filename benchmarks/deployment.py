@@ -18,7 +18,8 @@ each (:func:`qsparse.export.export_round`, float32) and records per round (the f
   CPU (uint8 images in, normalisation included, ``block_until_ready``), of the runtime on the
   dense export (``numpy``: every layer a BLAS product, the best numpy path for dense weights)
   and of the runtime on the round's sparse export (``qsparse.deploy.load(file).predict``, the
-  same uint8 images): one warm-up call, then ``repeats`` timed calls; the median is
+  same uint8 images): untimed warm-up calls for at least :data:`SETTLE_S` seconds, then
+  ``repeats`` timed calls; the median is
   ``latency_<jax|numpy|sparse>_b<batch>_s``, every timing is in ``timings_s``. The best dense
   path is the faster of ``jax`` and ``numpy``. One process, one run: the numbers describe this
   machine under its load then;
@@ -51,6 +52,10 @@ from qsparse.data import DATASETS
 
 BATCHES = (1, 256)
 REPEATS = 7
+SETTLE_S = 0.25
+"""Seconds of untimed calls before each latency's timed ones. With one warm-up call, a sparse
+LeNet-12 at batch 256 timed right after the JAX model took 16 ms in its first four calls and
+0.1 ms after (the cores still held by XLA's threads, or numba's waking), in 33 of 1,110 series."""
 DENSE_FILE = "float32, every weight kept: the same exporter with an all-ones mask, measured on disk"
 
 Log = Callable[[str], None]
@@ -116,7 +121,7 @@ def _dense_export(
         dense = deploy.load(path)
         timings = {
             accounting.latency_field("numpy", b): timed(
-                lambda x=x: dense.predict(x, batch_size=len(x)), repeats
+                lambda x=x: dense.predict(x, batch_size=len(x)), repeats, settle_s=SETTLE_S
             )
             for b, x in images.items()
         }
@@ -164,9 +169,11 @@ def account_round(
     forward = cache["forward"]
     sparse = deploy.load(folder / name)
     for b, x in images.items():
-        timings[accounting.latency_field("jax", b)] = timed(lambda x=x: forward(on_cpu, x), repeats)
+        timings[accounting.latency_field("jax", b)] = timed(
+            lambda x=x: forward(on_cpu, x), repeats, settle_s=SETTLE_S
+        )
         timings[accounting.latency_field("sparse", b)] = timed(
-            lambda x=x: sparse.predict(x, batch_size=len(x)), repeats
+            lambda x=x: sparse.predict(x, batch_size=len(x)), repeats, settle_s=SETTLE_S
         )
     row.update({k: statistics.median(v) for k, v in timings.items()})
     row["timings_s"] = timings

@@ -33,13 +33,19 @@ def sync(tree: T) -> T:
     return tree
 
 
-def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+def timed(
+    fn: Callable[[], object], repeats: int, warmup: int = 1, settle_s: float = 0.0
+) -> list[float]:
     """Wall seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (compiling,
-    filling caches); every result is waited for (:func:`sync`). Take the median of them."""
+    filling caches), the untimed calls going on until ``settle_s`` seconds have passed (threads
+    that another library left spinning, or its own asleep, can hold the first calls of a fast
+    function back by milliseconds); every result is waited for (:func:`sync`). Take the median."""
     if repeats < 1:
         raise ValueError(f"repeats={repeats}: at least one timed call")
-    for _ in range(warmup):
+    start, calls = time.perf_counter(), 0
+    while calls < warmup or time.perf_counter() - start < settle_s:
         sync(fn())
+        calls += 1
     return timeit.Timer(lambda: sync(fn())).repeat(repeats, number=1)
 
 

@@ -4,12 +4,23 @@ import dataclasses
 import json
 import re
 import sys
+import time
 
 import flax.linen as nn
 import jax
 import pytest
 
-from benchmarks import Options, convolutions, flops, references, run, save, tables, throughput
+from benchmarks import (
+    Options,
+    convolutions,
+    flops,
+    harness,
+    references,
+    run,
+    save,
+    tables,
+    throughput,
+)
 from experiments import bench
 from qsparse import models
 from qsparse.cpu import onednn
@@ -270,3 +281,21 @@ def test_a_pytorch_child_that_dies_is_one_error_naming_its_last_words(tmp_path, 
     python = re.escape(sys.executable)
     with pytest.raises(references.TorchReferenceError, match=f"^{python} failed: .*out of memory$"):
         torch.window("resnet20", 2)
+
+
+def test_timed_warms_up_until_it_settles():
+    """The untimed calls go on until settle_s has passed; then exactly ``repeats`` are timed."""
+    starts = []
+
+    def call():
+        starts.append(time.perf_counter())
+        time.sleep(0.005)
+
+    times = harness.timed(call, repeats=3, warmup=1, settle_s=0.05)
+    assert len(times) == 3 and all(t >= 0.005 for t in times)
+    first_timed = len(starts) - 3
+    assert first_timed >= 2  # one warm-up call would not have filled 50 ms
+    assert starts[first_timed] - starts[0] >= 0.05
+    starts.clear()
+    harness.timed(call, repeats=2)  # no settling: one warm-up call, as before
+    assert len(starts) == 3
