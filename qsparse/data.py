@@ -276,27 +276,25 @@ def _load_splits(
     to download absent archives from, by file name (``None``: offline).
     """
     cache = root / f"{name}-{tfds.builder_cls(name).VERSION}.npz"
-    if not cache.exists():
-        with _building(root, name):
-            if not cache.exists():  # not built by a process this one waited for
-                builder = tfds.builder(name, data_dir=root)
-                if not builder.is_prepared():
-                    _prepare(builder, root, *_archive_dirs(name, root, manual_dir), urls)
-                splits = _read_split(builder, "train") + _read_split(builder, "test")
-                arrays = dict(zip(_SPLIT_KEYS, splits, strict=True))
-                # readers never see a partial cache
-                files.atomic_write(cache, lambda f: np.savez(f, **arrays))
-                return splits
-    with np.load(cache) as arrays:
-        return tuple(arrays[k] for k in _SPLIT_KEYS)
+    if cache.exists():
+        with np.load(cache) as arrays:
+            return tuple(arrays[k] for k in _SPLIT_KEYS)
+
+    builder = tfds.builder(name, data_dir=root)
+    if not builder.is_prepared():
+        _prepare(builder, root, *_archive_dirs(name, root, manual_dir), urls)
+    splits = _read_split(builder, "train") + _read_split(builder, "test")
+    arrays = dict(zip(_SPLIT_KEYS, splits, strict=True))
+    files.atomic_write(cache, lambda f: np.savez(f, **arrays))  # readers never see a partial cache
+    return splits
 
 
 @contextlib.contextmanager
 def _building(root: Path, name: str):
     """An exclusive lock on building ``name`` in ``root``: of several processes started at once
-    on a new machine (a grid launched in parallel), one builds and the others wait, then read
-    its cache. Unlocked, tfds fails in all but the first ("Cannot rename ... incomplete...
-    already exists"). The kernel drops the lock if the builder dies."""
+    on a new machine (a grid launched in parallel), one builds and the others wait, then find it
+    built. Unlocked, tfds fails in all but the first ("Cannot rename ... incomplete... already
+    exists"). The kernel drops the lock if the builder dies."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f".{name}.build.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -327,13 +325,15 @@ def _prepare(
             _refuse(name, root, manual, debian, f"could not be downloaded ({e})")
     if _archive_problems(name, manual):
         _refuse(name, root, manual, debian, "cannot be built offline")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=os.fspath(manual),
-            compute_stats=tfds.download.ComputeStatsMode.SKIP,
-            try_download_gcs=False,
-        )
-    )
+    with _building(root, name):  # every archive is in place: no refusal leaves the lock behind
+        if not builder.is_prepared():  # else built by a process this one waited for
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(
+                    manual_dir=os.fspath(manual),
+                    compute_stats=tfds.download.ComputeStatsMode.SKIP,
+                    try_download_gcs=False,
+                )
+            )
     # The extracted archives are only needed while building; they double the disk use.
     shutil.rmtree(root / "downloads" / "extracted", ignore_errors=True)
 

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -260,18 +261,22 @@ def test_prepared_data_needs_no_archives(mnist, tmp_path, no_network):
     assert list(tmp_path.glob("mnist/mnist-*.npz")), "the .npz cache was not written"
 
 
-def test_loads_started_together_build_the_dataset_once(tmp_path, monkeypatch):
+def test_loads_started_together_build_the_dataset_once(mnist, tmp_path, monkeypatch):
     """Two loads of a dataset not built yet (a grid launched in parallel on a new machine): one
-    builds, the other waits for it and reads its cache. Unlocked, both build, and tfds's
-    second rename of its finished folder fails."""
+    has tfds build it, the other waits and finds it built. Unlocked, both build, and tfds's
+    second rename of its finished folder fails. (The build stands in for tfds's, as in
+    test_data_download: the session's prepared MNIST copied into place, slowly.)"""
     builds = []
-    images, labels = np.arange(8, dtype=np.uint8).reshape(2, 2, 2, 1), np.array([3, 1])
 
-    def prepare(builder, root, *archive_dirs):
+    def build(builder, download_config):
         builds.append(threading.get_ident())
         time.sleep(0.3)  # the other load arrives while this one builds
+        prepared = mnist.data_dir / "mnist" / "mnist"
+        shutil.copytree(prepared, Path(builder.data_dir).parent, dirs_exist_ok=True)
+        builder.info.read_from_directory(builder.data_dir)
 
-    monkeypatch.setattr(data, "_prepare", prepare)
+    images, labels = np.arange(8, dtype=np.uint8).reshape(2, 2, 2, 1), np.array([3, 1])
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", build)
     monkeypatch.setattr(data, "_read_split", lambda builder, split: (images, labels))
     start, out = threading.Barrier(2), {}
 
