@@ -367,12 +367,8 @@ class Experiment:
             rewind_step=self._rewind_step(trainer.spec.steps),
             log=log,
         )
-        # x's reference, the paper's R: the real model at the model's own widths whatever
-        # --hidden says, so that all curves of one model share one axis (a real network narrowed
-        # to Q's weight count starts near Q's 26 %, not at 100 %)
-        reference = dataclasses.replace(config, hidden=())
         self.real_total = models.count_params(
-            _shapes(create_model(reference, d.num_classes, "real"), self.input_shape)
+            _shapes(create_model(config, d.num_classes, "real"), self.input_shape)
         )
         self.rule = qmasks.PruneRule(prune_output=config.prune_output)
 

@@ -206,31 +206,3 @@ def test_a_run_of_a_learned_or_hashed_algebra(mnist_dir, tmp_path, algebra):
     assert done["weights_remaining_pct"] == pytest.approx(
         100 * alive / expected_count("lenet12", algebra)
     )
-
-
-def test_a_narrowed_real_network_counts_against_the_models_own_real_widths(mnist_dir, tmp_path):
-    """x ("% of R's weights") is against the model's real widths whatever --hidden says: a real
-    LeNet-12 narrowed to 3,9 (Q's weight count) starts at 2,491 / 9,550 of R, as Q does at 2,494
-    (not at 100 %, where it would meet R's dense round)."""
-    config = Config(
-        model="lenet12",
-        hidden=(3, 9),
-        data_dir=str(mnist_dir),
-        rounds=1,
-        epochs=1,
-        train_subset=300,
-        test_subset=100,
-        batch_size=60,
-    )
-    run_dir = lottery.run(config, tmp_path, log=lambda s: None)
-    narrow = 784 * 3 + 3 + 3 * 9 + 9 + 9 * 10 + 10
-    real = expected_count("lenet12", "real")
-    assert (narrow, real) == (2491, 9550)
-    for level in (0, 1):
-        rd = run_dir / "replicate_0" / f"round_{level:02d}"
-        with np.load(rd / "masks.npz") as f:
-            alive = sum(int(f[k].sum()) for k in f.files)
-        done = json.loads((rd / "done.json").read_text())
-        assert done["weights_remaining_pct"] == pytest.approx(100 * alive / narrow)
-        assert done["weights_remaining_pct_of_real"] == pytest.approx(100 * alive / real)
-    assert alive < narrow
