@@ -343,8 +343,9 @@ def _flag_text(value: Any) -> str | None:
     """A list value as its flag spells it (items joined by commas, a pair as ``key=value``)."""
     if not isinstance(value, list | tuple):
         return None
-    pair = [isinstance(x, list | tuple) and len(x) == 2 for x in value]
-    return ",".join(f"{x[0]}={x[1]}" if p else str(x) for x, p in zip(value, pair, strict=True))
+    return ",".join(
+        f"{x[0]}={x[1]}" if isinstance(x, list | tuple) and len(x) == 2 else str(x) for x in value
+    )
 
 
 def pick(
