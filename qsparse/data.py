@@ -283,6 +283,8 @@ def _load_splits(
     builder = tfds.builder(name, data_dir=root)
     if not builder.is_prepared():
         _prepare(builder, root, *_archive_dirs(name, root, manual_dir), urls)
+        # Anew: a builder made before another process built the dataset holds no splits.
+        builder = tfds.builder(name, data_dir=root)
     splits = _read_split(builder, "train") + _read_split(builder, "test")
     arrays = dict(zip(_SPLIT_KEYS, splits, strict=True))
     files.atomic_write(cache, lambda f: np.savez(f, **arrays))  # readers never see a partial cache
