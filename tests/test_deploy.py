@@ -194,6 +194,19 @@ def test_predict_equals_the_jax_model(tmp_path, name, algebra, grouping):
     assert {op["op"] for op in header["ops"]} >= {"dense", "relu"}
 
 
+@pytest.mark.parametrize("algebra", models.PAPER_ALGEBRAS)
+def test_dense_convolutions_by_a_few_images_at_a_time_equal_the_jax_model(
+    tmp_path, monkeypatch, algebra
+):
+    """The dense convolution multiplies the patches of a few images at a time: split down to
+    one image a product, the logits are JAX's."""
+    model, params, masks, spec, apply = pruned("conv4", algebra, "element")
+    path = write(tmp_path / "m.npz", model, params, masks, spec)
+    x = images(spec, n=5)
+    monkeypatch.setattr(deploy.runtime, "PATCH_BYTES", 1)
+    assert_close(deploy.load(path, kernels="dense").predict(x), jax_logits(apply, params, spec, x))
+
+
 def check_every_path(path: Path, x: np.ndarray, ref: np.ndarray) -> dict[str, list[str]]:
     """Each ``kernels`` choice of the runtime gives ``ref``; returns the paths its layers took
     (as :meth:`deploy.Model.describe` states them)."""

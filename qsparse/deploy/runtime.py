@@ -190,9 +190,13 @@ BREAK_EVEN = {  # engine: (break-even density below MANY_COLUMNS columns, from i
 
 # A convolution on planes (qsparse.deploy.planes: 3x3 or smaller, stride 1, SAME, numba) beats the
 # dense one below this density; others stay dense with auto (im2col's copies cost more than the
-# skipped multiply-adds in every measurement, results/bench_deploy_conv4_cpu.md).
+# skipped multiply-adds in every measurement, results/bench_deploy_conv4_cpu.md). Against the
+# dense patches product (_Layer._conv), each Conv-4 layer alone on the AMD EPYC: at batch 64
+# planes win at 30 % in every layer and break even near 45 %; at batch 16 the 16x16 layers break
+# even between 20 and 30 %, the 32x32 ones near 45 %.
 DIRECT_BREAK_EVEN = 0.3
 DIRECT_MIN_BATCH = 8  # fewer images: dense, planes' tiles then are too few to split across cores
+PATCH_BYTES = 1 << 20  # a dense convolution's patches per BLAS product (1 MiB: fastest of 1-16)
 
 
 def sparse_wins(density: float, columns: int, engine: str) -> bool:
@@ -380,16 +384,29 @@ class _Layer:
         return y.reshape(-1, n, h, w).transpose(1, 2, 3, 0)
 
     def _conv(self, x):
-        """The convolution (:attr:`pads`, :attr:`strides`) as a sum of shifted products."""
+        """The dense convolution (:attr:`pads`, :attr:`strides`): a few images at a time, their
+        patches ``(positions, kh kw c_in)`` (:data:`PATCH_BYTES` of them) times the kernel in one
+        BLAS product. A sum of ``kh kw`` shifted products, each with only ``c_in`` terms, ran
+        1.3-2.4x slower on 64-128 channels and ~20x on a 1-3 channel input (Conv-4, Conv-2)."""
         kh, kw, c_in, c_out = self.kernel.shape
         n, (h, w), (sh, sw) = x.shape[0], self.hw, self.strides
         xp = np.pad(x, ((0, 0), *self.pads, (0, 0)))
-        y = np.zeros((n * h * w, c_out), np.float32)
-        for dy in range(kh):
-            for dx in range(kw):
-                patch = xp[:, dy : dy + sh * (h - 1) + 1 : sh, dx : dx + sw * (w - 1) + 1 : sw]
-                y += patch.reshape(-1, c_in) @ self.kernel[dy, dx]
-        return y.reshape(n, h, w, c_out) + self.bias
+        kernel = self.kernel.reshape(kh * kw * c_in, c_out)
+        y = np.empty((n, h, w, c_out), np.float32)
+        step = max(1, PATCH_BYTES // (4 * h * w * kernel.shape[0]))
+        for s in range(0, n, step):
+            xs = xp[s : s + step]
+            patches = np.empty((len(xs), h, w, kh, kw, c_in), np.float32)
+            for dy in range(kh):
+                for dx in range(kw):
+                    patches[:, :, :, dy, dx] = xs[
+                        :, dy : dy + sh * (h - 1) + 1 : sh, dx : dx + sw * (w - 1) + 1 : sw
+                    ]
+            np.matmul(
+                patches.reshape(-1, kernel.shape[0]), kernel, out=y[s : s + step].reshape(-1, c_out)
+            )
+        y += self.bias
+        return y
 
     def why(self) -> str:
         """What computes the layer and, with ``kernels="auto"``, why (:meth:`Model.describe`)."""
