@@ -207,6 +207,41 @@ def test_dense_convolutions_by_a_few_images_at_a_time_equal_the_jax_model(
     assert_close(deploy.load(path, kernels="dense").predict(x), jax_logits(apply, params, spec, x))
 
 
+def test_a_batch_mixing_blas_and_numba_runs_numba_on_one_thread(tmp_path, monkeypatch):
+    """The first layer under its break-even, the others dense: from 2 images one call runs
+    numba's parallel kernels and BLAS products, and numba then gets one thread (OpenBLAS's
+    threads, spinning after their products, fought numba's for the cores: 10x slower on 2
+    cores); the caller's setting comes back; the logits are JAX's. All-sparse, numba keeps its
+    threads."""
+    numba = pytest.importorskip("numba")  # the fast extra; the runtime falls back without it
+    model, params, spec, apply = jax_model("lenet300_100", "real")
+    rng = np.random.default_rng(0)
+
+    def mask(path, p):
+        sparse = M.path_str(path) == "Dense_0/kernel"
+        return rng.random(p.shape) < 0.05 if sparse else np.ones(p.shape, bool)
+
+    masks = jax.tree_util.tree_map_with_path(mask, params)
+    params = M.apply(params, masks)
+    path = write(tmp_path / "m.npz", model, params, masks, spec)
+    seen, inner = [], deploy_kernels.csr_matmul
+
+    def spy(*args):
+        seen.append(numba.get_num_threads())
+        return inner(*args)
+
+    monkeypatch.setattr(deploy_kernels, "csr_matmul", spy)
+    before, x = numba.get_num_threads(), images(spec, n=20)
+    mixed = deploy.load(path)
+    assert mixed.mixes_engines(16) and not mixed.mixes_engines(1)
+    assert "batches of 2+ images mix BLAS and numba" in mixed.describe()
+    assert_close(mixed.predict(x), jax_logits(apply, params, spec, x))
+    assert seen and set(seen) == {1} and numba.get_num_threads() == before
+    seen.clear()
+    assert_close(deploy.load(path, kernels="bsr").predict(x), jax_logits(apply, params, spec, x))
+    assert seen and set(seen) == {before}
+
+
 def check_every_path(path: Path, x: np.ndarray, ref: np.ndarray) -> dict[str, list[str]]:
     """Each ``kernels`` choice of the runtime gives ``ref``; returns the paths its layers took
     (as :meth:`deploy.Model.describe` states them)."""

@@ -20,6 +20,7 @@ products instead. numba compiles each kernel on its first call and caches it on 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -93,6 +94,21 @@ def set_threads(threads: int | None) -> int:
     if AVAILABLE:
         numba.set_num_threads(threads)
     return threads
+
+
+@contextlib.contextmanager
+def one_thread():
+    """numba's parallel kernels on the calling thread alone while inside (numba's setting is per
+    thread; the previous one comes back on leaving)."""
+    if not AVAILABLE:
+        yield
+        return
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def engine() -> str:

@@ -13,6 +13,7 @@ runs where its algebra was never registered. How each layer computes (``kernels`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -455,6 +456,7 @@ class Model:
             a, b = self._affine(self._scale)
             self.layers[0].fold_input(a, b)
         self._chain = self._one_image_chain()
+        self._mixed: dict[int, bool] = {}  # mixes_engines, by min(n, MANY_COLUMNS)
 
     def _one_image_chain(self) -> tuple | None:
         """The arguments of :func:`~qsparse.deploy.kernels.chain_matvec` after the image where
@@ -554,14 +556,38 @@ class Model:
         else:
             images, forward = self.preprocess(images, scale), self._forward
         if 0 < len(images) <= batch_size:
-            return forward(images).astype(np.float32, copy=False)
-        out = [forward(images[s : s + batch_size]) for s in range(0, len(images), batch_size)]
+            with self._threads(len(images)):
+                return forward(images).astype(np.float32, copy=False)
+        out = []
+        for s in range(0, len(images), batch_size):
+            with self._threads(len(images[s : s + batch_size])):
+                out.append(forward(images[s : s + batch_size]))
         if not out:
             return np.zeros((0, self.num_classes), np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         return _run(self._steps, x)
+
+    def mixes_engines(self, n: int) -> bool:
+        """Whether a call on ``n`` images runs both BLAS products and numba's parallel kernels
+        (some layers under their break-even, others over it). It then runs numba on one thread:
+        OpenBLAS's threads keep spinning for a while after each product, and numba's, started
+        next, fought them for the cores (LeNet-300-100 at 10 % of its weights, batch 256, 2
+        cores: 14-16 ms, against 0.37 ms with BLAS on one thread and 0.5 ms with numba on one)."""
+        n = min(n, MANY_COLUMNS)  # every rule that depends on n decides by then
+        if n not in self._mixed:
+            blas = numba = False
+            for layer in self.layers:
+                columns = n * layer.columns
+                dense = layer.uses_dense(columns) or (layer.direct and n < DIRECT_MIN_BATCH)
+                blas |= dense
+                numba |= not dense and layer.engine == "numba" and (columns > 1 or layer.conv)
+            self._mixed[n] = blas and numba
+        return self._mixed[n]
+
+    def _threads(self, n: int):
+        return kernels_lib.one_thread() if self.mixes_engines(n) else contextlib.nullcontext()
 
     def _forward_raw(self, images: np.ndarray, white: float) -> np.ndarray:
         """:meth:`_forward` of raw images through the leading reshapes, normalised while laid
@@ -610,4 +636,16 @@ class Model:
             )
         lines += [f"  {m.name:12s} batchnorm {m.form}, n={m.n}, its own op" for m in self.norms]
         lines.append(f"kernel bytes {total}; sparse products: {self.engine}")
+        runs = []  # [first, last] batch sizes that mix, MANY_COLUMNS standing for all above
+        for n in range(1, MANY_COLUMNS + 1):
+            if self.mixes_engines(n):
+                if runs and runs[-1][1] == n - 1:
+                    runs[-1][1] = n
+                else:
+                    runs.append([n, n])
+        if runs:
+            sizes = ", ".join(
+                f"{a}+" if b == MANY_COLUMNS else (f"{a}-{b}" if b > a else str(a)) for a, b in runs
+            )
+            lines.append(f"batches of {sizes} images mix BLAS and numba: numba on one thread")
         return "\n".join(lines)
