@@ -208,8 +208,8 @@ def test_dense_convolutions_by_a_few_images_at_a_time_equal_the_jax_model(
 
 
 def test_a_batch_mixing_blas_and_numba_runs_numba_on_one_thread(tmp_path, monkeypatch):
-    """The first layer under its break-even, the others dense: from 2 images one call runs
-    numba's parallel kernels and BLAS products, and numba then gets one thread (OpenBLAS's
+    """The first layer under its break-even, the others dense: where one call runs numba's
+    parallel kernels and BLAS products OpenBLAS threads, numba gets one thread (OpenBLAS's
     threads, spinning after their products, fought numba's for the cores: 10x slower on 2
     cores); the caller's setting comes back; the logits are JAX's. All-sparse, numba keeps its
     threads."""
@@ -232,9 +232,12 @@ def test_a_batch_mixing_blas_and_numba_runs_numba_on_one_thread(tmp_path, monkey
 
     monkeypatch.setattr(deploy_kernels, "csr_matmul", spy)
     before, x = numba.get_num_threads(), images(spec, n=20)
+    # these widths' BLAS products are too small for OpenBLAS to thread (20 x 16 x 8 multiply-adds)
+    assert not deploy.load(path).mixes_engines(20)
+    monkeypatch.setattr(deploy.runtime, "BLAS_THREADED", 20 * 16 * 8)  # as if they were not
     mixed = deploy.load(path)
-    assert mixed.mixes_engines(16) and not mixed.mixes_engines(1)
-    assert "batches of 2+ images mix BLAS and numba" in mixed.describe()
+    assert mixed.mixes_engines(20) and not mixed.mixes_engines(1)
+    assert "batches of 20+ images mix BLAS and numba" in mixed.describe()
     assert_close(mixed.predict(x), jax_logits(apply, params, spec, x))
     assert seen and set(seen) == {1} and numba.get_num_threads() == before
     seen.clear()

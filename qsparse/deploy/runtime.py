@@ -197,6 +197,10 @@ BREAK_EVEN = {  # engine: (break-even density below MANY_COLUMNS columns, from i
 # even between 20 and 30 %, the 32x32 ones near 45 %.
 DIRECT_BREAK_EVEN = 0.3
 DIRECT_MIN_BATCH = 8  # fewer images: dense, planes' tiles then are too few to split across cores
+# OpenBLAS runs a product of fewer multiply-adds than this on the calling thread alone (its
+# SMP_THRESHOLD_MIN x GEMM_MULTITHREAD_THRESHOLD): only larger ones wake the threads that spin.
+BLAS_THREADED = 65536 * 4
+DESCRIBED_BATCH = 256  # describe() names the mixing batch sizes up to this one
 PATCH_BYTES = 1 << 20  # a dense convolution's patches per BLAS product (1 MiB: fastest of 1-16)
 
 
@@ -456,7 +460,7 @@ class Model:
             a, b = self._affine(self._scale)
             self.layers[0].fold_input(a, b)
         self._chain = self._one_image_chain()
-        self._mixed: dict[int, bool] = {}  # mixes_engines, by min(n, MANY_COLUMNS)
+        self._mixed: dict[int, bool] = {}  # mixes_engines, by batch size
 
     def _one_image_chain(self) -> tuple | None:
         """The arguments of :func:`~qsparse.deploy.kernels.chain_matvec` after the image where
@@ -570,21 +574,27 @@ class Model:
         return _run(self._steps, x)
 
     def mixes_engines(self, n: int) -> bool:
-        """Whether a call on ``n`` images runs both BLAS products and numba's parallel kernels
-        (some layers under their break-even, others over it). It then runs numba on one thread:
-        OpenBLAS's threads keep spinning for a while after each product, and numba's, started
-        next, fought them for the cores (LeNet-300-100 at 10 % of its weights, batch 256, 2
-        cores: 14-16 ms, against 0.37 ms with BLAS on one thread and 0.5 ms with numba on one)."""
-        n = min(n, MANY_COLUMNS)  # every rule that depends on n decides by then
+        """Whether a call on ``n`` images runs both BLAS products large enough for BLAS's threads
+        (:data:`BLAS_THREADED`) and numba's parallel kernels (some layers under their
+        break-even, others over it). It then runs numba on one thread: OpenBLAS's threads keep
+        spinning for a while after each product, and numba's, started next, fought them for the
+        cores (LeNet-300-100 at 10 % of its weights, batch 256, 2 cores: 14-16 ms, against 0.37
+        ms with BLAS on one thread and 0.41 ms with numba on one)."""
         if n not in self._mixed:
-            blas = numba = False
-            for layer in self.layers:
-                columns = n * layer.columns
-                dense = layer.uses_dense(columns) or (layer.direct and n < DIRECT_MIN_BATCH)
-                blas |= dense
-                numba |= not dense and layer.engine == "numba" and (columns > 1 or layer.conv)
-            self._mixed[n] = blas and numba
+            if len(self._mixed) > 64:  # batch sizes seen; a handful in practice
+                self._mixed.clear()
+            self._mixed[n] = self._mixes(n)
         return self._mixed[n]
+
+    def _mixes(self, n: int) -> bool:
+        blas = numba = False
+        for layer in self.layers:
+            columns = n * layer.columns
+            dense = layer.uses_dense(columns) or (layer.direct and n < DIRECT_MIN_BATCH)
+            m, k = real_shape(layer.structure, layer.shape)
+            blas |= dense and columns * m * k >= BLAS_THREADED
+            numba |= not dense and layer.engine == "numba" and (columns > 1 or layer.conv)
+        return blas and numba
 
     def _threads(self, n: int):
         return kernels_lib.one_thread() if self.mixes_engines(n) else contextlib.nullcontext()
@@ -636,16 +646,17 @@ class Model:
             )
         lines += [f"  {m.name:12s} batchnorm {m.form}, n={m.n}, its own op" for m in self.norms]
         lines.append(f"kernel bytes {total}; sparse products: {self.engine}")
-        runs = []  # [first, last] batch sizes that mix, MANY_COLUMNS standing for all above
-        for n in range(1, MANY_COLUMNS + 1):
-            if self.mixes_engines(n):
+        runs = []  # [first, last] batch sizes up to DESCRIBED_BATCH that mix
+        for n in range(1, DESCRIBED_BATCH + 1):
+            if self._mixes(n):
                 if runs and runs[-1][1] == n - 1:
                     runs[-1][1] = n
                 else:
                     runs.append([n, n])
         if runs:
             sizes = ", ".join(
-                f"{a}+" if b == MANY_COLUMNS else (f"{a}-{b}" if b > a else str(a)) for a, b in runs
+                f"{a}+" if b == DESCRIBED_BATCH else (f"{a}-{b}" if b > a else str(a))
+                for a, b in runs
             )
             lines.append(f"batches of {sizes} images mix BLAS and numba: numba on one thread")
         return "\n".join(lines)
