@@ -20,6 +20,8 @@ import jax
 import numpy as np
 import pytest
 
+from qsparse.deploy.kernels import host_features
+
 GOLDEN = Path(__file__).parent / "golden"
 sys.path.insert(0, str(GOLDEN))
 import make_golden  # noqa: E402
@@ -28,18 +30,7 @@ EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
 FIXTURE_CPU = "avx512f"  # the fixture's numbers are those of an AVX-512 Xeon, bit for bit
 
 
-def host_has(feature: str) -> bool:
-    """Whether LLVM, which also generates XLA's CPU code, reads ``feature`` on this CPU (as
-    :mod:`qsparse.deploy.kernels` asks it)."""
-    try:
-        import llvmlite.binding as llvm
-
-        return bool(llvm.get_host_cpu_features().get(feature))
-    except (ImportError, RuntimeError):
-        return False
-
-
-SAME_COMPILER = jax.__version__ == EXPECTED["jax"] and host_has(FIXTURE_CPU)
+SAME_COMPILER = jax.__version__ == EXPECTED["jax"] and bool(host_features().get(FIXTURE_CPU))
 
 
 def assert_same(actual, expected, where=""):

@@ -29,6 +29,17 @@ import numpy as np
 WIDE = ",-prefer-256-bit"  # LLVM's tuning flag that caps vectors at 256 bits, turned off
 
 
+def host_features():
+    """The host CPU's features as LLVM, which also generates XLA's and numba's code, reads them
+    (a mapping from names such as ``avx512f`` to flags; empty where LLVM cannot read them)."""
+    try:
+        import llvmlite.binding as llvm
+
+        return llvm.get_host_cpu_features()
+    except (ImportError, RuntimeError):  # RuntimeError: a host whose features LLVM cannot read
+        return {}
+
+
 def _wide_vectors() -> None:
     """Ask numba, before it starts, for 512-bit vectors on a CPU with AVX-512: LLVM's tuning for
     these CPUs stops at 256 bits, and with 512 the planes convolutions ran 1.5x faster on one
@@ -38,12 +49,7 @@ def _wide_vectors() -> None:
     ``NUMBA_CPU_FEATURES`` unset): then ``NUMBA_CPU_FEATURES`` is the host's with ``WIDE``."""
     if "numba" in sys.modules or {"NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES"} & set(os.environ):
         return
-    try:
-        import llvmlite.binding as llvm
-
-        features = llvm.get_host_cpu_features()
-    except (ImportError, RuntimeError):  # RuntimeError: a host whose features LLVM cannot read
-        return
+    features = host_features()
     if features.get("avx512f"):
         os.environ["NUMBA_CPU_FEATURES"] = features.flatten() + WIDE
 

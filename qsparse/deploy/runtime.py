@@ -564,8 +564,9 @@ class Model:
                 return forward(images).astype(np.float32, copy=False)
         out = []
         for s in range(0, len(images), batch_size):
-            with self._threads(len(images[s : s + batch_size])):
-                out.append(forward(images[s : s + batch_size]))
+            chunk = images[s : s + batch_size]
+            with self._threads(len(chunk)):
+                out.append(forward(chunk))
         if not out:
             return np.zeros((0, self.num_classes), np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)
