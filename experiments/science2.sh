@@ -64,10 +64,12 @@ for arm in $ARMS; do
           imp --model=$m --replicates=$n --algebra=real --hidden=$hidden --protocol=$p $out
         done; done
       done ;;
-    conv) # 5 epochs a round on 12,000 images; late rewinding to the end of the first epoch
+    conv) # one epoch a round on 8,000 images (134 steps); late rewinding to step 20 (15 %). About
+      # 30 min (Conv-2) and 55 min (Conv-4) per run on one core of a 2-core EPYC: R and Q of a model
+      # side by side, one a core
       for m in conv2 conv4; do for a in real quat; do
         imp --model=$m --algebra=$a --dataset=fashion_mnist --replicates=3 --rounds=16 \
-          --epochs=5 --train_subset=12000 --rewind=1ep
+          --epochs=1 --train_subset=8000 --rewind=20it
       done; done ;;
     *) echo "error: unknown arm '$arm'; valid: decisive controls half parts lr algebras conv" >&2; exit 2 ;;
   esac
