@@ -159,6 +159,46 @@ def test_block_matvec_equals_the_real_matrix(name):
     assert_close(product(x, relu=True), np.maximum(ref, 0))
 
 
+def test_chain_matvec_equals_its_layers_one_after_another():
+    """One call through a chain that mixes layers: CSR of a real matrix, quaternions and
+    tessarines stored whole (the unrolled n = 4 path), complex numbers (the general one), with
+    ReLUs between some; against float64 products of the real matrices. Its one-column products
+    alone give the same."""
+    if not kernels.AVAILABLE:
+        pytest.skip("numba is not installed (pip install qsparse-jax[fast])")
+    rng = np.random.default_rng(7)
+    # (algebra, input numbers, output numbers): real features chain 24 -> 20 -> 20 -> 12 -> 9
+    plan = [("quat", 6, 5), (None, 20, 20), ("complex", 10, 6), ("tessarine", 3, 3), (None, 12, 9)]
+    relu = [True, False, True, True, False]
+    x = rng.standard_normal(24).astype(np.float32)
+    ref, products = x.astype(np.float64), []
+    for (name, q_in, q_out), r in zip(plan, relu):
+        bias_size = q_out * (1 if name is None else algebras.get(name).n)
+        bias = rng.standard_normal(bias_size).astype(np.float32)
+        if name is None:
+            kernel, mask = sparse_kernel((q_in, q_out), 0.4, rng)
+            _, positions, values = stored(kernel, mask, False)
+            products.append(matrices.csr_product(None, kernel.shape, positions, values, bias)[0])
+            real = kernel.astype(np.float64)
+        else:
+            algebra = algebras.get(name)
+            kernel, mask = sparse_kernel((algebra.n, q_in, q_out), 0.4, rng, whole_numbers=True)
+            _, positions, values = stored(kernel, mask, True)
+            structure = matrices.Structure(algebra.n, algebra)
+            product = matrices.block_product(structure, kernel.shape, positions, values, bias)
+            products.append(product)
+            real = real_matrix(algebra, kernel)
+        ref = real.T @ ref + bias
+        ref = np.maximum(ref, 0) if r else ref
+    args = matrices.chain_arguments(products, relu)
+    assert_close(kernels.chain_matvec(x, *args), ref.astype(np.float64))
+    y = x[:, None]
+    for product, r in zip(products, relu):
+        y = product(y, relu=r)
+    assert_close(y[:, 0], ref)
+    assert matrices.chain_arguments([*products, lambda x, relu=False: x], relu + [False]) is None
+
+
 def conv_reference(x, real):
     """SAME, stride-1 convolution of NHWC ``x`` by the HWIO ``real`` kernel, over windows."""
     kh, kw = real.shape[:2]

@@ -231,28 +231,63 @@ def block_matvec(indptr, bases, blocks, in_stride, bias, x, relu):
 
 
 @serial
-def chain_matvec(x, indptr, cols, values, bias, bounds, relu):
-    """Dense layers one after another on one column ``x`` ``(K,)`` float32, in one call (each
-    numba call costs ~1.5 us, as much as a small layer's work): layer ``l`` is rows
-    ``bounds[l]:bounds[l + 1]`` of one CSR (``indptr`` over all layers' entries, ``cols``
-    indexing that layer's input), ``max(y, 0)`` after it where ``relu[l]``; as
-    :func:`csr_matvec`, four running sums per row."""
-    for layer in range(bounds.size - 1):
-        r0, r1 = bounds[layer], bounds[layer + 1]
-        y = np.empty(r1 - r0, np.float32)
-        for r in range(r0, r1):
-            s0, s1, s2, s3 = bias[r], np.float32(0), np.float32(0), np.float32(0)
-            k, end = indptr[r], indptr[r + 1]
-            while k + 4 <= end:
-                s0 += values[k] * x[cols[k]]
-                s1 += values[k + 1] * x[cols[k + 1]]
-                s2 += values[k + 2] * x[cols[k + 2]]
-                s3 += values[k + 3] * x[cols[k + 3]]
-                k += 4
-            for j in range(k, end):
-                s0 += values[j] * x[cols[j]]
-            s = (s0 + s1) + (s2 + s3)
-            y[r - r0] = max(s, np.float32(0)) if relu[layer] else s
+def chain_matvec(x, indptr, index, values, bias, layers, relu):
+    """Layers one after another on one column ``x`` ``(K,)`` float32, in one call (each numba
+    call costs ~1.5 us, as much as a small layer's work). ``layers[l] = (r0, r1, n, stride,
+    v0, b0)``: layer ``l`` is rows ``r0:r1`` of one ``indptr`` over all layers' entries; entry
+    ``k``'s value, or ``n x n`` block (``[a, b]``: input component ``b`` to output component
+    ``a``), starts at ``values[v0 + k n^2]``; its bias at ``bias[b0]``; ``max(y, 0)`` after it
+    where ``relu[l]``. ``n = 1``: CSR, row ``r`` an output and ``index[k]`` its input, four
+    running sums a row as :func:`csr_matvec`; else numbers stored whole as
+    :func:`block_matvec`: row ``r0 + o`` output number ``o`` (components at ``a (r1 - r0) +
+    o``), ``index[k]`` its input number (components at ``index[k] + b stride``)."""
+    for layer in range(layers.shape[0]):
+        r0, r1, n, stride, v0, b0 = layers[layer]
+        rows = r1 - r0
+        y = np.empty(n * rows, np.float32)
+        if n == 1:
+            vals, rl = values[v0:], relu[layer]  # vals[k]: entry k's value
+            for r in range(r0, r1):
+                s0, s1, s2, s3 = bias[b0 + r - r0], np.float32(0), np.float32(0), np.float32(0)
+                k, end = indptr[r], indptr[r + 1]
+                while k + 4 <= end:
+                    s0 += vals[k] * x[index[k]]
+                    s1 += vals[k + 1] * x[index[k + 1]]
+                    s2 += vals[k + 2] * x[index[k + 2]]
+                    s3 += vals[k + 3] * x[index[k + 3]]
+                    k += 4
+                for j in range(k, end):
+                    s0 += vals[j] * x[index[j]]
+                s = (s0 + s1) + (s2 + s3)
+                y[r - r0] = max(s, np.float32(0)) if rl else s
+        elif n == 4:  # unrolled: the sums and inputs in registers
+            e0 = indptr[r0]
+            blocks = values[v0 + 16 * e0 : v0 + 16 * indptr[r1]].reshape(-1, 16)
+            step = np.uint32(stride)  # unsigned: numba skips the wrap-around of negative indices
+            for o in range(rows):
+                s0, s1 = bias[b0 + o], bias[b0 + rows + o]
+                s2, s3 = bias[b0 + 2 * rows + o], bias[b0 + 3 * rows + o]
+                for k in range(indptr[r0 + o], indptr[r0 + o + 1]):
+                    base, w = index[k], blocks[k - e0]
+                    x0, x1 = x[base], x[base + step]
+                    x2, x3 = x[base + 2 * step], x[base + 3 * step]
+                    s0 += w[0] * x0 + w[1] * x1 + w[2] * x2 + w[3] * x3
+                    s1 += w[4] * x0 + w[5] * x1 + w[6] * x2 + w[7] * x3
+                    s2 += w[8] * x0 + w[9] * x1 + w[10] * x2 + w[11] * x3
+                    s3 += w[12] * x0 + w[13] * x1 + w[14] * x2 + w[15] * x3
+                y[o], y[rows + o], y[2 * rows + o], y[3 * rows + o] = s0, s1, s2, s3
+        else:
+            for o in range(rows):
+                for a in range(n):
+                    s = bias[b0 + a * rows + o]
+                    for k in range(indptr[r0 + o], indptr[r0 + o + 1]):
+                        w = v0 + n * (n * k + a)
+                        for b in range(n):
+                            s += values[w + b] * x[index[k] + b * stride]
+                    y[a * rows + o] = s
+        if relu[layer] and n > 1:
+            for i in range(y.size):
+                y[i] = max(y[i], np.float32(0))
         x = y
     return x
 

@@ -188,6 +188,7 @@ def block_product(structure: Structure, shape, positions, values, bias) -> Forwa
         x = np.ascontiguousarray(x)
         return kernels.block_matvec(indptr, base, blocks, q_in, bias, x, relu)
 
+    forward.blocks = indptr, base, blocks, q_in, bias  # for kernels.chain_matvec
     return forward
 
 
@@ -235,3 +236,32 @@ def element_positions(storage: dict, shape, positions, values):
         positions = np.concatenate([c * size + positions for c in range(shape[0])])
         values = values.T.ravel()
     return positions, values
+
+
+def chain_arguments(products: list, relu: list[bool]) -> tuple | None:
+    """The arguments after ``x`` of :func:`~qsparse.deploy.kernels.chain_matvec` that run
+    ``products`` (one-column products of :func:`csr_product` or :func:`block_product`, as
+    their ``csr`` or ``blocks`` attribute holds them) one after another, ``max(y, 0)`` after
+    product ``l`` where ``relu[l]``; None if one of them is neither."""
+    parts = []
+    for f in products:
+        if hasattr(f, "csr"):
+            indptr, index, values, bias = f.csr
+            parts.append((indptr, index, values, bias, 1, 0))
+        elif hasattr(f, "blocks"):
+            indptr, index, blocks, stride, bias = f.blocks
+            parts.append((indptr, index, blocks.reshape(-1), bias, blocks.shape[1], stride))
+        else:
+            return None
+    rows = entries = vals = biases = 0
+    indptrs, layers = [], []
+    for indptr, index, values, bias, n, stride in parts:
+        indptrs.append(indptr[:-1] + entries)
+        # v0: entry k's value (or block) starts at v0 + k n^2, k counted over every layer
+        layers.append((rows, rows + len(indptr) - 1, n, stride, vals - n * n * entries, biases))
+        rows, entries = rows + len(indptr) - 1, entries + len(index)
+        vals, biases = vals + len(values), biases + len(bias)
+    indptr = np.concatenate([*indptrs, np.array([entries], np.int64)])
+    index, values, bias = (np.concatenate([p[i] for p in parts]) for i in (1, 2, 3))
+    table = np.array(layers, np.int64)
+    return indptr, index.astype(np.uint32), values, bias, table, np.array(relu, bool)

@@ -32,6 +32,7 @@ from qsparse.deploy.matrices import (
     Structure,
     block_product,
     bsr_product,
+    chain_arguments,
     component_product,
     csr_product,
     element_positions,
@@ -136,8 +137,9 @@ def _one_column(product: tuple[Forward, int], matvec: Forward) -> tuple[Forward,
     def forward(x, relu=False):
         return (matvec if x.shape[1] == 1 else many)(x, relu)
 
-    if hasattr(matvec, "csr"):
-        forward.csr = matvec.csr  # for kernels.chain_matvec
+    for arrays in ("csr", "blocks"):  # for kernels.chain_matvec
+        if hasattr(matvec, arrays):
+            setattr(forward, arrays, getattr(matvec, arrays))
     return forward, product[1]
 
 
@@ -200,6 +202,10 @@ DIRECT_MIN_BATCH = 8  # fewer images: dense, planes' tiles then are too few to s
 # OpenBLAS runs a product of fewer multiply-adds than this on the calling thread alone (its
 # SMP_THRESHOLD_MIN x GEMM_MULTITHREAD_THRESHOLD): only larger ones wake the threads that spin.
 BLAS_THREADED = 65536 * 4
+# A layer that auto runs by BLAS at one column still joins the one-image chain where its dense
+# product is smaller than this (LeNet-300-100's 100x10 output layer: the quaternion model at 13.8 %
+# of its weights took 20 us an image with that layer by BLAS and 12 us in the chain).
+CHAIN_DENSE_MAX = 4096
 DESCRIBED_BATCH = 256  # describe() names the mixing batch sizes up to this one
 PATCH_BYTES = 1 << 20  # a dense convolution's patches per BLAS product (1 MiB: fastest of 1-16)
 
@@ -465,22 +471,21 @@ class Model:
     def _one_image_chain(self) -> tuple | None:
         """The arguments of :func:`~qsparse.deploy.kernels.chain_matvec` after the image where
         one raw image runs every layer in one call: a model of raw reshapes, then dense layers
-        only (ReLUs inside them), each computed by numba's CSR kernel at one column, the first
-        on raw pixels (:meth:`_Layer.fold_input`). None otherwise."""
+        only (ReLUs inside them), each with numba's one-column kernel (CSR, or numbers stored
+        whole), the first on raw pixels (:meth:`_Layer.fold_input`). A layer ``auto`` computes
+        by BLAS below :data:`MANY_COLUMNS` columns joins too where its sparse product exists and
+        its dense one is under :data:`CHAIN_DENSE_MAX` multiply-adds (then BLAS's edge is the
+        call it saves, and the chain saves it as well). None otherwise."""
         rest, layers = self._steps[self._raw_steps :], self.layers
-        if not self._raw_steps or len(rest) != len(layers) or not layers[0].takes_bytes(1):
+        if not self._raw_steps or len(rest) != len(layers) or layers[0]._raw is None:
             return None
         if any(step != layer.forward or layer.conv for (step, _), layer in zip(rest, layers)):
             return None
-        csrs = [layers[0]._raw] + [getattr(layer, "_sparse", None) for layer in layers[1:]]
-        csrs = [getattr(f, "csr", None) for f in csrs]
-        if any(c is None for c in csrs) or any(layer.uses_dense(1) for layer in layers):
-            return None
-        ends = np.cumsum([0] + [len(c[2]) for c in csrs])  # entries before each layer
-        indptr = np.concatenate([c[0][:-1] + e for c, e in zip(csrs, ends)] + [ends[-1:]])
-        bounds = np.cumsum([0] + [len(c[3]) for c in csrs])
-        relu = np.array([layer.relu for layer in layers])
-        return (indptr, *(np.concatenate([c[i] for c in csrs]) for i in (1, 2, 3)), bounds, relu)
+        for layer in layers:
+            if layer.uses_dense(1) and layer.kernel.size >= CHAIN_DENSE_MAX:
+                return None
+        products = [layers[0]._raw] + [getattr(layer, "_sparse", None) for layer in layers[1:]]
+        return chain_arguments(products, [layer.relu for layer in layers])
 
     def _flattens_before_a_dense_layer(self, entries: list) -> int:
         """How many leading steps are reshapes of the raw image before a dense layer, where all
@@ -646,6 +651,8 @@ class Model:
                 f"{layer.path}" + (f", batch norm {layer.folded} folded in" if layer.folded else "")
             )
         lines += [f"  {m.name:12s} batchnorm {m.form}, n={m.n}, its own op" for m in self.norms]
+        if self._chain is not None:
+            lines.append("one raw image: every layer sparse, in one call (chain_matvec, one core)")
         lines.append(f"kernel bytes {total}; sparse products: {self.engine}")
         runs = []  # [first, last] batch sizes up to DESCRIBED_BATCH that mix
         for n in range(1, DESCRIBED_BATCH + 1):
