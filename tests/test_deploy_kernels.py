@@ -344,6 +344,30 @@ def test_the_cost_rule_takes_dense_when_full_and_sparse_when_sparse_and_wide():
         assert runtime.sparse_wins(middle, runtime.MANY_COLUMNS, engine)
 
 
+def test_one_image_chains_a_small_layer_auto_runs_by_blas_but_not_a_large_one(
+    tmp_path, monkeypatch
+):
+    """At 12 % of the weights a quaternion LeNet-300-100's blocks are sparse at one column and
+    its real output layer is not (over numba's one-column break-even): the output layer joins
+    the one-image chain while its dense product is under CHAIN_DENSE_MAX multiply-adds, and
+    with the limit at its size there is no chain. The logits are the dense path's either
+    way."""
+    if not kernels.AVAILABLE:
+        pytest.skip("numba is not installed (pip install qsparse-jax[fast])")
+    path = sparse_runtime.synthetic_file(tmp_path / "m.npz", "lenet300_100", "quat", 0.12)
+    chained = deploy.load(path)
+    output = chained.layers[-1]
+    assert output.uses_dense(1) and not output.uses_dense(runtime.MANY_COLUMNS)
+    assert output.kernel.size < runtime.CHAIN_DENSE_MAX and chained._chain is not None
+    x = np.random.default_rng(3).integers(0, 256, (1, 28, 28), np.uint8)
+    ref = deploy.load(path, kernels="dense").predict(x).astype(np.float64)
+    assert_close(chained.predict(x), ref)
+    monkeypatch.setattr(runtime, "CHAIN_DENSE_MAX", output.kernel.size)
+    unchained = deploy.load(path)
+    assert unchained._chain is None and "in one call" not in unchained.describe()
+    assert_close(unchained.predict(x), ref)
+
+
 def test_auto_picks_dense_at_full_density_and_sparse_when_pruned(files, engine):
     full = deploy.load(files["lenet300_100", "real", 1.0])
     pruned = deploy.load(files["lenet300_100", "real", 0.02])
