@@ -65,7 +65,7 @@ for arm in $ARMS; do
         done; done
       done ;;
     conv) # one epoch a round on 8,000 images (134 steps); late rewinding to step 20 (15 %). About
-      # 30 min (Conv-2) and 55 min (Conv-4) per run on one core of a 2-core EPYC: R and Q of a model
+      # 30 min (Conv-2) and 70 min (Conv-4) per run on one core of a 2-core EPYC: R and Q of a model
       # side by side, one a core
       for m in conv2 conv4; do for a in real quat; do
         imp --model=$m --algebra=$a --dataset=fashion_mnist --replicates=3 --rounds=16 \
