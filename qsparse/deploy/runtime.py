@@ -204,7 +204,7 @@ DIRECT_MIN_BATCH = 8  # fewer images: dense, planes' tiles then are too few to s
 BLAS_THREADED = 65536 * 4
 # A layer that auto runs by BLAS at one column still joins the one-image chain where its dense
 # product is smaller than this (LeNet-300-100's 100x10 output layer: the quaternion model at 13.8 %
-# of its weights took 20 us an image with that layer by BLAS and 12 us in the chain).
+# of its weights took 20 us an image with that layer by BLAS and 12-14 us in the chain).
 CHAIN_DENSE_MAX = 4096
 DESCRIBED_BATCH = 256  # describe() names the mixing batch sizes up to this one
 PATCH_BYTES = 1 << 20  # a dense convolution's patches per BLAS product (1 MiB: fastest of 1-16)
