@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,7 @@ def save_tree(path: Path, tree, extra: Any = None) -> None:
         _remove(path)
         os.replace(tmp, path)
     except (OSError, ValueError, files.WriteError) as e:
-        _clear(tmp)
+        _clear_when_quiet(tmp)
         error = _refused(path, e)
         if error is None:
             raise
@@ -181,8 +182,29 @@ def _quiet_orbax() -> Iterator[None]:
 def _clear(tmp: Path) -> None:
     """A checkpoint's temporary folder and Orbax's own beside it (``<tmp>.orbax-checkpoint-tmp``),
     left by a save that failed or was killed."""
-    for leftover in (tmp, *tmp.parent.glob(f"{glob.escape(tmp.name)}.orbax-checkpoint-tmp*")):
+    for leftover in _leftovers(tmp):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _leftovers(tmp: Path) -> list[Path]:
+    return [tmp, *tmp.parent.glob(f"{glob.escape(tmp.name)}.orbax-checkpoint-tmp*")]
+
+
+def _clear_when_quiet(tmp: Path, quiet: float = 0.25, limit: float = 5.0) -> None:
+    """:func:`_clear` after a failed save, again until nothing reappears for ``quiet`` seconds.
+
+    When one of a save's array writes fails, Orbax raises while TensorStore's other writes of
+    that save are still in flight, and nothing hands them back to wait on; a write that lands
+    after the first clear would recreate the temporary folder."""
+    start = last_seen = time.monotonic()
+    while True:
+        if any(p.exists() for p in _leftovers(tmp)):
+            _clear(tmp)
+            last_seen = time.monotonic()
+        now = time.monotonic()
+        if now - last_seen >= quiet or now - start >= limit:
+            return
+        time.sleep(0.01)
 
 
 def _refused(path: Path, e: Exception) -> files.WriteError | None:

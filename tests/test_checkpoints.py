@@ -3,12 +3,15 @@ Orbax trees, per-epoch checkpoints with fallback, the run lock, the writer-only 
 fault hook (with ``os.kill`` replaced: nothing is really killed)."""
 
 import builtins
+import contextlib
 import errno
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +140,33 @@ def test_save_tree_replaces_a_folder_whole_and_leaves_no_temporaries(tmp_path):
     back, extra = ckpt.load_tree_extra(tmp_path / "t", small_tree())
     assert same_bits(back, small_tree(5.0)) and extra == {"v": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["t"]
+
+
+def test_a_refused_save_whose_other_writes_land_late_leaves_no_temporaries(tmp_path, monkeypatch):
+    """Orbax raises at the first refused array write while the save's other writes are still in
+    flight; one landing after the first clean-up is cleaned up too."""
+    late = []
+
+    class RefusingCheckpointer(contextlib.AbstractContextManager):
+        def __exit__(self, *exc):
+            return None
+
+        def save(self, tmp, tree):
+            def write_late():
+                time.sleep(0.05)
+                d = tmp.with_name(f"{tmp.name}.orbax-checkpoint-tmp-1") / "ocdbt.process_0" / "d"
+                d.mkdir(parents=True)
+                (d / "part").write_bytes(b"late")
+
+            late.append(threading.Thread(target=write_late))
+            late[0].start()
+            raise ValueError("Error writing: No space left on device [os_error_code=28]")
+
+    monkeypatch.setattr(ckpt, "_checkpointer", RefusingCheckpointer)
+    with pytest.raises(WriteError, match="No space left on device"):
+        ckpt.save_tree(tmp_path / "t", small_tree(0.0))
+    late[0].join()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_checksum_covers_the_extra_and_the_arrays(tmp_path):
