@@ -10,6 +10,7 @@ values are refused; without numba the runtime gives the same logits.
 """
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -493,6 +494,42 @@ def test_numba_gets_wide_vectors_only_where_nobody_chose():
     assert chosen.endswith(kernels.WIDE) if avx512 else chosen == "None"
     assert features("numba_first")[1] == "None"
     assert features("kernels_first", NUMBA_CPU_FEATURES="+avx2")[1] == "+avx2"
+
+
+@pytest.mark.subprocess
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="reads x86 machine code")
+def test_one_image_through_quaternions_is_packed_into_vectors_unless_the_user_said_no(tmp_path):
+    """The chain's quaternion block compiles to packed (SIMD) arithmetic with the kernels'
+    setting, numba imported before them too; a user's ``NUMBA_SLP_VECTORIZE=0`` is kept."""
+    code = (
+        "import sys, re, numpy as np; sys.argv[1] == 'numba_first' and __import__('numba'); "
+        "from qsparse.deploy import kernels; import os; "
+        "layers = np.array([[0, 1, 4, 2, 0, 0]], np.int64); "
+        "kernels.chain_matvec(np.ones(8, np.float32), np.array([0, 2], np.int64), "
+        "np.array([0, 1], np.uint32), np.ones(32, np.float32), np.zeros(4, np.float32), layers, "
+        "np.array([False])); asm = '\\n'.join(kernels.chain_matvec.inspect_asm().values()); "
+        "print(os.environ['NUMBA_SLP_VECTORIZE'], "
+        "len(re.findall(r'\\tv(fn?madd|fn?msub|mul|add)\\w*ps', asm)))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_SLP_VECTORIZE"}
+
+    def packed(order: str, **extra: str) -> tuple[str, int]:
+        done = subprocess.run(
+            [sys.executable, "-c", code, order],
+            cwd=REPO,
+            env={**env, "NUMBA_CACHE_DIR": str(tmp_path / order / str(extra)), **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        setting, count = done.stdout.split()
+        return setting, int(count)
+
+    setting, count = packed("kernels_first")  # each once: machine code read from the cache
+    assert setting == "1" and count > 0  # has no text to inspect
+    assert packed("numba_first")[1] > 0
+    assert packed("kernels_first", NUMBA_SLP_VECTORIZE="0") == ("0", 0)
 
 
 def test_the_benchmark_runs_and_tabulates(tmp_path):

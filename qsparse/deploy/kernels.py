@@ -56,6 +56,19 @@ def _wide_vectors() -> None:
 
 _wide_vectors()
 
+
+def _pack_neighbours() -> None:
+    """LLVM's SLP vectoriser on, which numba leaves off (``NUMBA_SLP_VECTORIZE``) unless the
+    user has chosen: it packs the four sums of a quaternion block into one vector, where the
+    loop vectoriser has no loop to take (a 784-300 quaternion layer at 13 %, one image: 3.9
+    against 6.9 us). The batched kernels' inner loops compile to the same instructions either
+    way. numba reads the variable at each compilation, so this acts even where numba is
+    imported already, on the functions compiled from then on, in the whole process."""
+    os.environ.setdefault("NUMBA_SLP_VECTORIZE", "1")
+
+
+_pack_neighbours()
+
 try:
     import numba
 except ImportError:  # the optional extra is absent: the runtime falls back to scipy
