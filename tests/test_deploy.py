@@ -385,11 +385,19 @@ def test_dense_first_models_normalise_raw_images_as_the_first_layers_columns(
     m = deploy.load(write(tmp_path / "m.npz", model, params, masks, spec), kernels=kernels)
     assert m._raw_steps == 1
     assert [layer.relu for layer in m.layers] == [True, True, False]
+    # at 20 % of the weights auto keeps BLAS for real layers and, for one image, takes
+    # quaternions stored whole sparse (under blocks4's one-column break-even, over a few's)
+    sparse = deploy.kernels.AVAILABLE and (kernels == "bsr" or algebra == "quat")
+    assert m.layers[0].takes_bytes(1) == sparse
     assert m.layers[0].takes_bytes(2) == (kernels == "bsr" and deploy.kernels.AVAILABLE)
-    if kernels == "bsr":  # one image: every layer in one call of numba's kernel (CSR, or
-        # numbers stored whole); auto, at 20 % of the weights, keeps BLAS
-        assert (m._chain is not None) == deploy.kernels.AVAILABLE
-        assert ("every layer sparse, in one call" in m.describe()) == deploy.kernels.AVAILABLE
+    # one image: every layer in one call of numba's kernel (CSR, or numbers stored whole), the
+    # small output layer too where auto runs it by BLAS at every batch (over both break-evens)
+    out = m.layers[-1]
+    assert (out.uses_dense(1) and out.uses_dense(deploy.runtime.MANY_COLUMNS)) == (
+        kernels == "auto"
+    )
+    assert (m._chain is not None) == sparse
+    assert ("every layer sparse, in one call" in m.describe()) == sparse
     x = images(spec, 5)
     normalised_first = deploy.runtime._run(m._steps, m.preprocess(x))
     for i in range(2):

@@ -27,6 +27,10 @@ ENGINES = ["numba", "scipy"]
 DENSITIES = [1.0, 0.3, 0.03, 0.0]
 BATCHES = [1, 5, 259]  # a matrix-vector product, a few columns, more than a few vector widths
 TABLES = ["quat", "tessarine", "klein4", "complex"]  # tables of single signed components
+# A user's algebra of another dimension, unregistered: the group algebra of Z/3 (e_i e_j = e_(i+j))
+Z3 = algebras.Algebra(
+    "z3", ("1", "g", "g2"), np.eye(3, dtype=np.float32)[(np.arange(3)[:, None] + np.arange(3)) % 3]
+)
 
 
 @pytest.fixture(params=ENGINES)
@@ -162,15 +166,22 @@ def test_block_matvec_equals_the_real_matrix(name):
 
 def test_chain_matvec_equals_its_layers_one_after_another():
     """One call through a chain that mixes layers: CSR of a real matrix, quaternions and
-    tessarines stored whole (the unrolled n = 4 path), complex numbers (the general one), with
-    ReLUs between some; against float64 products of the real matrices. Its one-column products
-    alone give the same."""
+    tessarines stored whole (the unrolled n = 4 path), complex numbers (n = 2, unrolled too),
+    a user's 3-D algebra (the general path), with ReLUs between some; against float64 products
+    of the real matrices. Its one-column products alone give the same."""
     if not kernels.AVAILABLE:
         pytest.skip("numba is not installed (pip install qsparse-jax[fast])")
     rng = np.random.default_rng(7)
-    # (algebra, input numbers, output numbers): real features chain 24 -> 20 -> 20 -> 12 -> 9
-    plan = [("quat", 6, 5), (None, 20, 20), ("complex", 10, 6), ("tessarine", 3, 3), (None, 12, 9)]
-    relu = [True, False, True, True, False]
+    # (algebra, input numbers, output numbers): real features 24 -> 20 -> 20 -> 12 -> 12 -> 9 -> 9
+    plan = [
+        ("quat", 6, 5),
+        (None, 20, 20),
+        ("complex", 10, 6),
+        ("tessarine", 3, 3),
+        (Z3, 4, 3),
+        (None, 9, 9),
+    ]
+    relu = [True, False, True, True, False, False]
     x = rng.standard_normal(24).astype(np.float32)
     ref, products = x.astype(np.float64), []
     for (name, q_in, q_out), r in zip(plan, relu):
@@ -332,17 +343,57 @@ def files(tmp_path_factory):
     return out
 
 
-def test_the_cost_rule_takes_dense_when_full_and_sparse_when_sparse_and_wide():
-    for engine in runtime.BREAK_EVEN:
-        for columns in (1, runtime.MANY_COLUMNS, 4096):
-            assert not runtime.sparse_wins(1.0, columns, engine)
-            assert runtime.sparse_wins(0.01, columns, engine)
-        few, many = runtime.BREAK_EVEN[engine]
-        # measured: a kernel's start-up costs a matrix-vector product what many columns repay
-        assert few < many
-        middle = (few + many) / 2
-        assert not runtime.sparse_wins(middle, 1, engine)
-        assert runtime.sparse_wins(middle, runtime.MANY_COLUMNS, engine)
+def test_the_cost_rule_takes_dense_when_full_and_sparse_when_sparse_by_band_of_columns():
+    assert [runtime.band(c) for c in (1, 2, 15, runtime.MANY_COLUMNS, 4096)] == [0, 1, 1, 2, 2]
+    for rule, rates in runtime.BREAK_EVEN.items():
+        for columns in (1, 2, 15, runtime.MANY_COLUMNS, 4096):
+            assert not runtime.sparse_wins(1.0, columns, rule)
+            assert runtime.sparse_wins(0.01, columns, rule)
+            rate = rates[runtime.band(columns)]
+            assert runtime.sparse_wins(0.99 * rate, columns, rule)
+            assert not runtime.sparse_wins(rate, columns, rule)
+        one, few, many = rates
+        # measured: the many-column kernels' start-up costs a few columns what many repay, and
+        # what one column's one-core kernels do not pay
+        assert few <= many and few <= one, rule
+
+
+def test_quaternions_stored_whole_run_sparse_for_one_image_and_many_but_not_a_few(tmp_path):
+    """At 30 % of the weights (blocks4's break-evens: under one column's and many columns',
+    over a few columns'), auto runs the quaternion layers sparse for one image and from
+    MANY_COLUMNS images, by BLAS between, says so, and gives the dense path's logits."""
+    if not kernels.AVAILABLE:
+        pytest.skip("numba is not installed (pip install qsparse-jax[fast])")
+    one, few, many = runtime.BREAK_EVEN["blocks4"]
+    path = sparse_runtime.synthetic_file(tmp_path / "m.npz", "lenet300_100", "quat", 0.3)
+    model = deploy.load(path)
+    first = model.layers[0]
+    assert first.rule == "blocks4" and few < first.density < min(one, many)
+    assert [first.uses_dense(b) for b in (1, 2, 15, 16, 300)] == [False, True, True, False, False]
+    described = "numba at batch 1, blas at batches 2-15, numba from batch 16"
+    assert first.why().endswith(described)
+    dense = deploy.load(path, kernels="dense")
+    for batch in (1, 5, 20):
+        x = np.random.default_rng(batch).integers(0, 256, (batch, 28, 28), np.uint8)
+        assert_close(model.predict(x), dense.predict(x).astype(np.float64))
+
+
+def test_a_small_layer_runs_by_blas_where_the_others_do(tmp_path):
+    """The complex LeNet-300-100 at 3.5 % of its weights: for 2-15 images its complex layers run
+    by BLAS (over that band's break-even), and its small output layer, sparse by its own
+    density, follows them rather than mix engines; for one image and from MANY_COLUMNS all run
+    sparse. The logits are the dense path's."""
+    if not kernels.AVAILABLE:
+        pytest.skip("numba is not installed (pip install qsparse-jax[fast])")
+    path = sparse_runtime.synthetic_file(tmp_path / "m.npz", "lenet300_100", "complex", 0.035)
+    model = deploy.load(path)
+    output = model.layers[-1]
+    assert output.small and runtime.sparse_wins(output.density, 2, output.rule)
+    for batch, dense in ((1, False), (2, True), (15, True), (16, False)):
+        assert all(layer.uses_dense(batch) == dense for layer in model.layers), batch
+    assert not model.mixes_engines(2) and model._chain is not None
+    x = np.random.default_rng(2).integers(0, 256, (2, 28, 28), np.uint8)
+    assert_close(model.predict(x), deploy.load(path, kernels="dense").predict(x).astype(np.float64))
 
 
 def test_one_image_chains_a_small_layer_auto_runs_by_blas_but_not_a_large_one(
@@ -379,9 +430,9 @@ def test_auto_picks_dense_at_full_density_and_sparse_when_pruned(files, engine):
     for layer in pruned.layers:
         line = described[layer.name]
         assert line.endswith(f", {layer.path}") and "auto: " in line, line
-    few, many = runtime.BREAK_EVEN[engine]
-    assert f"under {few:.0%}: {engine}, csr" in described[first_pruned.name]  # 2 %, any batch
-    assert full.describe().splitlines()[2].endswith(f"over {many:.0%}: blas, dense")
+    rates = runtime.BREAK_EVEN[engine]  # 2 %: sparse at any batch, full: dense at any
+    assert f"under {min(rates):.0%}: {engine}, csr" in described[first_pruned.name]
+    assert full.describe().splitlines()[2].endswith(f"over {max(rates):.0%}: blas, dense")
     x = np.random.default_rng(0).integers(0, 256, (300, 28, 28), np.uint8)
     for density in (1.0, 0.02):
         path = files["lenet300_100", "real", density]

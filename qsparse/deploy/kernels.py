@@ -12,7 +12,9 @@ ten times slower).
   (:attr:`qsparse.algebras.Algebra.signed_blocks`): a number stored whole (``n`` values, one
   index) expands to its ``n x n`` signed block from the table (quaternion: 4 loaded values feed
   16 multiply-adds per column); an element-stored component feeds the ``n`` outputs its table
-  says, with their signs.
+  says, with their signs;
+* :func:`block_matmul`: 4-D numbers stored whole, each number's 16 block entries in registers;
+* :func:`csr_matvec`, :func:`block_matvec`, :func:`chain_matvec`: one column on one core.
 
 Without numba (:data:`AVAILABLE` false) nothing here compiles and the runtime takes scipy's
 products instead. numba compiles each kernel on its first call and caches it on disk.
@@ -243,6 +245,41 @@ def block_matvec(indptr, bases, blocks, in_stride, bias, x, relu):
     return y
 
 
+@compiled
+def block_matmul(indptr, bases, blocks, in_stride, bias, x, relu):
+    """:func:`block_matvec` of 4-D numbers on columns ``x`` ``(K, B)``, split across cores by
+    output number: each stored number's 16 block entries held in registers while its four input
+    rows pass once, four output rows accumulated (a row's loop over columns vectorises). Where
+    :func:`hyper_matmul` passes over the columns once per block entry, this passes once per
+    number: 4x fewer loads and stores of the outputs, and the fixed cost per number small
+    enough for a few columns."""
+    q_out, width = indptr.size - 1, x.shape[1]
+    y = np.empty((4 * q_out, width), np.float32)
+    for o in prange(q_out):
+        y0, y1, y2, y3 = y[o], y[q_out + o], y[2 * q_out + o], y[3 * q_out + o]
+        y0[:], y1[:] = bias[o], bias[q_out + o]
+        y2[:], y3[:] = bias[2 * q_out + o], bias[3 * q_out + o]
+        for k in range(indptr[o], indptr[o + 1]):
+            base, w = bases[k], blocks[k]
+            x0, x1 = x[base], x[base + in_stride]
+            x2, x3 = x[base + 2 * in_stride], x[base + 3 * in_stride]
+            w00, w01, w02, w03 = w[0, 0], w[0, 1], w[0, 2], w[0, 3]
+            w10, w11, w12, w13 = w[1, 0], w[1, 1], w[1, 2], w[1, 3]
+            w20, w21, w22, w23 = w[2, 0], w[2, 1], w[2, 2], w[2, 3]
+            w30, w31, w32, w33 = w[3, 0], w[3, 1], w[3, 2], w[3, 3]
+            for t in range(width):
+                a0, a1, a2, a3 = x0[t], x1[t], x2[t], x3[t]
+                y0[t] += w00 * a0 + w01 * a1 + w02 * a2 + w03 * a3
+                y1[t] += w10 * a0 + w11 * a1 + w12 * a2 + w13 * a3
+                y2[t] += w20 * a0 + w21 * a1 + w22 * a2 + w23 * a3
+                y3[t] += w30 * a0 + w31 * a1 + w32 * a2 + w33 * a3
+        if relu:
+            for t in range(width):
+                y0[t], y1[t] = max(y0[t], np.float32(0)), max(y1[t], np.float32(0))
+                y2[t], y3[t] = max(y2[t], np.float32(0)), max(y3[t], np.float32(0))
+    return y
+
+
 @serial
 def chain_matvec(x, indptr, index, values, bias, layers, relu):
     """Layers one after another on one column ``x`` ``(K,)`` float32, in one call (each numba
@@ -251,7 +288,7 @@ def chain_matvec(x, indptr, index, values, bias, layers, relu):
     ``k``'s value, or ``n x n`` block (``[a, b]``: input component ``b`` to output component
     ``a``), starts at ``values[v0 + k n^2]``; its bias at ``bias[b0]``; ``max(y, 0)`` after it
     where ``relu[l]``. ``n = 1``: CSR, row ``r`` an output and ``index[k]`` its input, four
-    running sums a row as :func:`csr_matvec`; else numbers stored whole as
+    running sums a row as :func:`csr_matvec`; else numbers stored whole (n = 2 and 4 unrolled) as
     :func:`block_matvec`: row ``r0 + o`` output number ``o`` (components at ``a (r1 - r0) +
     o``), ``index[k]`` its input number (components at ``index[k] + b stride``)."""
     for layer in range(layers.shape[0]):
@@ -289,6 +326,18 @@ def chain_matvec(x, indptr, index, values, bias, layers, relu):
                     s2 += w[8] * x0 + w[9] * x1 + w[10] * x2 + w[11] * x3
                     s3 += w[12] * x0 + w[13] * x1 + w[14] * x2 + w[15] * x3
                 y[o], y[rows + o], y[2 * rows + o], y[3 * rows + o] = s0, s1, s2, s3
+        elif n == 2:  # unrolled as n = 4 (the general loop below ran complex layers 5x slower)
+            e0 = indptr[r0]
+            blocks = values[v0 + 4 * e0 : v0 + 4 * indptr[r1]].reshape(-1, 4)
+            step = np.uint32(stride)
+            for o in range(rows):
+                s0, s1 = bias[b0 + o], bias[b0 + rows + o]
+                for k in range(indptr[r0 + o], indptr[r0 + o + 1]):
+                    base, w = index[k], blocks[k - e0]
+                    x0, x1 = x[base], x[base + step]
+                    s0 += w[0] * x0 + w[1] * x1
+                    s1 += w[2] * x0 + w[3] * x1
+                y[o], y[rows + o] = s0, s1
         else:
             for o in range(rows):
                 for a in range(n):

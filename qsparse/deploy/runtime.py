@@ -173,22 +173,35 @@ def structure(op: ops.Dense | ops.Conv, entry: dict, algebras: dict, arrays: dic
 
 # -- dispatch: dense BLAS or a sparse kernel, per layer and number of columns ------------------
 # A sparse product runs its multiply-adds at a lower rate than BLAS runs a dense product's, so it
-# wins below a break-even density (its multiply-adds / the dense product's). That density is
-# lower for few columns (a matrix-vector product: the kernel's start-up, numba's threads woken,
-# costs as much as a small dense product) than from MANY_COLUMNS columns on. A dense layer has
-# one column per image; a convolution one per output position of each image. Measured on the
-# development machine (results/bench_deploy_cpu.md, LeNet-300-100 at 100/20/5/2 %, batch 1 and
-# 256): at batch 256 numba's kernels won from 20 % down, scipy's from 5 %; at batch 1 scipy's
-# from 2 % and numba's matrix-vector kernel (csr_matvec, one core) from 7 % (LeNet-300-100 at
-# 7/5/3.5 %). Quaternions stored whole (blocks, numba): at one column block_matvec beat BLAS at
-# 13.8 % (22 against 31 us, LeNet-300-100 at the file size of the real one at 3.5 %); at 256
-# the hypercomplex kernel broke even with BLAS near 20 %.
+# wins below a break-even density (its multiply-adds / the dense product's), one for each band of
+# columns: one (numba's one-core matrix-vector kernels and the one-image chain), a few (2 to
+# MANY_COLUMNS - 1: the many-column kernels, whose start-up, numba's threads woken, costs as much as
+# a small dense product) and many. A dense layer has one column per image; a convolution one per
+# output position of each image. Measured with experiments.bench_deploy on LeNet-300-100
+# (results/bench_deploy_cpu.md on the development machine; batches 1-256 at 2-90 % on the AMD EPYC):
+# CSR (numba) wins from 20 % down at 256 columns, from 7-8 % at one and at 2-15 (level at 2-4
+# columns near 5-10 %); scipy's from 5 % at 256 and 2 % at one. Numbers stored whole, n = 4
+# (block_matvec, the chain, block_matmul: a block's 16 entries in registers, its sums packed in
+# vectors by the SLP vectoriser): one column beats BLAS up to 70 % (0.016-0.026 ms against
+# 0.034-0.06 at 30 %, 0.022-0.039 at 50 %, level at 90 %); 2-4 columns level near 14 %, 8 ahead at
+# 30 %; 16 ahead at 30 % (0.111 against 0.155 ms) and level at 50 %; 64 and 256 ahead up to 70 %.
+# Other n and element-stored components (hyper_matmul, which passes over the columns once per
+# block entry): at 2-4 columns level at 2 % (complex), behind at 5 %; 16 behind at 10 %; 256 level
+# near 20 %; one column (the chain, n = 2 unrolled; CSR for components) as CSR or better (complex:
+# 2x BLAS at 10 %, level at 30 %).
 MANY_COLUMNS = 16
-BREAK_EVEN = {  # engine: (break-even density below MANY_COLUMNS columns, from it)
-    "numba": (0.08, 0.15),
-    "blocks": (0.15, 0.2),
-    "scipy": (0.03, 0.06),
+BREAK_EVEN = {  # rule: break-even density at (1 column, 2 to MANY_COLUMNS - 1, MANY_COLUMNS on)
+    "numba": (0.08, 0.06, 0.15),  # CSR
+    "hyper": (0.08, 0.02, 0.15),  # components stored alone (one column: CSR)
+    "blocks": (0.2, 0.02, 0.1),  # numbers stored whole, n other than 4
+    "blocks4": (0.5, 0.1, 0.4),  # n = 4 (quaternion, tessarine, Klein four)
+    "scipy": (0.03, 0.03, 0.06),
 }
+
+
+def band(columns: int) -> int:
+    """The :data:`BREAK_EVEN` band of ``columns`` columns: 0 (one), 1 (a few), 2 (many)."""
+    return 0 if columns == 1 else 1 if columns < MANY_COLUMNS else 2
 
 
 # A convolution on planes (qsparse.deploy.planes: 3x3 or smaller, stride 1, SAME, numba) beats the
@@ -202,18 +215,18 @@ DIRECT_MIN_BATCH = 8  # fewer images: dense, planes' tiles then are too few to s
 # OpenBLAS runs a product of fewer multiply-adds than this on the calling thread alone (its
 # SMP_THRESHOLD_MIN x GEMM_MULTITHREAD_THRESHOLD): only larger ones wake the threads that spin.
 BLAS_THREADED = 65536 * 4
-# A layer that auto runs by BLAS at one column still joins the one-image chain where its dense
-# product is smaller than this (LeNet-300-100's 100x10 output layer: the quaternion model at 13.8 %
-# of its weights took 20 us an image with that layer by BLAS and 12-14 us in the chain).
+# A layer that auto runs by BLAS at one column (or at every batch) still joins the one-image
+# chain where its dense product is smaller than this (LeNet-300-100's 100x10 output layer: the
+# quaternion model at 13.8 % of its weights took 20 us an image with that layer by BLAS and 12-14
+# us in the chain).
 CHAIN_DENSE_MAX = 4096
 DESCRIBED_BATCH = 256  # describe() names the mixing batch sizes up to this one
 PATCH_BYTES = 1 << 20  # a dense convolution's patches per BLAS product (1 MiB: fastest of 1-16)
 
 
-def sparse_wins(density: float, columns: int, engine: str) -> bool:
+def sparse_wins(density: float, columns: int, rule: str) -> bool:
     """The cost rule: a sparse product of ``density`` on ``columns`` columns beats dense BLAS."""
-    few, many = BREAK_EVEN[engine]
-    return density < (few if columns < MANY_COLUMNS else many)
+    return density < BREAK_EVEN[rule][band(columns)]
 
 
 class _Layer:
@@ -237,6 +250,7 @@ class _Layer:
         except ValueError as e:
             raise ValueError(f"layer {name}: {e}") from None
         self._check(op, arrays)
+        self.small = np.prod(real_shape(self.structure, shape)) < CHAIN_DENSE_MAX
         self.choice, self.path = kernels, self._path(kernels)
         self.engine, self.density, self.relu = "blas", 1.0, False
         self._stored, self._raw, self.direct = (positions, values), None, False
@@ -245,10 +259,12 @@ class _Layer:
         elif self.path != "dense":
             self._sparse, macs = self._product(positions, values, self.bias)
             self.density = macs / float(np.prod(real_shape(self.structure, shape)))
-            wins = [sparse_wins(self.density, c, self.rule) for c in (self.columns, MANY_COLUMNS)]
+            wins = [sparse_wins(self.density, c, self.rule) for c in self._reachable()]
+            # a small layer keeps its sparse product for the one-image chain (CHAIN_DENSE_MAX)
+            small = self.engine == "numba" and self.small
             # convolutions not on planes: im2col's copies cost more than the sparse product saved
             # in every measurement (results/bench_deploy_conv4_cpu.md), so auto keeps them dense
-            if kernels == "auto" and (self.conv or not any(wins)):
+            if kernels == "auto" and (self.conv or not (any(wins) or small)):
                 self.path, self._sparse = "dense", None  # dense at every batch
         if self.path == "dense" or kernels == "auto":
             dense = dense_kernel(self.storage, shape, positions, values)
@@ -257,9 +273,9 @@ class _Layer:
                 self._kt = np.ascontiguousarray(self.kernel.T)
         dense = self.path == "dense"
         auto = kernels == "auto" and not dense
-        self._dense = tuple(  # (below MANY_COLUMNS columns, from it): decided once, not per call
+        self._dense = tuple(  # per band of columns (band()): decided once, not per call
             dense or (auto and not self.direct and not sparse_wins(self.density, c, self.rule))
-            for c in (1, MANY_COLUMNS)
+            for c in (1, 2, MANY_COLUMNS)
         )
 
     def _direct(self, kernels: str) -> bool:
@@ -331,7 +347,7 @@ class _Layer:
                 positions = np.arange(int(np.prod(shape[1:])))
             self.engine = "numba" if numba and s.algebra.signed_blocks else "scipy"
             product = bsr_product(s, shape, positions, values, bias)
-            if self.engine == "scipy":
+            if self.engine == "scipy" or hasattr(product[0], "blocks"):  # n = 4: one kernel pair
                 return product
             return _one_column(product, block_product(s, shape, positions, values, bias))
         positions, values = element_positions(self.storage, shape, positions, values)
@@ -363,13 +379,20 @@ class _Layer:
     @property
     def rule(self) -> str:
         """The :data:`BREAK_EVEN` entry that decides the layer: its engine's, or ``blocks``
-        for numbers stored whole under numba (one column: :func:`~qsparse.deploy.kernels.
-        block_matvec`, twice CSR's rate on a quaternion layer)."""
-        return "blocks" if self.path == "bsr" and self.engine == "numba" else self.engine
+        (``blocks4`` for n = 4) for numbers stored whole under numba (one column:
+        :func:`~qsparse.deploy.kernels.block_matvec` or the chain, their sums packed in
+        vectors)."""
+        if self.path == "bsr" and self.engine == "numba":
+            return "blocks4" if self.structure.n == 4 else "blocks"
+        return "hyper" if self.path == "hyper" else self.engine
 
     def uses_dense(self, columns: int) -> bool:
         """Whether a call on ``columns`` columns runs dense BLAS (the path, or ``auto``'s rule)."""
-        return self._dense[columns >= MANY_COLUMNS]
+        return self._dense[band(columns)]
+
+    def _reachable(self) -> list[int]:
+        """A column count in each band a batch can reach (one image: :attr:`columns`)."""
+        return sorted({self.columns, 2 * self.columns, max(MANY_COLUMNS, self.columns)})
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Columns ``(K, B)`` -> ``(M, B)`` for a dense op; NHWC -> NHWC for a convolution; the
@@ -426,17 +449,30 @@ class _Layer:
         density = f"auto: {self.density:.1%} of the dense multiply-adds"
         if self.direct:
             return f"{density}, under {DIRECT_BREAK_EVEN:.0%}: numba"
-        few, many = BREAK_EVEN[self.rule]
+        rates = BREAK_EVEN[self.rule]
+        reachable = self._reachable()
         if self.path == "dense":
             reason = None
             if self.conv:
                 reason = f"a convolution over {DIRECT_BREAK_EVEN:.0%}, or one planes do not take"
-            return f"{density}, {reason or f'over {many:.0%}'}: blas"
-        if sparse_wins(self.density, self.columns, self.rule):
-            under = few if self.columns < MANY_COLUMNS else many
-            return f"{density}, under {under:.0%}: {self.engine}"
-        batch = -(-MANY_COLUMNS // self.columns)
-        return f"{density}: blas below batch {batch}, {self.engine} from it"
+            over = max(rates[band(c)] for c in reachable)
+            return f"{density}, {reason or f'over {over:.0%}'}: blas"
+        dense = [self.uses_dense(c) for c in reachable]
+        if all(dense):
+            over = max(rates[band(c)] for c in reachable)
+            return f"{density}, over {over:.0%}: blas, or numba in a one-image chain"
+        if not any(dense):
+            return f"{density}, under {min(rates[band(c)] for c in reachable):.0%}: {self.engine}"
+        images = [-(-c // self.columns) for c in reachable]  # each band's first batch
+        starts = [i for i, d in enumerate(dense) if i == 0 or d != dense[i - 1]]
+        text = []
+        for j, i in enumerate(starts):
+            first = images[i]
+            last = images[starts[j + 1]] - 1 if j + 1 < len(starts) else None
+            batches = f"batch {first}" if last == first else f"batches {first}-{last}"
+            text.append(f"{'blas' if dense[i] else self.engine} at {batches}")
+        text[-1] = text[-1].rsplit(" at ", 1)[0] + f" from batch {images[starts[-1]]}"
+        return f"{density}: " + ", ".join(text)
 
 
 class Model:
@@ -465,8 +501,23 @@ class Model:
         if self._raw_steps:
             a, b = self._affine(self._scale)
             self.layers[0].fold_input(a, b)
+        if kernels == "auto":
+            self._small_layers_follow_blas()
         self._chain = self._one_image_chain()
         self._mixed: dict[int, bool] = {}  # mixes_engines, by batch size
+
+    def _small_layers_follow_blas(self) -> None:
+        """In a band of columns where a dense model's other layers run by BLAS, its small
+        layers (under :data:`CHAIN_DENSE_MAX` multiply-adds) do too: their numba call and the
+        switch between engines cost more than they save (the complex LeNet-300-100 at 3.5 %,
+        2-8 images, its 100x10 output layer by numba: 0.047 against 0.039 ms)."""
+        if any(layer.conv for layer in self.layers):
+            return
+        for b, columns in enumerate((1, 2, MANY_COLUMNS)):
+            if any(layer.uses_dense(columns) and not layer.small for layer in self.layers):
+                for layer in self.layers:
+                    if layer.small:
+                        layer._dense = (*layer._dense[:b], True, *layer._dense[b + 1 :])
 
     def _one_image_chain(self) -> tuple | None:
         """The arguments of :func:`~qsparse.deploy.kernels.chain_matvec` after the image where
