@@ -2,13 +2,15 @@ r"""What every finished round of a run costs deployed: bytes, FLOPs, CPU latency
 
     python -m experiments.deployment --runs=runs/lenet300_100_quat_mnist_0a1b2c3d --out=deploy
     python -m experiments.deployment --runs=runs --out=deploy --replicate=1 --repeats=7
+    python -m experiments.deployment --runs=runs/conv4_real_... --out=deploy --batches=1,64
 
 For each run directory (``--runs``: runs, or folders holding runs) exports every finished round
 of the replicate and measures it (:mod:`benchmarks.deployment`): weights and parameters alive,
 the exported file's bytes on disk and a dense float32 file's, dense and sparse-effective FLOPs
 per image, and the median latency of the dense JAX model, of the runtime on a dense export and on
-the sparse one at batch 1 and 256 on the CPU. Writes ``<out>/<run>/replicate_<r>/deployment.json``,
-``deployment.md`` and the exported ``round_<LL>.npz`` files, and prints the table of them all.
+the sparse one at each of ``--batches`` (default 1 and 256) on the CPU. Writes
+``<out>/<run>/replicate_<r>/deployment.json``, ``deployment.md`` and the exported
+``round_<LL>.npz`` files, and prints the table of them all.
 ``python -m experiments.report --deployment=<out>`` and ``python -m experiments.plot
 --deployment=<out>`` read them back.
 
@@ -37,6 +39,7 @@ flags.DEFINE_integer("replicate", 0, "the replicate to account for", allow_overr
 flags.DEFINE_integer(
     "repeats", deployment.REPEATS, "timed calls per latency (median; after one warm-up call)"
 )
+flags.DEFINE_list("batches", [str(b) for b in deployment.BATCHES], "batch sizes timed")
 flags.DEFINE_bool("overwrite", False, "replace a run's existing record", allow_override=True)
 FLAGS = flags.FLAGS
 
@@ -45,6 +48,12 @@ def main(argv: list[str]) -> None:
     require(argv, "runs", "out")
     if FLAGS.repeats < 1:
         fail(f"--repeats={FLAGS.repeats}: at least one timed call")
+    try:
+        batches = [int(b) for b in FLAGS.batches]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        fail(f"--batches={','.join(FLAGS.batches)}: positive integers, e.g. 1,64,256")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
     try:
         runs = results.find_runs(FLAGS.runs)
@@ -64,6 +73,7 @@ def main(argv: list[str]) -> None:
                 FLAGS.out,
                 replicate=FLAGS.replicate,
                 repeats=FLAGS.repeats,
+                batches=batches,
                 overwrite=FLAGS.overwrite,
             )
             written.append(deployment.target(FLAGS.out, run, FLAGS.replicate) / accounting.FILE)

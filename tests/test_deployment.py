@@ -261,6 +261,8 @@ BAD = {  # name: (flags, substring of the error line)
     "no_finished_round": (["--runs={empty}", "--out={tmp}/o"], "has no finished round"),
     "replicate_missing": (["--runs={work}", "--replicate=3", "--out={tmp}/o"], "no replicate 3"),
     "repeats_zero": (["--runs={work}", "--repeats=0", "--out={tmp}/o"], "--repeats=0"),
+    "batches_zero": (["--runs={work}", "--batches=1,0", "--out={tmp}/o"], "--batches=1,0"),
+    "batches_word": (["--runs={work}", "--batches=big", "--out={tmp}/o"], "--batches=big"),
     "out_exists": (["--runs={work}", "--out={out}", "--repeats=1"], "exists; pass --overwrite"),
     "out_under_a_file": (["--runs={work}", "--out={tmp}/file"], "is not a directory"),
     "arguments": (["--runs={work}", "--out={tmp}/o", "extra"], "unexpected arguments"),
@@ -299,11 +301,13 @@ def test_overwrite_replaces_a_record(tiny_runs, accounted, tmp_path, capsys, run
     folder = out / run.name / "replicate_0"
     other = snapshot(*(out / r.name for r in runs.values() if r != run))
     before = record(out, run)
-    args = [f"--runs={run}", f"--out={out}", "--repeats=1", "--overwrite"]
+    args = [f"--runs={run}", f"--out={out}", "--repeats=1", "--batches=1,3", "--overwrite"]
     assert run_main(command.main, args) == 0
     assert "| Q | 2 |" in capsys.readouterr().out  # one curve alone: its label is Q
     after = record(out, run)
     assert (after["repeats"], before["repeats"]) == (1, REPEATS)
+    assert (after["batches"], before["batches"]) == ([1, 3], [1, 256])
+    assert all(accounting.latency_field("sparse", 3) in row for row in after["rounds"])
     for a, b in zip(after["rounds"], before["rounds"]):
         assert {k: a[k] for k in accounting.ROUND_FIELDS} == {
             k: b[k] for k in accounting.ROUND_FIELDS
