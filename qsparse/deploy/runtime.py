@@ -458,9 +458,10 @@ class _Layer:
             over = max(rates[band(c)] for c in reachable)
             return f"{density}, {reason or f'over {over:.0%}'}: blas"
         dense = [self.uses_dense(c) for c in reachable]
-        if all(dense):
+        if all(dense):  # over every band's break-even, or a small layer beside BLAS ones
             over = max(rates[band(c)] for c in reachable)
-            return f"{density}, over {over:.0%}: blas, or numba in a one-image chain"
+            reason = f"over {over:.0%}" if self.density >= over else "beside layers run by BLAS"
+            return f"{density}, {reason}: blas, or numba in a one-image chain"
         if not any(dense):
             return f"{density}, under {min(rates[band(c)] for c in reachable):.0%}: {self.engine}"
         images = [-(-c // self.columns) for c in reachable]  # each band's first batch
