@@ -207,6 +207,47 @@ def test_dense_convolutions_by_a_few_images_at_a_time_equal_the_jax_model(
     assert_close(deploy.load(path, kernels="dense").predict(x), jax_logits(apply, params, spec, x))
 
 
+@pytest.mark.parametrize("algebra", models.PAPER_ALGEBRAS)
+def test_a_first_convolution_of_few_taps_and_a_small_layer_follow_numba(
+    tmp_path, monkeypatch, algebra
+):
+    """Conv-4 as global pruning leaves a trained one: its first convolution (27 or 36 taps)
+    whole, its small output layer at 50 % (over numba's break-evens), its large dense layer at 1 %,
+    the rest at 10 %. auto puts
+    the first convolution on planes like the next one and the output layer on its sparse product
+    like the dense layers before it, and says why; so from 8 images (planes) no call mixes
+    BLAS and numba even where every BLAS product would be threaded. With the next convolution
+    dense the first stays dense too. The logits are JAX's for 3 images (dense convolutions) and
+    9 (planes)."""
+    pytest.importorskip("numba")  # planes need numba
+    model, params, spec, apply = jax_model("conv4", algebra)
+    rng = np.random.default_rng(4)
+
+    def mask(path, p, rest=0.1):
+        layer, name = M.path_str(path).split("/")
+        if "kernel" not in name or layer in ("Conv_0", "QConv_0"):
+            return np.ones(p.shape, bool)
+        density = {"output": 0.5, "Dense_0": 0.01, "QDense_0": 0.01}.get(layer, rest)
+        return rng.random(p.shape) < density
+
+    monkeypatch.setattr(deploy.runtime, "BLAS_THREADED", 1)  # as if every product were large
+    masks = jax.tree_util.tree_map_with_path(mask, params)
+    params = M.apply(params, masks)
+    m = deploy.load(write(tmp_path / "m.npz", model, params, masks, spec))
+    first, second, output = m.layers[0], m.layers[1], m.layers[-1]
+    assert first.direct and first.density == 1.0 and second.direct
+    assert first.why().endswith("36 taps or fewer before a convolution on planes: numba")
+    assert output.density > max(deploy.runtime.BREAK_EVEN["numba"]) and output.small
+    assert not output.uses_dense(300) and "beside layers run by numba" in output.why()
+    assert not any(m.mixes_engines(n) for n in (8, 9, 64, 300)) and m.mixes_engines(3)
+    for n in (3, 9):
+        x = images(spec, n=n, seed=n)
+        assert_close(m.predict(x), jax_logits(apply, params, spec, x))
+    masks = jax.tree_util.tree_map_with_path(functools.partial(mask, rest=1.0), params)
+    dense = deploy.load(write(tmp_path / "d.npz", model, params, masks, spec))
+    assert not any(layer.direct for layer in dense.layers) and dense.layers[-1].uses_dense(300)
+
+
 def test_a_batch_mixing_blas_and_numba_runs_numba_on_one_thread(tmp_path, monkeypatch):
     """The first layer under its break-even, the others dense: where one call runs numba's
     parallel kernels and BLAS products OpenBLAS threads, numba gets one thread (OpenBLAS's

@@ -222,6 +222,12 @@ BLAS_THREADED = 65536 * 4
 CHAIN_DENSE_MAX = 4096
 DESCRIBED_BATCH = 256  # describe() names the mixing batch sizes up to this one
 PATCH_BYTES = 1 << 20  # a dense convolution's patches per BLAS product (1 MiB: fastest of 1-16)
+# A dense convolution of at most this many taps (kh kw C: 3x3 on up to 4 channels, a first
+# convolution) goes on planes at any density where the next convolution is on them
+# (Model._few_taps_follow_planes): on one channel at full density planes took 1.7 ms (64 images
+# of 28x28, 64 outputs, 2 cores) where BLAS's patches product and laying its output out as planes
+# took 1.6 + 2.1 ms; and BLAS's threads then leave numba both cores (Model.mixes_engines).
+FEW_TAPS = 36
 
 
 def sparse_wins(density: float, columns: int, rule: str) -> bool:
@@ -286,15 +292,36 @@ class _Layer:
             return False
         if not planes_lib.supported(self.shape, self.pads, self.strides):
             return False
-        positions, values = element_positions(self.storage, self.shape, *self._stored)
-        rows, cols, vals = real_entries(self.structure, self.shape, positions, values)
-        m, k = real_shape(self.structure, self.shape)
-        density = len(vals) / float(m * k)
-        if density >= DIRECT_BREAK_EVEN:
+        entries = self._real_entries()
+        if len(entries[2]) >= DIRECT_BREAK_EVEN * np.prod(real_shape(self.structure, self.shape)):
             return False
-        self.direct, self.path, self.engine, self.density = True, "direct", "numba", density
-        self._taps = planes_lib.taps(rows, cols, vals, self.shape, self.hw[1], self.c_in, m)
+        self._on_planes(entries)
         return True
+
+    def _real_entries(self) -> tuple:
+        positions, values = element_positions(self.storage, self.shape, *self._stored)
+        return real_entries(self.structure, self.shape, positions, values)
+
+    def _on_planes(self, entries: tuple) -> None:
+        rows, cols, vals = entries
+        m, k = real_shape(self.structure, self.shape)
+        self.direct, self.path, self.engine = True, "direct", "numba"
+        self.density = len(vals) / float(m * k)
+        self._taps = planes_lib.taps(rows, cols, vals, self.shape, self.hw[1], self.c_in, m)
+
+    @property
+    def few_taps(self) -> bool:
+        """A dense convolution ``auto`` may put on planes at any density (:data:`FEW_TAPS`, a
+        geometry planes take, numba): :meth:`Model._few_taps_follow_planes`."""
+        if not (self.conv and self.path == "dense" and self.choice == "auto"):
+            return False
+        few = np.prod(self.shape[-4:-2]) * self.c_in <= FEW_TAPS and kernels_lib.AVAILABLE
+        return few and planes_lib.supported(self.shape, self.pads, self.strides)
+
+    def to_planes(self) -> None:
+        """Run on planes at any batch that lays them out (:data:`DIRECT_MIN_BATCH`)."""
+        self._on_planes(self._real_entries())
+        self._dense = (False, False, False)
 
     def _check(self, op, arrays: dict) -> None:
         name, shape, kind = self.name, self.shape, self.kind
@@ -447,6 +474,8 @@ class _Layer:
         if self.choice != "auto":
             return self.engine
         density = f"auto: {self.density:.1%} of the dense multiply-adds"
+        if self.direct and self.density >= DIRECT_BREAK_EVEN:
+            return f"{density}, {FEW_TAPS} taps or fewer before a convolution on planes: numba"
         if self.direct:
             return f"{density}, under {DIRECT_BREAK_EVEN:.0%}: numba"
         rates = BREAK_EVEN[self.rule]
@@ -462,8 +491,10 @@ class _Layer:
             over = max(rates[band(c)] for c in reachable)
             reason = f"over {over:.0%}" if self.density >= over else "beside layers run by BLAS"
             return f"{density}, {reason}: blas, or numba in a one-image chain"
-        if not any(dense):
-            return f"{density}, under {min(rates[band(c)] for c in reachable):.0%}: {self.engine}"
+        if not any(dense):  # under every band's break-even, or a small layer beside numba ones
+            under = min(rates[band(c)] for c in reachable)
+            reason = f"under {under:.0%}" if self.density < under else "beside layers run by numba"
+            return f"{density}, {reason}: {self.engine}"
         images = [-(-c // self.columns) for c in reachable]  # each band's first batch
         starts = [i for i, d in enumerate(dense) if i == 0 or d != dense[i - 1]]
         text = []
@@ -504,6 +535,8 @@ class Model:
             self.layers[0].fold_input(a, b)
         if kernels == "auto":
             self._small_layers_follow_blas()
+            self._few_taps_follow_planes()
+            self._small_layers_follow_numba()
         self._chain = self._one_image_chain()
         self._mixed: dict[int, bool] = {}  # mixes_engines, by batch size
 
@@ -519,6 +552,39 @@ class Model:
                 for layer in self.layers:
                     if layer.small:
                         layer._dense = (*layer._dense[:b], True, *layer._dense[b + 1 :])
+
+    def _small_layers_follow_numba(self) -> None:
+        """In a model with convolutions on planes, a small dense layer (under
+        :data:`CHAIN_DENSE_MAX` multiply-adds) runs its sparse product in a band of columns where
+        the other dense layers run theirs: by BLAS it would be the call's one threaded BLAS
+        product, and numba would then get one core (:meth:`mixes_engines`; a trained Conv-4's
+        10-class output layer at 15 %, from 103 images)."""
+        if not any(layer.direct for layer in self.layers):
+            return
+        dense = [layer for layer in self.layers if not layer.conv]
+        for b, columns in enumerate((1, 2, MANY_COLUMNS)):
+            if any(layer.uses_dense(columns) for layer in dense if not layer.small):
+                continue
+            for layer in dense:
+                if layer.small and getattr(layer, "_sparse", None) is not None:
+                    layer._dense = (*layer._dense[:b], False, *layer._dense[b + 1 :])
+
+    def _few_taps_follow_planes(self) -> None:
+        """A dense convolution of few taps (:attr:`_Layer.few_taps`) whose output reaches a
+        convolution on planes through ReLUs and pools alone goes on planes too: its output
+        then needs no layout of its own, and no BLAS product is left beside numba's kernels
+        (a trained Conv-4 at 1.2 % of its weights, its first convolution at 85 %, batch 64:
+        22 against 46 ms)."""
+        steps = self._steps
+        for i, (step, _) in enumerate(steps):
+            layer = getattr(step, "__self__", None)
+            if not (isinstance(layer, _Layer) and layer.few_taps):
+                continue
+            after = next((j for j in range(i + 1, len(steps)) if steps[j][1] is not None), None)
+            following = after is not None and getattr(steps[after][0], "__self__", None)
+            if isinstance(following, _Layer) and following.direct:
+                layer.to_planes()
+                steps[i] = (step, PLANES)
 
     def _one_image_chain(self) -> tuple | None:
         """The arguments of :func:`~qsparse.deploy.kernels.chain_matvec` after the image where
