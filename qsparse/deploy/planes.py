@@ -202,7 +202,35 @@ def _conv(indptr, channel, shift, values, bias, x, margin, mask, relu, y):
             for t in range(TILE):
                 yt[t] = b
             k, end = indptr[o], indptr[o + 1]
-            while k + 4 <= end:  # four taps per pass over the tile's outputs
+            while k + 8 <= end:  # eight taps per pass over the tile's outputs, then four
+                v0, v1, v2, v3 = values[k], values[k + 1], values[k + 2], values[k + 3]
+                v4, v5, v6, v7 = values[k + 4], values[k + 5], values[k + 6], values[k + 7]
+                s0, s1, s2, s3 = (
+                    q0 + shift[k],
+                    q0 + shift[k + 1],
+                    q0 + shift[k + 2],
+                    q0 + shift[k + 3],
+                )
+                s4, s5, s6, s7 = (
+                    q0 + shift[k + 4],
+                    q0 + shift[k + 5],
+                    q0 + shift[k + 6],
+                    q0 + shift[k + 7],
+                )
+                x0 = x[channel[k], s0 : s0 + TILE]
+                x1 = x[channel[k + 1], s1 : s1 + TILE]
+                x2 = x[channel[k + 2], s2 : s2 + TILE]
+                x3 = x[channel[k + 3], s3 : s3 + TILE]
+                x4 = x[channel[k + 4], s4 : s4 + TILE]
+                x5 = x[channel[k + 5], s5 : s5 + TILE]
+                x6 = x[channel[k + 6], s6 : s6 + TILE]
+                x7 = x[channel[k + 7], s7 : s7 + TILE]
+                for t in range(TILE):
+                    yt[t] += (v0 * x0[t] + v1 * x1[t] + v2 * x2[t] + v3 * x3[t]) + (
+                        v4 * x4[t] + v5 * x5[t] + v6 * x6[t] + v7 * x7[t]
+                    )
+                k += 8
+            while k + 4 <= end:
                 v0, v1, v2, v3 = values[k], values[k + 1], values[k + 2], values[k + 3]
                 s0, s1, s2, s3 = (
                     q0 + shift[k],
