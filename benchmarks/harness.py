@@ -64,6 +64,16 @@ def matmul_peak(n: int, repeats: int) -> dict[str, Any]:
     return {"n": n, "seconds": seconds, "gflops": 2 * n**3 / seconds / 1e9, "times": times}
 
 
+def memory_bandwidth(mib: int, repeats: int) -> dict[str, Any]:
+    """GB/s of a copy between two float32 arrays of ``mib`` MiB each (read plus written bytes,
+    median), the other yardstick: what a call that must move its bytes can reach at best."""
+    src = np.ones(mib << 18, np.float32)
+    dst = np.empty_like(src)
+    times = timed(lambda: np.copyto(dst, src), repeats)
+    seconds = statistics.median(times)
+    return {"mib": mib, "seconds": seconds, "gbs": 2 * src.nbytes / seconds / 1e9, "times": times}
+
+
 class Setup:
     """A Trainer, a masked state and synthetic data for one model and algebra, at the model's
     batch size and with its optimizer.

@@ -18,11 +18,15 @@
 ``auto`` runs than it (the runtime's goals are stated against it: docs/deployment.md).
 
 Each as the median of ``repeats`` calls after two warm-up calls (the paths' calls timed in turn,
-in :data:`WINDOWS` rounds), in ms and images/s, and as
-multiply-adds per second (those of the surviving weights, a hypercomplex weight counting as the
-real multiply-adds it feeds, a convolution weight once per output position) against the
-machine's float32 matmul rate measured in the same run (:func:`benchmarks.harness.matmul_peak`,
-jit JAX: the limit). Timings mean something only on an otherwise idle machine.
+in :data:`WINDOWS` rounds), in ms and images/s, and against the limit: the longer of the
+surviving weights' multiply-adds (a hypercomplex weight counting as the real multiply-adds it
+feeds, a convolution weight once per output position) at the machine's float32 matmul rate
+(:func:`benchmarks.harness.matmul_peak`, jit JAX) and the bytes a call must move (the stored
+kernels, the images and the logits; a layer's input and output activations) at its copy
+bandwidth (:func:`benchmarks.harness.memory_bandwidth`), both measured in the same run. With
+``layers``, every layer of the model's top level is timed alone too, by each path, on the input
+a forward gives it (:meth:`qsparse.deploy.runtime.Model.layer_calls`; conversions between
+layouts not included). Timings mean something only on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -39,10 +43,17 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from benchmarks.harness import cpu_name, dataset_of, load_average, matmul_peak, timed
+from benchmarks.harness import (
+    cpu_name,
+    dataset_of,
+    load_average,
+    matmul_peak,
+    memory_bandwidth,
+    timed,
+)
 from qsparse import augment, deploy, export, models, pruning
 from qsparse import masks as M
-from qsparse.deploy import kernels
+from qsparse.deploy import kernels, planes
 
 IMPLS = ("dense", "scipy", "numba", "auto", "jax")
 SMALL = {  # widths for a quick check that the benchmark runs (not a measurement)
@@ -64,6 +75,8 @@ class Options:
     peak_size: int = 1024
     files: tuple[str, ...] = ()
     small: bool = False
+    layers: bool = False
+    bandwidth_mib: int = 256
 
     def check(self) -> None:
         """ValueError naming the first bad setting and the valid choices."""
@@ -76,8 +89,9 @@ class Options:
                     raise ValueError(f"{field}: {value!r} is not valid; choose from {valid}")
         if not all(0 < d <= 1 for d in self.densities):
             raise ValueError(f"densities: {list(self.densities)}; each must be in (0, 1]")
-        if min(self.batches, default=1) < 1 or self.repeats < 1 or self.peak_size < 1:
-            raise ValueError("batches, repeats and peak_size must be at least 1")
+        sizes = (self.repeats, self.peak_size, self.bandwidth_mib)
+        if min(self.batches, default=1) < 1 or min(sizes) < 1:
+            raise ValueError("batches, repeats, peak_size and bandwidth_mib must be at least 1")
         for threads in self.threads:
             kernels.set_threads(threads)
         for f in self.files:
@@ -184,11 +198,61 @@ def median_seconds(calls: dict, repeats: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def limit(macs: float, nbytes: float, limits: dict) -> tuple[float, str]:
+    """(seconds, bound) at best for ``macs`` multiply-adds and ``nbytes`` bytes moved: the
+    longer of the two at the measured rates (``limits``: ``gflops``, ``gbs``)."""
+    flops_s, bytes_s = 2 * macs / limits["gflops"] / 1e9, nbytes / limits["gbs"] / 1e9
+    return (flops_s, "flops") if flops_s >= bytes_s else (bytes_s, "bytes")
+
+
+def _row(label: dict, impl: str, seconds: float, batch: int, macs: float, nbytes: float, limits):
+    best, bound = limit(macs * batch, nbytes, limits)
+    return {
+        **label,
+        "batch": batch,
+        "impl": impl,
+        "ms": 1e3 * seconds,
+        "images_per_s": batch / seconds,
+        "macs": macs,
+        "gmacs_per_s": macs * batch / seconds / 1e9,
+        "of_peak": 2 * macs * batch / seconds / 1e9 / limits["gflops"],
+        "bytes": nbytes,
+        "limit_ms": 1e3 * best,
+        "bound": bound,
+        "of_limit": best / seconds,
+    }
+
+
+def _activation_bytes(x) -> int:
+    """An activation's bytes (planes: their positions, rings included)."""
+    if isinstance(x, planes.Planes):
+        return x.data.shape[0] * x.n * (x.h + 2) * (x.w + 2) * x.data.itemsize
+    return x.nbytes
+
+
+def time_layers(models_: dict, images: np.ndarray, options: Options, label: dict, limits):
+    """One row per layer (the model's top level) and implementation: each layer alone."""
+    calls, rows = {}, []
+    for impl, model in models_.items():
+        for layer, x, call in model.layer_calls(images):
+            calls.setdefault(layer.name, {})[impl] = (layer, x, call)
+    for name, by_impl in calls.items():
+        seconds = median_seconds({impl: c for impl, (*_, c) in by_impl.items()}, options.repeats)
+        for impl, (layer, x, call) in by_impl.items():
+            m, k = deploy.matrices.real_shape(layer.structure, layer.shape)
+            macs = m * k * layer.columns * layer.storage["alive"] / layer.storage["total"]
+            moved = _activation_bytes(x) + _activation_bytes(call())
+            nbytes = layer.storage["bytes"] + layer.bias.nbytes + moved
+            head = {**label, "layer": name}
+            rows.append(_row(head, impl, seconds[impl], len(images), macs, nbytes, limits))
+    return rows
+
+
 def time_file(
-    path: Path, options: Options, peak_gflops: float, label: dict, jax_forward=None
+    path: Path, options: Options, limits: dict, label: dict, jax_forward=None
 ) -> list[dict]:
     """One row per implementation, batch and thread count for the model in ``path`` (``jax``
-    where ``jax_forward`` is given)."""
+    where ``jax_forward`` is given); with ``options.layers`` one per layer too."""
     impls = [i for i in IMPLS if i != "jax" and (i != "numba" or kernels.AVAILABLE)]
     reference = load(path, "numba" if kernels.AVAILABLE else "scipy", None)
     dense_macs, macs = multiply_adds(reference)
@@ -199,6 +263,7 @@ def time_file(
     rows = []
     for threads in options.threads:
         models_ = {impl: load(path, impl, threads) for impl in impls}
+        head = {**label, "density": alive / total, "threads": kernels.set_threads(threads)}
         for batch in options.batches:
             images = rng.integers(0, 256, (batch, *reference.input_shape), np.uint8)
             calls = {
@@ -207,32 +272,24 @@ def time_file(
             }
             if jax_forward is not None:
                 calls["jax"] = functools.partial(jax_forward, images)
+            nbytes = header["bytes"]["kernels"] + images.nbytes + 4 * batch * reference.num_classes
             for impl, seconds in median_seconds(calls, options.repeats).items():
-                rows.append(
-                    {
-                        **label,
-                        "density": alive / total,
-                        "batch": batch,
-                        "threads": kernels.set_threads(threads),
-                        "impl": impl,
-                        "ms": 1e3 * seconds,
-                        "images_per_s": batch / seconds,
-                        "dense_macs": dense_macs,
-                        "macs": macs,
-                        "gmacs_per_s": macs * batch / seconds / 1e9,
-                        "of_peak": 2 * macs * batch / seconds / 1e9 / peak_gflops,
-                    }
-                )
+                row = _row(head, impl, seconds, batch, macs, nbytes, limits)
+                rows.append({**row, "dense_macs": dense_macs})
+            if options.layers:
+                rows += time_layers(models_, images, options, head, limits)
     return rows
 
 
 def run(options: Options) -> dict:
     """Every file and synthetic model of ``options``, timed: ``{"machine", "peak", "rows"}``."""
     peak = matmul_peak(options.peak_size, repeats=5)
+    bandwidth = memory_bandwidth(options.bandwidth_mib, repeats=5)
+    limits = {"gflops": peak["gflops"], "gbs": bandwidth["gbs"]}
     machine = {"cpu": cpu_name(), "load_before": load_average(), "numba": kernels.AVAILABLE}
     rows = []
     for f in options.files:
-        rows += time_file(Path(f), options, peak["gflops"], {"model": Path(f).name, "algebra": ""})
+        rows += time_file(Path(f), options, limits, {"model": Path(f).name, "algebra": ""})
     with tempfile.TemporaryDirectory() as tmp:
         for name in options.models:
             for algebra in options.algebras:
@@ -240,41 +297,61 @@ def run(options: Options) -> dict:
                     path = Path(tmp) / f"{name}_{algebra}_{density}.npz"
                     _, forward = synthetic(path, name, algebra, density, options.small)
                     label = {"model": name, "algebra": algebra}
-                    rows += time_file(path, options, peak["gflops"], label, forward)
+                    rows += time_file(path, options, limits, label, forward)
     machine["load_after"] = load_average()
-    return {"machine": machine, "peak_gflops": peak["gflops"], "rows": rows}
+    return {
+        "machine": machine,
+        "peak_gflops": peak["gflops"],
+        "bandwidth_gbs": bandwidth["gbs"],
+        "rows": rows,
+    }
 
 
 def table(result: dict) -> str:
-    """The rows as Markdown, one line per model, density, batch and thread count, the paths
-    side by side: ms, images/s, and multiply-adds/s as a percentage of the matmul peak; then the
-    best dense path's ms and how many times faster ``auto`` is."""
+    """The rows as Markdown, one line per model (then per layer, where timed), density, batch
+    and thread count, the paths side by side: ms, images/s, and the limit's time as a percentage
+    of theirs; then the limit (ms, and whether multiply-adds or bytes bound it), the best dense
+    path's ms and how many times faster ``auto`` is (a layer's best dense path: ``dense``)."""
     m = result["machine"]
     lines = [
         f"CPU {m['cpu']}, numba {m['numba']}, float32 matmul peak "
-        f"{result['peak_gflops']:.1f} GFLOP/s, load {m['load_before']} -> {m['load_after']}",
-        "",
-        "| model | algebra | density | batch | threads | "
-        + " | ".join(f"{i} ms | {i} img/s | {i} % peak" for i in IMPLS)
-        + " | best dense ms | auto / best |",
-        "|---" * (7 + 3 * len(IMPLS)) + "|",
+        f"{result['peak_gflops']:.1f} GFLOP/s, copy bandwidth {result['bandwidth_gbs']:.1f} GB/s, "
+        f"load {m['load_before']} -> {m['load_after']}",
     ]
     keys = ("model", "algebra", "density", "batch", "threads")
-    groups: dict[tuple, dict[str, dict]] = {}
-    for row in result["rows"]:
-        groups.setdefault(tuple(row[k] for k in keys), {})[row["impl"]] = row
-    for (model, algebra, density, batch, threads), by_impl in groups.items():
-        cells = [
-            f"{r['ms']:.3f} | {r['images_per_s']:.0f} | {100 * r['of_peak']:.1f}"
-            if (r := by_impl.get(i))
-            else "- | - | -"
-            for i in IMPLS
+    for layers in (False, True):
+        rows = [r for r in result["rows"] if ("layer" in r) == layers]
+        if not rows:
+            continue
+        head = "| model | algebra | " + ("layer | " if layers else "")
+        lines += [
+            "",
+            head
+            + "density | batch | threads | "
+            + " | ".join(f"{i} ms | {i} img/s | {i} % limit" for i in IMPLS)
+            + " | limit ms | bound | best dense ms | auto / best |",
+            "|---" * (9 + layers + 3 * len(IMPLS)) + "|",
         ]
-        best = min(by_impl[i]["ms"] for i in ("dense", "jax") if i in by_impl)
-        cells.append(f"{best:.3f} | {best / by_impl['auto']['ms']:.2f}x")
-        lines.append(
-            f"| {model} | {algebra} | {density:.1%} | {batch} | {threads} | "
-            + " | ".join(cells)
-            + " |"
-        )
+        groups: dict[tuple, dict[str, dict]] = {}
+        for row in rows:
+            key = tuple(row[k] for k in keys) + ((row["layer"],) if layers else ())
+            groups.setdefault(key, {})[row["impl"]] = row
+        for key, by_impl in groups.items():
+            model, algebra, density, batch, threads = key[:5]
+            cells = [
+                f"{r['ms']:.3f} | {r['images_per_s']:.0f} | {100 * r['of_limit']:.1f}"
+                if (r := by_impl.get(i))
+                else "- | - | -"
+                for i in IMPLS
+            ]
+            best = min(by_impl[i]["ms"] for i in ("dense", "jax") if i in by_impl)
+            auto = by_impl["auto"]
+            cells.append(f"{auto['limit_ms']:.4f} | {auto['bound']}")
+            cells.append(f"{best:.3f} | {best / auto['ms']:.2f}x")
+            layer = f"{key[5]} | " if layers else ""
+            lines.append(
+                f"| {model} | {algebra} | {layer}{density:.1%} | {batch} | {threads} | "
+                + " | ".join(cells)
+                + " |"
+            )
     return "\n".join(lines)

@@ -4,10 +4,12 @@ r"""Latency of the numpy runtime's paths (dense BLAS, scipy, numba, auto) on pru
     python -m experiments.bench_deploy --files=lenet.npz --models= --threads=1,2 \
         --json=results/bench_deploy.json --markdown=results/bench_deploy.md
     python -m experiments.bench_deploy --small --repeats=1 --batches=1,4   # a check that it runs
+    python -m experiments.bench_deploy --models=conv4 --densities=0.1 --layers   # and per layer
 
 Synthetic models (random weights pruned layer by layer to each of ``--densities``) and any
-export files, timed at each batch and thread count, with the machine's float32 matmul peak as
-the limit (:mod:`benchmarks.sparse_runtime`). Time on an otherwise idle machine. Bad flag values
+export files, timed at each batch and thread count, against the limit of the machine's float32
+matmul peak and copy bandwidth (:mod:`benchmarks.sparse_runtime`); with ``--layers`` every layer
+alone too. Time on an otherwise idle machine. Bad flag values
 exit with status 2 and one line naming the value and the valid choices.
 """
 
@@ -32,6 +34,8 @@ flags.DEFINE_integer("repeats", _D.repeats, "timed calls per measurement (median
 flags.DEFINE_integer("peak_size", _D.peak_size, "n of the n x n float32 matmul peak")
 flags.DEFINE_list("files", [], "export files to time as they are")
 flags.DEFINE_bool("small", False, "tiny widths: a check that the benchmark runs, not a measurement")
+flags.DEFINE_bool("layers", False, "also time every layer alone, by each path")
+flags.DEFINE_integer("bandwidth_mib", _D.bandwidth_mib, "MiB copied to measure memory bandwidth")
 flags.DEFINE_string("json", None, "write the result as JSON here")
 flags.DEFINE_string("markdown", None, "write the Markdown table here")
 FLAGS = flags.FLAGS
@@ -57,6 +61,8 @@ def options_from_flags() -> Options:
         peak_size=FLAGS.peak_size,
         files=tuple(f for f in FLAGS.files if f),
         small=FLAGS.small,
+        layers=FLAGS.layers,
+        bandwidth_mib=FLAGS.bandwidth_mib,
     )
 
 

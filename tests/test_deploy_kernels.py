@@ -9,6 +9,7 @@ density for a large batch, and ``describe()`` says which and why; ``threads`` is
 values are refused; without numba the runtime gives the same logits.
 """
 
+import math
 import os
 import platform
 import subprocess
@@ -584,25 +585,43 @@ def test_one_image_through_quaternions_is_packed_into_vectors_unless_the_user_sa
 
 
 def test_the_benchmark_runs_and_tabulates(tmp_path):
-    """The benchmark on tiny models (its numbers are no measurement here)."""
+    """The benchmark on tiny models (its numbers are no measurement here): a row per path and
+    batch, and per layer and path; each row's limit the longer of its multiply-adds at the peak
+    and its bytes at the bandwidth; the tables print best dense over auto."""
     options = sparse_runtime.Options(
-        models=("lenet300_100",),
+        models=("conv4",),
         algebras=("quat",),
         densities=(0.05,),
-        batches=(1, 3),
+        batches=(1, 9),  # dense convolutions, then planes
         repeats=1,
         peak_size=32,
+        bandwidth_mib=1,
         small=True,
+        layers=True,
     )
     result = sparse_runtime.run(options)
-    impls = {row["impl"] for row in result["rows"]}
+    models_ = [r for r in result["rows"] if "layer" not in r]
+    impls = {row["impl"] for row in models_}
     assert impls == set(sparse_runtime.IMPLS) - (set() if kernels.AVAILABLE else {"numba"})
-    assert len(result["rows"]) == 2 * len(impls)
+    assert len(models_) == 2 * len(impls)
+    limits = {"gflops": result["peak_gflops"], "gbs": result["bandwidth_gbs"]}
     for row in result["rows"]:
-        assert row["ms"] > 0 and 0 < row["macs"] < row["dense_macs"] and row["of_peak"] > 0
-    lines = sparse_runtime.table(result).splitlines()
-    assert lines[0].startswith("CPU ") and len(lines) == 4 + 2
-    for line, batch in zip(lines[-2:], (1, 3), strict=True):  # best dense over auto, as printed
-        rows = {r["impl"]: r["ms"] for r in result["rows"] if r["batch"] == batch}
+        assert row["ms"] > 0 and row["macs"] > 0 and row["bytes"] > 0
+        seconds = max(
+            2 * row["macs"] * row["batch"] / 1e9 / limits["gflops"],
+            row["bytes"] / 1e9 / limits["gbs"],
+        )
+        assert math.isclose(row["limit_ms"], 1e3 * seconds)
+        assert math.isclose(row["of_limit"], row["limit_ms"] / row["ms"])
+    assert all(0 < r["macs"] < r["dense_macs"] for r in models_)
+    layers = [r for r in result["rows"] if "layer" in r]
+    names = {r["layer"] for r in layers}
+    assert names == {"QConv_0", "QConv_1", "QConv_2", "QConv_3", "QDense_0", "QDense_1", "output"}
+    assert len(layers) == 2 * len(names) * (len(impls) - 1)  # every path but jax
+    text = sparse_runtime.table(result)
+    first, second = text.split("\n\n")[1:]
+    assert len(first.splitlines()) == 2 + 2 and len(second.splitlines()) == 2 + 2 * len(names)
+    for line, batch in zip(first.splitlines()[-2:], (1, 9), strict=True):  # as printed
+        rows = {r["impl"]: r["ms"] for r in models_ if r["batch"] == batch}
         ratio = min(rows["dense"], rows["jax"]) / rows["auto"]
         assert line.endswith(f"| {ratio:.2f}x |")

@@ -17,6 +17,8 @@ import contextlib
 import dataclasses
 import functools
 import os
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -95,14 +97,17 @@ def _convert(x, have: str, want: str):
     return np.ascontiguousarray(x.T)  # rows <-> columns
 
 
-def _run(steps: list, x, layout: str = ROWS) -> np.ndarray:
+def _run(steps: list, x, layout: str = ROWS, visit: Callable | None = None) -> np.ndarray:
     """Steps in order, each given ``x`` in the layout it takes (``(step, layout)``; None: any),
-    ``x`` converted where that changes; ``layout``: how ``x`` comes. The result as rows."""
+    ``x`` converted where that changes; ``layout``: how ``x`` comes. The result as rows.
+    ``visit(step, x)``, where given, sees each step's input before it runs."""
     for step, wants in steps:
         if wants == PLANES and layout == ROWS and len(x) < DIRECT_MIN_BATCH:
             wants = ROWS  # few images: the dense convolution costs less than laying out planes
         if wants is not None and wants != layout:
             x, layout = _convert(x, layout, wants), wants
+        if visit is not None:
+            visit(step, x)
         x = step(x)
     return _convert(x, layout, ROWS)
 
@@ -696,6 +701,30 @@ class Model:
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         return _run(self._steps, x)
+
+    def layer_calls(self, images: np.ndarray) -> list[tuple[_Layer, Any, Callable[[], Any]]]:
+        """Each layer of the model's top level (not those inside residual blocks), the input one
+        :meth:`predict` of ``images`` gives it (in the layout its path takes; a copy of its own)
+        and a call that computes the layer alone on it: for benchmarks. The first layer gets
+        normalised floats, where ``predict`` may fold the normalisation into it."""
+        calls, n = [], len(images)
+
+        def visit(step, x):
+            layer = getattr(step, "__self__", None)
+            if not isinstance(layer, _Layer):
+                return
+            planes = isinstance(x, planes_lib.Planes)
+            x = dataclasses.replace(x, data=x.data.copy()) if planes else x.copy()
+
+            def call(step=step, x=x):
+                with self._threads(n):  # as predict runs it
+                    return step(x)
+
+            calls.append((layer, x, call))
+
+        with self._threads(n):
+            _run(self._steps, self.preprocess(images), visit=visit)
+        return calls
 
     def mixes_engines(self, n: int) -> bool:
         """Whether a call on ``n`` images runs both BLAS products large enough for BLAS's threads
