@@ -205,7 +205,9 @@ def limit(macs: float, nbytes: float, limits: dict) -> tuple[float, str]:
     return (flops_s, "flops") if flops_s >= bytes_s else (bytes_s, "bytes")
 
 
-def _row(label: dict, impl: str, seconds: float, batch: int, macs: float, nbytes: float, limits):
+def _row(
+    label: dict, impl: str, seconds: float, batch: int, macs: float, nbytes: float, limits: dict
+) -> dict:
     best, bound = limit(macs * batch, nbytes, limits)
     return {
         **label,
@@ -230,7 +232,9 @@ def _activation_bytes(x) -> int:
     return x.nbytes
 
 
-def time_layers(models_: dict, images: np.ndarray, options: Options, label: dict, limits):
+def time_layers(
+    models_: dict, images: np.ndarray, options: Options, label: dict, limits: dict
+) -> list[dict]:
     """One row per layer (the model's top level) and implementation: each layer alone."""
     calls, rows = {}, []
     for impl, model in models_.items():
