@@ -422,6 +422,11 @@ class _Layer:
         """Whether a call on ``columns`` columns runs dense BLAS (the path, or ``auto``'s rule)."""
         return self._dense[band(columns)]
 
+    def set_dense(self, b: int, dense: bool) -> None:
+        """Dense BLAS (or not) in band ``b`` of :func:`band`, whatever the cost rule said: the
+        model's decisions for its small layers (:class:`Model`)."""
+        self._dense = (*self._dense[:b], dense, *self._dense[b + 1 :])
+
     def _reachable(self) -> list[int]:
         """A column count in each band a batch can reach (one image: :attr:`columns`)."""
         return sorted({self.columns, 2 * self.columns, max(MANY_COLUMNS, self.columns)})
@@ -556,7 +561,7 @@ class Model:
             if any(layer.uses_dense(columns) and not layer.small for layer in self.layers):
                 for layer in self.layers:
                     if layer.small:
-                        layer._dense = (*layer._dense[:b], True, *layer._dense[b + 1 :])
+                        layer.set_dense(b, True)
 
     def _small_layers_follow_numba(self) -> None:
         """In a model with convolutions on planes, a small dense layer (under
@@ -572,7 +577,7 @@ class Model:
                 continue
             for layer in dense:
                 if layer.small and getattr(layer, "_sparse", None) is not None:
-                    layer._dense = (*layer._dense[:b], False, *layer._dense[b + 1 :])
+                    layer.set_dense(b, False)
 
     def _few_taps_follow_planes(self) -> None:
         """A dense convolution of few taps (:attr:`_Layer.few_taps`) whose output reaches a
@@ -585,8 +590,9 @@ class Model:
             layer = getattr(step, "__self__", None)
             if not (isinstance(layer, _Layer) and layer.few_taps):
                 continue
-            after = next((j for j in range(i + 1, len(steps)) if steps[j][1] is not None), None)
-            following = after is not None and getattr(steps[after][0], "__self__", None)
+            # the next step that takes a layout (ReLUs and pools take any)
+            after = next((nxt for nxt, wants in steps[i + 1 :] if wants is not None), None)
+            following = getattr(after, "__self__", None)
             if isinstance(following, _Layer) and following.direct:
                 layer.to_planes()
                 steps[i] = (step, PLANES)
