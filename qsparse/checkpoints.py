@@ -83,11 +83,14 @@ def _checkpointer() -> ocp.StandardCheckpointer:
 
 
 def save_masks(path: Path, masks) -> None:
-    """Masks as an .npz keyed by parameter path ('QDense_0/qkernel'): readable with numpy alone."""
+    """Masks as an .npz keyed by parameter path ('QDense_0/qkernel'): readable with numpy alone.
+    Deflated: a byte per weight compresses about tenfold at 10 % density (LeNet-300-100's 268 KB
+    to 26 KB), which keeps a run's masks small enough to commit; files written uncompressed by
+    earlier versions load the same."""
     if not is_writer():
         return
     arrays = {path_str(p): np.asarray(m) for p, m in jax.tree_util.tree_leaves_with_path(masks)}
-    files.atomic_write(path, lambda f: np.savez(f, **arrays))
+    files.atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def load_masks(path: Path, like) -> Any:

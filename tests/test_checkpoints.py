@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,20 @@ def test_masks_round_trip_and_are_readable_with_numpy_alone(tmp_path):
     ckpt.save_masks(path, jax.tree.map(np.logical_not, masks))  # replaced, no temporaries
     assert same_bits(ckpt.load_masks(path, masks), jax.tree.map(np.logical_not, masks))
     assert files(tmp_path) == ["r", "r/masks.npz"]
+
+
+def test_masks_are_deflated_and_uncompressed_files_still_load(tmp_path):
+    rng = np.random.default_rng(1)
+    masks = {"dense": {"kernel": rng.random((300, 100)) < 0.1, "bias": np.ones(100, bool)}}
+    ckpt.save_masks(tmp_path / "new.npz", masks)
+    with zipfile.ZipFile(tmp_path / "new.npz") as z:
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_DEFLATED}
+    raw = masks["dense"]["kernel"].nbytes + masks["dense"]["bias"].nbytes
+    assert (tmp_path / "new.npz").stat().st_size < raw / 3
+    arrays = {M.path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(masks)}
+    np.savez(tmp_path / "old.npz", **arrays)  # as versions before compression wrote them
+    for name in ("new.npz", "old.npz"):
+        assert same_bits(ckpt.load_masks(tmp_path / name, M.ones(masks)), masks)
 
 
 def test_masks_file_of_other_params_or_damaged_raises_corrupt(tmp_path):
