@@ -23,9 +23,10 @@
 # against Q's 2,494; one hidden layer of 3 would be 4 % short) and LeNet-300-100 --hidden=75,100
 # (67,485 against 67,710).
 #
-# LeNet-300-100 trains 10 epochs a round here, not the paper's 40 (the dense network is at its
-# plateau by then: 97.7-98.0 % test at round 0): 23-31 min a run of 3 replicates on one core of
-# a 2-core EPYC, where 40 epochs would take 28 runs past 40 CPU-hours.
+# LeNet-300-100 trains 10 epochs a round here, not the paper's 40: its dense networks reach
+# 97.3-97.7 % test at round 0 (R and Q after 40: 98.0 and 97.7 %), and a run of 3 replicates takes
+# 15-25 min on one core of a 2-core EPYC (R' 5), so the arm's 28 runs take about 8 CPU-hours
+# where 40 epochs would take about 30.
 set -euo pipefail
 WORKDIR=${1:-runs/science2}
 shift || true
