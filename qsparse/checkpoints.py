@@ -36,7 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from qsparse import files
-from qsparse.masks import path_str
+from qsparse.masks import by_path, path_str
 from qsparse.rundir import CorruptFileError, is_writer, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def save_masks(path: Path, masks) -> None:
     earlier versions load the same."""
     if not is_writer():
         return
-    arrays = {path_str(p): np.asarray(m) for p, m in jax.tree_util.tree_leaves_with_path(masks)}
+    arrays = by_path(masks)
     files.atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 

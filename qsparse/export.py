@@ -165,8 +165,8 @@ def layer_arrays(
     convolution's kernel (positions from the mask, unchanged) and is its bias, another's is
     stored as ``<name>/scale`` and ``<name>/shift``."""
     norms = dict(norms or {})
-    flat_params = {qmasks.path_str(p): np.asarray(x) for p, x in _leaves(params)}
-    flat_masks = {qmasks.path_str(p): np.asarray(m, bool) for p, m in _leaves(masks)}
+    flat_params = qmasks.by_path(params)
+    flat_masks = qmasks.by_path(masks, bool)
     expected = {f"{op['name']}/{k}" for op in layers for k in param_names(op["kind"], op)}
     expected |= {f"{k}/{p}" for k, (form, *_) in norms.items() for p in dbn.param_names(form)}
     if expected != set(flat_params) or set(flat_masks) != set(flat_params):
@@ -198,10 +198,6 @@ def param_names(kind: str, op: dict | None = None) -> tuple[str, ...]:
     rules = ("phm_rules",) if algebras.get(kind).kind == "phm" else ()
     bias = ("bias",) if (op or {}).get("bias", True) and not (op or {}).get("folded") else ()
     return (ops.kernel_name(kind), *bias, *rules)
-
-
-def _leaves(tree):
-    return jax.tree_util.tree_leaves_with_path(tree)
 
 
 def check(

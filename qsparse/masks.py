@@ -35,6 +35,12 @@ def path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
+def by_path(tree: Any, dtype: Any = None) -> dict[str, np.ndarray]:
+    """A pytree's leaves as numpy arrays keyed by :func:`path_str`: how mask and export files
+    name them."""
+    return {path_str(p): np.asarray(x, dtype) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def is_quaternion(path) -> bool:
     """Quaternion component kernels are the ``qkernel`` leaves (component axis 0)."""
     return path_str(path).split("/")[-1] == "qkernel"

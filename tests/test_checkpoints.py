@@ -93,8 +93,7 @@ def test_masks_are_deflated_and_uncompressed_files_still_load(tmp_path):
         assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_DEFLATED}
     raw = masks["dense"]["kernel"].nbytes + masks["dense"]["bias"].nbytes
     assert (tmp_path / "new.npz").stat().st_size < raw / 3
-    arrays = {M.path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(masks)}
-    np.savez(tmp_path / "old.npz", **arrays)  # as versions before compression wrote them
+    np.savez(tmp_path / "old.npz", **M.by_path(masks))  # as versions before compression wrote them
     for name in ("new.npz", "old.npz"):
         assert same_bits(ckpt.load_masks(tmp_path / name, M.ones(masks)), masks)
 
@@ -108,8 +107,7 @@ def test_masks_file_of_other_params_or_damaged_raises_corrupt(tmp_path):
     for like in (other_shape, more_leaves):
         with pytest.raises(rundir.CorruptFileError, match=f"{path}.*(output|extra)/kernel"):
             ckpt.load_masks(path, like)
-    arrays = {M.path_str(p): np.asarray(m) for p, m in jax.tree_util.tree_leaves_with_path(masks)}
-    np.savez(tmp_path / "uint8.npz", **{k: v.astype(np.uint8) for k, v in arrays.items()})
+    np.savez(tmp_path / "uint8.npz", **M.by_path(masks, np.uint8))
     with pytest.raises(rundir.CorruptFileError, match="wrong shape/dtype"):
         ckpt.load_masks(tmp_path / "uint8.npz", masks)
     (tmp_path / "text.npz").write_text("not a zip")

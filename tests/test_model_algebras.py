@@ -132,11 +132,8 @@ def test_a_pruned_model_of_every_algebra_trains(algebra):
         state, loss = masked_step(state, x, y)
         losses.append(float(loss))
     assert losses[-1] < losses[0], losses
-    flat = {M.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(masks)}
-    trained = {
-        M.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state.params)
-    }
-    for path, mask in flat.items():
+    trained = M.by_path(state.params)
+    for path, mask in M.by_path(masks).items():
         assert np.all(trained[path][~mask] == 0) and np.all(np.isfinite(trained[path]))
         if path.endswith("hkernel") or path.endswith("qkernel"):
             assert np.all(mask == mask[:1]), path  # whole numbers kept or pruned
