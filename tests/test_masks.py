@@ -53,6 +53,11 @@ def test_path_str_and_is_quaternion_for_names_and_key_paths():
     )
     assert list(flat(state)) == ["step", "params/Dense_0/kernel"]
     assert list(flat({"a": {"b": 1}})) == ["a/b"]
+    tree = {"b": {"kernel": jnp.array([[1.0, 0.0]])}, "a": {"bias": jnp.array(2)}}
+    arrays = M.by_path(tree, bool)  # numpy arrays, cast, named and ordered as path_str names them
+    assert list(arrays) == list(flat(tree)) == ["a/bias", "b/kernel"]
+    assert all(type(v) is np.ndarray and v.dtype == bool for v in arrays.values())
+    assert arrays["b/kernel"].tolist() == [[True, False]] and M.by_path(tree)["a/bias"] == 2
     assert M.is_quaternion(("QDense_0", "qkernel"))
     assert M.is_quaternion(("masks", "QConv_2", "qkernel"))
     for path in [("Dense_0", "kernel"), ("qkernel", "bias"), ("QDense_0", "my_qkernel")]:

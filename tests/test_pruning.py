@@ -13,14 +13,10 @@ def quat_params():
     return models.init_params(model, jax.random.key(0), (28, 28, 1))
 
 
-def leaves(tree):
-    return {M.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def alive_units(masks, grouping):
     """Alive pruning units over prunable leaves, counted independently of the library."""
     total = 0
-    for name, m in leaves(masks).items():
+    for name, m in M.by_path(masks).items():
         if not name.endswith("kernel"):
             continue
         total += (
@@ -46,7 +42,7 @@ def test_rule_and_ones(quat_params):
     }
     assert M.prunable(quat_params, M.PruneRule(prune_output=False))["output"]["kernel"] is False
     ones = M.ones(quat_params)
-    assert all(m.dtype == bool and m.all() for m in leaves(ones).values())
+    assert all(m.dtype == bool and m.all() for m in M.by_path(ones).values())
     assert jax.tree.structure(ones) == jax.tree.structure(quat_params)
 
 
@@ -71,12 +67,12 @@ def test_exact_counts_monotone_masks_biases_kept(quat_params, method, grouping):
                         else int(m.sum())
                     )
                 )
-                for n, m in leaves(masks).items()
+                for n, m in M.by_path(masks).items()
                 if n.endswith("kernel")
             ]
             assert before - after == sum(per_leaf)
         assert M.is_subset(new, masks)
-        for name, m in leaves(new).items():
+        for name, m in M.by_path(new).items():
             if name.endswith("bias"):
                 assert m.all()
         masks, params = new, M.apply(params, new)
@@ -86,7 +82,7 @@ def test_quaternion_grouping_never_leaves_partial_quaternions(quat_params):
     masks = M.ones(quat_params)
     for _ in range(5):
         masks = pruning.prune(M.apply(quat_params, masks), masks, 0.3, grouping="quaternion")
-    for name, m in leaves(masks).items():
+    for name, m in M.by_path(masks).items():
         if name.endswith("qkernel"):
             assert np.array_equal(m.any(axis=0), m.all(axis=0))
             assert not m.all()
@@ -186,7 +182,7 @@ def test_shuffle_keeps_per_layer_counts(quat_params, grouping):
     for _ in range(3):
         masks = pruning.prune(M.apply(quat_params, masks), masks, 0.4, grouping=grouping)
     shuffled = pruning.shuffle(jax.random.key(0), masks, grouping=grouping)
-    for (name, m), s in zip(leaves(masks).items(), leaves(shuffled).values()):
+    for (name, m), s in zip(M.by_path(masks).items(), M.by_path(shuffled).values()):
         assert m.sum() == s.sum(), name
         if name.endswith("kernel"):
             assert not np.array_equal(m, s)
@@ -199,7 +195,7 @@ def test_shuffle_within_keeps_masks_nested(quat_params):
     new = pruning.prune(M.apply(quat_params, old), old, 0.5)
     rand = pruning.shuffle(jax.random.key(1), new, within=old)
     assert M.is_subset(rand, old)
-    for (name, n), r in zip(leaves(new).items(), leaves(rand).values()):
+    for (name, n), r in zip(M.by_path(new).items(), M.by_path(rand).values()):
         assert n.sum() == r.sum(), name
 
 
