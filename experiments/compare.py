@@ -16,7 +16,9 @@ the axis ``--x`` (``real``: % of the real model's weights; ``own``: each model's
 most ``--max_ratio`` apart. Each pair gets Welch's t (df, p, a t-based 95 % interval); the
 table's p-values are Holm-adjusted together and the verdict uses the adjusted p < 0.05
 (:mod:`qsparse.compare`). ``--band=LO,HI`` adds the mean difference over that band of x (in log
-x, per replicate, a t interval over replicates; a bootstrap too where n >= 5). ``--stopped``
+x, per replicate, a t interval over replicates; a bootstrap too where n >= 5); ``--near=3,1.5``
+adds, for each value, the matched round of ``b`` nearest it (within ``--max_ratio``) with its
+difference, interval, p and the table's Holm p: the cells of a summary table. ``--stopped``
 says how replicates that stopped early count: ``drop`` (their later rounds average the
 survivors, flagged "2 of 3"; the band is cut to what every replicate reached) or ``chance``
 (at ``--chance`` % accuracy from the round after their last). ``--layer=output/kernel`` adds
@@ -56,6 +58,7 @@ flags.DEFINE_string(
 )
 flags.DEFINE_enum("x", "real", list(AXES), "pair rounds at equal % of R's weights or own density")
 flags.DEFINE_list("band", [], "LO,HI: also the mean b - a over this band of x (%), e.g. 1.5,3.5")
+flags.DEFINE_list("near", [], "X,...: also the matched round nearest each X % of x, e.g. 3,1.5")
 flags.DEFINE_enum("stopped", "drop", list(STOPPED), "how replicates that stopped early count")
 flags.DEFINE_float("chance", 10.0, "accuracy (%) a stopped replicate counts at, --stopped=chance")
 flags.DEFINE_list("aa", [], "DIR1,DIR2: A/A mode, each curve of DIR1 against its twin in DIR2")
@@ -89,12 +92,23 @@ def _band() -> tuple[float, float] | None:
     return lo, hi
 
 
+def _near() -> list[float]:
+    """``--near`` as floats (% of x)."""
+    try:
+        near = [float(v) for v in FLAGS.near]
+    except ValueError:
+        near = [-1.0]
+    if any(not v > 0 for v in near):
+        fail(f"--near={','.join(FLAGS.near)}: expected positive % of x, e.g. 3,1.5")
+    return near
+
+
 def main(argv: list[str]) -> None:
     if FLAGS.max_ratio < 1:
         fail(f"--max_ratio={FLAGS.max_ratio}: must be at least 1")
-    band, figures = _band(), []
+    band, near, figures = _band(), _near(), []
     try:
-        text = _aa(band) if FLAGS.aa else _ab(argv, band, figures)
+        text = _aa(band, near) if FLAGS.aa else _ab(argv, band, near, figures)
         if FLAGS.out:
             files.write_text(FLAGS.out, text)
     except files.WriteError as e:
@@ -104,7 +118,9 @@ def main(argv: list[str]) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
-def _ab(argv: list[str], band: tuple[float, float] | None, figures: list[Path]) -> str:
+def _ab(
+    argv: list[str], band: tuple[float, float] | None, near: list[float], figures: list[Path]
+) -> str:
     """The tables of ``--a`` against ``--b``, one per (model, dataset)."""
     require(argv, "runs", "a", "b")
     where = {"--a": _pairs("a", FLAGS.a), "--b": _pairs("b", FLAGS.b)}
@@ -121,7 +137,7 @@ def _ab(argv: list[str], band: tuple[float, float] | None, figures: list[Path]) 
         own_a, own_b = results.labels([a, b])
         labels = FLAGS.label_a or own_a, FLAGS.label_b or own_b
         title = f"{model} / {dataset}: {labels[1]} vs {labels[0]}"
-        text, _, alive = _section(title, a, b, labels, band)
+        text, _, alive = _section(title, a, b, labels, band, near)
         if FLAGS.figure:
             stem = Path(f"{FLAGS.figure}_{model}_{dataset}")
             stem.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +147,7 @@ def _ab(argv: list[str], band: tuple[float, float] | None, figures: list[Path]) 
     return "\n".join(parts)
 
 
-def _aa(band: tuple[float, float] | None) -> str:
+def _aa(band: tuple[float, float] | None, near: list[float]) -> str:
     """Each curve of the first --aa folder against its twin in the second, then the calls."""
     if len(FLAGS.aa) != 2 or FLAGS.a or FLAGS.b or FLAGS.runs:
         fail(f"--aa={','.join(FLAGS.aa)}: expected two run folders DIR1,DIR2 and no --runs/--a/--b")
@@ -147,7 +163,7 @@ def _aa(band: tuple[float, float] | None) -> str:
     for a, b in pairs:
         label = results.labels([a])[0]
         title = f"{a.model} / {a.dataset}, {label}: {names[1]} vs {names[0]}"
-        text, matches, _ = _section(title, a, b, names, band)
+        text, matches, _ = _section(title, a, b, names, band, near)
         parts.append(text)
         counts.append([f"{a.model} / {a.dataset}, {label}", *compare.calls(matches).values()])
     counts.append(["all", *(sum(row[i] for row in counts) for i in range(1, 6))])
@@ -160,10 +176,15 @@ def _aa(band: tuple[float, float] | None) -> str:
 
 
 def _section(
-    title: str, a: Curve, b: Curve, labels: tuple[str, str], band: tuple[float, float] | None
+    title: str,
+    a: Curve,
+    b: Curve,
+    labels: tuple[str, str],
+    band: tuple[float, float] | None,
+    near: list[float],
 ) -> tuple[str, list[compare.Match], tuple | None]:
-    """One comparison's heading, sources, table and band line; its matches; the ``--layer``'s
-    survivors of each side (None without ``--layer``)."""
+    """One comparison's heading, sources, table, band line and ``--near`` lines; its matches;
+    the ``--layer``'s survivors of each side (None without ``--layer``)."""
     label_a, label_b = labels
     reps_a, reps_b = (replicates(c, FLAGS.stopped, FLAGS.chance) for c in (a, b))
     matches = compare.matched(reps_a, reps_b, x=FLAGS.x, max_ratio=FLAGS.max_ratio)
@@ -190,6 +211,11 @@ def _section(
             text += "\n" + compare.band_text(found, label_a, label_b, FLAGS.x) + "\n"
         except ValueError as e:
             text += f"\nBand {band[0]:g}-{band[1]:g} {AXES[FLAGS.x]}: no statistic: {e}\n"
+    for target in near:
+        line = compare.near_text(
+            matches, target, label_a, label_b, x=FLAGS.x, max_ratio=FLAGS.max_ratio
+        )
+        text += f"\n{line}\n"
     return text, matches, alive
 
 

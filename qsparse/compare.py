@@ -209,6 +209,41 @@ def markdown(
     return markdown_table(header, rows) + "\n"
 
 
+def nearest(
+    matches: Sequence[Match], target: float, *, x: str = "real", max_ratio: float = MAX_RATIO
+) -> int | None:
+    """Index of the match whose ``b`` round is nearest ``target`` % on axis ``x`` (in log x), or
+    None where no round of ``b`` is within ``max_ratio`` of it: a summary "near 3 %" cell reads
+    one matched round, never an interpolation."""
+    if not matches:
+        return None
+    distance = [abs(math.log(m.b.x(x) / target)) for m in matches]
+    best = int(np.argmin(distance))
+    return best if distance[best] <= math.log(max_ratio) else None
+
+
+def near_text(
+    matches: Sequence[Match],
+    target: float,
+    label_a: str,
+    label_b: str,
+    *,
+    x: str = "real",
+    max_ratio: float = MAX_RATIO,
+) -> str:
+    """One line: the matched round nearest ``target`` (:func:`nearest`), its difference with the
+    Welch interval, p, and the p Holm-adjusted within all of ``matches`` (the table's)."""
+    head = f"Near {target:g} ({AXES[x]}): {label_b} − {label_a}"
+    i = nearest(matches, target, x=x, max_ratio=max_ratio)
+    if i is None:
+        return f"{head}: no matched round within {max_ratio:g}x of {target:g}"
+    m, t = matches[i], matches[i].test
+    at = f"at {m.b.x(x):.2f} % (against {m.a.x(x):.2f} %)"
+    if t is None:
+        return f"{head} {m.diff:+.1f} pp {at}, no test (n < 2)"
+    return f"{head} {m.diff:+.1f} pp {t.interval()} {at}, p {_p(t.p)}, Holm {_p(holm(matches)[i])}"
+
+
 def _p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 

@@ -226,6 +226,29 @@ def test_band_mean_of_a_known_difference_with_its_t_interval():
         stats.bootstrap_interval([1.0, 2.0, 3.0])
 
 
+def test_near_reads_the_matched_round_nearest_the_target_in_log_x():
+    a = _reps("real", [8.0, 4.0, 2.0, 1.0], [[0.9, 0.9, 0.8, 0.6], [0.92, 0.88, 0.82, 0.5]])
+    b = _reps("quat", [8.5, 4.2, 2.1, 1.05], [[0.9, 0.9, 0.9, 0.8], [0.9, 0.92, 0.86, 0.7]])
+    matches = compare.matched(a, b)
+    assert [m.b.x_real for m in matches] == [8.5, 4.2, 2.1, 1.05]
+    assert compare.nearest(matches, 2.0) == 2 and compare.nearest(matches, 1.0) == 3
+    # 3 % lies between 4.2 (1.40x) and 2.1 (1.43x): the nearer, only if within max_ratio.
+    assert compare.nearest(matches, 3.0) is None
+    assert compare.nearest(matches, 3.0, max_ratio=1.5) == 1
+    assert compare.nearest([], 3.0) is None
+    m, t = matches[2], matches[2].test
+    line = compare.near_text(matches, 2.0, "R", "Q")
+    holm = compare.holm(matches)[2]
+    assert line == (
+        f"Near 2 (% of R's weights): Q − R {m.diff:+.1f} pp {t.interval()} at 2.10 % "
+        f"(against 2.00 %), p {t.p:.3f}, Holm {holm:.3f}"
+    )
+    assert m.diff == pytest.approx(7.0) and holm >= t.p  # Holm within all four matches
+    assert compare.near_text(matches, 3.0, "R", "Q").endswith(
+        ": no matched round within 1.15x of 3"
+    )
+
+
 def test_pick_sides_by_algebra_among_several():
     curves = results.aggregate(
         [
@@ -349,6 +372,7 @@ BAD_INPUT = [
     (["--a=algebra=real", "--b=algebra=quat", "--band=a,b"], "--band=a,b: expected LO,HI"),
     (["--a=algebra=real", "--b=algebra=quat", "--stopped=keep"], "--stopped=keep"),
     (["--aa=results/paper_mnist"], "--aa=results/paper_mnist: expected two run folders"),
+    (["--a=algebra=real", "--b=algebra=quat", "--near=3,0"], "--near=3,0: expected positive"),
 ]
 
 
@@ -363,7 +387,8 @@ def cli(modules, tmp_path_factory) -> types.SimpleNamespace:
         "tables": [*PAPER, "--label_a=R", f"--out={tmp / 'cmp.md'}"],
         "plain": [*PROTOCOL, "--layer=output/kernel"],
         "drawn": [*PROTOCOL, "--layer=output/kernel", f"--figure={tmp}/fig/pp"],
-        "own": [*PAPER, "--x=own", "--model=lenet300_100", "--band=1,4", "--stopped=chance"],
+        "own": [*PAPER, "--x=own", "--model=lenet300_100", "--band=1,4", "--stopped=chance"]
+        + ["--near=2,0.01"],
     }
     bad = [
         args if args[0].startswith("--aa") else ["--runs=results/paper_mnist", *args]
@@ -453,7 +478,7 @@ def test_cli_figure_is_written_beside_an_unchanged_table(cli):
 
 
 @pytest.mark.subprocess
-def test_cli_own_density_axis_and_band_line(cli):
+def test_cli_own_density_axis_band_and_near_lines(cli):
     done = cli.own
     assert done.returncode == 0, done.stderr
     assert "## lenet300_100 / mnist: Q vs R, x = own density %" in done.stdout
@@ -461,6 +486,16 @@ def test_cli_own_density_axis_and_band_line(cli):
     assert "stopped replicates: counted at chance, 10 %" in done.stdout
     # Q's own density ends at 1.75 %: the band is cut there and says so.
     assert "Mean Q − R over 1.75-4.00 own density % (of 1-4: what every" in done.stdout
+    # --near=2: the table's row nearest 2 % own density, its numbers and Holm p, in one line.
+    rows = [r.split(" | ") for r in done.stdout.splitlines() if r.startswith("| ") and "%" not in r]
+    rows = [r for r in rows if r[0][2:].replace(".", "").isdigit()]
+    row = min(rows, key=lambda r: abs(math.log(float(r[0][2:]) / 2)))
+    diff, ci, p, holm = row[6], row[7], row[9], row[10]
+    assert (
+        f"Near 2 (own density %): Q − R {diff} pp {ci} at {row[0][2:]} % (against {row[3]} %)"
+        f", p {p}, Holm {holm}\n" in done.stdout
+    )
+    assert "Near 0.01 (own density %): Q − R: no matched round within 1.15x of 0.01" in done.stdout
 
 
 def test_a_list_value_reads_as_its_flag_does():
